@@ -1,0 +1,35 @@
+"""The interface every backend implements: whole shards of packed rows in, rows out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from ..location import StoreLocation
+from ..manifest import Manifest
+from ..records import row_dtype
+
+
+class Backend(ABC):
+    """Holds the records; knows nothing of commits, locks or checks (the store does)."""
+
+    def __init__(self, location: StoreLocation, manifest: Manifest) -> None:
+        self.location = location
+        self.manifest = manifest
+        self.row_dtype = row_dtype(manifest.k, manifest.num_classes, manifest.mixing)
+
+    @abstractmethod
+    def create(self) -> None:
+        """Lay out an empty store under the location (called once, before any write)."""
+
+    @abstractmethod
+    def write_rows(self, epoch: int, start: int, rows: np.ndarray) -> None:
+        """Write records [start, start + len(rows)) of an epoch; always one whole shard."""
+
+    @abstractmethod
+    def read_rows(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Records [start, stop) of an epoch as packed rows; raises if they cannot be decoded."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release handles (the default holds none)."""

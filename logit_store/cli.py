@@ -1,0 +1,89 @@
+"""`distill-store info|verify|convert`: inspect, check and move logit stores."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .errors import StoreError
+from .manifest import BACKENDS
+from .store import convert_store, open_store
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = open_store(args.store).info()
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    m = info["manifest"]
+    print(f"store        {info['location']}")
+    print(f"format       v{m['format_version']}, {m['backend']}, shards of {m['shard_records']} records")
+    print(f"records      {info['records']} ({m['num_samples']} samples x {m['epochs']} planned epochs), k={m['k']} of {m['num_classes']} classes")
+    print(f"epochs done  {info['completed_epochs']}")
+    print(f"on disk      {info['bytes_on_disk']} bytes, {_fmt(info['bytes_per_record'])} bytes/record")
+    print(f"teacher      {m['teacher']}")
+    print(f"dataset      {m['dataset']}")
+    print(f"augmentation hash {m['augmentation'].get('hash')}, global seed {m['global_seed']}, mixing {m['mixing']}")
+    for key, value in info["statistics"].items():
+        print(f"  {key:26s} {_fmt(value)}")
+    for epoch, digest in info["content_hashes"].items():
+        print(f"  epoch {epoch:>4} sha256 {digest}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = open_store(args.store)
+    problems = store.verify()
+    for problem in problems:
+        print(f"{store.location}: {problem}")
+    m = store.manifest
+    if problems:
+        print(f"FAILED: {len(problems)} damaged or missing range(s)")
+        return 1
+    print(f"OK: {m.epochs} epochs x {m.num_samples} records intact")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    src = open_store(args.src)
+    backend = args.backend or ("lmdb" if src.manifest.backend == "zarr" else "zarr")
+    dst = convert_store(src, args.dst, backend)
+    print(f"converted {src.location} ({src.manifest.backend}) -> {dst.location} ({backend})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill-store", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="manifest, progress, size, statistics and content hashes")
+    info.add_argument("store")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+    verify = sub.add_parser("verify", help="check every record; exit 1 naming damaged or missing ranges")
+    verify.add_argument("store")
+    verify.set_defaults(func=cmd_verify)
+    convert = sub.add_parser("convert", help="copy a store into another backend, record for record")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.add_argument("--backend", choices=BACKENDS, help="target backend (default: the other one)")
+    convert.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StoreError as err:
+        print(f"distill-store {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Records: the per-(epoch, sample) payload of a store, its packed row layout and checks."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from .errors import StoreInputError
+
+# Field order is part of the format: it fixes the packed row layout and the hashes.
+FIELDS = ("values", "indices", "tail_lse", "seed", "partner", "lam")
+MIXING_FIELDS = ("partner", "lam")
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """uint16 while every class index fits, else int32."""
+    return np.dtype(np.uint16) if num_classes <= 65_536 else np.dtype(np.int32)
+
+
+def field_dtypes(num_classes: int, mixing: bool) -> dict[str, np.dtype]:
+    dtypes = {
+        "values": np.dtype(np.float16),
+        "indices": index_dtype(num_classes),
+        "tail_lse": np.dtype(np.float16),
+        "seed": np.dtype(np.uint32),
+    }
+    if mixing:
+        dtypes |= {"partner": np.dtype(np.int32), "lam": np.dtype(np.float32)}
+    return dtypes
+
+
+def row_dtype(k: int, num_classes: int, mixing: bool) -> np.dtype:
+    """A packed little-endian structured dtype holding one whole record."""
+    shapes = {"values": (k,), "indices": (k,)}
+    return np.dtype(
+        [(name, dt.newbyteorder("<"), shapes.get(name, ())) for name, dt in field_dtypes(num_classes, mixing).items()]
+    )
+
+
+@dataclass
+class Records:
+    """A batch of records; arrays share their first dimension.
+
+    values   [n, k] float16  teacher logits of the top-k classes, sorted descending
+    indices  [n, k] uint16|int32  their class indices
+    tail_lse [n]    float16  log-sum-exp of the logits not kept
+    seed     [n]    uint32   augmentation seed of the view
+    partner  [n]    int32    mixing partner id (mixing stores only)
+    lam      [n]    float32  mixing lambda (mixing stores only)
+    """
+
+    values: np.ndarray
+    indices: np.ndarray
+    tail_lse: np.ndarray
+    seed: np.ndarray
+    partner: np.ndarray | None = None
+    lam: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_rows(cls, rows: np.ndarray) -> Records:
+        """View the fields of a structured array of rows (no copy)."""
+        return cls(**{name: rows[name] for name in rows.dtype.names})
+
+    def to_rows(self, dtype: np.dtype) -> np.ndarray:
+        rows = np.empty(len(self), dtype=dtype)
+        for name in dtype.names:
+            rows[name] = getattr(self, name)
+        return rows
+
+
+def record_seeds(global_seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
+    """seed(global seed, epoch, id): a splitmix64 hash, vectorised, as uint32.
+
+    Part of the format (docs/STORE_FORMAT.md): the same triple gives the same seed on
+    every machine, so a view can be replayed from (epoch, id) alone.
+    """
+    ids = np.asarray(ids, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = np.uint64(global_seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+        x ^= np.uint64(epoch & 0xFFFFFFFF) * np.uint64(0xC2B2AE3D27D4EB4F)
+        x = x + ids * np.uint64(0x165667B19E3779F9)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(32)).astype(np.uint32)
+
+
+def validate_records(records: Records, *, k: int, num_classes: int, mixing: bool, num_samples: int) -> Records:
+    """Check shapes, dtypes and values; return the records cast to the store's dtypes."""
+    n = len(records.values)
+    dtypes = field_dtypes(num_classes, mixing)
+    for name in MIXING_FIELDS:
+        given = getattr(records, name) is not None
+        if given != mixing:
+            state = "given" if given else "missing"
+            raise StoreInputError(f"field '{name}' is {state}, but the store has mixing={mixing}")
+    out = {}
+    for name, dtype in dtypes.items():
+        arr = np.asarray(getattr(records, name))
+        shape = (n, k) if name in ("values", "indices") else (n,)
+        if arr.shape != shape:
+            raise StoreInputError(f"field '{name}' has shape {arr.shape}, expected {shape}")
+        want_float = dtype.kind == "f"
+        if (arr.dtype.kind == "f") != want_float or arr.dtype.kind not in "fiu":
+            kind = "a floating" if want_float else "an integer"
+            raise StoreInputError(f"field '{name}' has dtype {arr.dtype}, expected {kind} dtype ({dtype})")
+        if want_float:
+            cast = arr.astype(dtype)
+            if not np.isfinite(cast).all():
+                bad = int(np.flatnonzero(~np.isfinite(cast).reshape(n, -1).all(axis=1))[0])
+                raise StoreInputError(f"field '{name}' holds NaN or inf (row {bad}) after casting to {dtype}")
+        else:
+            cast = _checked_int_cast(name, arr, dtype, num_classes, num_samples)
+        out[name] = cast
+    if k > 1 and (np.diff(out["values"].astype(np.float32), axis=1) > 0).any():
+        raise StoreInputError("field 'values' must be sorted descending along k")
+    return Records(**out)
+
+
+def _checked_int_cast(name: str, arr: np.ndarray, dtype: np.dtype, num_classes: int, num_samples: int) -> np.ndarray:
+    limits = {"indices": num_classes, "partner": num_samples}
+    if name in limits and arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= limits[name]:
+            raise StoreInputError(f"field '{name}' has values in [{lo}, {hi}], expected [0, {limits[name]})")
+    if name == "seed" and arr.size and (int(arr.min()) < 0 or int(arr.max()) > 0xFFFFFFFF):
+        raise StoreInputError("field 'seed' must fit in uint32")
+    return arr.astype(dtype)
+
+
+def block_digest(rows: np.ndarray) -> str:
+    """Checksum of a block of decoded records (packed little-endian rows)."""
+    return hashlib.blake2b(np.ascontiguousarray(rows).tobytes(), digest_size=16).hexdigest()

@@ -1,0 +1,482 @@
+"""LogitStore: manifest, commits, writers and readers over any backend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend, create_backend
+from .errors import NotCommittedError, StoreError, StoreInputError
+from .location import StoreLocation
+from .locks import RangeLock
+from .manifest import Manifest
+from .records import Records, block_digest, validate_records
+
+MANIFEST_KEY = "manifest.json"
+
+
+def commit_key(epoch: int, shard: int) -> tuple[str, str]:
+    return "commits", f"e{epoch:05d}-s{shard:06d}.json"
+
+
+class LogitStore:
+    """A store of sparse teacher logits, one record per (epoch, sample id).
+
+    Use `create_store` to make or reopen one for writing and `open_store` to read.
+    Safe to pickle into DataLoader workers: handles and caches are rebuilt per process.
+    """
+
+    def __init__(self, location: StoreLocation, manifest: Manifest, cache_epochs: int = 2) -> None:
+        self.location = location
+        self.manifest = manifest
+        self.backend: Backend = create_backend(location, manifest)
+        self.cache_epochs = cache_epochs
+        self._cache: OrderedDict[int, _EpochCache] = OrderedDict()
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"LogitStore({self.location}, backend={m.backend}, N={m.num_samples}, C={m.num_classes}, k={m.k}, epochs={m.epochs})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.location.url, "options": self.location.storage_options, "cache_epochs": self.cache_epochs}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        location = StoreLocation(state["url"], state["options"])
+        self.__init__(location, _read_manifest(location), state["cache_epochs"])
+
+    # ---- commits -------------------------------------------------------------------
+    def commits(self) -> dict[tuple[int, int], dict[str, Any]]:
+        """Every commit marker, keyed by (epoch, shard). Unreadable markers map to {}."""
+        out = {}
+        for path in self.location.list_files("commits"):
+            name = path.rsplit("/", 1)[-1]
+            if not (name.startswith("e") and name.endswith(".json")):
+                continue
+            epoch, shard = (int(part[1:]) for part in name[:-5].split("-"))
+            try:
+                out[epoch, shard] = json.loads(self.location.fs.cat_file(path))
+            except (ValueError, OSError):
+                out[epoch, shard] = {}
+        return out
+
+    def committed_shards(self, epoch: int) -> set[int]:
+        return {s for (e, s), marker in self.commits().items() if e == epoch and marker}
+
+    def pending_shards(self, epoch: int) -> list[int]:
+        done = self.committed_shards(epoch)
+        return [s for s in range(self.manifest.num_shards) if s not in done]
+
+    # ---- writing -------------------------------------------------------------------
+    def writer(self, epoch: int, shards: list[int] | None = None) -> ShardWriter:
+        """A writer for the uncommitted shards among `shards` (default: all) of one epoch."""
+        self._check_epoch(epoch)
+        return ShardWriter(self, epoch, self.pending_shards(epoch) if shards is None else shards)
+
+    def refresh_statistics(self) -> dict[str, Any]:
+        """Fold the statistics of every commit into the manifest file."""
+        self.manifest.statistics = aggregate_statistics(self.commits().values())
+        self.location.write_bytes(self.manifest.to_json().encode(), MANIFEST_KEY)
+        return self.manifest.statistics
+
+    # ---- reading -------------------------------------------------------------------
+    def read(self, epoch: int, ids: np.ndarray | list[int]) -> Records:
+        """Records of `ids` (any order) in `epoch`. Decoded shards are cached per process,
+        so a random batch costs one numpy gather."""
+        self._check_epoch(epoch)
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.manifest.num_samples):
+            raise StoreInputError(
+                f"ids out of range: [{ids.min()}, {ids.max()}], store {self.location} has {self.manifest.num_samples} samples"
+            )
+        cache = self._epoch_cache(epoch)
+        if not cache.complete:
+            for shard in np.unique(ids // self.manifest.shard_records):
+                cache.ensure(int(shard))
+        return Records.from_rows(cache.rows[ids])
+
+    def read_shard(self, epoch: int, shard: int, marker: dict[str, Any] | None = None) -> np.ndarray:
+        """Decoded rows of one committed shard, checked against the commit's block digests."""
+        marker = marker if marker is not None else self._marker(epoch, shard)
+        start, stop = self.manifest.shard_range(shard)
+        rows = self.backend.read_rows(epoch, start, stop)
+        bad = damaged_blocks(rows, marker["digests"], self.manifest.chunk_records)
+        if bad:
+            a, b = bad[0]
+            raise StoreError(f"{self.location}: epoch {epoch} records [{start + a}, {start + b}) fail their checksum")
+        return rows
+
+    def _marker(self, epoch: int, shard: int) -> dict[str, Any]:
+        start, stop = self.manifest.shard_range(shard)
+        missing = NotCommittedError(f"{self.location}: epoch {epoch} records [{start}, {stop}) are not committed")
+        try:
+            marker = json.loads(self.location.read_bytes(*commit_key(epoch, shard)))
+        except (FileNotFoundError, ValueError):
+            raise missing from None
+        if not marker:
+            raise missing
+        return marker
+
+    def _epoch_cache(self, epoch: int) -> _EpochCache:
+        if epoch in self._cache:
+            self._cache.move_to_end(epoch)
+        else:
+            self._cache[epoch] = _EpochCache(self, epoch)
+            while len(self._cache) > self.cache_epochs:
+                self._cache.popitem(last=False)
+        return self._cache[epoch]
+
+    def _check_epoch(self, epoch: int) -> None:
+        if not 0 <= epoch < self.manifest.epochs:
+            raise StoreInputError(f"epoch {epoch} is outside the store's epochs [0, {self.manifest.epochs}) ({self.location})")
+
+    # ---- integrity -----------------------------------------------------------------
+    def verify(self) -> list[Problem]:
+        """Every missing or damaged record range of the planned epochs (empty when intact)."""
+        m, commits, problems = self.manifest, self.commits(), []
+        for epoch in range(m.epochs):
+            for shard in range(m.num_shards):
+                start, stop = m.shard_range(shard)
+                marker = commits.get((epoch, shard))
+                if marker is None:
+                    problems.append(Problem(epoch, start, stop, "missing", "not committed"))
+                    continue
+                if not marker:
+                    problems.append(Problem(epoch, start, stop, "damaged", "commit marker unreadable"))
+                    continue
+                try:
+                    rows = self.backend.read_rows(epoch, start, stop)
+                except Exception as err:  # any decode failure of damaged bytes is reported, not raised
+                    problems.append(Problem(epoch, start, stop, "damaged", f"cannot decode: {err}"))
+                    continue
+                for a, b in damaged_blocks(rows, marker["digests"], m.chunk_records):
+                    problems.append(Problem(epoch, start + a, start + b, "damaged", "checksum mismatch"))
+        return problems
+
+    def epoch_hash(self, epoch: int) -> str:
+        """sha256 of the epoch's decoded records in id order: equal across backends and layouts."""
+        digest = hashlib.sha256()
+        for shard in range(self.manifest.num_shards):
+            digest.update(self.read_shard(epoch, shard).tobytes())
+        return digest.hexdigest()
+
+    def info(self) -> dict[str, Any]:
+        m, commits = self.manifest, self.commits()
+        records = {e: 0 for e in range(m.epochs)}
+        for (epoch, shard), marker in commits.items():
+            if marker:
+                start, stop = m.shard_range(shard)
+                records[epoch] += stop - start
+        complete = [e for e, n in records.items() if n == m.num_samples]
+        total = sum(records.values())
+        used = self.location.bytes_used()
+        return {
+            "location": str(self.location),
+            "manifest": m.to_dict(),
+            "completed_epochs": complete,
+            "records": total,
+            "records_per_epoch": records,
+            "bytes_on_disk": used,
+            "bytes_per_record": used / total if total else None,
+            "statistics": aggregate_statistics(commits.values()),
+            "content_hashes": {str(e): self.epoch_hash(e) for e in complete},
+        }
+
+    def close(self) -> None:
+        self._cache.clear()
+        self.backend.close()
+
+
+@dataclass(frozen=True)
+class Problem:
+    epoch: int
+    start: int
+    stop: int
+    kind: str  # "missing" or "damaged"
+    detail: str
+
+    def __str__(self) -> str:
+        return f"epoch {self.epoch} records [{self.start}, {self.stop}): {self.kind} ({self.detail})"
+
+
+class _EpochCache:
+    """All rows of one epoch, filled shard by shard as reads need them."""
+
+    def __init__(self, store: LogitStore, epoch: int) -> None:
+        self.store, self.epoch = store, epoch
+        self.rows = np.zeros(store.manifest.num_samples, dtype=store.backend.row_dtype)
+        self.loaded = np.zeros(store.manifest.num_shards, dtype=bool)
+        self.complete = False
+
+    def ensure(self, shard: int) -> None:
+        if self.loaded[shard]:
+            return
+        start, stop = self.store.manifest.shard_range(shard)
+        self.rows[start:stop] = self.store.read_shard(self.epoch, shard)
+        self.loaded[shard] = True
+        self.complete = bool(self.loaded.all())
+
+
+class ShardWriter:
+    """Buffers records per shard; a shard is written and committed once it is whole.
+
+    Claims (locks) its shards on creation; a shard already committed is refused, so
+    nothing committed is ever overwritten.
+    """
+
+    def __init__(self, store: LogitStore, epoch: int, shards: list[int]) -> None:
+        self.store, self.epoch = store, epoch
+        self.manifest = m = store.manifest
+        self.locks: dict[int, RangeLock] = {}
+        try:
+            for shard in sorted(set(shards)):
+                if not 0 <= shard < m.num_shards:
+                    raise StoreInputError(f"shard {shard} is outside [0, {m.num_shards})")
+                self.locks[shard] = self._lock(shard)
+            done = store.committed_shards(epoch) & set(self.locks)  # checked under the locks
+            if done:
+                raise StoreError(f"{store.location}: epoch {epoch} shards {sorted(done)} are already committed")
+        except BaseException:
+            self.release()
+            raise
+        self.buffers: dict[int, _ShardBuffer] = {}
+
+    def _lock(self, shard: int) -> RangeLock:
+        start, stop = self.manifest.shard_range(shard)
+        what = f"{self.store.location}: epoch {self.epoch} records [{start}, {stop})"
+        if not self.store.location.is_local:
+            return _NoLock()
+        return RangeLock(self.store.location.path(".locks"), f"e{self.epoch:05d}-s{shard:06d}.lock", what)
+
+    def write(self, ids: np.ndarray | list[int], records: Records, labels: np.ndarray | None = None, kl: np.ndarray | None = None) -> list[int]:
+        """Add records for `ids`; returns the shards this call completed and committed.
+
+        labels (optional, -1 for unknown) and kl (KL(full || rebuilt) per record) only feed
+        the statistics.
+        """
+        m = self.manifest
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise StoreInputError(f"ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= m.num_samples):
+            raise StoreInputError(f"ids out of range: [{ids.min()}, {ids.max()}], expected [0, {m.num_samples})")
+        if len(np.unique(ids)) != len(ids):
+            raise StoreInputError("ids hold duplicates")
+        if len(records) != len(ids):
+            raise StoreInputError(f"{len(ids)} ids but {len(records)} records")
+        rows = validate_records(records, k=m.k, num_classes=m.num_classes, mixing=m.mixing, num_samples=m.num_samples).to_rows(self.store.backend.row_dtype)
+        extras = {"labels": labels, "kl": kl}
+        for name, arr in extras.items():
+            if arr is not None and np.shape(arr) != ids.shape:
+                raise StoreInputError(f"'{name}' has shape {np.shape(arr)}, expected {ids.shape}")
+        shard_of = ids // m.shard_records
+        unclaimed = sorted(set(np.unique(shard_of).tolist()) - set(self.locks))
+        if unclaimed:
+            raise StoreInputError(f"epoch {self.epoch} shards {unclaimed} are not claimed by this writer (committed already, or another writer's)")
+        completed = []
+        for shard in np.unique(shard_of).tolist():
+            sel = shard_of == shard
+            buf = self.buffers.get(shard) or self.buffers.setdefault(shard, _ShardBuffer(m, shard, self.store.backend.row_dtype))
+            buf.add(ids[sel], rows[sel], *(None if a is None else np.asarray(a)[sel] for a in extras.values()))
+            if buf.full:
+                self.commit_rows(shard, buf.rows, self.buffers.pop(shard).stats)
+                completed.append(shard)
+        return completed
+
+    def commit_rows(self, shard: int, rows: np.ndarray, statistics: dict[str, Any]) -> None:
+        """Write one whole claimed shard of packed rows and commit it."""
+        m = self.manifest
+        start, stop = m.shard_range(shard)
+        if shard not in self.locks or len(rows) != stop - start:
+            raise StoreInputError(f"shard {shard} is not claimed by this writer, or {len(rows)} != {stop - start} rows")
+        self.store.backend.write_rows(self.epoch, start, rows)
+        marker = {
+            "epoch": self.epoch,
+            "shard": shard,
+            "start": start,
+            "stop": stop,
+            "digests": [block_digest(rows[i : i + m.chunk_records]) for i in range(0, len(rows), m.chunk_records)],
+            "statistics": statistics,
+        }
+        # The marker is written last: a range is visible only once all its bytes are down.
+        self.store.location.write_bytes(json.dumps(marker, sort_keys=True).encode(), *commit_key(self.epoch, shard))
+        self.locks.pop(shard).release()
+
+    @property
+    def incomplete(self) -> dict[int, int]:
+        """Shards with some records buffered: shard -> records still missing."""
+        return {s: int((~b.filled).sum()) for s, b in self.buffers.items()}
+
+    def release(self) -> None:
+        for lock in self.locks.values():
+            lock.release()
+        self.locks.clear()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        incomplete = self.incomplete
+        self.release()
+        if exc_type is None and incomplete:
+            raise StoreError(f"epoch {self.epoch}: shards {incomplete} (shard: records missing) were not complete; nothing of them was committed")
+
+
+class _NoLock:
+    """Object stores have no locks: there, each writer must be given its own shards."""
+
+    def release(self) -> None:
+        pass
+
+
+class _ShardBuffer:
+    def __init__(self, manifest: Manifest, shard: int, dtype: np.dtype) -> None:
+        self.start, stop = manifest.shard_range(shard)
+        self.rows = np.zeros(stop - self.start, dtype=dtype)
+        self.filled = np.zeros(stop - self.start, dtype=bool)
+        self.stats = {"records": 0, "topk_mass_sum": 0.0, "kl_sum": 0.0, "kl_records": 0, "labeled": 0, "top1_agree": 0}
+
+    @property
+    def full(self) -> bool:
+        return bool(self.filled.all())
+
+
+    def add(self, ids: np.ndarray, rows: np.ndarray, labels: np.ndarray | None, kl: np.ndarray | None) -> None:
+        offsets = ids - self.start
+        if self.filled[offsets].any():
+            dup = int(ids[self.filled[offsets]][0])
+            raise StoreInputError(f"id {dup} was already written in this epoch; records are never overwritten")
+        self.rows[offsets] = rows
+        self.filled[offsets] = True
+        s = self.stats
+        s["records"] += len(ids)
+        s["topk_mass_sum"] += float(topk_mass(rows["values"], rows["tail_lse"]).sum())
+        if kl is not None:
+            s["kl_sum"] += float(np.sum(kl, dtype=np.float64))
+            s["kl_records"] += len(kl)
+        if labels is not None:
+            known = labels >= 0
+            s["labeled"] += int(known.sum())
+            s["top1_agree"] += int((rows["indices"][:, 0][known] == labels[known]).sum())
+
+
+def topk_mass(values: np.ndarray, tail_lse: np.ndarray) -> np.ndarray:
+    """Probability mass of the kept classes, exact from the logits and the tail log-sum-exp."""
+    v = values.astype(np.float64)
+    top = np.max(v, axis=1, keepdims=True)
+    kept = np.exp(v - top).sum(axis=1)
+    tail = np.exp(tail_lse.astype(np.float64) - top[:, 0])
+    return kept / (kept + tail)
+
+
+def aggregate_statistics(markers: Any) -> dict[str, Any]:
+    total = {"records": 0, "topk_mass_sum": 0.0, "kl_sum": 0.0, "kl_records": 0, "labeled": 0, "top1_agree": 0}
+    for marker in markers:
+        for key, value in (marker or {}).get("statistics", {}).items():
+            total[key] += value
+    return {
+        "records": total["records"],
+        "mean_topk_mass": total["topk_mass_sum"] / total["records"] if total["records"] else None,
+        "mean_kl_full_to_rebuilt": total["kl_sum"] / total["kl_records"] if total["kl_records"] else None,
+        "teacher_top1_agreement": total["top1_agree"] / total["labeled"] if total["labeled"] else None,
+    }
+
+
+def damaged_blocks(rows: np.ndarray, digests: list[str], block: int) -> list[tuple[int, int]]:
+    """(start, stop) offsets of every block whose digest differs from the commit's."""
+    bad = []
+    for i, expected in enumerate(digests):
+        part = rows[i * block : (i + 1) * block]
+        if block_digest(part) != expected:
+            bad.append((i * block, i * block + len(part)))
+    if len(digests) * block < len(rows):
+        bad.append((len(digests) * block, len(rows)))
+    return bad
+
+
+# ---- opening and creating ------------------------------------------------------------------
+
+
+def _read_manifest(location: StoreLocation) -> Manifest:
+    try:
+        raw = location.read_bytes(MANIFEST_KEY)
+    except FileNotFoundError:
+        raise StoreError(f"{location} is not a logit store: it has no {MANIFEST_KEY}") from None
+    try:
+        data = json.loads(raw)
+    except ValueError as err:
+        raise StoreError(f"{location}/{MANIFEST_KEY} is not valid JSON: {err}") from None
+    return Manifest.from_dict(data, source=f"{location}/{MANIFEST_KEY}")
+
+
+def open_store(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> LogitStore:
+    """Open an existing store."""
+    location = StoreLocation(url, storage_options)
+    return LogitStore(location, _read_manifest(location))
+
+
+def create_store(url: str | os.PathLike[str], manifest: Manifest, storage_options: dict[str, Any] | None = None) -> LogitStore:
+    """Create a store, or reopen an existing one whose manifest matches (to resume).
+
+    A different manifest, or a non-empty directory that is not a store, is an error;
+    nothing there is touched. Locally the store is built beside its target and moved
+    in with one rename, so concurrent creators agree on one store.
+    """
+    location = StoreLocation(url, storage_options)
+    if location.exists(MANIFEST_KEY):
+        return _reopen(location, manifest)
+    if location.exists() and location.fs.ls(location.root):
+        raise StoreError(f"{location} exists, is not empty and is not a logit store; refusing to write into it")
+    if not location.is_local:
+        backend = create_backend(location, manifest)
+        backend.create()
+        backend.close()
+        location.write_bytes(manifest.to_json().encode(), MANIFEST_KEY)
+        return LogitStore(location, manifest)
+    tmp = StoreLocation(f"{location.root}.tmp-{uuid.uuid4().hex}")
+    try:
+        os.makedirs(tmp.root)
+        backend = create_backend(tmp, manifest)
+        backend.create()
+        backend.close()
+        tmp.write_bytes(manifest.to_json().encode(), MANIFEST_KEY)
+        os.makedirs(os.path.dirname(location.root), exist_ok=True)
+        try:
+            os.rename(tmp.root, location.root)  # atomic; fails if another creator won
+        except OSError:
+            return _reopen(location, manifest)
+    finally:
+        shutil.rmtree(tmp.root, ignore_errors=True)
+    return LogitStore(location, manifest)
+
+
+def _reopen(location: StoreLocation, manifest: Manifest) -> LogitStore:
+    existing = _read_manifest(location)
+    existing.check_same(manifest, where=str(location))
+    return LogitStore(location, existing)
+
+
+def convert_store(src: LogitStore, dst_url: str | os.PathLike[str], backend: str, storage_options: dict[str, Any] | None = None) -> LogitStore:
+    """Copy every committed record and its commit marker into a store of another backend.
+
+    Records are checked against their digests on the way; re-running resumes.
+    """
+    manifest = Manifest.from_dict(src.manifest.to_dict() | {"backend": backend})
+    dst = create_store(dst_url, manifest, storage_options)
+    done = {key for key, marker in dst.commits().items() if marker}
+    for (epoch, shard), marker in sorted(src.commits().items()):
+        if not marker or (epoch, shard) in done:
+            continue
+        rows = src.read_shard(epoch, shard, marker)
+        with dst.writer(epoch, [shard]) as writer:
+            writer.commit_rows(shard, rows, marker["statistics"])
+    dst.refresh_statistics()
+    return dst
