@@ -24,7 +24,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     m = info["manifest"]
     print(f"store        {info['location']}")
     print(f"format       v{m['format_version']}, {m['backend']}, shards of {m['shard_records']} records")
-    print(f"records      {info['records']} ({m['num_samples']} samples x {m['epochs']} planned epochs), k={m['k']} of {m['num_classes']} classes")
+    print(
+        f"records      {info['records']} ({m['num_samples']} samples x {m['epochs']} planned epochs), k={m['k']} of {m['num_classes']} classes"
+    )
     print(f"epochs done  {info['completed_epochs']}")
     print(f"on disk      {info['bytes_on_disk']} bytes, {_fmt(info['bytes_per_record'])} bytes/record")
     print(f"teacher      {m['teacher']}")

@@ -88,7 +88,9 @@ class Manifest:
 
     def _check(self) -> None:
         if self.format_version != FORMAT_VERSION:
-            raise StoreInputError(f"manifest: format_version {self.format_version} is not supported (this toolkit reads {FORMAT_VERSION})")
+            raise StoreInputError(
+                f"manifest: format_version {self.format_version} is not supported (this toolkit reads {FORMAT_VERSION})"
+            )
         if self.backend not in BACKENDS:
             raise StoreInputError(f"manifest: backend '{self.backend}' is not one of {BACKENDS}")
         for name in ("num_samples", "num_classes", "k", "epochs"):

@@ -113,7 +113,8 @@ def validate_records(records: Records, *, k: int, num_classes: int, mixing: bool
             kind = "a floating" if want_float else "an integer"
             raise StoreInputError(f"field '{name}' has dtype {arr.dtype}, expected {kind} dtype ({dtype})")
         if want_float:
-            cast = arr.astype(dtype)
+            with np.errstate(over="ignore"):  # overflow becomes inf, reported just below
+                cast = arr.astype(dtype)
             if not np.isfinite(cast).all():
                 bad = int(np.flatnonzero(~np.isfinite(cast).reshape(n, -1).all(axis=1))[0])
                 raise StoreInputError(f"field '{name}' holds NaN or inf (row {bad}) after casting to {dtype}")

@@ -24,7 +24,9 @@ class SparseLogits:
     tail_lse: torch.Tensor  # [n] float16
     kl: torch.Tensor  # [n] float32, KL(full || rebuilt at T=1) from the stored fp16 values
 
-    def to_records(self, num_classes: int, seeds: np.ndarray, partner: np.ndarray | None = None, lam: np.ndarray | None = None) -> Records:
+    def to_records(
+        self, num_classes: int, seeds: np.ndarray, partner: np.ndarray | None = None, lam: np.ndarray | None = None
+    ) -> Records:
         return Records(
             values=self.values.cpu().numpy(),
             indices=self.indices.cpu().numpy().astype(index_dtype(num_classes)),
@@ -62,7 +64,9 @@ def sparsify(logits: torch.Tensor, k: int) -> SparseLogits:
     return SparseLogits(values16, indices, tail16, kl)
 
 
-def rebuild_log_probs(values: torch.Tensor, indices: torch.Tensor, tail_lse: torch.Tensor, num_classes: int, temperature: float = 1.0) -> torch.Tensor:
+def rebuild_log_probs(
+    values: torch.Tensor, indices: torch.Tensor, tail_lse: torch.Tensor, num_classes: int, temperature: float = 1.0
+) -> torch.Tensor:
     """Full log-distribution [n, num_classes] at temperature T from a sparse record.
 
     The left-out classes share one logit, log((sum of their exp) / (C - k)), so their
@@ -80,5 +84,7 @@ def rebuild_log_probs(values: torch.Tensor, indices: torch.Tensor, tail_lse: tor
     return (full / temperature).log_softmax(dim=1)
 
 
-def rebuild_probs(values: torch.Tensor, indices: torch.Tensor, tail_lse: torch.Tensor, num_classes: int, temperature: float = 1.0) -> torch.Tensor:
+def rebuild_probs(
+    values: torch.Tensor, indices: torch.Tensor, tail_lse: torch.Tensor, num_classes: int, temperature: float = 1.0
+) -> torch.Tensor:
     return rebuild_log_probs(values, indices, tail_lse, num_classes, temperature).exp()

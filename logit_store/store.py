@@ -135,7 +135,9 @@ class LogitStore:
 
     def _check_epoch(self, epoch: int) -> None:
         if not 0 <= epoch < self.manifest.epochs:
-            raise StoreInputError(f"epoch {epoch} is outside the store's epochs [0, {self.manifest.epochs}) ({self.location})")
+            raise StoreInputError(
+                f"epoch {epoch} is outside the store's epochs [0, {self.manifest.epochs}) ({self.location})"
+            )
 
     # ---- integrity -----------------------------------------------------------------
     def verify(self) -> list[Problem]:
@@ -255,7 +257,13 @@ class ShardWriter:
             return _NoLock()
         return RangeLock(self.store.location.path(".locks"), f"e{self.epoch:05d}-s{shard:06d}.lock", what)
 
-    def write(self, ids: np.ndarray | list[int], records: Records, labels: np.ndarray | None = None, kl: np.ndarray | None = None) -> list[int]:
+    def write(
+        self,
+        ids: np.ndarray | list[int],
+        records: Records,
+        labels: np.ndarray | None = None,
+        kl: np.ndarray | None = None,
+    ) -> list[int]:
         """Add records for `ids`; returns the shards this call completed and committed.
 
         labels (optional, -1 for unknown) and kl (KL(full || rebuilt) per record) only feed
@@ -272,7 +280,9 @@ class ShardWriter:
             raise StoreInputError("ids hold duplicates")
         if len(records) != len(ids):
             raise StoreInputError(f"{len(ids)} ids but {len(records)} records")
-        rows = validate_records(records, k=m.k, num_classes=m.num_classes, mixing=m.mixing, num_samples=m.num_samples).to_rows(self.store.backend.row_dtype)
+        rows = validate_records(
+            records, k=m.k, num_classes=m.num_classes, mixing=m.mixing, num_samples=m.num_samples
+        ).to_rows(self.store.backend.row_dtype)
         extras = {"labels": labels, "kl": kl}
         for name, arr in extras.items():
             if arr is not None and np.shape(arr) != ids.shape:
@@ -280,11 +290,15 @@ class ShardWriter:
         shard_of = ids // m.shard_records
         unclaimed = sorted(set(np.unique(shard_of).tolist()) - set(self.locks))
         if unclaimed:
-            raise StoreInputError(f"epoch {self.epoch} shards {unclaimed} are not claimed by this writer (committed already, or another writer's)")
+            raise StoreInputError(
+                f"epoch {self.epoch} shards {unclaimed} are not claimed by this writer (committed already, or another writer's)"
+            )
         completed = []
         for shard in np.unique(shard_of).tolist():
             sel = shard_of == shard
-            buf = self.buffers.get(shard) or self.buffers.setdefault(shard, _ShardBuffer(m, shard, self.store.backend.row_dtype))
+            buf = self.buffers.get(shard) or self.buffers.setdefault(
+                shard, _ShardBuffer(m, shard, self.store.backend.row_dtype)
+            )
             buf.add(ids[sel], rows[sel], *(None if a is None else np.asarray(a)[sel] for a in extras.values()))
             if buf.full:
                 self.commit_rows(shard, buf.rows, self.buffers.pop(shard).stats)
@@ -327,7 +341,9 @@ class ShardWriter:
         incomplete = self.incomplete
         self.release()
         if exc_type is None and incomplete:
-            raise StoreError(f"epoch {self.epoch}: shards {incomplete} (shard: records missing) were not complete; nothing of them was committed")
+            raise StoreError(
+                f"epoch {self.epoch}: shards {incomplete} (shard: records missing) were not complete; nothing of them was committed"
+            )
 
 
 class _NoLock:
@@ -338,16 +354,18 @@ class _NoLock:
 
 
 class _ShardBuffer:
+    """One shard's rows, plus the per-record labels and KL that feed its statistics."""
+
     def __init__(self, manifest: Manifest, shard: int, dtype: np.dtype) -> None:
         self.start, stop = manifest.shard_range(shard)
         self.rows = np.zeros(stop - self.start, dtype=dtype)
         self.filled = np.zeros(stop - self.start, dtype=bool)
-        self.stats = {"records": 0, "topk_mass_sum": 0.0, "kl_sum": 0.0, "kl_records": 0, "labeled": 0, "top1_agree": 0}
+        self.labels = np.full(stop - self.start, -1, dtype=np.int64)
+        self.kl = np.full(stop - self.start, np.nan, dtype=np.float64)
 
     @property
     def full(self) -> bool:
         return bool(self.filled.all())
-
 
     def add(self, ids: np.ndarray, rows: np.ndarray, labels: np.ndarray | None, kl: np.ndarray | None) -> None:
         offsets = ids - self.start
@@ -356,16 +374,23 @@ class _ShardBuffer:
             raise StoreInputError(f"id {dup} was already written in this epoch; records are never overwritten")
         self.rows[offsets] = rows
         self.filled[offsets] = True
-        s = self.stats
-        s["records"] += len(ids)
-        s["topk_mass_sum"] += float(topk_mass(rows["values"], rows["tail_lse"]).sum())
-        if kl is not None:
-            s["kl_sum"] += float(np.sum(kl, dtype=np.float64))
-            s["kl_records"] += len(kl)
         if labels is not None:
-            known = labels >= 0
-            s["labeled"] += int(known.sum())
-            s["top1_agree"] += int((rows["indices"][:, 0][known] == labels[known]).sum())
+            self.labels[offsets] = labels
+        if kl is not None:
+            self.kl[offsets] = kl
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Sums in id order, so a resumed save commits the same bytes as an uninterrupted one."""
+        known, has_kl = self.labels >= 0, ~np.isnan(self.kl)
+        return {
+            "records": len(self.rows),
+            "topk_mass_sum": float(topk_mass(self.rows["values"], self.rows["tail_lse"]).sum()),
+            "kl_sum": float(self.kl[has_kl].sum()),
+            "kl_records": int(has_kl.sum()),
+            "labeled": int(known.sum()),
+            "top1_agree": int((self.rows["indices"][:, 0][known] == self.labels[known]).sum()),
+        }
 
 
 def topk_mass(values: np.ndarray, tail_lse: np.ndarray) -> np.ndarray:
@@ -423,7 +448,9 @@ def open_store(url: str | os.PathLike[str], storage_options: dict[str, Any] | No
     return LogitStore(location, _read_manifest(location))
 
 
-def create_store(url: str | os.PathLike[str], manifest: Manifest, storage_options: dict[str, Any] | None = None) -> LogitStore:
+def create_store(
+    url: str | os.PathLike[str], manifest: Manifest, storage_options: dict[str, Any] | None = None
+) -> LogitStore:
     """Create a store, or reopen an existing one whose manifest matches (to resume).
 
     A different manifest, or a non-empty directory that is not a store, is an error;
@@ -464,7 +491,9 @@ def _reopen(location: StoreLocation, manifest: Manifest) -> LogitStore:
     return LogitStore(location, existing)
 
 
-def convert_store(src: LogitStore, dst_url: str | os.PathLike[str], backend: str, storage_options: dict[str, Any] | None = None) -> LogitStore:
+def convert_store(
+    src: LogitStore, dst_url: str | os.PathLike[str], backend: str, storage_options: dict[str, Any] | None = None
+) -> LogitStore:
     """Copy every committed record and its commit marker into a store of another backend.
 
     Records are checked against their digests on the way; re-running resumes.

@@ -1,0 +1,167 @@
+"""Concurrent writers, SIGKILL and resume, locks, and damage found by verify."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from store_helpers import EPOCHS, manifest, write_epoch
+
+from logit_store import StoreLockedError, create_store, open_store
+from logit_store.cli import main as store_cli
+
+HELPER = str(Path(__file__).with_name("store_helpers.py"))
+
+
+def run_writer(store: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, HELPER, str(store), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def reference_hashes(tmp_path: Path, backend: str) -> dict:
+    ref = create_store(tmp_path / f"reference-{backend}", manifest(backend))
+    for epoch in range(EPOCHS):
+        write_epoch(ref, epoch)
+    return ref.info()["content_hashes"]
+
+
+@pytest.mark.parametrize("backend", ["zarr", "lmdb"])
+def test_two_processes_write_at_once(tmp_path, backend):
+    store = create_store(tmp_path / "s", manifest(backend))
+    shards = range(store.manifest.num_shards)
+    # Interleaved ownership: both writers are busy at the same time for the whole run.
+    procs = [
+        run_writer(
+            tmp_path / "s",
+            "--backend",
+            backend,
+            "--shards",
+            ",".join(str(s) for s in shards if s % 2 == r),
+            "--delay",
+            "0.002",
+        )
+        for r in (0, 1)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    assert open_store(tmp_path / "s").verify() == []
+    assert open_store(tmp_path / "s").info()["content_hashes"] == reference_hashes(tmp_path, backend)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "lmdb"])
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, backend):
+    path = tmp_path / "s"
+    proc = run_writer(path, "--backend", backend, "--delay", "0.02")
+    commits = path / "commits"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (commits.exists() and len(list(commits.glob("*.json"))) >= 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = open_store(path)
+    done = sum(len(store.committed_shards(e)) for e in range(EPOCHS))
+    assert 3 <= done < EPOCHS * store.manifest.num_shards, "the kill should land mid-save"
+    assert store.verify(), "an interrupted store is incomplete"
+
+    resumed = run_writer(path, "--backend", backend)
+    assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
+    store = open_store(path)
+    assert store.verify() == []
+    assert store.info()["content_hashes"] == reference_hashes(tmp_path, backend)
+    if backend == "zarr":  # bit-identical files, not only equal content
+        ref = tmp_path / "reference-zarr"
+        for name in ("values", "indices", "tail_lse", "seed"):
+            for shard_file in sorted((ref / name).rglob("*")):
+                if shard_file.is_file():
+                    other = path / shard_file.relative_to(ref)
+                    assert other.read_bytes() == shard_file.read_bytes(), other
+        for marker in (ref / "commits").glob("*.json"):
+            assert (path / "commits" / marker.name).read_bytes() == marker.read_bytes()
+
+
+def test_writer_refuses_a_range_another_process_holds(tmp_path):
+    store = create_store(tmp_path / "s", manifest())
+    holder = run_writer(tmp_path / "s", "--shards", "1", "--delay", "0.5")
+    lock = tmp_path / "s" / ".locks" / "e00000-s000001.lock"
+    deadline = time.time() + 30
+    while time.time() < deadline and not lock.exists():
+        time.sleep(0.01)
+    time.sleep(0.3)
+    with pytest.raises(StoreLockedError, match=r"epoch 0 records \[512, 1024\) is being written by another process"):
+        store.writer(0, [1])
+    store.writer(0, [2]).release()  # other ranges stay free
+    holder.kill()
+    holder.wait()
+    store.writer(0, [1]).release()  # a killed holder leaves no stale lock
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_verify_names_a_corrupted_byte(tmp_path, capsys):
+    store = create_store(tmp_path / "s", manifest())
+    for epoch in range(EPOCHS):
+        write_epoch(store, epoch)
+    assert store_cli(["verify", str(tmp_path / "s")]) == 0
+    # zarr keys: values/c/<epoch>/<shard>/0; epoch 1, shard 2 covers records [1024, 1536).
+    shard_file = tmp_path / "s" / "values" / "c" / "1" / "2" / "0"
+    flip_byte(shard_file, 40)
+    capsys.readouterr()
+    assert store_cli(["verify", str(tmp_path / "s")]) == 1
+    out = capsys.readouterr().out
+    assert "epoch 1 records [1024, 1536): damaged" in out
+    assert "epoch 0" not in out
+    with pytest.raises(Exception, match="epoch 1 records"):
+        open_store(tmp_path / "s").read(1, [1100])
+
+
+def test_verify_names_a_missing_range(tmp_path, capsys):
+    store = create_store(tmp_path / "s", manifest("lmdb"))
+    for epoch in range(EPOCHS):
+        write_epoch(store, epoch)
+    (tmp_path / "s" / "commits" / "e00000-s000003.json").unlink()
+    assert store_cli(["verify", str(tmp_path / "s")]) == 1
+    assert "epoch 0 records [1536, 2048): missing" in capsys.readouterr().out
+
+
+def test_verify_names_damaged_lmdb_values(tmp_path, capsys):
+    store = create_store(tmp_path / "s", manifest("lmdb"))
+    write_epoch(store, 0)
+    write_epoch(store, 1)
+    store.close()
+    # Overwrite one record's value in place, as a bad disk would.
+    import lmdb
+
+    env = lmdb.open(str(tmp_path / "s" / "lmdb"), map_size=1 << 30)
+    key = np.array([1, 2000], dtype=">u4").tobytes()
+    with env.begin(write=True) as txn:
+        value = bytearray(txn.get(key))
+        value[0] ^= 0x01
+        txn.put(key, bytes(value))
+    env.close()
+    assert store_cli(["verify", str(tmp_path / "s")]) == 1
+    out = capsys.readouterr().out
+    assert "epoch 1 records [1536, 2048): damaged (checksum mismatch)" in out
+
+
+def test_info_json_is_machine_readable(tmp_path, capsys):
+    store = create_store(tmp_path / "s", manifest())
+    write_epoch(store, 0)
+    assert store_cli(["info", str(tmp_path / "s"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["completed_epochs"] == [0]
+    assert info["records_per_epoch"] == {"0": 3000, "1": 0}
+    assert 0 < info["bytes_per_record"] < 200
+    assert store_cli(["info", str(tmp_path / "s")]) == 0
+    assert "bytes/record" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "s" / "manifest.json")
