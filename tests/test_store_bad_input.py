@@ -65,7 +65,7 @@ def test_values_beyond_float16_range(store):
     recs = good_records(store, ids)
     recs.values = recs.values.astype(np.float32)
     recs.values[0, 0] = 1e6
-    with pytest.raises(StoreInputError, match="'values' holds NaN or inf .* after casting to float16"):
+    with pytest.raises(StoreInputError, match=r"'values' holds NaN or inf .* after casting to float16"):
         write_one(store, ids, recs)
 
 
@@ -155,9 +155,11 @@ def test_committed_records_are_never_overwritten(store):
 
 def test_incomplete_shard_is_not_committed(store):
     ids = first_ids()
-    with pytest.raises(StoreError, match=r"shards \{1: 504\} .* were not complete; nothing of them was committed"):
-        with store.writer(1, [1]) as writer:
-            writer.write(ids, good_records(store, ids))
+    with (
+        pytest.raises(StoreError, match=r"shards \{1: 504\} .* were not complete; nothing of them was committed"),
+        store.writer(1, [1]) as writer,
+    ):
+        writer.write(ids, good_records(store, ids))
     assert store.pending_shards(1) == list(range(store.manifest.num_shards))
 
 
@@ -186,7 +188,7 @@ def test_not_a_store(tmp_path):
     with pytest.raises(StoreError, match="exists, is not empty and is not a logit store"):
         create_store(tmp_path / "other", manifest())
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
-    with pytest.raises(StoreError, match="is not a logit store: it has no manifest.json"):
+    with pytest.raises(StoreError, match=r"is not a logit store: it has no manifest\.json"):
         open_store(tmp_path / "other")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.json").write_text(json.dumps({"num_samples": 3, "colour": "red"}))

@@ -49,7 +49,7 @@ def test_two_processes_write_at_once(tmp_path, backend):
         for r in (0, 1)
     ]
     for proc in procs:
-        out, err = proc.communicate(timeout=120)
+        _out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
     assert open_store(tmp_path / "s").verify() == []
     assert open_store(tmp_path / "s").info()["content_hashes"] == reference_hashes(tmp_path, backend)
