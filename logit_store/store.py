@@ -102,11 +102,13 @@ class LogitStore:
                 cache.ensure(int(shard))
         return Records.from_rows(cache.rows[ids])
 
-    def read_shard(self, epoch: int, shard: int, marker: dict[str, Any] | None = None) -> np.ndarray:
+    def read_shard(
+        self, epoch: int, shard: int, marker: dict[str, Any] | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Decoded rows of one committed shard, checked against the commit's block digests."""
         marker = marker if marker is not None else self._marker(epoch, shard)
         start, stop = self.manifest.shard_range(shard)
-        rows = self.backend.read_rows(epoch, start, stop)
+        rows = self.backend.read_rows(epoch, start, stop, out)
         bad = damaged_blocks(rows, marker["digests"], self.manifest.chunk_records)
         if bad:
             a, b = bad[0]
@@ -221,7 +223,7 @@ class _EpochCache:
         if self.loaded[shard]:
             return
         start, stop = self.store.manifest.shard_range(shard)
-        self.rows[start:stop] = self.store.read_shard(self.epoch, shard)
+        self.store.read_shard(self.epoch, shard, out=self.rows[start:stop])
         self.loaded[shard] = True
         self.complete = bool(self.loaded.all())
 

@@ -7,13 +7,9 @@ Run as a script it is a store writer: `python tests/store_helpers.py STORE --epo
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from logit_store import Manifest, Records, create_store, record_seeds
 

@@ -139,14 +139,14 @@ def test_verify_names_damaged_lmdb_values(tmp_path, capsys):
     write_epoch(store, 0)
     write_epoch(store, 1)
     store.close()
-    # Overwrite one record's value in place, as a bad disk would.
+    # Overwrite one byte of record 2000 in place, as a bad disk would (blocks of 512 records).
     import lmdb
 
     env = lmdb.open(str(tmp_path / "s" / "lmdb"), map_size=1 << 30)
-    key = np.array([1, 2000], dtype=">u4").tobytes()
+    key = np.array([1, 2000 // 512], dtype=">u4").tobytes()
     with env.begin(write=True) as txn:
         value = bytearray(txn.get(key))
-        value[0] ^= 0x01
+        value[(2000 % 512) * store.backend.row_dtype.itemsize] ^= 0x01
         txn.put(key, bytes(value))
     env.close()
     assert store_cli(["verify", str(tmp_path / "s")]) == 1

@@ -28,8 +28,9 @@ class Backend(ABC):
         """Write records [start, start + len(rows)) of an epoch; always one whole shard."""
 
     @abstractmethod
-    def read_rows(self, epoch: int, start: int, stop: int) -> np.ndarray:
-        """Records [start, stop) of an epoch as packed rows; raises if they cannot be decoded."""
+    def read_rows(self, epoch: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Records [start, stop) of an epoch as packed rows (into `out` when given);
+        raises if they cannot be decoded."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release handles (the default holds none)."""

@@ -1,4 +1,4 @@
-"""lmdb: one key per record, (epoch, id) as 8 big-endian bytes, the packed row as value."""
+"""lmdb: one key per checksum block, (epoch, block) as 8 big-endian bytes, packed rows as value."""
 
 from __future__ import annotations
 
@@ -12,11 +12,8 @@ from .base import Backend
 MAP_SIZE = 1 << 40  # address space only; the file grows with what is written
 
 
-def record_keys(epoch: int, start: int, stop: int) -> list[bytes]:
-    keys = np.empty((stop - start, 2), dtype=">u4")
-    keys[:, 0] = epoch
-    keys[:, 1] = np.arange(start, stop)
-    return [keys[i].tobytes() for i in range(len(keys))]
+def block_key(epoch: int, block: int) -> bytes:
+    return np.array([epoch, block], dtype=">u4").tobytes()
 
 
 # lmdb allows one open environment per path and process: share it, counting users.
@@ -59,25 +56,29 @@ class LmdbBackend(Backend):
         self.env.sync(True)
 
     def write_rows(self, epoch: int, start: int, rows: np.ndarray) -> None:
-        keys = record_keys(epoch, start, start + len(rows))
-        data = rows.tobytes()
-        size = self.row_dtype.itemsize
-        items = [(key, data[i * size : (i + 1) * size]) for i, key in enumerate(keys)]
+        # Blocks of chunk_records rows, not single records: readers load whole shards, and
+        # large values sit in contiguous overflow pages (~raw size) instead of half-full leaves.
+        size = self.manifest.chunk_records
+        items = [
+            (block_key(epoch, (start + i) // size), rows[i : i + size].tobytes()) for i in range(0, len(rows), size)
+        ]
         with self.env.begin(write=True) as txn:
             txn.cursor().putmulti(items, dupdata=False, overwrite=True)
 
-    def read_rows(self, epoch: int, start: int, stop: int) -> np.ndarray:
-        expected = record_keys(epoch, start, stop)
-        with self.env.begin(buffers=False) as txn:
-            found = txn.cursor().getmulti(expected)
-        if len(found) != len(expected):
-            have = {key for key, _ in found}
-            missing = next(i for i, key in enumerate(expected) if key not in have)
-            raise KeyError(f"lmdb: epoch {epoch} record {start + missing} is missing")
-        rows = np.frombuffer(b"".join(value for _, value in found), dtype=self.row_dtype)
-        if len(rows) != stop - start:
-            raise ValueError(f"lmdb: epoch {epoch} records [{start}, {stop}) have damaged values")
-        return rows.copy()
+    def read_rows(self, epoch: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        size = self.manifest.chunk_records
+        out = np.empty(stop - start, dtype=self.row_dtype) if out is None else out
+        with self.env.begin(buffers=True) as txn:
+            for first in range(start, stop, size):
+                value = txn.get(block_key(epoch, first // size))
+                if value is None:
+                    raise KeyError(f"lmdb: epoch {epoch} records [{first}, {min(first + size, stop)}) are missing")
+                block = np.frombuffer(value, dtype=np.uint8)
+                n = min(size, stop - first)
+                if len(block) != n * self.row_dtype.itemsize:
+                    raise ValueError(f"lmdb: epoch {epoch} records [{first}, {first + n}) have a damaged value")
+                out[first - start : first - start + n] = block.view(self.row_dtype)
+        return out
 
     def close(self) -> None:
         if self._env is not None and self._pid == os.getpid():

@@ -50,8 +50,8 @@ class ZarrBackend(Backend):
         for name, array in self.arrays.items():
             array[epoch, start:stop] = rows[name]
 
-    def read_rows(self, epoch: int, start: int, stop: int) -> np.ndarray:
-        rows = np.empty(stop - start, dtype=self.row_dtype)
+    def read_rows(self, epoch: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty(stop - start, dtype=self.row_dtype) if out is None else out
         for name, array in self.arrays.items():
-            rows[name] = array[epoch, start:stop]
-        return rows
+            out[name] = array[epoch, start:stop]
+        return out
