@@ -1,0 +1,295 @@
+"""Replayable augmentation: the view of (epoch, id) is a pure function of the recipe and seeds.
+
+Every random draw of a view comes from generators seeded with
+`record_seeds(global_seed, epoch, id)`, never from global state, so the teacher that
+saved logits and every later student see the same view whatever their batch size,
+worker count, process count, sampler order or output resolution. Geometry is drawn
+relative to the source image (crop boxes, erasing boxes, CutMix boxes), so a student at
+another resolution replays the same view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+import yaml
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.auto_augment import rand_augment_transform
+
+from logit_store import recipe_hash, record_seeds
+
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class AugRecipe:
+    """What a training view is made of. Its canonical form (no output size) is hashed into
+    the store manifest; `img_size` is chosen by each consumer."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "random"  # "bilinear", "bicubic" or "random" (one of the two per view)
+    hflip: float = 0.5
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 disables
+    auto_augment: str | None = None  # timm RandAugment config string, e.g. "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.0  # random erasing probability
+    re_scale: tuple[float, float] = (0.02, 1 / 3)
+    re_ratio: tuple[float, float] = (0.3, 3.3)
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0  # probability that a view is mixed at all (when an alpha > 0)
+    switch_prob: float = 0.5  # probability of CutMix rather than Mixup when both are on
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in (*INTERPOLATIONS, "random"):
+            raise ValueError(
+                f"augmentation 'interpolation' must be bilinear, bicubic or random, got {self.interpolation!r}"
+            )
+        for name in ("hflip", "re_prob", "mix_prob", "switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"augmentation '{name}' must be a probability in [0, 1], got {getattr(self, name)}")
+        if self.auto_augment is not None:
+            rand_augment_transform(self.auto_augment, {})  # raises on a bad config string
+
+    @property
+    def mixing(self) -> bool:
+        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    def canonical(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(asdict(self).items())}
+
+    def hash(self) -> str:
+        return recipe_hash(self.canonical())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "augmentation") -> AugRecipe:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+PRESETS: dict[str, AugRecipe] = {
+    "none": AugRecipe(scale=(1.0, 1.0), ratio=(1.0, 1.0), interpolation="bilinear", hflip=0.0),
+    "basic": AugRecipe(scale=(0.35, 1.0), interpolation="bilinear"),
+    "tinyvit": AugRecipe(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25),
+    "tinyvit-mix": AugRecipe(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0),
+}
+
+
+def load_recipe(preset_or_yaml: str | dict[str, Any] | AugRecipe) -> AugRecipe:
+    """A preset name, a YAML file path, or a mapping of AugRecipe fields."""
+    if isinstance(preset_or_yaml, AugRecipe):
+        return preset_or_yaml
+    if isinstance(preset_or_yaml, dict):
+        return AugRecipe.from_dict(preset_or_yaml)
+    if preset_or_yaml in PRESETS:
+        return PRESETS[preset_or_yaml]
+    path = Path(preset_or_yaml)
+    if not path.is_file():
+        raise ValueError(f"augmentation {preset_or_yaml!r} is neither a preset {sorted(PRESETS)} nor a YAML file")
+    return AugRecipe.from_dict(yaml.safe_load(path.read_text()) or {}, source=str(path))
+
+
+# ---- the draws of one view, all relative to the image ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """Everything random about one (unmixed) view; boxes are (left, top, width, height) in [0, 1]."""
+
+    crop: tuple[float, float, float, float]
+    interpolation: str
+    flip: bool
+    jitter: tuple[float, float, float] | None  # brightness, contrast, saturation factors
+    augment_seed: int  # seeds timm's RandAugment
+    erase: tuple[float, float, float, float] | None
+    noise_seed: int  # seeds the erased pixels
+
+
+@dataclass(frozen=True)
+class MixParams:
+    partner: int
+    lam: float  # weight of the sample itself; 1.0 when not mixed
+    box: tuple[float, float, float, float] | None = None  # CutMix box, relative; None for Mixup
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    """Independent generator per stream, so enabling one op never shifts another's draws."""
+    return np.random.default_rng([seed, stream])
+
+
+def draw_view(recipe: AugRecipe, seed: int, width: int, height: int) -> ViewParams:
+    """Draw the view's parameters for a source image of width x height pixels."""
+    rng = _rng(seed, 0)
+    crop = _draw_crop(rng, recipe.scale, recipe.ratio, width / height)
+    interp = recipe.interpolation if recipe.interpolation != "random" else ("bilinear", "bicubic")[int(rng.integers(2))]
+    flip = bool(rng.random() < recipe.hflip)
+    jitter = None
+    if recipe.color_jitter > 0:
+        s = recipe.color_jitter
+        jitter = tuple(float(rng.uniform(max(0.0, 1 - s), 1 + s)) for _ in range(3))
+    erase = None
+    if recipe.re_prob > 0 and rng.random() < recipe.re_prob:
+        erase = _draw_box(rng, recipe.re_scale, recipe.re_ratio, 1.0)
+    return ViewParams(crop, interp, flip, jitter, int(rng.integers(2**31)), erase, int(rng.integers(2**31)))
+
+
+def _draw_box(
+    rng: np.random.Generator, scale: tuple[float, float], ratio: tuple[float, float], aspect: float, tries: int = 10
+) -> tuple[float, float, float, float] | None:
+    """A box of relative area in `scale` and pixel aspect ratio in `ratio` (log-uniform)."""
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(tries):
+        area = rng.uniform(*scale)
+        r = math.exp(rng.uniform(*log_ratio))
+        w, h = math.sqrt(area * r / aspect), math.sqrt(area / r * aspect)
+        if w <= 1 and h <= 1:
+            return float(rng.uniform(0, 1 - w)), float(rng.uniform(0, 1 - h)), w, h
+    return None
+
+
+def _draw_crop(
+    rng: np.random.Generator, scale: tuple[float, float], ratio: tuple[float, float], aspect: float
+) -> tuple[float, float, float, float]:
+    box = _draw_box(rng, scale, ratio, aspect)
+    if box is not None:
+        return box
+    # Fallback as in torchvision: the largest central crop with the aspect ratio clamped to `ratio`.
+    r = min(max(aspect, ratio[0]), ratio[1])
+    w, h = (r / aspect, 1.0) if r < aspect else (1.0, aspect / r)
+    return (1 - w) / 2, (1 - h) / 2, w, h
+
+
+def draw_mix(recipe: AugRecipe, seed: int, sample_id: int, num_samples: int) -> MixParams:
+    """Partner and lambda of a sample: functions of its seed alone, so any batch size replays them."""
+    rng = _rng(seed, 1)
+    if not recipe.mixing or num_samples < 2 or rng.random() >= recipe.mix_prob:
+        return MixParams(sample_id, 1.0)
+    partner = int(rng.integers(num_samples - 1))
+    partner += partner >= sample_id
+    use_cutmix = recipe.cutmix_alpha > 0 and (recipe.mixup_alpha <= 0 or rng.random() < recipe.switch_prob)
+    alpha = recipe.cutmix_alpha if use_cutmix else recipe.mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
+    if not use_cutmix:
+        return MixParams(partner, lam)
+    cut = math.sqrt(1 - lam)
+    cx, cy = rng.random(), rng.random()
+    x0, x1 = max(cx - cut / 2, 0.0), min(cx + cut / 2, 1.0)
+    y0, y1 = max(cy - cut / 2, 0.0), min(cy + cut / 2, 1.0)
+    box = (x0, y0, x1 - x0, y1 - y0)
+    return MixParams(partner, 1.0 - box[2] * box[3], box)  # lambda follows the clipped box
+
+
+# ---- applying the draws --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _seeded_global_rngs(seed: int) -> Iterator[None]:
+    """timm's RandAugment draws from `random` and `np.random`; seed them for one call, then
+    restore them, so its ops stay timm's own and still replay exactly."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class ReplayAugment:
+    """Turns (image loader, sample id, epoch) into the replayed view tensor at `img_size`."""
+
+    def __init__(self, recipe: AugRecipe, img_size: int, global_seed: int = 0) -> None:
+        self.recipe, self.img_size, self.global_seed = recipe, img_size, global_seed
+        self.rand_augment = None
+        if recipe.auto_augment:
+            fill = tuple(round(255 * m) for m in recipe.mean)
+            self.rand_augment = rand_augment_transform(recipe.auto_augment, {"img_mean": fill, "translate_pct": 0.45})
+
+    def seed(self, epoch: int, sample_id: int) -> int:
+        return int(record_seeds(self.global_seed, epoch, np.array([sample_id]))[0])
+
+    def view(self, image: Image.Image, params: ViewParams) -> torch.Tensor:
+        """Apply one view's parameters to an RGB PIL image; returns a normalised [3, S, S] tensor."""
+        w, h = image.size
+        left, top, cw, ch = params.crop
+        size = (self.img_size, self.img_size)
+        img = image.resize(
+            size, INTERPOLATIONS[params.interpolation], box=(left * w, top * h, (left + cw) * w, (top + ch) * h)
+        )
+        if params.flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if params.jitter is not None:
+            b, c, s = params.jitter
+            img = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b), c), s)
+        if self.rand_augment is not None:
+            with _seeded_global_rngs(params.augment_seed):
+                img = self.rand_augment(img)
+        x = TF.normalize(TF.pil_to_tensor(img).float().div_(255), self.recipe.mean, self.recipe.std)
+        if params.erase is not None:
+            x = _erase(x, params.erase, params.noise_seed)
+        return x
+
+    def __call__(
+        self, load: Callable[[int], Image.Image], sample_id: int, epoch: int, num_samples: int
+    ) -> tuple[torch.Tensor, MixParams]:
+        """The view of `sample_id` in `epoch`, mixed with its partner's view when the recipe mixes."""
+        seed = self.seed(epoch, sample_id)
+        image = load(sample_id)
+        x = self.view(image, draw_view(self.recipe, seed, *image.size))
+        mix = draw_mix(self.recipe, seed, sample_id, num_samples)
+        if mix.partner == sample_id:
+            return x, mix
+        partner_image = load(mix.partner)
+        other = self.view(partner_image, draw_view(self.recipe, self.seed(epoch, mix.partner), *partner_image.size))
+        if mix.box is None:
+            return x.mul_(mix.lam).add_(other, alpha=1 - mix.lam), mix
+        y0, y1, x0, x1 = _pixel_box(mix.box, self.img_size)
+        x[:, y0:y1, x0:x1] = other[:, y0:y1, x0:x1]
+        return x, mix
+
+
+def _pixel_box(box: tuple[float, float, float, float], size: int) -> tuple[int, int, int, int]:
+    left, top, w, h = box
+    return round(top * size), round((top + h) * size), round(left * size), round((left + w) * size)
+
+
+def _erase(x: torch.Tensor, box: tuple[float, float, float, float], noise_seed: int) -> torch.Tensor:
+    """Random erasing (timm's 'pixel' mode): the box is filled with per-pixel normal noise."""
+    y0, y1, x0, x1 = _pixel_box(box, x.shape[-1])
+    g = torch.Generator().manual_seed(noise_seed)
+    x[:, y0:y1, x0:x1] = torch.randn((x.shape[0], y1 - y0, x1 - x0), generator=g)
+    return x
+
+
+def recipe_manifest_entry(recipe: AugRecipe) -> dict[str, Any]:
+    """The `augmentation` entry of a store manifest."""
+    return {"recipe": recipe.canonical(), "hash": recipe.hash()}
+
+
+__all__ = [
+    "PRESETS",
+    "AugRecipe",
+    "MixParams",
+    "ReplayAugment",
+    "ViewParams",
+    "draw_mix",
+    "draw_view",
+    "load_recipe",
+    "recipe_manifest_entry",
+]

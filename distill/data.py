@@ -1,0 +1,630 @@
+"""Image datasets with stable sample ids, labels and a fingerprint.
+
+Every sample has an integer id in [0, N) and a label. ``fingerprint()`` is a sha256 over
+the count, the class names and, per id, the label, the file (or tar member) size and the
+relative path, so a logit store can check that training reads the data it was saved from.
+Moving the data elsewhere keeps the fingerprint; renaming, resizing or relabelling a file
+changes it.
+
+Specs accepted by ``create_dataset``:
+
+- ``digits``: scikit-learn's 8x8 handwritten digits, written once as 32x32 PNGs to
+  ``<cache>/digits/{train,val}/<class>/<index>.png`` (fixed 80/20 split)
+- ``PATH``: an image folder, one sub-folder per class, images found recursively;
+  ids sorted by (class name, relative path)
+- ``csv:PATH``: a CSV/TSV with ``path`` and ``label`` columns; ids = row order
+- ``wds:PATTERN``: webdataset tar shards (glob, folder or one ``.tar``), labels from ``.cls``
+  members; ids follow shard order then member order
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SPEC_FORMS = ("digits", "PATH (a folder with one sub-folder per class)", "csv:PATH", "wds:PATTERN")
+DIGITS_SPLITS = ("train", "val")
+DIGITS_SIZE = 32
+DIGITS_TRAIN_FRACTION = 0.8
+DIGITS_SEED = 0
+FINGERPRINT_VERSION = "distill-dataset-v1"
+MAX_OPEN_SHARDS = 64  # per process; the least recently used shard file is closed past this
+
+_SPEC_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+_INTEGER = re.compile(r"[+-]?\d+")
+# webdataset's rule: the key is the member path up to the first dot of its base name.
+_WDS_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+class DatasetError(ValueError):
+    """A dataset spec, file or sample that cannot be used; the message names it."""
+
+
+# ---------------------------------------------------------------- base class
+
+
+class _Strings:
+    """Many strings held as one bytes blob plus offsets: compact, and no per-item objects
+    whose refcounts would un-share memory in forked DataLoader workers."""
+
+    def __init__(self, items: Iterable[str]) -> None:
+        encoded = [item.encode("utf-8") for item in items]
+        lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+        self._offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lengths)])
+        self._blob = b"".join(encoded)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self._blob[self._offsets[i] : self._offsets[i + 1]].decode("utf-8")
+
+    def take(self, indices: np.ndarray) -> _Strings:
+        return _Strings(self[int(i)] for i in indices)
+
+
+class ImageDataset(ABC):
+    """Samples with dense ids [0, N), labels and a fingerprint.
+
+    Subclasses list their samples (a relative name, a label and a byte size per sample,
+    set up before calling ``__init__``) and say how to read one sample's encoded bytes.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        classes: Sequence[str],
+        names: Sequence[str],
+        labels: Sequence[int],
+        sizes: Sequence[int],
+        skip_unreadable: bool = False,
+    ) -> None:
+        self.spec = spec
+        self.classes: list[str] = list(classes)
+        self.skipped: list[str] = []
+        self._names = _Strings(names)
+        self._sizes = np.asarray(sizes, dtype=np.int64)
+        self.labels: np.ndarray = np.asarray(labels, dtype=np.int64)
+        self._fingerprint: str | None = None
+        if skip_unreadable:
+            self._drop_unreadable()
+        if len(self) == 0:
+            extra = f" ({len(self.skipped)} unreadable file(s) skipped)" if self.skipped else ""
+            raise DatasetError(f"{spec}: the dataset holds no images{extra}")
+        self.labels.flags.writeable = False  # the cached fingerprint depends on it
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(spec={self.spec!r}, num_samples={len(self)}, num_classes={self.num_classes})"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def load(self, sample_id: int) -> Image.Image:
+        """Sample ``sample_id`` decoded as an RGB image; DatasetError naming the file if it cannot be."""
+        i = self._index(sample_id)
+        data = self._read_bytes(i)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return image.convert("RGB")
+        except Exception as err:
+            raise DatasetError(f"{self._where(i)}: not a readable image ({type(err).__name__}: {err})") from err
+
+    def fingerprint(self) -> str:
+        """sha256 hex over count, class names, and per id: label, size and relative path (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = _fingerprint(self.classes, self.labels, self._sizes, self._names)
+        return self._fingerprint
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "num_samples": len(self),
+            "num_classes": self.num_classes,
+            "classes": list(self.classes),
+            "fingerprint": self.fingerprint(),
+            "skipped": list(self.skipped),
+        }
+
+    @abstractmethod
+    def _read_bytes(self, i: int) -> bytes:
+        """The encoded image of sample i; DatasetError naming it when it cannot be read."""
+
+    @abstractmethod
+    def _where(self, i: int) -> str:
+        """Where sample i lives, for messages and ``skipped``."""
+
+    def _take(self, keep: np.ndarray) -> None:  # noqa: B027 - optional hook, default: nothing to subset
+        """Keep only these samples in the subclass's own tables (called when unreadable files are dropped)."""
+
+    def _index(self, sample_id: int) -> int:
+        if isinstance(sample_id, bool | np.bool_) or not isinstance(sample_id, int | np.integer):
+            raise TypeError(f"{self.spec}: a sample id must be an integer, got {sample_id!r}")
+        i = int(sample_id)
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.spec}: sample id {i} is outside [0, {len(self)})")
+        return i
+
+    def _drop_unreadable(self) -> None:
+        """Verify every sample once; drop the bad ones before ids are final, so ids stay dense."""
+        keep = []
+        for i in range(len(self)):
+            try:
+                ok = _verifies(self._read_bytes(i))
+            except DatasetError:
+                ok = False
+            if ok:
+                keep.append(i)
+            else:
+                self.skipped.append(self._where(i))
+        if self.skipped:
+            indices = np.asarray(keep, dtype=np.int64)
+            self._names = self._names.take(indices)
+            self._sizes = self._sizes[indices]
+            self.labels = self.labels[indices]
+            self._take(indices)
+
+
+def _verifies(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except Exception:
+        return False
+    return True
+
+
+def _fingerprint(classes: list[str], labels: np.ndarray, sizes: np.ndarray, names: _Strings) -> str:
+    digest = hashlib.sha256(f"{FINGERPRINT_VERSION}\n{len(labels)}\n{json.dumps(classes)}\n".encode())
+    lines: list[str] = []
+    for i, (label, size) in enumerate(zip(labels.tolist(), sizes.tolist(), strict=True)):
+        lines.append(f"{i}\t{label}\t{size}\t{json.dumps(names[i])}\n")
+        if len(lines) == 65_536:
+            digest.update("".join(lines).encode())
+            lines.clear()
+    digest.update("".join(lines).encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- files: folders and CSV
+
+
+class _FileDataset(ImageDataset):
+    """Samples that are files: name i is a path relative to ``root`` (or absolute, from a CSV)."""
+
+    def __init__(self, spec: str, root: Path, classes, names, labels, sizes, skip_unreadable: bool) -> None:
+        self.root = root
+        super().__init__(spec, classes, names, labels, sizes, skip_unreadable)
+
+    def _path(self, i: int) -> Path:
+        return self.root / self._names[i]
+
+    def _where(self, i: int) -> str:
+        return str(self._path(i))
+
+    def _read_bytes(self, i: int) -> bytes:
+        path = self._path(i)
+        try:
+            return path.read_bytes()
+        except OSError as err:
+            raise DatasetError(f"{path}: cannot read the file ({err.strerror or err})") from err
+
+
+class FolderDataset(_FileDataset):
+    """``root/<class>/**/<image>``: classes = sorted sub-folder names; ids sorted by (class, relative path).
+
+    Hidden entries (names starting with '.') are ignored, as are files without an image extension.
+    """
+
+    def __init__(self, root: str | os.PathLike, spec: str | None = None, skip_unreadable: bool = False) -> None:
+        root = Path(root).expanduser().absolute()
+        classes = _class_folders(root)
+        names: list[str] = []
+        labels: list[int] = []
+        sizes: list[int] = []
+        for label, name in enumerate(classes):
+            files = _images_in(root / name)
+            if not files:
+                raise DatasetError(
+                    f"{root / name}: class folder '{name}' holds no images "
+                    f"(looked for {' '.join(IMAGE_EXTENSIONS)} in it and its sub-folders)"
+                )
+            for relative in files:
+                names.append(f"{name}/{relative}")
+                labels.append(label)
+                sizes.append(_file_size(root / name / relative))
+        super().__init__(spec or str(root), root, classes, names, labels, sizes, skip_unreadable)
+
+
+def _class_folders(root: Path) -> list[str]:
+    if not root.exists():
+        raise DatasetError(f"dataset folder '{root}' does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"'{root}' is a file, not a folder (for a CSV use csv:{root}, for tar shards wds:{root})")
+    try:
+        classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and e.is_dir())
+    except OSError as err:
+        raise DatasetError(f"{root}: cannot list the folder ({err.strerror or err})") from err
+    if not classes:
+        raise DatasetError(f"{root}: no class sub-folders (expected one sub-folder per class: {root}/<class>/<image>)")
+    return classes
+
+
+def _images_in(folder: Path) -> list[str]:
+    """Image files under ``folder`` (recursively), as sorted POSIX paths relative to it."""
+
+    def fail(err: OSError) -> None:
+        raise DatasetError(f"{err.filename}: cannot list the folder ({err.strerror or err})") from err
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=fail):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        relative = Path(dirpath).relative_to(folder)
+        found += [
+            (relative / f).as_posix()
+            for f in filenames
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    return sorted(found)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the file ({err.strerror or err})") from err
+
+
+class _Row(NamedTuple):
+    number: int  # 1-based data row (header excluded, blank lines not counted): sample id + 1
+    line: int  # line in the file
+    path: str
+    label: str
+
+
+class CsvDataset(_FileDataset):
+    """A CSV (or TSV) with ``path`` and ``label`` columns; ids = row order.
+
+    Relative paths are relative to the CSV's folder. Labels are class names (classes = sorted
+    unique names) or, when every label is an integer, indices (classes = "0" .. str(max)).
+    """
+
+    def __init__(self, csv_path: str | os.PathLike, spec: str | None = None, skip_unreadable: bool = False) -> None:
+        csv_path = Path(csv_path).expanduser().absolute()
+        rows = _read_rows(csv_path)
+        classes, labels = _csv_labels(csv_path, rows)
+        root = csv_path.parent
+        sizes = []
+        for row in rows:
+            full = root / row.path
+            try:
+                info = os.stat(full)
+            except OSError:
+                raise DatasetError(
+                    f"{csv_path}: row {row.number} (line {row.line}): file '{row.path}' does not exist "
+                    f"(looked for {full})"
+                ) from None
+            if not stat.S_ISREG(info.st_mode):
+                raise DatasetError(f"{csv_path}: row {row.number} (line {row.line}): '{row.path}' is not a file")
+            sizes.append(info.st_size)
+        names = [row.path for row in rows]
+        super().__init__(spec or f"csv:{csv_path}", root, classes, names, labels, sizes, skip_unreadable)
+
+
+def _read_rows(path: Path) -> list[_Row]:
+    if not path.exists():
+        raise DatasetError(f"CSV file '{path}' does not exist")
+    if not path.is_file():
+        raise DatasetError(f"CSV path '{path}' is not a file")
+    rows: list[_Row] = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            delimiter = _delimiter(path, f.readline())
+            f.seek(0)
+            reader = csv.reader(f, delimiter=delimiter)
+            header = next(reader, None)
+            if header is None:
+                raise DatasetError(f"{path}: the file is empty (expected a header row with 'path' and 'label' columns)")
+            columns = [c.strip().lower() for c in header]
+            for column in ("path", "label"):
+                if column not in columns:
+                    raise DatasetError(
+                        f"{path}: no '{column}' column in the header {header} (expected columns 'path' and 'label')"
+                    )
+            at_path, at_label = columns.index("path"), columns.index("label")
+            for row in reader:
+                if not any(cell.strip() for cell in row):
+                    continue
+                number = len(rows) + 1
+                if len(row) <= max(at_path, at_label):
+                    raise DatasetError(
+                        f"{path}: row {number} (line {reader.line_num}) has {len(row)} field(s), "
+                        f"expected at least {max(at_path, at_label) + 1}"
+                    )
+                file, label = row[at_path].strip(), row[at_label].strip()
+                if not file or not label:
+                    missing = "path" if not file else "label"
+                    raise DatasetError(f"{path}: row {number} (line {reader.line_num}): empty '{missing}'")
+                rows.append(_Row(number, reader.line_num, file, label))
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text ({err})") from err
+    except csv.Error as err:
+        raise DatasetError(f"{path}: malformed CSV ({err})") from err
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the file ({err.strerror or err})") from err
+    if not rows:
+        raise DatasetError(f"{path}: no data rows after the header")
+    return rows
+
+
+def _delimiter(path: Path, header_line: str) -> str:
+    """Tab for .tsv; otherwise the most frequent of , tab ; | in the header line (comma if none)."""
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    counts = {d: header_line.count(d) for d in (",", "\t", ";", "|")}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+def _csv_labels(path: Path, rows: list[_Row]) -> tuple[list[str], list[int]]:
+    texts = [row.label for row in rows]
+    if all(_INTEGER.fullmatch(text) for text in texts):
+        values = [int(text) for text in texts]
+        for row, value in zip(rows, values, strict=True):
+            if value < 0:
+                raise DatasetError(f"{path}: row {row.number} (line {row.line}): label {row.label} is negative")
+        return [str(i) for i in range(max(values) + 1)], values
+    classes = sorted(set(texts))
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, [index[text] for text in texts]
+
+
+# ---------------------------------------------------------------- webdataset tar shards
+
+
+class TarDataset(ImageDataset):
+    """webdataset shards read in place: members are indexed once (key -> shard, data offset, size)
+    and ``load`` does one seek and read. Shard files are opened lazily, once per process, so the
+    dataset is safe to use from forked DataLoader workers (and pickles without open files).
+    """
+
+    def __init__(self, pattern: str, spec: str | None = None, skip_unreadable: bool = False) -> None:
+        self.shards = _find_shards(pattern)
+        names: list[str] = []
+        labels: list[int] = []
+        sizes: list[int] = []
+        shard_of: list[int] = []
+        offsets: list[int] = []
+        for s, shard in enumerate(self.shards):
+            for member, offset, size, label in _index_shard(shard):
+                names.append(f"{shard.name}/{member}")
+                labels.append(label)
+                sizes.append(size)
+                shard_of.append(s)
+                offsets.append(offset)
+        self._shard_of = np.asarray(shard_of, dtype=np.int32)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._pid: int | None = None
+        self._files: dict[int, BinaryIO] = {}
+        self._lock = threading.Lock()
+        classes = [str(i) for i in range(max(labels) + 1)] if labels else []
+        super().__init__(spec or f"wds:{pattern}", classes, names, labels, sizes, skip_unreadable)
+
+    def _where(self, i: int) -> str:
+        member = self._names[i].split("/", 1)[1]
+        return f"{self.shards[self._shard_of[i]]}:{member}"
+
+    def _take(self, keep: np.ndarray) -> None:
+        self._shard_of = self._shard_of[keep]
+        self._offsets = self._offsets[keep]
+
+    def _read_bytes(self, i: int) -> bytes:
+        shard, offset, size = int(self._shard_of[i]), int(self._offsets[i]), int(self._sizes[i])
+        try:
+            with self._process_lock():
+                f = self._shard_file(shard)
+                f.seek(offset)
+                data = f.read(size)
+        except OSError as err:
+            raise DatasetError(f"{self._where(i)}: cannot read ({err.strerror or err})") from err
+        if len(data) != size:
+            raise DatasetError(f"{self._where(i)}: the shard is truncated (read {len(data)} of {size} bytes)")
+        return data
+
+    def _process_lock(self) -> threading.Lock:
+        """This process's lock; on first use in a new process (e.g. a forked worker) handles start afresh."""
+        if self._pid != os.getpid():
+            self._pid, self._files, self._lock = os.getpid(), {}, threading.Lock()
+        return self._lock
+
+    def _shard_file(self, shard: int) -> BinaryIO:
+        f = self._files.pop(shard, None)
+        if f is None:
+            if len(self._files) >= MAX_OPEN_SHARDS:
+                self._files.pop(next(iter(self._files))).close()
+            f = open(self.shards[shard], "rb")  # noqa: SIM115 - kept open across loads, closed by close()
+        self._files[shard] = f  # most recently used last
+        return f
+
+    def close(self) -> None:
+        """Close the shard files this process opened (a later ``load`` reopens them)."""
+        files, self._files = self._files, {}
+        for f in files.values():
+            f.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # e.g. __init__ failed before the handles existed
+            self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_pid=None, _files={}, _lock=None)
+        return state
+
+
+def _find_shards(pattern: str) -> list[Path]:
+    """Shards for a glob pattern, a folder (its *.tar) or one tar path, sorted by path."""
+    expanded = os.path.expanduser(pattern)
+    if not expanded:
+        raise DatasetError("wds: needs a shard path or glob pattern, e.g. wds:data/shard-*.tar")
+    if re.search(r"[*?[]", expanded):
+        paths = sorted(p for p in glob.glob(expanded) if os.path.isfile(p))
+        if not paths:
+            raise DatasetError(f"no tar shards match '{pattern}'")
+    elif os.path.isdir(expanded):
+        paths = sorted(glob.glob(os.path.join(glob.escape(expanded), "*.tar")))
+        if not paths:
+            raise DatasetError(f"folder '{pattern}' holds no .tar shards")
+    elif os.path.isfile(expanded):
+        paths = [expanded]
+    else:
+        raise DatasetError(f"tar shard '{pattern}' does not exist")
+    return [Path(p).absolute() for p in paths]
+
+
+def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
+    """(image member name, data offset, size, label) per sample key, in first-appearance order."""
+    images: dict[str, tarfile.TarInfo] = {}
+    labels: dict[str, tuple[tarfile.TarInfo, bytes]] = {}
+    keys: dict[str, None] = {}  # ordered set of keys that have an image or a label
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            for member in tar:
+                match = _WDS_MEMBER.match(member.name) if member.isfile() else None
+                if match is None:
+                    continue
+                key, extension = match.group(1), match.group(2).lower()
+                if extension in WDS_IMAGE_EXTENSIONS and key not in images:
+                    images[key] = member
+                elif extension == "cls":
+                    handle = tar.extractfile(member)
+                    labels[key] = (member, handle.read() if handle else b"")
+                else:
+                    continue
+                keys.setdefault(key)
+    except (tarfile.TarError, OSError) as err:
+        raise DatasetError(f"{shard}: not a readable uncompressed tar shard ({err})") from err
+    samples = []
+    for key in keys:
+        if key not in images:
+            raise DatasetError(
+                f"{shard}: sample '{key}' has a .cls but no image member ({'/'.join(WDS_IMAGE_EXTENSIONS)})"
+            )
+        if key not in labels:
+            raise DatasetError(f"{shard}: sample '{key}' ({images[key].name}) has no .cls label member")
+        member, text = labels[key]
+        value = text.decode("utf-8", "replace").strip()
+        if not value.isdigit():
+            raise DatasetError(f"{shard}:{member.name}: label {value!r} is not a non-negative integer")
+        image = images[key]
+        samples.append((image.name, image.offset_data, image.size, int(value)))
+    return samples
+
+
+# ---------------------------------------------------------------- digits and create_dataset
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else $DISTILL_CACHE, else ~/.cache/distill."""
+    chosen = cache_dir if cache_dir is not None else os.environ.get("DISTILL_CACHE") or "~/.cache/distill"
+    return Path(chosen).expanduser().absolute()
+
+
+def prepare_digits(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Write scikit-learn's digits once as ``<cache>/digits/{train,val}/<class>/<index>.png``; return that folder.
+
+    The folder is built in a temporary folder beside it and renamed into place, so readers
+    never see half of it; when another process wins the race its copy is used.
+    """
+    root = cache_root(cache_dir)
+    target = root / "digits"
+    if not target.exists():
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=root))
+        except OSError as err:
+            raise DatasetError(f"{root}: cannot write the digits cache ({err.strerror or err})") from err
+        try:
+            _write_digits(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError as err:
+                if not target.is_dir():  # a real failure, not another process finishing first
+                    raise DatasetError(f"{target}: cannot write the digits cache ({err.strerror or err})") from err
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for split in DIGITS_SPLITS:
+        if not (target / split).is_dir():
+            raise DatasetError(f"{target}: incomplete digits cache (no '{split}' folder); delete it to rebuild")
+    return target
+
+
+def _write_digits(folder: Path) -> None:
+    """1,797 images: values 0..16 scaled to 0..255, upscaled bilinearly to 32x32, stored as
+    uncompressed grayscale PNG (so file sizes, hence the fingerprint, do not depend on zlib)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    count = len(digits.images)
+    order = np.random.default_rng(DIGITS_SEED).permutation(count)
+    n_train = int(count * DIGITS_TRAIN_FRACTION)
+    for split, indices in zip(DIGITS_SPLITS, (order[:n_train], order[n_train:]), strict=True):
+        for index in sorted(indices.tolist()):
+            label = int(digits.target[index])
+            pixels = np.round(digits.images[index] * (255 / 16)).astype(np.uint8)
+            image = Image.fromarray(pixels).resize((DIGITS_SIZE, DIGITS_SIZE), Image.Resampling.BILINEAR)
+            out = folder / split / str(label)
+            out.mkdir(parents=True, exist_ok=True)
+            image.save(out / f"{index:04d}.png", compress_level=0)
+
+
+def create_dataset(
+    spec: str, split: str = "train", skip_unreadable: bool = False, cache_dir: str | None = None
+) -> ImageDataset:
+    """The dataset a spec names: ``digits``, a folder ``PATH``, ``csv:PATH`` or ``wds:PATTERN``.
+
+    ``split`` ("train" or "val") only matters for ``digits``; ``cache_dir`` is where digits
+    are written (default $DISTILL_CACHE, else ~/.cache/distill). With ``skip_unreadable``
+    every image is verified once and the unreadable ones are dropped (listed in ``skipped``)
+    before ids are assigned.
+    """
+    accepted = f"accepted forms: {', '.join(SPEC_FORMS)}"
+    if not isinstance(spec, str) or not spec.strip():
+        raise DatasetError(f"dataset spec must be a non-empty string, got {spec!r}; {accepted}")
+    if spec == "digits":
+        if split not in DIGITS_SPLITS:
+            raise DatasetError(f"digits: split must be one of {DIGITS_SPLITS}, got {split!r}")
+        return FolderDataset(prepare_digits(cache_dir) / split, spec=spec, skip_unreadable=skip_unreadable)
+    if spec.startswith("csv:"):
+        if not spec[4:]:
+            raise DatasetError(f"csv: needs a file path, e.g. csv:data/train.csv; {accepted}")
+        return CsvDataset(spec[4:], spec=spec, skip_unreadable=skip_unreadable)
+    if spec.startswith("wds:"):
+        return TarDataset(spec[4:], spec=spec, skip_unreadable=skip_unreadable)
+    prefix = _SPEC_PREFIX.match(spec)
+    if prefix and not os.path.exists(os.path.expanduser(spec)):
+        raise DatasetError(f"unknown dataset spec prefix '{prefix.group(1)}:' in {spec!r}; {accepted}")
+    return FolderDataset(spec, spec=spec, skip_unreadable=skip_unreadable)

@@ -1,0 +1,73 @@
+"""Replayed views in batches: a dataset indexed by (epoch, id) and samplers that yield those pairs.
+
+The epoch travels with every index, so DataLoader workers (persistent or not) need no
+state to replay a view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .augment import ReplayAugment
+from .data import ImageDataset
+
+
+class ReplayDataset(Dataset):
+    """`dataset[(epoch, id)]` -> the replayed view of sample `id` in `epoch`, with its label,
+    and the mixing partner's label and lambda."""
+
+    def __init__(self, images: ImageDataset, augment: ReplayAugment) -> None:
+        self.images, self.augment = images, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: tuple[int, int]) -> dict[str, Any]:
+        epoch, sample_id = index
+        x, mix = self.augment(self.images.load, sample_id, epoch, len(self.images))
+        return {
+            "image": x,
+            "id": sample_id,
+            "epoch": epoch,
+            "label": int(self.images.labels[sample_id]),
+            "partner": mix.partner,
+            "partner_label": int(self.images.labels[mix.partner]),
+            "lam": mix.lam,
+        }
+
+
+class ShardBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of (epoch, id) that never cross a shard boundary, each shard cut from its start.
+
+    So a shard's batches are the same whichever process computes it and whether or not
+    the save was resumed: the teacher sees identical batches, hence identical numbers.
+    """
+
+    def __init__(self, epoch: int, shard_ranges: Sequence[tuple[int, int]], batch_size: int) -> None:
+        self.epoch, self.shard_ranges, self.batch_size = epoch, list(shard_ranges), batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for start, stop in self.shard_ranges:
+            for first in range(start, stop, self.batch_size):
+                yield [(self.epoch, i) for i in range(first, min(first + self.batch_size, stop))]
+
+    def __len__(self) -> int:
+        return sum(-(-(stop - start) // self.batch_size) for start, stop in self.shard_ranges)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    out = {"image": torch.stack([it["image"] for it in items])}
+    for key in ("id", "epoch", "label", "partner", "partner_label"):
+        out[key] = torch.tensor([it[key] for it in items], dtype=torch.int64)
+    out["lam"] = torch.tensor([it["lam"] for it in items], dtype=torch.float32)
+    return out
+
+
+def replay_loader(dataset: ReplayDataset, batch_sampler: Sampler, workers: int) -> DataLoader:
+    return DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate, persistent_workers=False
+    )

@@ -1,0 +1,240 @@
+"""`distill-save-logits`: run a teacher once over replayed views and keep its top-k logits.
+
+    distill-save-logits --teacher timm:resnet50 --checkpoint teacher.safetensors \\
+        --data PATH --out teacher.zarr --epochs 10 --k 10 [--aug tinyvit] [--img-size 224]
+
+Runs as it is on one process, or under `accelerate launch` / `torchrun` with several:
+each process computes and writes its own shards. Re-running the same command resumes
+after the last committed shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from logit_store import LogitStore, Manifest, StoreError, create_store, record_seeds
+from logit_store.sparse import sparsify
+from teachers import Teacher, create_teacher
+
+from .augment import ReplayAugment, load_recipe, recipe_manifest_entry
+from .data import ImageDataset, create_dataset
+from .loader import ReplayDataset, ShardBatchSampler, collate, replay_loader
+
+
+@dataclass
+class SaveConfig:
+    teacher: str
+    data: str
+    out: str
+    epochs: int
+    k: int
+    backend: str = "zarr"
+    checkpoint: str | None = None
+    aug: str = "basic"
+    img_size: int = 224
+    batch_size: int = 64
+    workers: int = 0
+    seed: int = 0
+    skip_unreadable: bool = False
+    check_replay: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, kind = getattr(self, f.name), _TYPES[str(f.type)]
+            if value is not None and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+                raise ValueError(f"option '{f.name}' must be {kind.__name__}, got {value!r}")
+        for name in ("epochs", "k", "img_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
+
+
+_TYPES = {"str": str, "int": int, "bool": bool, "str | None": str}
+REQUIRED = ("teacher", "data", "out", "epochs", "k")
+
+
+def parse_config(argv: list[str] | None = None) -> SaveConfig:
+    """Options from the command line over those of `--config FILE.yaml`."""
+    parser = argparse.ArgumentParser(
+        prog="distill-save-logits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML file with the same keys as the options (underscores or dashes)")
+    for f in fields(SaveConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None)
+        else:
+            parser.add_argument(flag, type=_TYPES[str(f.type)], default=None)
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config")
+    values = _read_yaml(config_path, parser) if config_path else {}
+    values |= {key: value for key, value in args.items() if value is not None}
+    missing = [name for name in REQUIRED if name not in values]
+    if missing:
+        parser.error(f"missing required option(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    try:
+        return SaveConfig(**values)
+    except ValueError as err:
+        parser.error(str(err))
+        raise
+
+
+def _read_yaml(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        parser.error(f"--config {path}: {err}")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path}: expected a mapping of options")
+    values = {str(key).replace("-", "_"): value for key, value in data.items()}
+    known = {f.name for f in fields(SaveConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"--config {path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return values
+
+
+def build_manifest(
+    cfg: SaveConfig, dataset: ImageDataset, teacher: Teacher, recipe_entry: dict[str, Any], mixing: bool
+) -> Manifest:
+    if cfg.k > dataset.num_classes:
+        raise StoreError(f"--k {cfg.k} is larger than the dataset's {dataset.num_classes} classes ({cfg.data})")
+    return Manifest(
+        num_samples=len(dataset),
+        num_classes=dataset.num_classes,
+        k=cfg.k,
+        epochs=cfg.epochs,
+        backend=cfg.backend,
+        mixing=mixing,
+        global_seed=cfg.seed,
+        teacher=teacher.describe() | {"img_size": cfg.img_size},
+        dataset=dataset.describe(),
+        augmentation=recipe_entry,
+    )
+
+
+def save_epoch(
+    store: LogitStore,
+    epoch: int,
+    teacher: Teacher,
+    data: ReplayDataset,
+    cfg: SaveConfig,
+    state: PartialState,
+    progress: tqdm,
+) -> None:
+    """Compute and commit this process's pending shards of one epoch."""
+    m = store.manifest
+    mine = [s for s in store.pending_shards(epoch) if s % state.num_processes == state.process_index]
+    if not mine:
+        return
+    sampler = ShardBatchSampler(epoch, [m.shard_range(s) for s in mine], cfg.batch_size)
+    with store.writer(epoch, mine) as writer:
+        for batch in replay_loader(data, sampler, cfg.workers):
+            ids = batch["id"].numpy()
+            logits = teacher.logits(batch["image"].to(state.device), epoch, batch["id"])
+            sparse = sparsify(logits, m.k)
+            mixing = (
+                {"partner": batch["partner"].numpy().astype(np.int32), "lam": batch["lam"].numpy()} if m.mixing else {}
+            )
+            records = sparse.to_records(m.num_classes, record_seeds(m.global_seed, epoch, ids), **mixing)
+            writer.write(ids, records, labels=batch["label"].numpy(), kl=sparse.kl.cpu().numpy())
+            progress.update(len(ids) * state.num_processes)  # the others progress alike
+
+
+def check_replay(
+    store: LogitStore, teacher: Teacher, data: ReplayDataset, n: int, device: torch.device
+) -> dict[str, float]:
+    """Re-run the teacher on n stored records (spread over epochs and ids) and compare."""
+    m = store.manifest
+    rng = np.random.default_rng(0)
+    epochs = rng.integers(0, m.epochs, n)
+    ids = rng.choice(m.num_samples, n, replace=n > m.num_samples)
+    max_diff, agree = 0.0, 0
+    for epoch, sample_id in zip(epochs.tolist(), ids.tolist(), strict=True):
+        batch = collate([data[(epoch, sample_id)]])
+        sparse = sparsify(teacher.logits(batch["image"].to(device), epoch, batch["id"]), m.k)
+        stored = store.read(epoch, [sample_id])
+        max_diff = max(
+            max_diff,
+            float(np.abs(sparse.values.cpu().numpy().astype(np.float32) - stored.values.astype(np.float32)).max()),
+        )
+        agree += bool(np.array_equal(sparse.indices.cpu().numpy(), stored.indices.astype(np.int64)))
+    return {"records": n, "max_abs_logit_diff": max_diff, "topk_index_agreement": agree / n}
+
+
+def run(cfg: SaveConfig) -> LogitStore:
+    # accelerate sets up gloo for several CPU processes only when told the run is on the CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.seed)  # a teacher without a checkpoint gets the same weights on every process
+    dataset = create_dataset(cfg.data, split="train", skip_unreadable=cfg.skip_unreadable)
+    teacher = create_teacher(
+        cfg.teacher, num_classes=dataset.num_classes, checkpoint=cfg.checkpoint, device=state.device
+    )
+    recipe = load_recipe(cfg.aug)
+    manifest = build_manifest(cfg, dataset, teacher, recipe_manifest_entry(recipe), recipe.mixing)
+    if state.is_main_process:
+        create_store(cfg.out, manifest)
+    state.wait_for_everyone()
+    store = create_store(cfg.out, manifest)
+    data = ReplayDataset(dataset, ReplayAugment(recipe, cfg.img_size, cfg.seed))
+
+    todo = sum(len(store.pending_shards(e)) for e in range(cfg.epochs))
+    total = sum(
+        stop - start
+        for e in range(cfg.epochs)
+        for s in store.pending_shards(e)
+        for start, stop in [manifest.shard_range(s)]
+    )
+    if state.is_main_process and todo < cfg.epochs * manifest.num_shards:
+        print(
+            f"resuming {store.location}: {cfg.epochs * manifest.num_shards - todo} shard(s) already committed",
+            file=sys.stderr,
+        )
+    started = time.perf_counter()
+    with tqdm(
+        total=total, unit="rec", unit_scale=True, disable=not state.is_main_process, desc="saving", dynamic_ncols=True
+    ) as progress:
+        for epoch in range(cfg.epochs):
+            progress.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}")
+            save_epoch(store, epoch, teacher, data, cfg, state, progress)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        stats = store.refresh_statistics()
+        elapsed = time.perf_counter() - started
+        print(
+            f"saved {total:,} records in {elapsed:.1f} s ({total / max(elapsed, 1e-9):,.0f} records/s) to {store.location}"
+        )
+        print("statistics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in stats.items()))
+        if cfg.check_replay:
+            report = check_replay(store, teacher, data, cfg.check_replay, state.device)
+            print("check-replay: " + ", ".join(f"{k}={_fmt(v)}" for k, v in report.items()))
+    return store
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) and not math.isnan(value) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    try:
+        run(cfg)
+    except (StoreError, ValueError) as err:
+        print(f"distill-save-logits: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

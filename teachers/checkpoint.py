@@ -1,0 +1,163 @@
+"""Checkpoints: safe loading (safetensors or weights-only torch.load), fit checks against a model, and hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import TeacherError
+
+__all__ = [
+    "SAFETENSORS_SUFFIXES",
+    "TORCH_SUFFIXES",
+    "file_sha256",
+    "load_checkpoint",
+    "load_state_dict_file",
+    "mismatch_report",
+    "state_dict_sha256",
+    "unwrap_state_dict",
+]
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+# Containers a training script may nest the weights under, tried in this order.
+NESTED_KEYS = ("state_dict", "model", "model_ema")
+# Wrapper prefixes: DistributedDataParallel and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_MAX_LISTED = 20
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A state dict of CPU tensors from a .safetensors or .pth/.pt/.bin file.
+
+    torch files are read with `weights_only=True`, so no arbitrary object is ever unpickled.
+    Weights nested under "state_dict", "model" or "model_ema" are unwrapped and a leading
+    "module." (or "_orig_mod.") is stripped from every key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherError(f"checkpoint {path} does not exist or is not a file")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            raw: Any = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise TeacherError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
+    elif suffix in TORCH_SUFFIXES:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise TeacherError(
+                f"checkpoint {path} holds objects other than tensors and plain containers, and is refused: "
+                f"it is loaded with torch.load(weights_only=True), which never unpickles arbitrary objects "
+                f"({_unpickling_reason(err)}). Re-save just the state dict (torch.save(model.state_dict(), ...)) "
+                f"or use .safetensors."
+            ) from err
+        except (RuntimeError, OSError, EOFError, ValueError) as err:
+            raise TeacherError(f"checkpoint {path} could not be read by torch.load: {err}") from err
+    else:
+        accepted = ", ".join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)
+        raise TeacherError(f"checkpoint {path}: unknown file type '{suffix}', expected one of {accepted}")
+    return unwrap_state_dict(raw, source=str(path))
+
+
+def unwrap_state_dict(raw: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensors of a raw or nested state dict, with wrapper prefixes stripped from the keys."""
+    if not isinstance(raw, Mapping):
+        raise TeacherError(f"{source} holds a {type(raw).__name__}, expected a state dict (a mapping of tensors)")
+    for key in NESTED_KEYS:
+        if isinstance(raw.get(key), Mapping):
+            raw = raw[key]
+            break
+    not_tensors = sorted(str(k) for k, v in raw.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise TeacherError(
+            f"{source} is not a state dict: {_listing(not_tensors)} hold no tensors "
+            f"(weights are looked for at the top level or under {', '.join(repr(k) for k in NESTED_KEYS)})"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        name = str(key)
+        while name.startswith(WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in out:
+            raise TeacherError(f"{source}: key {key!r} collides with another once its wrapper prefix is stripped")
+        out[name] = value
+    return out
+
+
+def mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """One line per kind of mismatch (shapes, missing keys, unexpected keys); empty when the state dict fits."""
+    expected = model.state_dict()
+    shapes = [
+        f"{key}: checkpoint {list(state_dict[key].shape)} vs model {list(expected[key].shape)}"
+        for key in expected
+        if key in state_dict and state_dict[key].shape != expected[key].shape
+    ]
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    lines = []
+    if shapes:
+        lines.append(f"shape mismatches (checkpoint vs model): {_listing(shapes)}")
+    if missing:
+        lines.append(f"missing keys (in the model, not in the checkpoint): {_listing(missing)}")
+    if unexpected:
+        lines.append(f"unexpected keys (in the checkpoint, not in the model): {_listing(unexpected)}")
+    return lines
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], what: str = "the model") -> None:
+    """Load a checkpoint file into `model`, strictly; any mismatch is a TeacherError listing all of them."""
+    state_dict = load_state_dict_file(path)
+    problems = mismatch_report(model, state_dict)
+    if problems:
+        raise TeacherError(
+            f"checkpoint {path} does not fit {what} (saved for another model or another num_classes?):\n  "
+            + "\n  ".join(problems)
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """sha256 hex of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """sha256 hex over a state dict: for each key in sorted order, its name, dtype, shape and raw bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The one useful line of torch's weights-only refusal, e.g. "Unsupported global: GLOBAL pkg.Cls ..."."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\s+Please\b|$)", text, re.MULTILINE)
+    if found:
+        return found.group(1).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _listing(items: list[str]) -> str:
+    shown = "; ".join(items[:_MAX_LISTED])
+    return shown + (f"; ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")

@@ -1,0 +1,111 @@
+"""ModelTeacher: any nn.Module run as a teacher (eval mode, inference mode, bfloat16 autocast on CUDA)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .base import Teacher, TeacherError
+from .checkpoint import file_sha256, load_checkpoint, state_dict_sha256
+
+__all__ = ["ModelTeacher", "infer_num_classes"]
+
+DEFAULT_INPUT_SIZE = (3, 224, 224)
+
+
+class ModelTeacher(Teacher):
+    """A live teacher around an `nn.Module` that maps [B, ...] images to [B, num_classes] logits.
+
+    The checkpoint (if any) is loaded strictly, then the model is put in eval mode and moved
+    to `device`. `num_classes` is taken from `model.num_classes`, or from one forward pass
+    when the model has no such attribute; a given `num_classes` must agree with it.
+    `weights_sha256` is the checkpoint file's sha256, or the state dict's when there is none.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: str,
+        num_classes: int | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TeacherError(f"teacher {spec}: expected an nn.Module, got {type(model).__name__}")
+        self.spec = spec
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        if checkpoint is not None:
+            load_checkpoint(model, checkpoint, what=spec)
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.num_classes = self._resolve_num_classes(num_classes)
+        self.weights_sha256 = (
+            file_sha256(checkpoint) if checkpoint is not None else state_dict_sha256(self.model.state_dict())
+        )
+
+    def _resolve_num_classes(self, asked: int | None) -> int:
+        found = getattr(self.model, "num_classes", None)
+        if not (isinstance(found, int) and not isinstance(found, bool) and found > 0):
+            found = None
+        if found is None:
+            try:  # one forward pass; when num_classes is given, a failure here leaves the check to logits()
+                found = infer_num_classes(self.model, self.device, self._autocast, what=self.spec)
+            except TeacherError:
+                if asked is None:
+                    raise
+        if asked is not None and found is not None and asked != found:
+            raise TeacherError(f"teacher {self.spec} has {found} classes, but num_classes={asked} was asked for")
+        return int(asked if asked is not None else found)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def logits(self, images: torch.Tensor, epoch: int | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the model on `images` (epoch and ids are ignored); float32 [B, num_classes] on the images' device."""
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            kind = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+            raise TeacherError(f"teacher {self.spec}: images must be a floating-point tensor, got {kind}")
+        with torch.inference_mode(), self._autocast():
+            out = self.model(images.to(self.device, non_blocking=True))
+        if not isinstance(out, torch.Tensor):
+            raise TeacherError(f"teacher {self.spec}: the model returned a {type(out).__name__}, expected a tensor")
+        if out.shape != (images.shape[0], self.num_classes):
+            raise TeacherError(
+                f"teacher {self.spec}: the model returned shape {list(out.shape)}, "
+                f"expected [{images.shape[0]}, {self.num_classes}] ([batch, num_classes])"
+            )
+        # Cloned outside inference mode: the result is an ordinary tensor that autograd may save.
+        return out.to(device=images.device, dtype=torch.float32).clone()
+
+    def __repr__(self) -> str:
+        return f"ModelTeacher(spec={self.spec!r}, num_classes={self.num_classes}, device={self.device})"
+
+
+def infer_num_classes(
+    model: nn.Module,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    what: str = "the model",
+) -> int:
+    """The width of the model's output on one zero image of its default input size (timm's cfg, else 3x224x224)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = tuple(cfg.get("input_size") or DEFAULT_INPUT_SIZE)
+    context = autocast() if autocast is not None else contextlib.nullcontext()
+    try:
+        with torch.inference_mode(), context:
+            out = model(torch.zeros(1, *size, device=device))
+    except Exception as err:
+        raise TeacherError(
+            f"cannot infer num_classes of {what}: it has no 'num_classes' attribute and a forward pass on "
+            f"[1, {', '.join(map(str, size))}] failed ({err}); pass num_classes explicitly"
+        ) from err
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TeacherError(f"cannot infer num_classes of {what}: its output is {shape}, expected [batch, num_classes]")
+    return int(out.shape[1])

@@ -1,0 +1,134 @@
+"""Replayable augmentation: a view depends on (recipe, global seed, epoch, id) only."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill.augment import PRESETS, AugRecipe, ReplayAugment, draw_mix, draw_view, load_recipe
+from distill.data import create_dataset
+from distill.loader import ReplayDataset, ShardBatchSampler, collate, replay_loader
+
+FULL = AugRecipe(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, re_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return create_dataset("digits", split="train", cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+def views_by_loader(
+    data: ReplayDataset, epoch: int, ids: list[int], batch_size: int, workers: int
+) -> dict[int, torch.Tensor]:
+    sampler = [[(epoch, i) for i in ids[s : s + batch_size]] for s in range(0, len(ids), batch_size)]
+    out = {}
+    for batch in replay_loader(data, sampler, workers):
+        for i, x in zip(batch["id"].tolist(), batch["image"], strict=True):
+            out[i] = x
+    return out
+
+
+def test_view_independent_of_workers_and_batch_size(digits):
+    data = ReplayDataset(digits, ReplayAugment(FULL, 24, global_seed=3))
+    ids = np.random.default_rng(0).permutation(len(digits))[:40].tolist()
+    reference = views_by_loader(data, 2, ids, 1, 0)
+    for batch_size, workers in [(7, 0), (32, 1), (7, 2), (1, 2), (32, 2)]:
+        got = views_by_loader(data, 2, list(reversed(ids)), batch_size, workers)
+        for i in ids:
+            assert torch.equal(got[i], reference[i]), (batch_size, workers, i)
+    other_epoch = views_by_loader(data, 3, ids, 32, 0)
+    assert not all(torch.equal(other_epoch[i], reference[i]) for i in ids)
+
+
+def test_crop_boxes_agree_across_resolutions():
+    # A source image whose pixels encode their own coordinates.
+    yy, xx = np.mgrid[0:90, 0:120]
+    src = Image.fromarray(np.stack([xx * 2, yy * 2, np.zeros_like(xx)], axis=-1).astype(np.uint8))
+    recipe = AugRecipe(interpolation="bilinear", mean=(0, 0, 0), std=(1, 1, 1))
+    for seed in range(20):
+        params = draw_view(recipe, seed, *src.size)
+        small = ReplayAugment(recipe, 32).view(src, params)
+        large = ReplayAugment(recipe, 64).view(src, params)
+        down = torch.nn.functional.avg_pool2d(large[None], 2)[0]
+        # Same source region at both sizes: the coordinate maps agree to within a pixel.
+        assert (small - down).abs().mean() * 255 / 2 < 1.0, seed
+        left, top, w, h = params.crop
+        assert left >= 0 and left + w <= 1 + 1e-9 and top >= 0 and top + h <= 1 + 1e-9
+        area = w * h
+        assert recipe.scale[0] - 1e-9 <= area <= recipe.scale[1] + 1e-9
+
+
+def test_mixing_is_per_sample_and_replayable(digits):
+    data = ReplayDataset(digits, ReplayAugment(FULL, 16, global_seed=1))
+    a = [data[(0, i)] for i in range(30)]
+    b = [data[(0, i)] for i in reversed(range(30))][::-1]
+    for x, y in zip(a, b, strict=True):
+        assert x["partner"] == y["partner"] and x["lam"] == y["lam"]
+        assert torch.equal(x["image"], y["image"])
+    mixed = [x for x in a if x["partner"] != x["id"]]
+    assert mixed and all(0.0 <= x["lam"] <= 1.0 for x in mixed)
+    assert all(x["partner_label"] == int(digits.labels[x["partner"]]) for x in a)
+    # Mixup rebuilds from the two unmixed views.
+    recipe = AugRecipe(mixup_alpha=0.8, interpolation="bilinear")
+    aug = ReplayAugment(recipe, 16)
+    mix = draw_mix(recipe, aug.seed(0, 5), 5, len(digits))
+    assert mix.box is None and mix.partner != 5
+    x, _ = aug(digits.load, 5, 0, len(digits))
+    plain = ReplayAugment(AugRecipe(interpolation="bilinear"), 16)
+    own = plain.view(digits.load(5), draw_view(recipe, aug.seed(0, 5), *digits.load(5).size))
+    other = plain.view(
+        digits.load(mix.partner), draw_view(recipe, aug.seed(0, mix.partner), *digits.load(mix.partner).size)
+    )
+    torch.testing.assert_close(x, mix.lam * own + (1 - mix.lam) * other)
+
+
+def test_cutmix_lambda_matches_box():
+    recipe = AugRecipe(cutmix_alpha=1.0)
+    for seed in range(50):
+        mix = draw_mix(recipe, seed, 0, 100)
+        assert mix.box is not None
+        assert abs(mix.lam - (1 - mix.box[2] * mix.box[3])) < 1e-12
+
+
+def test_rand_augment_leaves_global_rngs_alone():
+    img = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))
+    aug = ReplayAugment(AugRecipe(auto_augment="rand-m9-mstd0.5-inc1"), 32)
+    random.seed(123)
+    np.random.seed(123)
+    before = (random.random(), np.random.random())
+    random.seed(123)
+    np.random.seed(123)
+    params = draw_view(aug.recipe, 7, 40, 40)
+    first = aug.view(img, params)
+    assert (random.random(), np.random.random()) == before
+    assert torch.equal(first, aug.view(img, params))
+    assert not torch.equal(first, aug.view(img, draw_view(aug.recipe, 8, 40, 40)))
+
+
+def test_recipe_canonical_form_and_hash(tmp_path):
+    assert AugRecipe().hash() == AugRecipe().hash()
+    assert AugRecipe(hflip=0.4).hash() != AugRecipe().hash()
+    assert "img_size" not in AugRecipe().canonical()
+    path = tmp_path / "aug.yaml"
+    path.write_text("auto_augment: rand-m9-mstd0.5-inc1\nre_prob: 0.25\n")
+    assert load_recipe(str(path)).hash() == PRESETS["tinyvit"].hash()
+    path.write_text("flip: 0.5\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['flip'\]"):
+        load_recipe(str(path))
+    with pytest.raises(ValueError, match="neither a preset"):
+        load_recipe("no-such-preset")
+    with pytest.raises(ValueError, match="'hflip' must be a probability"):
+        AugRecipe(hflip=2.0)
+
+
+def test_shard_batches_do_not_cross_shards():
+    sampler = ShardBatchSampler(4, [(0, 10), (20, 25)], 4)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 5
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 1]
+    assert batches[3] == [(4, 20), (4, 21), (4, 22), (4, 23)]
+    assert collate(
+        [{"image": torch.zeros(3, 2, 2), "id": 1, "epoch": 0, "label": 2, "partner": 1, "partner_label": 2, "lam": 1.0}]
+    )["image"].shape == (1, 3, 2, 2)

@@ -1,0 +1,195 @@
+"""distill-save-logits end to end on the built-in digits, with a small timm teacher."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from distill.save import main as save_main
+from logit_store import open_store
+
+TEACHER = "timm:test_vit"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A cache dir for digits and a teacher checkpoint, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("save")
+    torch.manual_seed(0)
+    ckpt = root / "teacher.safetensors"
+    save_file(timm.create_model("test_vit", num_classes=10).state_dict(), str(ckpt))
+    return {"root": root, "ckpt": str(ckpt), "env": os.environ | {"DISTILL_CACHE": str(root / "cache")}}
+
+
+def save_args(env, out, *extra, **overrides):
+    opts = {
+        "teacher": TEACHER,
+        "checkpoint": env["ckpt"],
+        "data": "digits",
+        "out": str(out),
+        "epochs": 2,
+        "k": 3,
+        "img_size": 32,
+        "batch_size": 64,
+        "aug": "tinyvit",
+    }
+    opts |= overrides
+    return [arg for key, value in opts.items() for arg in ("--" + key.replace("_", "-"), str(value))] + list(extra)
+
+
+def run_cli(env, args, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "distill.save", *args], env=env["env"], capture_output=True, text=True, **kw
+    )
+
+
+def content(path):
+    return open_store(path).info()["content_hashes"]
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    out = env["root"] / "reference.zarr"
+    proc = run_cli(env, save_args(env, out, "--check-replay", "8"))
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_save_builds_a_complete_store(env, reference):
+    out, proc = reference
+    store = open_store(out)
+    assert store.verify() == []
+    m = store.manifest
+    assert (m.num_samples, m.num_classes, m.k, m.epochs) == (1437, 10, 3, 2)
+    assert m.teacher["spec"] == TEACHER and len(m.teacher["weights_sha256"]) == 64
+    assert (
+        m.dataset["fingerprint"]
+        and m.augmentation["hash"]
+        and m.augmentation["recipe"]["auto_augment"] == "rand-m9-mstd0.5-inc1"
+    )
+    stats = store.info()["statistics"]
+    assert stats["records"] == 2 * 1437 and 0 < stats["mean_topk_mass"] <= 1 and stats["mean_kl_full_to_rebuilt"] >= 0
+    assert "records/s" in proc.stdout
+
+
+def test_check_replay_is_exact_on_cpu(reference):
+    _, proc = reference
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("check-replay"))
+    assert "topk_index_agreement=1" in line and "max_abs_logit_diff=0" in line, line
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(env, reference):
+    out = env["root"] / "two.zarr"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "distill.save",
+        *save_args(env, out),
+    ]
+    proc = subprocess.run(cmd, env=env["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert content(out) == content(reference[0])
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(env, reference):
+    out = env["root"] / "killed.zarr"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distill.save", *save_args(env, out)],
+        env=env["env"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("commits/*.json")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = open_store(out)
+    committed = sum(len(store.committed_shards(e)) for e in range(2))
+    assert 1 <= committed < 2 * store.manifest.num_shards, "the kill should land mid-save"
+    again = run_cli(env, save_args(env, out))
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    assert content(out) == content(reference[0])
+
+
+def test_bad_inputs(env, tmp_path):
+    def fails(args, pattern):
+        proc = run_cli(env, args)
+        assert proc.returncode != 0
+        assert pattern in proc.stderr, proc.stderr[-2000:]
+
+    out = tmp_path / "s.zarr"
+    fails(save_args(env, out, data=tmp_path / "nowhere"), "nowhere")
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    (tmp_path / "imgs" / "empty_class").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a" / "x.png")
+    fails(save_args(env, out, data=tmp_path / "imgs"), "empty_class")
+    fails(save_args(env, out, teacher="timm:no_such_net"), "no_such_net")
+    bad = tmp_path / "bad.safetensors"
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_vit", num_classes=7).state_dict(), str(bad))
+    fails(save_args(env, out, checkpoint=bad), "head.weight")
+    fails(save_args(env, out, k=11), "larger than")
+    assert not out.exists()  # nothing was created by any failed run
+
+
+def test_unreadable_image_named_or_skipped(env, tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    (tmp_path / "imgs" / "b" / "broken.png").write_bytes(b"not an image")
+    args = [
+        "--teacher",
+        "timm:test_vit",
+        "--data",
+        str(tmp_path / "imgs"),
+        "--out",
+        str(tmp_path / "s.zarr"),
+        "--epochs",
+        "1",
+        "--k",
+        "2",
+        "--img-size",
+        "32",
+    ]
+    proc = run_cli(env, args)
+    assert proc.returncode != 0 and "broken.png" in proc.stderr
+    proc = run_cli(env, [*args, "--out", str(tmp_path / "t.zarr"), "--skip-unreadable"])
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "t.zarr" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 6
+    assert any("broken.png" in s for s in manifest["dataset"]["skipped"])
+
+
+def test_config_file_and_option_errors(env, tmp_path, capsys):
+    cfg = tmp_path / "save.yaml"
+    cfg.write_text(
+        f"teacher: {TEACHER}\ndata: digits\nout: {tmp_path / 'c.zarr'}\nepochs: 1\nk: 2\nimg-size: 32\ncolour: red\n"
+    )
+    with pytest.raises(SystemExit):
+        save_main(["--config", str(cfg)])
+    assert "unknown key(s) ['colour']" in capsys.readouterr().err
+    cfg.write_text(f"teacher: {TEACHER}\ndata: digits\nout: {tmp_path / 'c.zarr'}\nepochs: ten\nk: 2\n")
+    with pytest.raises(SystemExit):
+        save_main(["--config", str(cfg)])
+    assert "'epochs' must be int" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        save_main(["--teacher", TEACHER])
+    assert "missing required option(s): --data, --out, --epochs, --k" in capsys.readouterr().err

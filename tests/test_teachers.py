@@ -1,0 +1,320 @@
+"""Teachers: timm / module / ensemble / store specs, checkpoints, identities and the store teacher."""
+
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from store_helpers import manifest, records_for, write_epoch
+
+from logit_store import create_store
+from logit_store.sparse import rebuild_log_probs, rebuild_probs
+from teachers import (
+    EnsembleTeacher,
+    ModelTeacher,
+    StoreTeacher,
+    TeacherError,
+    create_teacher,
+    file_sha256,
+    state_dict_sha256,
+)
+
+SPEC = "timm:test_resnet"
+NC = 10
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def teacher(seed: int = 0, spec: str = SPEC, num_classes: int | None = NC, **kwargs) -> ModelTeacher:
+    torch.manual_seed(seed)
+    return create_teacher(spec, num_classes=num_classes, **kwargs)
+
+
+def save(state_dict: dict, path) -> str:
+    if str(path).endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    else:
+        torch.save(state_dict, path)
+    return str(path)
+
+
+# ---- timm teachers -----------------------------------------------------------------------------
+
+
+def test_timm_teacher_output_eval_and_determinism(images):
+    t = teacher()
+    out = t.logits(images)
+    assert out.shape == (2, NC) and out.dtype == torch.float32 and out.device == images.device
+    assert t.num_classes == NC and t.spec == SPEC
+    assert not any(m.training for m in t.model.modules())
+    torch.testing.assert_close(t.logits(images), out, rtol=0, atol=0)
+    # eval mode: batch norm uses running statistics, so a row does not depend on the rest of its batch
+    torch.testing.assert_close(t.logits(images[:1]), out[:1], rtol=1e-5, atol=1e-5)
+    assert not out.requires_grad
+
+
+def test_logits_are_usable_as_a_loss_target(images):
+    out = teacher().logits(images)
+    assert not out.is_inference()
+    student = torch.zeros(2, NC, requires_grad=True)
+    (student * out).sum().backward()  # saves `out` for backward, which an inference tensor refuses
+    torch.testing.assert_close(student.grad, out)
+
+
+def test_num_classes_from_the_model():
+    assert teacher(num_classes=None).num_classes == 1000  # timm's default head
+    with pytest.raises(TeacherError, match=r"has 7 classes, but num_classes=10"):
+        create_teacher("module:teacher_factories:fixed_net", num_classes=10)
+
+
+def test_images_must_be_float():
+    with pytest.raises(TeacherError, match="floating-point"):
+        teacher().logits(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_unknown_timm_name_is_named_with_close_names():
+    with pytest.raises(TeacherError, match=r"'resnt18'.*close names: .*resnet18"):
+        create_teacher("timm:resnt18", num_classes=NC)
+
+
+def test_unknown_prefix_and_option():
+    with pytest.raises(TeacherError, match=r"'resnet18' has no known prefix.*timm:resnet18"):
+        create_teacher("resnet18")
+    with pytest.raises(TeacherError, match=r"unknown option 'foo=1'.*pretrained"):
+        create_teacher(f"{SPEC}?foo=1")
+
+
+def test_pretrained_failure_is_wrapped(monkeypatch, tmp_path):
+    calls = []
+
+    def offline(name, pretrained=False, **kwargs):
+        calls.append(pretrained)
+        raise OSError("no network")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(TeacherError, match=r"could not be fetched.*no network.*--checkpoint") as err:
+        create_teacher(f"{SPEC}?pretrained=1", num_classes=NC)
+    assert "test_resnet" in str(err.value) and calls == [True]
+    with pytest.raises(TeacherError, match="not both"):
+        create_teacher(f"{SPEC}?pretrained=1", num_classes=NC, checkpoint=tmp_path / "x.pth")
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_checkpoint_round_trip(tmp_path, images, suffix):
+    source = teacher(seed=1)
+    path = save(source.model.state_dict(), tmp_path / f"w{suffix}")
+    fresh = teacher(seed=2)
+    assert not torch.allclose(fresh.logits(images), source.logits(images))
+    loaded = teacher(seed=2, checkpoint=path)
+    torch.testing.assert_close(loaded.logits(images), source.logits(images), rtol=0, atol=0)
+    assert loaded.weights_sha256 == file_sha256(path)
+
+
+@pytest.mark.parametrize("nest", ["model", "state_dict", "model_ema"])
+def test_checkpoint_nested_with_module_prefix(tmp_path, images, nest):
+    source = teacher(seed=1)
+    wrapped = {f"module.{k}": v for k, v in source.model.state_dict().items()}
+    path = save({nest: wrapped, "epoch": 7}, tmp_path / "ddp.pth")
+    loaded = teacher(seed=2, checkpoint=path)
+    torch.testing.assert_close(loaded.logits(images), source.logits(images), rtol=0, atol=0)
+
+
+def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
+    state = teacher(num_classes=5).model.state_dict()
+    state.pop("layer1.0.conv1.weight")
+    state["extra.weight"] = torch.zeros(3)
+    path = save(state, tmp_path / "five.pth")
+    with pytest.raises(TeacherError) as err:
+        teacher(checkpoint=path)
+    msg = str(err.value)
+    assert "five.pth" in msg
+    assert "fc.weight: checkpoint [5, 96] vs model [10, 96]" in msg
+    assert "fc.bias: checkpoint [5] vs model [10]" in msg
+    assert "missing keys" in msg and "layer1.0.conv1.weight" in msg
+    assert "unexpected keys" in msg and "extra.weight" in msg
+
+
+class Payload:
+    """A pickled object whose unpickling would run code; weights_only must refuse it."""
+
+    ran = False
+
+    def __setstate__(self, state):
+        Payload.ran = True
+
+
+def test_pickled_object_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": teacher().model.state_dict(), "extra": Payload()}, path)
+    with pytest.raises(TeacherError, match=r"evil\.pth.*weights_only=True") as err:
+        teacher(checkpoint=path)
+    assert "Payload" in str(err.value)
+    assert not Payload.ran
+
+
+def test_bad_checkpoint_files(tmp_path):
+    with pytest.raises(TeacherError, match=r"missing\.pth does not exist"):
+        teacher(checkpoint=tmp_path / "missing.pth")
+    (tmp_path / "w.npz").write_bytes(b"")
+    with pytest.raises(TeacherError, match=r"w\.npz: unknown file type '\.npz'"):
+        teacher(checkpoint=tmp_path / "w.npz")
+    torch.save({"state_dict": {"fc.weight": 3}}, tmp_path / "notensor.pth")
+    with pytest.raises(TeacherError, match=r"notensor\.pth is not a state dict: fc\.weight"):
+        teacher(checkpoint=tmp_path / "notensor.pth")
+
+
+def test_weights_sha256_identity(tmp_path):
+    a = save(teacher(seed=1).model.state_dict(), tmp_path / "a.safetensors")
+    b = save(teacher(seed=2).model.state_dict(), tmp_path / "b.safetensors")
+    first, second = teacher(seed=3, checkpoint=a), teacher(seed=4, checkpoint=a)
+    assert first.weights_sha256 == second.weights_sha256 == file_sha256(a)
+    assert teacher(checkpoint=b).weights_sha256 != first.weights_sha256
+    # without a checkpoint the identity is the state dict's: stable for the same weights, else different
+    assert teacher(seed=5).weights_sha256 == teacher(seed=5).weights_sha256
+    assert teacher(seed=5).weights_sha256 != teacher(seed=6).weights_sha256
+    random_init = teacher(seed=5)
+    assert random_init.weights_sha256 == state_dict_sha256(random_init.model.state_dict())
+    assert random_init.describe() == {"spec": SPEC, "weights_sha256": random_init.weights_sha256, "num_classes": NC}
+
+
+# ---- module: teachers ------------------------------------------------------------------------------
+
+
+def test_module_teacher(tmp_path, images):
+    t = create_teacher("module:teacher_factories:tiny_net", num_classes=4)
+    assert t.num_classes == 4 and t.logits(images).shape == (2, 4)
+    assert not t.model.training
+    torch.testing.assert_close(t.logits(images), t.logits(images), rtol=0, atol=0)  # dropout is off
+    path = save(t.model.state_dict(), tmp_path / "tiny.safetensors")
+    other = create_teacher("module:teacher_factories:tiny_net", num_classes=4, checkpoint=path)
+    torch.testing.assert_close(other.logits(images), t.logits(images), rtol=0, atol=0)
+    fixed = create_teacher("module:teacher_factories:fixed_net")  # no num_classes anywhere: one forward pass
+    assert fixed.num_classes == 7 and fixed.logits(images).shape == (2, 7)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("module:teacher_factories:not_a_module", "returned a str, expected an nn.Module"),
+        ("module:teacher_factories:NOT_CALLABLE", "is a int, not a callable"),
+        ("module:teacher_factories:nope", "has no attribute 'nope'"),
+        ("module:no_such_pkg.mod:f", "cannot import module 'no_such_pkg.mod'"),
+        ("module:teacher_factories", "expected 'module:package.module:factory'"),
+    ],
+)
+def test_module_teacher_errors(spec, match):
+    with pytest.raises(TeacherError, match=match):
+        create_teacher(spec)
+
+
+# ---- ensembles ---------------------------------------------------------------------------------
+
+
+def test_ensemble_is_log_mean_softmax(tmp_path, images):
+    a = save(teacher(seed=1).model.state_dict(), tmp_path / "a.pth")
+    b = save(teacher(seed=2, spec="module:teacher_factories:tiny_net").model.state_dict(), tmp_path / "b.safetensors")
+    ens = create_teacher(f"ensemble:{SPEC}@{a},module:teacher_factories:tiny_net@{b}", num_classes=NC)
+    assert isinstance(ens, EnsembleTeacher) and ens.num_classes == NC
+    members = [teacher(checkpoint=a), teacher(spec="module:teacher_factories:tiny_net", checkpoint=b)]
+    probs = torch.stack([m.logits(images).softmax(-1) for m in members]).mean(0)
+    out = ens.logits(images)
+    assert out.shape == (2, NC) and out.dtype == torch.float32
+    torch.testing.assert_close(out, probs.log(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.softmax(-1), probs, rtol=1e-5, atol=1e-7)
+    # identity: member specs without the paths, weights hash from the members' checkpoints
+    desc = ens.describe()
+    assert desc["spec"] == f"ensemble:{SPEC},module:teacher_factories:tiny_net"
+    assert [m["weights_sha256"] for m in desc["members"]] == [file_sha256(a), file_sha256(b)]
+    c = save(teacher(seed=3, spec="module:teacher_factories:tiny_net").model.state_dict(), tmp_path / "c.pth")
+    other = create_teacher(f"ensemble:{SPEC}@{a},module:teacher_factories:tiny_net@{c}", num_classes=NC)
+    assert other.describe()["spec"] == desc["spec"] and other.weights_sha256 != ens.weights_sha256
+
+
+def test_ensemble_errors(tmp_path):
+    with pytest.raises(TeacherError, match=r"disagree on num_classes.*fixed_net: 7.*tiny_net: 10"):
+        create_teacher("ensemble:module:teacher_factories:fixed_net,module:teacher_factories:tiny_net")
+    with pytest.raises(TeacherError, match="takes no checkpoint"):
+        create_teacher(f"ensemble:{SPEC}", NC, checkpoint=tmp_path / "a.pth")
+    with pytest.raises(TeacherError, match="cannot be nested"):
+        create_teacher(f"ensemble:ensemble:{SPEC}", NC)
+    with pytest.raises(TeacherError, match="malformed member"):
+        create_teacher(f"ensemble:{SPEC}@", NC)
+
+
+# ---- store teacher ---------------------------------------------------------------------------------
+
+STORE_N = 256
+TEACHER_ENTRY = {"spec": "timm:resnet50", "weights_sha256": "ab" * 32, "num_classes": 50}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teachers") / "store.zarr"
+    s = create_store(path, manifest(num_samples=STORE_N, teacher=dict(TEACHER_ENTRY)))
+    write_epoch(s, 0)  # epoch 1 of 2 is left uncommitted
+    return path
+
+
+def test_store_teacher_rebuilds_stored_records(store):
+    t = create_teacher(f"store:{store}")
+    assert isinstance(t, StoreTeacher) and t.num_classes == 50
+    assert t.describe() == TEACHER_ENTRY
+    ids = np.array([5, 200, 0, 77])
+    images = torch.zeros(len(ids), 3, 8, 8)
+    out = t.logits(images, 0, torch.from_numpy(ids))
+    assert out.shape == (4, 50) and out.dtype == torch.float32 and out.device == images.device
+    rec = records_for(t.store.manifest, 0, ids)  # what was written, computed independently of the store
+    sparse = (
+        torch.from_numpy(rec.values),
+        torch.from_numpy(rec.indices.astype(np.int64)),
+        torch.from_numpy(rec.tail_lse),
+    )
+    torch.testing.assert_close(out.softmax(-1), rebuild_probs(*sparse, num_classes=50), rtol=1e-5, atol=1e-7)
+    for temperature in (2.0, 4.0):
+        torch.testing.assert_close(
+            (out / temperature).log_softmax(-1),
+            rebuild_log_probs(*sparse, num_classes=50, temperature=temperature),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    assert math.isclose(float(out.exp().sum(-1)[0]), 1.0, rel_tol=1e-5)
+
+
+def test_store_teacher_errors_name_epoch_and_ids(store):
+    t = StoreTeacher(store)
+    images = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(TeacherError, match=r"epoch 1, ids \[3, 4\].*not committed"):
+        t.logits(images, 1, torch.tensor([3, 4]))
+    with pytest.raises(TeacherError, match=r"epoch 9, ids \[3, 4\].*outside the store's epochs"):
+        t.logits(images, 9, torch.tensor([3, 4]))
+    with pytest.raises(TeacherError, match=rf"epoch 0, ids \[3, {STORE_N}\].*out of range"):
+        t.logits(images, 0, torch.tensor([3, STORE_N]))
+    with pytest.raises(TeacherError, match="needs the epoch and the sample ids"):
+        t.logits(images, None, torch.tensor([3, 4]))
+    with pytest.raises(TeacherError, match="needs the epoch and the sample ids"):
+        t.logits(images, 0)
+    with pytest.raises(TeacherError, match="2 images but 3 ids"):
+        t.logits(images, 0, torch.tensor([3, 4, 5]))
+    with pytest.raises(TeacherError, match="holds 50 classes, but num_classes=10"):
+        create_teacher(f"store:{store}", num_classes=10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_teachers_return_float32_on_the_images_device(images, store):
+    t = teacher(device="cuda")
+    assert next(t.model.parameters()).is_cuda
+    out = t.logits(images.cuda())  # bfloat16 autocast inside, float32 out
+    assert out.is_cuda and out.dtype == torch.float32
+    ref = teacher().logits(images)
+    assert (out.cpu() - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-2
+    assert t.logits(images).device.type == "cpu"
+    stored = StoreTeacher(store).logits(torch.zeros(2, 3, 8, 8, device="cuda"), 0, torch.tensor([1, 2]))
+    assert stored.is_cuda and stored.dtype == torch.float32
