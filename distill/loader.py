@@ -67,6 +67,14 @@ def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return out
 
 
+def mixed_targets(batch: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
+    """The mixed hard label of each view: lam * onehot(y) + (1 - lam) * onehot(y_partner)."""
+    lam = batch["lam"][:, None]
+    own = torch.nn.functional.one_hot(batch["label"], num_classes).float()
+    other = torch.nn.functional.one_hot(batch["partner_label"], num_classes).float()
+    return lam * own + (1 - lam) * other
+
+
 def replay_loader(dataset: ReplayDataset, batch_sampler: Sampler, workers: int) -> DataLoader:
     return DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate, persistent_workers=False

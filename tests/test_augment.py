@@ -9,7 +9,7 @@ from PIL import Image
 
 from distill.augment import PRESETS, AugRecipe, ReplayAugment, draw_mix, draw_view, load_recipe
 from distill.data import create_dataset
-from distill.loader import ReplayDataset, ShardBatchSampler, collate, replay_loader
+from distill.loader import ReplayDataset, ShardBatchSampler, collate, mixed_targets, replay_loader
 
 FULL = AugRecipe(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, re_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0)
 
@@ -69,6 +69,10 @@ def test_mixing_is_per_sample_and_replayable(digits):
         assert torch.equal(x["image"], y["image"])
     mixed = [x for x in a if x["partner"] != x["id"]]
     assert mixed and all(0.0 <= x["lam"] <= 1.0 for x in mixed)
+    targets = mixed_targets(collate(a), 10)
+    for x, t in zip(a, targets, strict=True):
+        assert abs(float(t[x["label"]]) - (x["lam"] if x["label"] != x["partner_label"] else 1.0)) < 1e-6
+        torch.testing.assert_close(t.sum(), torch.tensor(1.0))
     assert all(x["partner_label"] == int(digits.labels[x["partner"]]) for x in a)
     # Mixup rebuilds from the two unmixed views.
     recipe = AugRecipe(mixup_alpha=0.8, interpolation="bilinear")
