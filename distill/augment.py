@@ -53,6 +53,13 @@ class AugRecipe:
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
 
     def __post_init__(self) -> None:
+        # Canonical numbers: YAML's `hflip: 1` and the preset's 1.0 must hash alike.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+            elif isinstance(value, tuple | list):
+                object.__setattr__(self, f.name, tuple(float(v) for v in value))
         if self.interpolation not in (*INTERPOLATIONS, "random"):
             raise ValueError(
                 f"augmentation 'interpolation' must be bilinear, bicubic or random, got {self.interpolation!r}"

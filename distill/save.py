@@ -118,7 +118,8 @@ def build_manifest(
         backend=cfg.backend,
         mixing=mixing,
         global_seed=cfg.seed,
-        teacher=teacher.describe() | {"img_size": cfg.img_size},
+        # Batches are part of the teacher's numerics: a resume with another batch size is refused.
+        teacher=teacher.describe() | {"img_size": cfg.img_size, "batch_size": cfg.batch_size},
         dataset=dataset.describe(),
         augmentation=recipe_entry,
     )

@@ -56,6 +56,11 @@ class StoreLocation:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
+        dir_fd = os.open(os.path.dirname(target), os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def list_files(self, *parts: str) -> list[str]:
         base = self.path(*parts)

@@ -70,8 +70,14 @@ class Manifest:
 
     def __post_init__(self) -> None:
         self._check()
-        if not self.shard_records:
+        if not self.shard_records and not self.chunk_records:
             self.shard_records, self.chunk_records = default_layout(self.num_samples, self.k)
+        for name in ("shard_records", "chunk_records"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise StoreInputError(
+                    f"manifest: '{name}' must be a positive integer (set both layout sizes or neither), got {value!r}"
+                )
         if self.shard_records % self.chunk_records:
             raise StoreInputError(
                 f"manifest: shard_records={self.shard_records} must be a multiple of chunk_records={self.chunk_records}"
@@ -119,9 +125,9 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "manifest") -> Manifest:
         known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise StoreInputError(f"{source}: unknown field(s) {unknown}")
+        unknown, missing = sorted(set(data) - known), sorted(known - set(data))
+        if unknown or missing:
+            raise StoreInputError(f"{source}: unknown field(s) {unknown}, missing field(s) {missing}")
         try:
             return cls(**data)
         except TypeError as err:

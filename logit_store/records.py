@@ -123,6 +123,10 @@ def validate_records(records: Records, *, k: int, num_classes: int, mixing: bool
         out[name] = cast
     if k > 1 and (np.diff(out["values"].astype(np.float32), axis=1) > 0).any():
         raise StoreInputError("field 'values' must be sorted descending along k")
+    if k > 1 and (np.diff(np.sort(out["indices"], axis=1), axis=1) == 0).any():
+        raise StoreInputError("field 'indices' repeats a class within a record")
+    if mixing and ((out["lam"] < 0) | (out["lam"] > 1)).any():
+        raise StoreInputError("field 'lam' must lie in [0, 1]")
     return Records(**out)
 
 

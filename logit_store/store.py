@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections import OrderedDict
@@ -21,6 +22,7 @@ from .manifest import Manifest
 from .records import Records, block_digest, validate_records
 
 MANIFEST_KEY = "manifest.json"
+_MARKER_NAME = re.compile(r"e(\d{5,})-s(\d{6,})\.json")
 
 
 def commit_key(epoch: int, shard: int) -> tuple[str, str]:
@@ -53,22 +55,40 @@ class LogitStore:
         self.__init__(location, _read_manifest(location), state["cache_epochs"])
 
     # ---- commits -------------------------------------------------------------------
-    def commits(self) -> dict[tuple[int, int], dict[str, Any]]:
-        """Every commit marker, keyed by (epoch, shard). Unreadable markers map to {}."""
+    def commits(self, epoch: int | None = None) -> dict[tuple[int, int], dict[str, Any]]:
+        """Commit markers (of one epoch, or all), keyed by (epoch, shard). A marker that does
+        not parse or does not fit the layout maps to {} (damaged)."""
+        prefix = "" if epoch is None else f"e{epoch:05d}-"
         out = {}
         for path in self.location.list_files("commits"):
-            name = path.rsplit("/", 1)[-1]
-            if not (name.startswith("e") and name.endswith(".json")):
+            match = _MARKER_NAME.fullmatch(path.rsplit("/", 1)[-1])
+            if match is None or not match.group(0).startswith(prefix):
                 continue
-            epoch, shard = (int(part[1:]) for part in name[:-5].split("-"))
+            key = (int(match.group(1)), int(match.group(2)))
             try:
-                out[epoch, shard] = json.loads(self.location.fs.cat_file(path))
+                out[key] = self._checked_marker(json.loads(self.location.fs.cat_file(path)), *key)
             except (ValueError, OSError):
-                out[epoch, shard] = {}
+                out[key] = {}
         return out
 
+    def _checked_marker(self, marker: Any, epoch: int, shard: int) -> dict[str, Any]:
+        m = self.manifest
+        if not (0 <= epoch < m.epochs and 0 <= shard < m.num_shards and isinstance(marker, dict)):
+            return {}
+        start, stop = m.shard_range(shard)
+        digests = marker.get("digests")
+        fits = (marker.get("epoch"), marker.get("shard"), marker.get("start"), marker.get("stop")) == (
+            epoch,
+            shard,
+            start,
+            stop,
+        )
+        if not fits or not isinstance(digests, list) or len(digests) != -(-(stop - start) // m.chunk_records):
+            return {}
+        return marker
+
     def committed_shards(self, epoch: int) -> set[int]:
-        return {s for (e, s), marker in self.commits().items() if e == epoch and marker}
+        return {s for (_, s), marker in self.commits(epoch).items() if marker}
 
     def pending_shards(self, epoch: int) -> list[int]:
         done = self.committed_shards(epoch)
@@ -122,8 +142,8 @@ class LogitStore:
             marker = json.loads(self.location.read_bytes(*commit_key(epoch, shard)))
         except (FileNotFoundError, ValueError):
             raise missing from None
-        if not marker:
-            raise missing
+        if not self._checked_marker(marker, epoch, shard):
+            raise StoreError(f"{self.location}: epoch {epoch} records [{start}, {stop}) have a damaged commit marker")
         return marker
 
     def _epoch_cache(self, epoch: int) -> _EpochCache:
@@ -503,8 +523,14 @@ def convert_store(
     manifest = Manifest.from_dict(src.manifest.to_dict() | {"backend": backend})
     dst = create_store(dst_url, manifest, storage_options)
     done = {key for key, marker in dst.commits().items() if marker}
-    for (epoch, shard), marker in sorted(src.commits().items()):
-        if not marker or (epoch, shard) in done:
+    commits = src.commits()
+    damaged = sorted(key for key, marker in commits.items() if not marker)
+    if damaged:
+        raise StoreError(
+            f"{src.location}: damaged commit markers for (epoch, shard) {damaged}; run distill-store verify"
+        )
+    for (epoch, shard), marker in sorted(commits.items()):
+        if (epoch, shard) in done:
             continue
         rows = src.read_shard(epoch, shard, marker)
         with dst.writer(epoch, [shard]) as writer:

@@ -114,6 +114,7 @@ def test_rand_augment_leaves_global_rngs_alone():
 def test_recipe_canonical_form_and_hash(tmp_path):
     assert AugRecipe().hash() == AugRecipe().hash()
     assert AugRecipe(hflip=0.4).hash() != AugRecipe().hash()
+    assert AugRecipe(hflip=1, scale=[1, 1]).hash() == AugRecipe(hflip=1.0, scale=(1.0, 1.0)).hash()
     assert "img_size" not in AugRecipe().canonical()
     path = tmp_path / "aug.yaml"
     path.write_text("auto_augment: rand-m9-mstd0.5-inc1\nre_prob: 0.25\n")

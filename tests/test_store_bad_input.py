@@ -214,3 +214,30 @@ def test_mixing_round_trip(tmp_path):
     got = open_store(tmp_path / "m").read(0, ids[::-1])
     np.testing.assert_array_equal(got.partner, recs.partner[::-1])
     np.testing.assert_array_equal(got.lam, recs.lam[::-1])
+
+
+def test_repeated_class_and_bad_lambda(store, tmp_path):
+    ids = first_ids()
+    recs = good_records(store, ids)
+    recs.indices[2, 1] = recs.indices[2, 0]
+    with pytest.raises(StoreInputError, match="field 'indices' repeats a class within a record"):
+        write_one(store, ids, recs)
+    mixed = create_store(tmp_path / "mixed", manifest(mixing=True))
+    recs = good_records(store, ids)
+    recs.partner, recs.lam = ids, np.full(len(ids), 1.5, dtype=np.float32)
+    with pytest.raises(StoreInputError, match=r"field 'lam' must lie in \[0, 1\]"):
+        write_one(mixed, ids, recs)
+
+
+def test_manifest_layout_and_missing_fields(tmp_path):
+    with pytest.raises(StoreInputError, match="'chunk_records' must be a positive integer"):
+        manifest(shard_records=1024)
+    with pytest.raises(StoreInputError, match="must be a multiple of chunk_records"):
+        manifest(shard_records=1000, chunk_records=256)
+    path = tmp_path / "s"
+    create_store(path, manifest())
+    data = json.loads((path / "manifest.json").read_text())
+    del data["shard_records"]
+    (path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(StoreInputError, match=r"missing field\(s\) \['shard_records'\]"):
+        open_store(path)

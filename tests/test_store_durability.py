@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from store_helpers import EPOCHS, manifest, write_epoch
 
-from logit_store import StoreLockedError, create_store, open_store
+from logit_store import StoreLockedError, convert_store, create_store, open_store
 from logit_store.cli import main as store_cli
 
 HELPER = str(Path(__file__).with_name("store_helpers.py"))
@@ -165,3 +165,29 @@ def test_info_json_is_machine_readable(tmp_path, capsys):
     assert store_cli(["info", str(tmp_path / "s")]) == 0
     assert "bytes/record" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "s" / "manifest.json")
+
+
+def test_malformed_marker_is_damaged_not_a_crash(tmp_path, capsys):
+    store = create_store(tmp_path / "s", manifest())
+    write_epoch(store, 0)
+    marker = tmp_path / "s" / "commits" / "e00000-s000002.json"
+    marker.write_text(json.dumps({"epoch": 0}))
+    (tmp_path / "s" / "commits" / "notes.json").write_text("{}")
+    problems = open_store(tmp_path / "s").verify()
+    assert "epoch 0 records [1024, 1536): damaged (commit marker unreadable)" in [str(p) for p in problems]
+    with pytest.raises(Exception, match=r"epoch 0 records \[1024, 1536\) have a damaged commit marker"):
+        open_store(tmp_path / "s").read(0, [1100])
+    with pytest.raises(Exception, match=r"damaged commit markers for \(epoch, shard\) \[\(0, 2\)\]"):
+        convert_store(open_store(tmp_path / "s"), tmp_path / "t", "lmdb")
+
+
+def test_torn_shard_file_is_rewritten_on_resume(tmp_path):
+    store = create_store(tmp_path / "s", manifest())
+    write_epoch(store, 0)
+    # A crash after zarr began writing shard 1 of epoch 1, before its marker: a torn file.
+    torn = tmp_path / "s" / "values" / "c" / "1" / "1" / "0"
+    torn.parent.mkdir(parents=True, exist_ok=True)
+    torn.write_bytes(b"\x00" * 17)
+    write_epoch(store, 1)
+    assert store.verify() == []
+    assert store.info()["content_hashes"] == reference_hashes(tmp_path, "zarr")

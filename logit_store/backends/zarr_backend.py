@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 
 import numpy as np
@@ -48,10 +49,29 @@ class ZarrBackend(Backend):
     def write_rows(self, epoch: int, start: int, rows: np.ndarray) -> None:
         stop = start + len(rows)
         for name, array in self.arrays.items():
+            # zarr re-reads an existing shard file before rewriting it; a torn file left by a
+            # crash would then block the rewrite, so drop it first (the range is uncommitted).
+            path = self._shard_path(name, array, epoch, start)
+            if self.location.fs.exists(path):
+                self.location.fs.rm(path)
             array[epoch, start:stop] = rows[name]
+            if self.location.is_local:  # durable before the commit marker is written
+                _fsync(path)
+
+    def _shard_path(self, name: str, array: zarr.Array, epoch: int, start: int) -> str:
+        index = (epoch, start // self.manifest.shard_records) + (0,) * (array.ndim - 2)
+        return self.location.path(name, array.metadata.encode_chunk_key(index))
 
     def read_rows(self, epoch: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty(stop - start, dtype=self.row_dtype) if out is None else out
         for name, array in self.arrays.items():
             out[name] = array[epoch, start:stop]
         return out
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
