@@ -67,7 +67,7 @@ class Records:
     @classmethod
     def from_rows(cls, rows: np.ndarray) -> Records:
         """View the fields of a structured array of rows (no copy)."""
-        return cls(**{name: rows[name] for name in rows.dtype.names})
+        return cls(*(rows[name] for name in rows.dtype.names))
 
     def to_rows(self, dtype: np.dtype) -> np.ndarray:
         rows = np.empty(len(self), dtype=dtype)

@@ -110,17 +110,18 @@ class LogitStore:
     def read(self, epoch: int, ids: np.ndarray | list[int]) -> Records:
         """Records of `ids` (any order) in `epoch`. Decoded shards are cached per process,
         so a random batch costs one numpy gather."""
-        self._check_epoch(epoch)
         ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.manifest.num_samples):
+        if ids.size and (ids.view(np.uint64) >= self.manifest.num_samples).any():  # negatives wrap to huge
             raise StoreInputError(
                 f"ids out of range: [{ids.min()}, {ids.max()}], store {self.location} has {self.manifest.num_samples} samples"
             )
-        cache = self._epoch_cache(epoch)
-        if not cache.complete:
+        cache = self._cache.get(epoch)
+        if cache is None or not cache.complete:  # the hot path of a training epoch skips all this
+            self._check_epoch(epoch)
+            cache = self._epoch_cache(epoch)
             for shard in np.unique(ids // self.manifest.shard_records):
                 cache.ensure(int(shard))
-        return Records.from_rows(cache.rows[ids])
+        return Records.from_rows(cache.gather(ids))
 
     def read_shard(
         self, epoch: int, shard: int, marker: dict[str, Any] | None = None, out: np.ndarray | None = None
@@ -238,6 +239,11 @@ class _EpochCache:
         self.rows = np.zeros(store.manifest.num_samples, dtype=store.backend.row_dtype)
         self.loaded = np.zeros(store.manifest.num_shards, dtype=bool)
         self.complete = False
+        # numpy gathers opaque fixed-size rows ~15x faster than rows with fields.
+        self._opaque = self.rows.view(np.dtype((np.void, self.rows.dtype.itemsize)))
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        return self._opaque[ids].view(self.rows.dtype)
 
     def ensure(self, shard: int) -> None:
         if self.loaded[shard]:
