@@ -14,7 +14,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ class SaveConfig:
 
 
 _TYPES = {"str": str, "int": int, "bool": bool, "str | None": str}
-REQUIRED = ("teacher", "data", "out", "epochs", "k")
+REQUIRED = [f.name for f in fields(SaveConfig) if f.default is MISSING]
 
 
 def parse_config(argv: list[str] | None = None) -> SaveConfig:
@@ -128,6 +128,7 @@ def build_manifest(
 def save_epoch(
     store: LogitStore,
     epoch: int,
+    pending: list[int],
     teacher: Teacher,
     data: ReplayDataset,
     cfg: SaveConfig,
@@ -136,7 +137,7 @@ def save_epoch(
 ) -> None:
     """Compute and commit this process's pending shards of one epoch."""
     m = store.manifest
-    mine = [s for s in store.pending_shards(epoch) if s % state.num_processes == state.process_index]
+    mine = [s for s in pending if s % state.num_processes == state.process_index]
     if not mine:
         return
     sampler = ShardBatchSampler(epoch, [m.shard_range(s) for s in mine], cfg.batch_size)
@@ -190,25 +191,18 @@ def run(cfg: SaveConfig) -> LogitStore:
     store = create_store(cfg.out, manifest)
     data = ReplayDataset(dataset, ReplayAugment(recipe, cfg.img_size, cfg.seed))
 
-    todo = sum(len(store.pending_shards(e)) for e in range(cfg.epochs))
-    total = sum(
-        stop - start
-        for e in range(cfg.epochs)
-        for s in store.pending_shards(e)
-        for start, stop in [manifest.shard_range(s)]
-    )
-    if state.is_main_process and todo < cfg.epochs * manifest.num_shards:
-        print(
-            f"resuming {store.location}: {cfg.epochs * manifest.num_shards - todo} shard(s) already committed",
-            file=sys.stderr,
-        )
+    pending = {epoch: store.pending_shards(epoch) for epoch in range(cfg.epochs)}
+    done = cfg.epochs * manifest.num_shards - sum(map(len, pending.values()))
+    total = sum(stop - start for shards in pending.values() for start, stop in map(manifest.shard_range, shards))
+    if state.is_main_process and done:
+        print(f"resuming {store.location}: {done} shard(s) already committed", file=sys.stderr)
     started = time.perf_counter()
     with tqdm(
         total=total, unit="rec", unit_scale=True, disable=not state.is_main_process, desc="saving", dynamic_ncols=True
     ) as progress:
         for epoch in range(cfg.epochs):
             progress.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}")
-            save_epoch(store, epoch, teacher, data, cfg, state, progress)
+            save_epoch(store, epoch, pending[epoch], teacher, data, cfg, state, progress)
     state.wait_for_everyone()
     if state.is_main_process:
         stats = store.refresh_statistics()
