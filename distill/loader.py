@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -79,3 +80,41 @@ def replay_loader(dataset: ReplayDataset, batch_sampler: Sampler, workers: int) 
     return DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate, persistent_workers=False
     )
+
+
+class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This process's micro-batches of one training epoch, as (view epoch, id) pairs.
+
+    The epoch's order is a permutation drawn from (seed, epoch); optimizer step s takes
+    ids order[s*B:(s+1)*B] for the global batch size B, cut into `accum` micro-batches, each
+    split across the processes. So the samples of every step are the same for any process
+    count, and a resumed run starts at `start_step` with exactly the batches it would have had.
+    The last incomplete global batch is dropped.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        epoch: int,
+        view_epoch: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        accum: int = 1,
+        start_step: int = 0,
+    ) -> None:
+        if batch_size % (world * accum):
+            raise ValueError(f"batch_size {batch_size} is not divisible by processes x grad_accum = {world * accum}")
+        self.micro = batch_size // (world * accum)
+        self.steps = num_samples // batch_size
+        self.order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+        self.view_epoch, self.rank, self.world, self.accum, self.start_step = view_epoch, rank, world, accum, start_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for m in range(self.start_step * self.accum, self.steps * self.accum):
+            first = (m * self.world + self.rank) * self.micro
+            yield [(self.view_epoch, int(i)) for i in self.order[first : first + self.micro]]
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * self.accum

@@ -1,0 +1,26 @@
+"""Losses shared by the method recipes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["soft_target_cross_entropy", "soft_target_kd"]
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum_c targets_c * log_softmax(logits)_c (targets: a distribution per row)."""
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def soft_target_kd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Soft-target cross-entropy of the student against softmax(teacher / T), times T^2.
+
+    The T^2 keeps the gradient's scale independent of T (Hinton et al.); at T = 1 this is
+    TinyViT's loss. Teacher logits may be log-probabilities (a store's rebuild): softmax of
+    log-probs over T equals the stored distribution at temperature T.
+    """
+    targets = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    return soft_target_cross_entropy(student_logits / temperature, targets) * temperature**2

@@ -1,0 +1,49 @@
+"""A CSV tracker for accelerate, beside its TensorBoard one: one `step,name,value` row per logged scalar."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from accelerate.tracking import GeneralTracker, on_main_process
+
+__all__ = ["CsvTracker"]
+
+
+class CsvTracker(GeneralTracker):
+    """Appends to `DIR/metrics.csv`. A resumed run first drops the rows past its checkpoint's step,
+    so the file never holds a step twice."""
+
+    name = "csv"
+    requires_logging_directory = True
+
+    def __init__(self, logging_dir: str | Path, resume_step: int = 0) -> None:
+        super().__init__()
+        self.path, self.resume_step = Path(logging_dir) / "metrics.csv", resume_step
+
+    @on_main_process
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = _read_rows(self.path) if self.resume_step and self.path.exists() else []
+        kept = [r for r in rows if int(r[0]) <= self.resume_step]
+        with self.path.open("w", newline="") as f:
+            csv.writer(f).writerows([["step", "name", "value"], *kept])
+
+    @property
+    def tracker(self) -> Path:
+        return self.path
+
+    @on_main_process
+    def store_init_configuration(self, values: dict[str, Any]) -> None:
+        pass  # the resolved recipe is written beside it as recipe.yaml
+
+    @on_main_process
+    def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerows([[step, name, value] for name, value in values.items()])
+
+
+def _read_rows(path: Path) -> list[list[str]]:
+    with path.open(newline="") as f:
+        return list(csv.reader(f))[1:]

@@ -1,0 +1,257 @@
+"""distill-train: recipe validation, outputs, store checks, 2-process runs, kill and resume."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import ROOT, base_recipe, env_for, run_module, small_digits, write_recipe
+
+from distill.augment import ReplayAugment, load_recipe, recipe_manifest_entry
+from distill.data import create_dataset
+from distill.loader import ReplayDataset, TrainBatchSampler, collate
+from distill.recipe import Recipe, RecipeError, apply_overrides, parse_section
+from distill.train import build_teacher, main, train
+from recipes.tinyvit import TinyVit, TinyVitLoss
+from teachers import create_teacher
+
+TEACHER = "test_convnext"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {"root": root, **small_digits(root)}
+
+
+@pytest.fixture(scope="module")
+def teacher_run(data):
+    """A supervised run of a tiny teacher: its outputs are checked below and it teaches the students."""
+    out = data["root"] / "teacher"
+    recipe = write_recipe(data["root"] / "teacher.yaml", base_recipe(data, out, epochs=6, student={"model": TEACHER}))
+    proc = run_module("distill.train", [str(recipe)], data["root"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, recipe, proc
+
+
+@pytest.fixture(scope="module")
+def store(data, teacher_run):
+    out = data["root"] / "teacher.zarr"
+    args = ["--teacher", f"timm:{TEACHER}", "--checkpoint", str(teacher_run[0] / "model.safetensors"),
+            "--data", data["train"], "--out", str(out), "--epochs", "2", "--k", "3", "--aug", "basic",
+            "--img-size", "32", "--batch-size", "32"]  # fmt: skip
+    proc = run_module("distill.save", args, data["root"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+# ---- recipe validation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"optimiser": {}}, r"optimiser: unknown key; expected one of \[.*'optimizer'"),
+        ({"optimizer": {"lr": "fast"}}, r"optimizer\.lr: expected a number, got str 'fast'"),
+        ({"optimizer": {"betas": [0.9, 0.99]}}, r"optimizer\.betas: unknown key"),
+        ({"epochs": 2.5}, r"epochs: expected an integer, got float 2\.5"),
+        ({"epochs": 0}, r"epochs: expected an integer >= 1, got 0"),
+        ({"data": {"train": "digits"}}, r"data\.val: missing required field \(a string\)"),
+        ({"mixed_precision": "fp8"}, r"mixed_precision: expected one of \['no', 'fp16', 'bf16'\], got str 'fp8'"),
+        ({"teacher": {"epochs": "loop"}}, r"teacher\.epochs: expected one of \['strict', 'cycle'\]"),
+        ({"ema": {"decay": "high"}}, r"ema\.decay: expected a number, got str 'high'"),
+        ({"student": "resnet18"}, r"student: expected a mapping, got str 'resnet18'"),
+        ({"method": "nonexistent"}, r"method: no module 'recipes\.nonexistent'"),
+        ({"method": "tinyvit", "loss": {"temprature": 2}}, r"loss\.temprature: unknown key; expected one of"),
+        ({"loss": {"label_smoothing": "a"}}, r"loss\.label_smoothing: expected a number"),
+        ({"augmentation": "rand-everything"}, r"augmentation: augmentation 'rand-everything' is neither a preset"),
+    ],
+)
+def test_recipe_errors_name_the_key(data, tmp_path, change, message):
+    recipe = base_recipe(data, tmp_path / "run") | change
+    with pytest.raises(RecipeError, match=message):
+        train(recipe)
+    assert not (tmp_path / "run").exists()  # nothing written for a recipe that cannot run
+
+
+def test_missing_top_level_field_and_cli_exit_code(data, tmp_path, capsys):
+    recipe = base_recipe(data, tmp_path / "run")
+    del recipe["batch_size"]
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert main([str(path)]) == 2
+    assert "batch_size: missing required field (an integer)" in capsys.readouterr().err
+
+
+def test_set_overrides_parse_yaml_values():
+    data = apply_overrides({"optimizer": {"lr": 0.1}}, ["optimizer.lr=3e-4", "ema=null", "student.model=resnet18"])
+    assert data == {"optimizer": {"lr": 3e-4}, "ema": None, "student": {"model": "resnet18"}}
+    with pytest.raises(RecipeError, match=r"optimizer\.lr is not a mapping"):
+        apply_overrides(data, ["optimizer.lr.x=1"])
+    with pytest.raises(RecipeError, match=r"expected KEY\.PATH=VALUE"):
+        apply_overrides(data, ["epochs"])
+
+
+def test_train_batches_are_the_same_for_any_process_count():
+    one = [b for b in TrainBatchSampler(100, 16, epoch=3, view_epoch=3, seed=7, accum=2)]
+    two = [list(TrainBatchSampler(100, 16, epoch=3, view_epoch=3, seed=7, rank=r, world=2, accum=2)) for r in range(2)]
+    # optimizer step s: micro-batch a of the single process = rank 0's then rank 1's share
+    for m, batch in enumerate(one):
+        assert batch == two[0][m] + two[1][m] or len(batch) == 8
+    flat_one = [i for b in one for i in b]
+    flat_two = [i for m in range(len(two[0])) for r in range(2) for i in two[r][m]]
+    assert sorted(flat_one) == sorted(flat_two) and len(set(flat_one)) == 96  # 6 steps of 16, last 4 dropped
+    resumed = list(TrainBatchSampler(100, 16, epoch=3, view_epoch=3, seed=7, accum=2, start_step=2))
+    assert resumed == one[4:]
+
+
+# ---- a finished run's outputs ----------------------------------------------------------------------------
+
+
+def test_run_writes_weights_summary_logs_and_plot(data, teacher_run):
+    out, recipe_path, _ = teacher_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"top1", "top5", "epochs", "images_per_s", "teacher_source"} <= set(summary)
+    assert summary["epochs"] == 6 and summary["teacher_source"] == "none (labels)"
+    assert 0 <= summary["top1"] <= summary["top5"] <= 100 and summary["images_per_s"] > 0
+    assert summary["top1"] > 35  # 6 epochs on 160 digits beat chance (10%) by far
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert (
+        rows[0] == "step,name,value" and any(",val/top1," in r for r in rows) and any(",train/loss," in r for r in rows)
+    )
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "checkpoints").exists()
+    # the weights load as a teacher with --checkpoint and give the reported accuracy
+    teacher = create_teacher(f"timm:{TEACHER}", 10, str(out / "model.safetensors"))
+    assert teacher.weights_sha256
+    # a finished run is never overwritten
+    again = run_module("distill.train", [str(recipe_path)], data["root"])
+    assert again.returncode == 2 and "holds a finished run" in again.stderr
+
+
+# ---- stores ----------------------------------------------------------------------------------------------
+
+
+def _check(data, store, **changes):
+    changes = {k.rstrip("_"): v for k, v in changes.items()}
+    recipe = parse_section(
+        Recipe, base_recipe(data, "unused", method="tinyvit", teacher={"source": f"store:{store}"}) | changes, ""
+    )
+    train_set = create_dataset(recipe.data.train)
+    method = TinyVit(TinyVitLoss(), 10)
+    entry = recipe_manifest_entry(load_recipe(recipe.augmentation))
+    return build_teacher(recipe, method, train_set, entry, torch.device("cpu"))
+
+
+def test_store_mismatch_is_refused_naming_the_field(data, store):
+    assert _check(data, store).num_classes == 10
+    with pytest.raises(RecipeError, match=r"store field augmentation\.hash .* \(differs in .*hflip"):
+        _check(data, store, augmentation="none")
+    with pytest.raises(RecipeError, match=r"store field global_seed is 0 but the recipe's seed .* gives 1"):
+        _check(data, store, seed=1)
+    with pytest.raises(RecipeError, match=r"store field dataset\.fingerprint"):
+        _check(data, store, data_={"train": data["val"], "val": data["val"], "img_size": 32})
+    with pytest.raises(
+        RecipeError, match=r"epochs: 3 training epochs but the store .* holds 2; set teacher\.epochs: cycle"
+    ):
+        _check(data, store, epochs=3)
+    _check(data, store, epochs=3, teacher={"source": f"store:{store}", "epochs": "cycle"})
+    with pytest.raises(RecipeError, match=r"teacher\.source: method 'supervised' trains on labels only"):
+        recipe = parse_section(Recipe, base_recipe(data, "u", teacher={"source": f"store:{store}"}), "")
+        from recipes.supervised import Supervised, SupervisedLoss
+
+        build_teacher(recipe, Supervised(SupervisedLoss(), 10), create_dataset(data["train"]), {}, torch.device("cpu"))
+
+
+def test_training_views_replay_the_stored_ones(data, store, teacher_run):
+    """The trainer's batch for (epoch, ids) is the view the store's teacher saw: live and stored agree."""
+    recipe = parse_section(Recipe, base_recipe(data, "u", method="tinyvit"), "")
+    train_set = create_dataset(recipe.data.train)
+    views = ReplayDataset(train_set, ReplayAugment(load_recipe(recipe.augmentation), 32, recipe.seed))
+    stored = create_teacher(f"store:{store}", 10)
+    live = create_teacher(f"timm:{TEACHER}", 10, str(teacher_run[0] / "model.safetensors"))
+    for epoch in (0, 1):
+        batch = collate([views[p] for p in next(iter(TrainBatchSampler(len(train_set), 32, epoch, epoch, 0)))])
+        live_probs = torch.softmax(live.logits(batch["image"]), -1)
+        top = live_probs.topk(3, dim=-1)
+        stored_probs = stored.logits(batch["image"], epoch, batch["id"]).exp()
+        assert torch.equal(stored_probs.topk(3, dim=-1).indices, top.indices)
+        torch.testing.assert_close(stored_probs.gather(1, top.indices), top.values, atol=2e-3, rtol=2e-3)
+
+
+def test_student_trains_from_the_store(data, store):
+    out = data["root"] / "student"
+    recipe = base_recipe(
+        data, out, method="tinyvit", teacher={"source": f"store:{store}"}, student={"model": "test_vit2"}
+    )
+    proc = run_module("distill.train", [str(write_recipe(data["root"] / "student.yaml", recipe))], data["root"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher_source"] == f"store:{store}" and summary["student"] == "test_vit2"
+    losses = [float(r.split(",")[2]) for r in (out / "metrics.csv").read_text().splitlines() if ",train/kd," in r]
+    assert losses[-1] < losses[0]
+
+
+def test_cli_refuses_a_store_saved_with_other_augmentation(data, store, tmp_path):
+    recipe = base_recipe(data, tmp_path / "run", method="tinyvit", teacher={"source": f"store:{store}"})
+    recipe["augmentation"] = "none"
+    proc = run_module("distill.train", [str(write_recipe(tmp_path / "r.yaml", recipe))], data["root"])
+    assert proc.returncode == 2 and "store field augmentation.hash" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ---- processes, kill and resume --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(data, tmp_path):
+    """batch_size is global: 2 processes take the same steps as 1 (up to float reduction order)."""
+    results = {}
+    for n in (1, 2):
+        recipe = write_recipe(tmp_path / f"r{n}.yaml", base_recipe(data, tmp_path / f"p{n}", epochs=1))
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m"]
+        proc = run_module("distill.train", [str(recipe)], data["root"], launcher=launcher, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((tmp_path / f"p{n}" / "summary.json").read_text())
+        assert summary["processes"] == n
+        results[n] = load_file(str(tmp_path / f"p{n}" / "model.safetensors"))
+    moved = max((results[1][k] - results[2][k]).abs().max().item() for k in results[1])
+    assert moved < 1e-4, moved
+
+
+@pytest.mark.slow
+def test_killed_mid_epoch_and_resumed_equals_uninterrupted(data, tmp_path):
+    changes = {
+        "epochs": 3,
+        "checkpoint_every": 1,
+        "ema": {"decay": 0.9},
+        "student": {"model": "test_vit", "kwargs": {"drop_path_rate": 0.2}},
+    }
+    reference = write_recipe(tmp_path / "ref.yaml", base_recipe(data, tmp_path / "ref", **changes))
+    assert run_module("distill.train", [str(reference)], data["root"]).returncode == 0
+    killed = tmp_path / "killed"
+    recipe = write_recipe(tmp_path / "killed.yaml", base_recipe(data, killed, **changes))
+    proc = subprocess.Popen([sys.executable, "-m", "distill.train", str(recipe)], env=env_for(data["root"]), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoints" / "step_00000007").exists():  # mid epoch 2 (5 steps per epoch)
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+    resumed = run_module("distill.train", [str(recipe)], data["root"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [int(r.split(",")[0]) for r in (killed / "metrics.csv").read_text().splitlines()[1:] if ",train/loss," in r]
+    assert steps == sorted(set(steps)) == list(range(1, 16))  # no step logged twice after the resume
+    assert (
+        json.loads((killed / "summary.json").read_text())["top1"]
+        == json.loads((tmp_path / "ref" / "summary.json").read_text())["top1"]
+    )
