@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+import students  # noqa: F401  (registers the toolkit's students with timm and open_clip)
 from teachers import Teacher
 from teachers.checkpoint import load_checkpoint
 
@@ -50,6 +51,9 @@ class Method:
         if cfg.checkpoint:
             load_checkpoint(model, cfg.checkpoint)
         return model
+
+    def check_teacher(self, teacher: Teacher | None) -> None:
+        """Refuse, before training, a teacher this method's loss cannot use (e.g. a store for feature losses)."""
 
     def loss(
         self, student: nn.Module, batch: dict[str, torch.Tensor], teacher: Teacher | None

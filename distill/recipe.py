@@ -175,6 +175,10 @@ def _coerce(kind: Any, value: Any, path: str) -> Any:
         return value
     if dataclasses.is_dataclass(kind):
         return parse_section(kind, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{path}: expected a list, got {_show(value)}")
+        return [_coerce(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)] if args else list(value)
     if origin is dict or kind is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise RecipeError(f"{path}: expected a mapping with string keys, got {_show(value)}")
@@ -194,6 +198,8 @@ def _describe(kind: Any) -> str:
         return "one of " + str(list(args))
     if dataclasses.is_dataclass(kind) or origin is dict or kind is dict:
         return "a mapping"
+    if origin is list:
+        return f"a list of {_describe(args[0])}" if args else "a list"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(kind, str(kind))
 
 

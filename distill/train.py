@@ -139,6 +139,7 @@ def build_teacher(recipe: Recipe, method: Method, train_set: ImageDataset, aug_e
     if not source:
         raise RecipeError(f"teacher.source: method {recipe.method!r} needs a teacher: store:PATH or a live spec")
     teacher = create_teacher(source, train_set.num_classes, recipe.teacher.checkpoint, device)
+    method.check_teacher(teacher)
     if isinstance(teacher, StoreTeacher):
         check_store(teacher, recipe, train_set, aug_entry)
     elif recipe.teacher.epochs != "strict":

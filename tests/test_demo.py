@@ -1,0 +1,36 @@
+"""The README's first command, end to end at a small size: teacher, store, two students, comparisons."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from train_helpers import ROOT, env_for
+
+from logit_store import open_store
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    args = ["--out", str(out), "--epochs", "2", "--teacher", "test_convnext", "--students", "test_vit,test_resnet"]
+    proc = subprocess.run(
+        [sys.executable, "tools/demo.py", *args], cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "demo_results.json").read_text())
+    names = [r["name"] for r in results["runs"]]
+    assert names == ["teacher", "student1_store", "student2_store", "student1_labels", "student1_live"]
+    by_name = {r["name"]: r for r in results["runs"]}
+    store = open_store(out / "teacher.zarr")
+    assert store.verify() == [] and store.manifest.k == 5 < store.manifest.num_classes == 10
+    assert by_name["student1_store"]["teacher_source"] == f"store:{out / 'teacher.zarr'}"
+    assert by_name["student1_live"]["teacher_source"] == "live:timm:test_convnext"
+    assert by_name["student1_labels"]["teacher_source"] == "none (labels)"
+    assert by_name["student2_store"]["student"] == "test_resnet" and by_name["student2_store"]["batch_size"] == 128
+    assert all(0 <= r["top1"] <= 100 and r["images_per_s"] > 0 and len(r["curve"]) == 2 for r in results["runs"])
+    assert results["store_vs_live_gap"] == abs(by_name["student1_store"]["top1"] - by_name["student1_live"]["top1"])
+    assert "store vs live teacher" in proc.stdout and "images/s" not in proc.stderr[-200:]
+    table = proc.stdout[proc.stdout.index("run ") :]
+    assert all(name in table for name in names)
+    assert (out / "demo_results.png").read_bytes()[:4] == b"\x89PNG"
