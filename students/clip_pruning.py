@@ -1,0 +1,702 @@
+"""Automatic weight inheritance for open_clip CLIP models: hard-concrete (L0) masks, a Lagrangian sparsity
+penalty, and physical pruning (TinyCLIP, after CoFi / Louizos et al.).
+
+Masks, per masked tower (ViT image tower, transformer text tower):
+
+- ``hidden``: one mask over the residual width, shared by all layers of the tower;
+- ``heads[i]``: one entry per attention head of layer i;
+- ``mlp[i]``: one entry per MLP hidden unit of layer i.
+
+They are attached without touching open_clip's code (``CLIPPruningMasks.attach``): each residual block is
+swapped for a wrapper that adopts the block's own submodules (so the state_dict keys do not change) and runs
+the block with masks, and forward hooks make the tower-level LayerNorms mask-aware. A hidden mask z acts on
+every *read* of the residual stream: each LayerNorm takes its statistics over the dims with z > 0 only and
+multiplies its output by z. Writes into dropped dims are then never read, which is what makes pruning exact:
+``prune`` removes dropped dims, heads and units and folds the surviving fractional mask values into the
+LayerNorm affine parameters (hidden), the attention output projection (heads) and the MLP output projection
+(units), so the pruned model computes what the masked model computes in eval mode.
+
+The pruned model is an ordinary open_clip ``CLIP`` whose blocks may differ in heads and MLP width, and whose
+attention inner width (heads * head_dim) no longer equals the model width; open_clip's config schema cannot
+say that, so its attention modules are ``PrunedAttention`` (same parameter names as ``nn.MultiheadAttention``)
+and ``model.pruned_cfg`` holds the open_clip config plus per-layer shapes; ``create_pruned_model(cfg)`` builds
+an empty model of that shape to load a saved state_dict into. Progressive stages (e.g. 1.0 -> 0.75 -> 0.5)
+repeat attach, train, prune on the pruned model, with ``stage_target_sparsities`` giving each stage's target.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from copy import deepcopy
+from dataclasses import dataclass
+from functools import partial
+from itertools import pairwise
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP, CustomTextCLIP
+from open_clip.transformer import LayerNormFp32, LayerScale, VisionTransformer
+from torch import nn
+
+from students.tinyclip import text_prefix, text_tower
+
+TOWERS = ("image", "text")
+
+# Block parameters the masked forward and the pruning rules know about; anything else (qk-norm, scaled cosine
+# attention, head scales, extra norms) would be silently ignored, so such blocks are refused.
+_BLOCK_PARAMS = {
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    "attn.out_proj.weight",
+    "attn.out_proj.bias",
+    "ls_1.gamma",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+    "ls_2.gamma",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention with an inner width of its own
+
+
+def multihead_self_attention(
+    x: torch.Tensor,
+    in_proj_weight: torch.Tensor,
+    in_proj_bias: torch.Tensor | None,
+    num_heads: int,
+    out_proj: nn.Linear,
+    attn_mask: torch.Tensor | None = None,
+    head_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Batch-first self-attention; the inner width is ``in_proj_weight.shape[0] // 3``, the heads split it evenly.
+
+    ``head_scale`` ([num_heads]) multiplies each head's output before the output projection.
+    """
+    n, length, _ = x.shape
+    if num_heads == 0:
+        return out_proj(x.new_zeros(n, length, 0))  # only the output bias is left
+    q, k, v = F.linear(x, in_proj_weight, in_proj_bias).view(n, length, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:  # True = may not attend, as in nn.MultiheadAttention
+            attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
+        attn_mask = attn_mask.to(q.dtype)
+        if attn_mask.ndim == 3:  # [n * heads, L, L]
+            attn_mask = attn_mask.view(n, num_heads, length, length)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if head_scale is not None:
+        out = out * head_scale.to(out.dtype).view(1, -1, 1, 1)
+    return out_proj(out.transpose(1, 2).reshape(n, length, -1))
+
+
+class PrunedAttention(nn.Module):
+    """Self-attention with ``num_heads * head_dim`` inner width, independent of the model width.
+
+    Parameter names match ``nn.MultiheadAttention`` (``in_proj_weight``, ``in_proj_bias``, ``out_proj``).
+    ``mha_style`` makes it answer the way ``nn.MultiheadAttention`` does (``(output, None)``), as open_clip's
+    ``ResidualAttentionBlock`` expects; otherwise it returns the output, like open_clip's ``Attention``.
+    """
+
+    def __init__(self, width: int, num_heads: int, head_dim: int, mha_style: bool = True, batch_first: bool = True):
+        super().__init__()
+        inner = num_heads * head_dim
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.mha_style = mha_style
+        self.batch_first = batch_first
+        self.in_proj_weight = nn.Parameter(torch.randn(3 * inner, width) * width**-0.5)
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner))
+        self.out_proj = nn.Linear(inner, width)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, None]:
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise NotImplementedError("PrunedAttention is self-attention only")
+        x = query if self.batch_first else query.transpose(0, 1)
+        out = multihead_self_attention(
+            x, self.in_proj_weight, self.in_proj_bias, self.num_heads, self.out_proj, attn_mask
+        )
+        out = out if self.batch_first else out.transpose(0, 1)
+        return (out, None) if self.mha_style else out
+
+
+def _attention_shape(attn: nn.Module) -> tuple[int, int]:
+    """(heads, head_dim) of nn.MultiheadAttention, open_clip's Attention or PrunedAttention."""
+    if getattr(attn, "in_proj_weight", None) is None:
+        raise ValueError(f"{type(attn).__name__} has no packed in_proj_weight (separate q/k/v dims are not supported)")
+    heads = attn.num_heads
+    inner = attn.in_proj_weight.shape[0] // 3
+    return heads, (inner // heads if heads else getattr(attn, "head_dim", 0))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where a tower's parts are
+
+
+@dataclass
+class TowerParts:
+    """The parts of one open_clip tower the masks act on."""
+
+    name: str
+    owner: nn.Module  # model.visual, or the module holding the text parts
+    prefix: str  # state-dict prefix of `owner`
+    blocks: nn.ModuleList
+    norms: tuple[str, ...]  # owner-level LayerNorms that read the residual stream
+    width: int
+    # (owner-level parameter name, index of its residual-width dim, fold the hidden mask in?)
+    width_params: tuple[tuple[str, int, bool], ...]
+    fixed_params: tuple[str, ...]  # owner-level parameters no mask changes
+
+
+def tower_parts(model: nn.Module, tower: str) -> TowerParts:
+    """Locate a tower of an open_clip CLIP/CustomTextCLIP; raises for towers the masks do not support."""
+    if tower == "image":
+        visual = model.visual
+        if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
+            raise ValueError(
+                f"pruning supports open_clip VisionTransformer image towers without attentional pooling, "
+                f"not {type(visual).__name__}; mask only the text tower (towers=('text',))"
+            )
+        width = visual.class_embedding.shape[0]
+        params = [("conv1.weight", 0, False), ("class_embedding", 0, False), ("positional_embedding", 1, False)]
+        params += (
+            [("ln_pre.weight", 0, True), ("ln_pre.bias", 0, True)] if isinstance(visual.ln_pre, nn.LayerNorm) else []
+        )
+        params += [("ln_post.weight", 0, True), ("ln_post.bias", 0, True)]
+        params += [("proj", 0, False)] if visual.proj is not None else []
+        parts = TowerParts(
+            "image", visual, "visual.", visual.transformer.resblocks, ("ln_pre", "ln_post"), width, tuple(params), ()
+        )
+    elif tower == "text":
+        owner = text_tower(model)
+        if not hasattr(owner, "token_embedding") or not hasattr(owner, "transformer"):
+            raise ValueError(f"pruning supports open_clip transformer text towers, not {type(owner).__name__}")
+        width = owner.positional_embedding.shape[-1]
+        params = [("token_embedding.weight", 1, False), ("positional_embedding", 1, False)]
+        params += [("cls_emb", 0, False)] if getattr(owner, "cls_emb", None) is not None else []
+        params += [("ln_final.weight", 0, True), ("ln_final.bias", 0, True)]
+        fixed: tuple[str, ...] = ()
+        if isinstance(owner.text_projection, nn.Linear):
+            params += [("text_projection.weight", 1, False)]
+            fixed = ("text_projection.bias",) if owner.text_projection.bias is not None else ()
+        elif owner.text_projection is not None:
+            params += [("text_projection", 0, False)]
+        parts = TowerParts(
+            "text", owner, text_prefix(model), owner.transformer.resblocks, ("ln_final",), width, tuple(params), fixed
+        )
+    else:
+        raise ValueError(f"unknown tower {tower!r}; expected one of {TOWERS}")
+    for i, block in enumerate(parts.blocks):
+        names = {n for n, _ in block.named_parameters()}
+        if not names <= _BLOCK_PARAMS:
+            raise ValueError(
+                f"{tower} block {i} has features pruning does not support: {sorted(names - _BLOCK_PARAMS)}"
+            )
+    return parts
+
+
+def _owner_param(parts: TowerParts, name: str) -> torch.Tensor:
+    return parts.owner.get_parameter(name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hard-concrete masks
+
+
+class HardConcreteMask(nn.Module):
+    """Hard-concrete gates (Louizos et al., 2018): a stretched, clamped binary-concrete per entry.
+
+    Training draws a sample (reparameterised, so log_alpha gets gradients); eval uses the deterministic
+    estimate ``clamp(sigmoid(log_alpha) * (r - l) + l, 0, 1)``. Entries at exactly 0 are pruned.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        init_drop: float = 0.1,
+        temperature: float = 2 / 3,
+        limits: tuple[float, float] = (-0.1, 1.1),
+    ):
+        super().__init__()
+        self.temperature = temperature
+        self.limits = limits
+        # Louizos et al. init: log_alpha ~ N(log((1 - p) / p), 0.01), p the initial drop rate. A small p starts
+        # the masks near 1, i.e. from the inherited model.
+        mean = math.log(1 - init_drop) - math.log(init_drop)
+        self.log_alpha = nn.Parameter(mean + 1e-2 * torch.randn(size))
+
+    @property
+    def size(self) -> int:
+        return self.log_alpha.numel()
+
+    def _stretch(self, s: torch.Tensor) -> torch.Tensor:
+        low, high = self.limits
+        return (s * (high - low) + low).clamp(0.0, 1.0)
+
+    def sample(self) -> torch.Tensor:
+        eps = 1e-6
+        u = torch.rand_like(self.log_alpha).clamp(eps, 1 - eps)
+        return self._stretch(torch.sigmoid((u.log() - (-u).log1p() + self.log_alpha) / self.temperature))
+
+    def deterministic(self) -> torch.Tensor:
+        return self._stretch(torch.sigmoid(self.log_alpha))
+
+    def prob_nonzero(self) -> torch.Tensor:
+        """P(z != 0) per entry; its sum is the expected L0 norm."""
+        low, high = self.limits
+        return torch.sigmoid(self.log_alpha - self.temperature * math.log(-low / high))
+
+    def expected_l0(self) -> torch.Tensor:
+        return self.prob_nonzero().sum()
+
+    def forward(self, stochastic: bool | None = None) -> torch.Tensor:
+        stochastic = self.training if stochastic is None else stochastic
+        return self.sample() if stochastic else self.deterministic()
+
+
+@dataclass
+class MaskValues:
+    """Mask values of one tower for one forward pass."""
+
+    hidden: torch.Tensor
+    hidden_keep: torch.Tensor  # indices of the hidden dims with a nonzero mask
+    heads: list[torch.Tensor]
+    mlp: list[torch.Tensor]
+
+
+class TowerMasks(nn.Module):
+    """Hidden, per-layer head and per-layer MLP-unit masks of one tower, with its parameter-count formula."""
+
+    def __init__(self, parts: TowerParts, init_drop: float = 0.1, **mask_kwargs: Any):
+        super().__init__()
+        self.tower = parts.name
+        self.width = parts.width
+        heads, head_dims, mlp = [], [], []
+        for block in parts.blocks:
+            h, d = _attention_shape(block.attn)
+            heads.append(h)
+            head_dims.append(d)
+            mlp.append(block.mlp.c_fc.out_features)
+        self.head_dims = head_dims
+        self.hidden = HardConcreteMask(parts.width, init_drop, **mask_kwargs)
+        self.heads = nn.ModuleList(HardConcreteMask(h, init_drop, **mask_kwargs) for h in heads)
+        self.mlp = nn.ModuleList(HardConcreteMask(m, init_drop, **mask_kwargs) for m in mlp)
+
+        # Parameter count as a function of (kept width w, kept heads h_i, kept units m_i):
+        #   w * per_width + w * vocab (token embedding) + fixed
+        #   + sum_i [ w * per_layer_width + 4 d_i h_i w + 3 d_i h_i + 2 m_i w + m_i ]
+        self.vocab = 0
+        self.per_width = 0
+        for name, dim, _ in parts.width_params:
+            p = _owner_param(parts, name)
+            if name == "token_embedding.weight":
+                self.vocab = p.shape[0]  # kept apart: the sparsity target leaves the vocabulary table out
+            else:
+                self.per_width += p.numel() // p.shape[dim]
+        self.fixed = sum(_owner_param(parts, name).numel() for name in parts.fixed_params)
+        # ln_1, ln_2 (2 each), out_proj and c_proj biases, and the layer scales when present
+        self.per_layer_width = [6 + 2 * isinstance(b.ls_1, LayerScale) for b in parts.blocks]
+        self._current: MaskValues | None = None
+
+        full = self.full_param_count(include_token_embedding=True)
+        actual = sum(_owner_param(parts, n).numel() for n, _, _ in parts.width_params)
+        actual += sum(_owner_param(parts, n).numel() for n in parts.fixed_params)
+        actual += sum(p.numel() for p in parts.blocks.parameters())
+        if full != actual:  # the formula must describe the tower exactly, or the sparsity would be wrong
+            raise ValueError(f"{parts.name} tower has parameters outside the pruning rules ({actual} != {full})")
+
+    # -- mask values -------------------------------------------------------------------------------------------
+
+    def resample(self, stochastic: bool) -> MaskValues:
+        """Draw (train) or compute (eval) the masks used by the next forward pass of the tower."""
+        hidden = self.hidden(stochastic)
+        self._current = MaskValues(
+            hidden=hidden,
+            hidden_keep=hidden.detach().nonzero()[:, 0],
+            heads=[m(stochastic) for m in self.heads],
+            mlp=[m(stochastic) for m in self.mlp],
+        )
+        return self._current
+
+    def current(self) -> MaskValues:
+        if self._current is None:
+            return self.resample(stochastic=False)
+        return self._current
+
+    @torch.no_grad()
+    def deterministic(self) -> MaskValues:
+        return self.resample(stochastic=False)
+
+    # -- parameter counts ----------------------------------------------------------------------------------------
+
+    def param_count(
+        self,
+        width: torch.Tensor | float,
+        heads: Sequence[torch.Tensor | float],
+        mlp: Sequence[torch.Tensor | float],
+        include_token_embedding: bool = False,
+    ) -> torch.Tensor | float:
+        total = width * (self.per_width + (self.vocab if include_token_embedding else 0)) + self.fixed
+        for h, d, m, plw in zip(heads, self.head_dims, mlp, self.per_layer_width, strict=True):
+            total = total + width * plw + 4 * d * h * width + 3 * d * h + 2 * m * width + m
+        return total
+
+    def full_param_count(self, include_token_embedding: bool = False) -> int:
+        return int(
+            self.param_count(
+                self.width, [m.size for m in self.heads], [m.size for m in self.mlp], include_token_embedding
+            )
+        )
+
+    def expected_param_count(self) -> torch.Tensor:
+        """Expected parameters after pruning: the masks are independent, so E[h * w] = E[h] * E[w]."""
+        return self.param_count(
+            self.hidden.expected_l0(), [m.expected_l0() for m in self.heads], [m.expected_l0() for m in self.mlp]
+        )
+
+    @torch.no_grad()
+    def pruned_param_count(self, include_token_embedding: bool = False) -> int:
+        """Parameters this tower has after ``prune`` with the current deterministic masks."""
+        v = self.deterministic()
+        count = self.param_count(
+            len(v.hidden_keep),
+            [int((z > 0).sum()) for z in v.heads],
+            [int((z > 0).sum()) for z in v.mlp],
+            include_token_embedding,
+        )
+        return int(count)
+
+
+class CLIPPruningMasks(nn.Module):
+    """L0 masks over the towers of an open_clip CLIP model (built from the model's current shapes)."""
+
+    def __init__(self, model: nn.Module, towers: Sequence[str] = TOWERS, init_drop: float = 0.1, **mask_kwargs: Any):
+        super().__init__()
+        self.towers = nn.ModuleDict({t: TowerMasks(tower_parts(model, t), init_drop, **mask_kwargs) for t in towers})
+        device = next(model.parameters()).device
+        self.to(device)
+
+    def expected_sparsity(self) -> torch.Tensor:
+        """1 - expected kept parameters / full parameters, over the masked towers.
+
+        The text token-embedding table is left out of both (as in the TinyCLIP size names).
+        """
+        full = sum(t.full_param_count() for t in self.towers.values())
+        expected = sum(t.expected_param_count() for t in self.towers.values())
+        return 1 - expected / full
+
+    @torch.no_grad()
+    def pruned_sparsity(self) -> float:
+        """The sparsity ``prune`` would give now (deterministic masks), counted like ``expected_sparsity``."""
+        full = sum(t.full_param_count() for t in self.towers.values())
+        return 1 - sum(t.pruned_param_count() for t in self.towers.values()) / full
+
+    def attach(self, model: nn.Module) -> MaskHandle:
+        """Make ``model`` run with these masks; ``handle.remove()`` restores it. State-dict keys do not change.
+
+        Masks are sampled once per tower forward pass while both the model and the masks are in train mode,
+        and deterministic otherwise.
+        """
+        handle = MaskHandle()
+        for name, masks in self.towers.items():
+            parts = tower_parts(model, name)
+            if parts.width != masks.width or len(parts.blocks) != len(masks.heads):
+                raise ValueError(f"{name} tower does not have the shape these masks were built for")
+            if any(isinstance(block, _MaskedBlock) for block in parts.blocks):
+                raise ValueError(f"the {name} tower already has masks attached")
+            for i, block in enumerate(list(parts.blocks)):
+                parts.blocks[i] = _MaskedBlock(block, masks, i)
+                handle.on_remove(partial(parts.blocks.__setitem__, i, block))
+            # The first module of a tower's forward pass draws that pass's masks.
+            entry = parts.owner.ln_pre if name == "image" else parts.blocks[0]
+            handle.hooks.append(entry.register_forward_pre_hook(partial(_resample_hook, masks)))
+            for norm in parts.norms:
+                hook = getattr(parts.owner, norm).register_forward_hook(partial(_masked_norm_hook, masks))
+                handle.hooks.append(hook)
+        return handle
+
+
+class MaskHandle:
+    """Undoes ``CLIPPruningMasks.attach``."""
+
+    def __init__(self) -> None:
+        self.hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._undo: list[Callable[[], None]] = []
+
+    def on_remove(self, fn: Callable[[], None]) -> None:
+        self._undo.append(fn)
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for fn in reversed(self._undo):
+            fn()
+        self.hooks, self._undo = [], []
+
+
+def masked_layer_norm(norm: nn.Module, x: torch.Tensor, masks: MaskValues) -> torch.Tensor:
+    """LayerNorm over the kept hidden dims only, output scaled by the hidden mask (zero on dropped dims).
+
+    Written as the pruned model computes it (LayerNorm of the kept dims with z folded into the affine), so that
+    pruning reproduces it exactly.
+    """
+    if not isinstance(norm, nn.LayerNorm):  # e.g. no ln_pre: nothing to mask here
+        return norm(x)
+    keep, z = masks.hidden_keep, masks.hidden
+    z_kept = z.index_select(0, keep)
+    weight = norm.weight.index_select(0, keep) * z_kept
+    bias = norm.bias.index_select(0, keep) * z_kept
+    dtype = torch.float32 if isinstance(norm, LayerNormFp32) else x.dtype
+    if len(keep) == x.shape[-1]:
+        return F.layer_norm(x.to(dtype), (len(keep),), weight, bias, norm.eps).to(x.dtype)
+    y = F.layer_norm(x.index_select(-1, keep).to(dtype), (len(keep),), weight, bias, norm.eps).to(x.dtype)
+    return x.new_zeros(x.shape).index_copy(-1, keep, y)
+
+
+def _resample_hook(masks: TowerMasks, module: nn.Module, args: tuple[Any, ...]) -> None:
+    masks.resample(stochastic=module.training and masks.training)
+
+
+def _masked_norm_hook(
+    masks: TowerMasks, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
+) -> torch.Tensor:
+    # Recomputes the norm from its input (cheap next to the blocks) rather than replacing the module.
+    return masked_layer_norm(module, args[0], masks.current())
+
+
+class _MaskedBlock(nn.Module):
+    """Runs an open_clip residual attention block with the tower's masks.
+
+    It adopts the block's submodules as its own children, so parameter names are those of the block; the masks
+    are reached through a bound method, not a submodule, so they stay out of the model's state_dict.
+    """
+
+    def __init__(self, block: nn.Module, masks: TowerMasks, layer: int):
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.layer = layer
+        self.masks = masks.current
+        self.batch_first = getattr(block.attn, "batch_first", True)
+        self.train(block.training)  # a new module starts in train mode; it must follow the model's
+
+    def get_weight_dtype(self) -> torch.dtype:
+        return self.mlp.c_fc.weight.dtype
+
+    def forward(
+        self,
+        q_x: torch.Tensor,
+        k_x: torch.Tensor | None = None,
+        v_x: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if k_x is not None or v_x is not None:
+            raise NotImplementedError("masked blocks are self-attention only")
+        masks = self.masks()
+        x = q_x if self.batch_first else q_x.transpose(0, 1)
+        h = masked_layer_norm(self.ln_1, x, masks)
+        heads, _ = _attention_shape(self.attn)
+        attn = multihead_self_attention(
+            h,
+            self.attn.in_proj_weight,
+            self.attn.in_proj_bias,
+            heads,
+            self.attn.out_proj,
+            attn_mask,
+            masks.heads[self.layer],
+        )
+        x = x + self.ls_1(attn)
+        h = masked_layer_norm(self.ln_2, x, masks)
+        x = x + self.ls_2(self.mlp.c_proj(self.mlp.gelu(self.mlp.c_fc(h)) * masks.mlp[self.layer]))
+        return x if self.batch_first else x.transpose(0, 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sparsity target and Lagrangian penalty
+
+
+class SparsityLagrangian(nn.Module):
+    """``lambda_1 (t - s) + lambda_2 (t - s)^2`` with t the expected sparsity and s a linearly ramped target.
+
+    Minimise it with the model and masks; *maximise* it with respect to the lambdas (``lagrangian_optimizer``),
+    which drives t to s: lambda_1 moves against the sign of the gap and lambda_2 only grows.
+    """
+
+    def __init__(self, target_sparsity: float, ramp_steps: int, start_sparsity: float = 0.0):
+        super().__init__()
+        self.target_sparsity = target_sparsity
+        self.start_sparsity = start_sparsity
+        self.ramp_steps = ramp_steps
+        self.lambda_1 = nn.Parameter(torch.zeros(()))
+        self.lambda_2 = nn.Parameter(torch.zeros(()))
+
+    def target(self, step: int) -> float:
+        frac = min(1.0, step / self.ramp_steps) if self.ramp_steps > 0 else 1.0
+        return self.start_sparsity + frac * (self.target_sparsity - self.start_sparsity)
+
+    def forward(self, expected_sparsity: torch.Tensor, step: int) -> torch.Tensor:
+        gap = expected_sparsity - self.target(step)
+        return self.lambda_1 * gap + self.lambda_2 * gap * gap
+
+
+def lagrangian_optimizer(lagrangian: SparsityLagrangian, lr: float = 0.01) -> torch.optim.Optimizer:
+    """Gradient *ascent* on the Lagrange multipliers."""
+    return torch.optim.AdamW(lagrangian.parameters(), lr=lr, weight_decay=0.0, maximize=True)
+
+
+def stage_target_sparsities(keep_fractions: Sequence[float] = (1.0, 0.75, 0.5, 0.25)) -> list[float]:
+    """Per-stage targets of progressive pruning, each relative to the model entering that stage.
+
+    Keeping 1.0 -> 0.75 -> 0.5 of the original gives [0.25, 1/3]: the second stage removes a third of what the
+    first left. Each stage attaches fresh masks to the last pruned model, trains, and calls ``prune``.
+    """
+    return [1 - after / before for before, after in pairwise(keep_fractions)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Physical pruning
+
+
+def create_pruned_model(cfg: dict[str, Any], device: torch.device | str | None = None) -> nn.Module:
+    """An (untrained) open_clip model of the shape described by a ``pruned_cfg``, ready to load a state_dict."""
+    cfg = deepcopy(cfg)
+    shapes = cfg.pop("layer_shapes", {})
+    custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg["text_cfg"]
+    model_class = CustomTextCLIP if custom_text else CLIP
+    # Head counts of the skeleton only need to divide the widths: its attention modules are replaced below.
+    if "image" in shapes:
+        cfg["vision_cfg"]["head_width"] = cfg["vision_cfg"]["width"]
+    if "text" in shapes:
+        cfg["text_cfg"]["heads"] = 1
+    with torch.device(device or "cpu"), warnings.catch_warnings():
+        # Layers left with no heads or no MLP units hold zero-size tensors, which torch's init warns about.
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        model = model_class(**cfg)
+        for tower, shape in shapes.items():
+            parts = tower_parts(model, tower)
+            for block, heads, head_dim, units in zip(
+                parts.blocks, shape["heads"], shape["head_dim"], shape["mlp"], strict=True
+            ):
+                old = block.attn
+                block.attn = PrunedAttention(
+                    parts.width,
+                    heads,
+                    head_dim,
+                    mha_style=isinstance(old, nn.MultiheadAttention),
+                    batch_first=getattr(old, "batch_first", True),
+                )
+                block.mlp.c_fc = nn.Linear(parts.width, units)
+                block.mlp.c_proj = nn.Linear(units, parts.width)
+    return model
+
+
+def _model_cfg(model: nn.Module, model_cfg: str | dict[str, Any] | None) -> dict[str, Any]:
+    if model_cfg is None:
+        model_cfg = getattr(model, "pruned_cfg", None)
+        if model_cfg is None:
+            raise ValueError("pass the open_clip config (name or dict) of the model being pruned")
+    if isinstance(model_cfg, str):
+        cfg = open_clip.get_model_config(model_cfg)
+        if cfg is None:
+            raise ValueError(f"unknown open_clip model config {model_cfg!r}")
+        return cfg
+    return deepcopy(model_cfg)
+
+
+def _take(
+    state: dict[str, torch.Tensor], key: str, dim: int, index: torch.Tensor, scale: torch.Tensor | None = None
+) -> None:
+    """Keep `index` along `dim` of state[key], optionally multiplying the kept slices by `scale`."""
+    t = state[key].index_select(dim, index)
+    if scale is not None:
+        shape = [1] * t.ndim
+        shape[dim] = -1
+        t = t * scale.view(shape)
+    state[key] = t
+
+
+def _qkv_rows(heads: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """Rows of a packed [q; k; v] projection that belong to `heads`."""
+    per_head = (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+    return torch.cat([per_head + i * num_heads * head_dim for i in range(3)])
+
+
+@torch.no_grad()
+def prune(model: nn.Module, masks: CLIPPruningMasks, model_cfg: str | dict[str, Any] | None = None) -> nn.Module:
+    """Remove what the deterministic masks drop; return a new, smaller open_clip model.
+
+    ``model_cfg`` is the open_clip config (name or dict) ``model`` was built from; a model returned by ``prune``
+    carries its own (``model.pruned_cfg``). The result computes what ``model`` with ``masks`` attached computes in
+    eval mode, has ``masks.pruned_param_count`` parameters in each masked tower, and has ``pruned_cfg`` set.
+    """
+    cfg = _model_cfg(model, model_cfg)
+    cfg.setdefault("layer_shapes", {})
+    state = dict(model.state_dict())
+    for tower, tower_masks in masks.towers.items():
+        parts = tower_parts(model, tower)
+        values = tower_masks.deterministic()
+        keep = values.hidden_keep
+        if len(keep) == 0:
+            raise ValueError(f"the {tower} tower's hidden mask drops every dim")
+        z_hidden = values.hidden[keep]
+
+        for name, dim, fold in parts.width_params:
+            _take(state, parts.prefix + name, dim, keep, z_hidden if fold else None)
+
+        shape: dict[str, list[int]] = {"heads": [], "head_dim": [], "mlp": []}
+        block_prefix = f"{parts.prefix}transformer.resblocks."
+        for i, block in enumerate(parts.blocks):
+            p = f"{block_prefix}{i}."
+            num_heads, head_dim = _attention_shape(block.attn)
+            heads = values.heads[i].nonzero()[:, 0]
+            units = values.mlp[i].nonzero()[:, 0]
+            rows = _qkv_rows(heads, num_heads, head_dim)
+            _take(state, p + "attn.in_proj_weight", 0, rows)
+            _take(state, p + "attn.in_proj_weight", 1, keep)
+            _take(state, p + "attn.in_proj_bias", 0, rows)
+            _take(state, p + "attn.out_proj.weight", 0, keep)
+            head_cols = (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+            _take(state, p + "attn.out_proj.weight", 1, head_cols, values.heads[i][heads].repeat_interleave(head_dim))
+            _take(state, p + "attn.out_proj.bias", 0, keep)
+            for norm in ("ln_1", "ln_2"):
+                _take(state, p + f"{norm}.weight", 0, keep, z_hidden)
+                _take(state, p + f"{norm}.bias", 0, keep, z_hidden)
+            for ls in ("ls_1.gamma", "ls_2.gamma"):
+                if p + ls in state:
+                    _take(state, p + ls, 0, keep)
+            _take(state, p + "mlp.c_fc.weight", 0, units)
+            _take(state, p + "mlp.c_fc.weight", 1, keep)
+            _take(state, p + "mlp.c_fc.bias", 0, units)
+            _take(state, p + "mlp.c_proj.weight", 0, keep)
+            _take(state, p + "mlp.c_proj.weight", 1, units, values.mlp[i][units])
+            _take(state, p + "mlp.c_proj.bias", 0, keep)
+            shape["heads"].append(len(heads))
+            shape["head_dim"].append(head_dim)
+            shape["mlp"].append(len(units))
+
+        cfg["vision_cfg" if tower == "image" else "text_cfg"]["width"] = len(keep)
+        cfg["layer_shapes"][tower] = shape
+
+    device = next(model.parameters()).device
+    pruned = create_pruned_model(cfg, device=device)
+    pruned.load_state_dict(state)
+    pruned.to(next(model.parameters()).dtype)
+    pruned.train(model.training)
+    pruned.pruned_cfg = cfg
+    return pruned

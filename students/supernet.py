@@ -1,0 +1,403 @@
+"""Cream one-shot supernet (MobileNetV3-like) and standalone models for single paths.
+
+A *path* picks one op per searched layer. It is a flat tuple of choice indices, one int per
+searched layer, stage after stage (``len(path) == sum(config.stage_depths)``); every function
+here also accepts the nested form, one list per stage, and normalizes it with ``normalize_path``.
+Choice ``i`` is ``config.choices[i]``, a ``(kernel_size, exp_ratio)`` pair; with the defaults::
+
+    0: k3 e4   1: k3 e6   2: k5 e4   3: k5 e6   4: k7 e4   5: k7 e6
+
+Layout (defaults, 224x224 input)::
+
+    stem     conv 3x3 s2 16 + BN + Swish, depth-wise separable 3x3 16 (SE)         224 -> 112
+    stage 0  4 choice layers, 24 chs,  first stride 2                              112 -> 56
+    stage 1  4 choice layers, 40 chs,  first stride 2                               56 -> 28
+    stage 2  4 choice layers, 80 chs,  first stride 2                               28 -> 14
+    stage 3  4 choice layers, 96 chs,  stride 1                                     14 -> 14
+    stage 4  4 choice layers, 192 chs, first stride 2                               14 -> 7
+    head     conv 1x1 320 + BN + Swish, global avg pool, conv 1x1 1280 + Swish, linear
+
+The strides are MobileNetV3's (output stride 32, the 96-channel stage keeps 14x14) and four layers
+per stage is the one-shot supernet of the Cream paper; a smaller FLOPs budget is met by smaller
+depths (``stage_depths``). Every choice is an inverted residual (timm's ``InvertedResidual``) with
+Swish and a MobileNetV3 squeeze-excite: reduced to ``se_ratio`` of the expanded width, rounded to a
+multiple of 8, ReLU inside and a hard-sigmoid gate.
+
+``export(supernet, path)`` copies a path's weights into a ``PathModel`` (no choice machinery),
+whose state dict loads into ``build_path_model(config, path, num_classes)``. Importing this module
+also registers the timm model ``cream_path``, so trainers build a path model by name::
+
+    timm.create_model("cream_path", path=[3, 1, 0, 5, 2, 2], tiny=True, num_classes=10)
+    timm.create_model("cream_path", path=path, config={"stage_depths": [2, 3, 4, 4, 4]}) ``path_flops`` counts
+FLOPs from shapes alone, the way ``torch.utils.flop_counter.FlopCounterMode`` does: 2 FLOPs per
+multiply-add of convolutions and linear layers; BN, activations, pooling and the SE gate product
+are not counted, nor are biases. The paper's "FLOPs" are multiply-adds, half these numbers: the
+default supernet's paths span 568 to 1102 MFLOPs here (284M to 551M multiply-adds) at 224x224,
+4.8M to 7.8M parameters; the supernet itself holds 28.8M.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.layers import ConvNormAct, get_padding, make_divisible
+from timm.layers.activations import HardSigmoid
+from timm.models import register_model
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual, SqueezeExcite
+
+__all__ = [
+    "PathModel",
+    "Supernet",
+    "SupernetConfig",
+    "build_path_model",
+    "config_from_dict",
+    "cream_path",
+    "export",
+    "normalize_path",
+    "path_flops",
+    "sample_path",
+]
+
+Path = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SupernetConfig:
+    """Shape of the supernet: fixed stem and head, searched stages of choice layers."""
+
+    stage_chs: tuple[int, ...] = (24, 40, 80, 96, 192)
+    stage_depths: tuple[int, ...] = (4, 4, 4, 4, 4)
+    stage_strides: tuple[int, ...] = (2, 2, 2, 1, 2)
+    kernel_sizes: tuple[int, ...] = (3, 5, 7)
+    exp_ratios: tuple[float, ...] = (4.0, 6.0)
+    se_ratio: float = 0.25
+    stem_chs: int = 16
+    head_chs: int = 320  # 1x1 conv + BN + Swish before pooling
+    num_features: int = 1280  # 1x1 conv after pooling; 0 feeds the pooled head_chs to the classifier
+    in_chans: int = 3
+    drop_rate: float = 0.0  # dropout before the classifier
+
+    def __post_init__(self) -> None:
+        if not (len(self.stage_chs) == len(self.stage_depths) == len(self.stage_strides)):
+            raise ValueError("stage_chs, stage_depths and stage_strides must have one entry per stage")
+        if any(d < 1 for d in self.stage_depths):
+            raise ValueError(f"every stage needs at least one layer, got depths {self.stage_depths}")
+
+    @classmethod
+    def tiny(cls) -> SupernetConfig:
+        """A small supernet for 32x32 images (digits) in tests: 0.27M parameters, 3-4 MFLOPs per path."""
+        return cls(
+            stage_chs=(8, 16, 24),
+            stage_depths=(2, 2, 2),
+            stage_strides=(1, 2, 2),
+            stem_chs=8,
+            head_chs=32,
+            num_features=64,
+        )
+
+    @property
+    def choices(self) -> tuple[tuple[int, float], ...]:
+        """``(kernel_size, exp_ratio)`` of each choice index, kernel-major."""
+        return tuple((k, e) for k in self.kernel_sizes for e in self.exp_ratios)
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.kernel_sizes) * len(self.exp_ratios)
+
+    @property
+    def num_layers(self) -> int:
+        """Searched layers, i.e. the length of a path."""
+        return sum(self.stage_depths)
+
+    def layer_specs(self) -> list[tuple[int, int, int, int]]:
+        """``(stage, in_chs, out_chs, stride)`` of each searched layer, in path order."""
+        specs = []
+        in_chs = self.stem_chs
+        for stage, (chs, depth, stride) in enumerate(
+            zip(self.stage_chs, self.stage_depths, self.stage_strides, strict=True)
+        ):
+            for i in range(depth):
+                specs.append((stage, in_chs, chs, stride if i == 0 else 1))
+                in_chs = chs
+        return specs
+
+
+def normalize_path(config: SupernetConfig, path: Sequence[int] | Sequence[Sequence[int]]) -> Path:
+    """Flat tuple form of ``path`` (flat or one sequence per stage); ValueError if it does not fit ``config``."""
+    if len(path) and isinstance(path[0], Sequence):
+        if [len(stage) for stage in path] != list(config.stage_depths):
+            raise ValueError(f"nested path has stage lengths {[len(s) for s in path]}, expected {config.stage_depths}")
+        flat = tuple(int(c) for stage in path for c in stage)
+    else:
+        flat = tuple(int(c) for c in path)
+    if len(flat) != config.num_layers:
+        raise ValueError(f"path has {len(flat)} choices, expected {config.num_layers} (one per searched layer)")
+    if any(not 0 <= c < config.num_choices for c in flat):
+        raise ValueError(f"path {flat} has a choice outside 0..{config.num_choices - 1}")
+    return flat
+
+
+def sample_path(
+    config: SupernetConfig, generator: torch.Generator | None = None, weights: torch.Tensor | None = None
+) -> Path:
+    """Draw a path: uniform over choices, or by ``weights`` (``[num_choices]`` shared by all layers,
+    or ``[num_layers, num_choices]``; non-negative, need not sum to 1)."""
+    if weights is None:
+        return tuple(torch.randint(config.num_choices, (config.num_layers,), generator=generator).tolist())
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    if weights.dim() == 1:
+        weights = weights.expand(config.num_layers, -1)
+    if weights.shape != (config.num_layers, config.num_choices):
+        raise ValueError(f"weights shape {tuple(weights.shape)} is neither [num_choices] nor [num_layers, num_choices]")
+    return tuple(torch.multinomial(weights, 1, generator=generator).squeeze(1).tolist())
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _se_layer(config: SupernetConfig) -> partial:
+    # MobileNetV3's SE: ReLU inside, hard-sigmoid gate, reduced width a multiple of 8 of the expanded width.
+    # timm's plain-op HardSigmoid, not nn.Hardsigmoid: the latter has no double backward, which the
+    # bilevel meta update needs.
+    return partial(
+        SqueezeExcite,
+        rd_ratio=config.se_ratio,
+        rd_round_fn=make_divisible,
+        gate_layer=HardSigmoid,
+        force_act_layer=nn.ReLU,
+    )
+
+
+def _make_stem(config: SupernetConfig) -> nn.Sequential:
+    return nn.Sequential(
+        ConvNormAct(config.in_chans, config.stem_chs, 3, stride=2, act_layer=nn.SiLU),
+        DepthwiseSeparableConv(config.stem_chs, config.stem_chs, 3, act_layer=nn.SiLU, se_layer=_se_layer(config)),
+    )
+
+
+def _make_op(config: SupernetConfig, in_chs: int, out_chs: int, stride: int, choice: int) -> InvertedResidual:
+    kernel_size, exp_ratio = config.choices[choice]
+    return InvertedResidual(
+        in_chs,
+        out_chs,
+        dw_kernel_size=kernel_size,
+        stride=stride,
+        exp_ratio=exp_ratio,
+        act_layer=nn.SiLU,
+        se_layer=_se_layer(config),
+    )
+
+
+class Head(nn.Module):
+    """conv 1x1 + BN + Swish, global average pool, optional conv 1x1 + Swish, dropout, linear."""
+
+    def __init__(self, config: SupernetConfig, in_chs: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv_head = ConvNormAct(in_chs, config.head_chs, 1, act_layer=nn.SiLU)
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        if config.num_features:
+            # MobileNetV3 puts the widest 1x1 conv after pooling, where it is cheap; no BN there.
+            self.conv_features = nn.Conv2d(config.head_chs, config.num_features, 1, bias=True)
+            self.act = nn.SiLU(inplace=True)
+        else:
+            self.conv_features = nn.Identity()
+            self.act = nn.Identity()
+        self.flatten = nn.Flatten(1)
+        self.drop = nn.Dropout(config.drop_rate)
+        self.classifier = nn.Linear(config.num_features or config.head_chs, num_classes)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(self.conv_head(x))
+        x = self.flatten(self.act(self.conv_features(x)))
+        return x if pre_logits else self.classifier(self.drop(x))
+
+
+class ChoiceLayer(nn.Module):
+    """One searched layer: all candidate ops side by side; ``forward`` runs the chosen one."""
+
+    def __init__(self, config: SupernetConfig, in_chs: int, out_chs: int, stride: int) -> None:
+        super().__init__()
+        self.ops = nn.ModuleList(_make_op(config, in_chs, out_chs, stride, c) for c in range(config.num_choices))
+
+    def forward(self, x: torch.Tensor, choice: int) -> torch.Tensor:
+        return self.ops[choice](x)
+
+
+# ----------------------------------------------------------------------------- supernet and path model
+
+
+class Supernet(nn.Module):
+    """Weight-sharing one-shot supernet; ``supernet(x, path)`` runs one path.
+
+    Parameters are ``stem.*``, ``blocks.{stage}.{layer}.ops.{choice}.*`` and ``head.*``; the same
+    op in a ``PathModel`` is ``blocks.{stage}.{layer}.*``.
+    """
+
+    def __init__(self, config: SupernetConfig | None = None, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.config = config = config or SupernetConfig()
+        self.num_classes = num_classes
+        self.stem = _make_stem(config)
+        stages: list[list[ChoiceLayer]] = [[] for _ in config.stage_chs]
+        for stage, in_chs, out_chs, stride in config.layer_specs():
+            stages[stage].append(ChoiceLayer(config, in_chs, out_chs, stride))
+        self.blocks = nn.ModuleList(nn.ModuleList(layers) for layers in stages)
+        self.head = Head(config, config.stage_chs[-1], num_classes)
+
+    def sample_path(self, generator: torch.Generator | None = None, weights: torch.Tensor | None = None) -> Path:
+        """A random path (see module-level ``sample_path``)."""
+        return sample_path(self.config, generator, weights)
+
+    def forward_features(self, x: torch.Tensor, path: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
+        choices = iter(normalize_path(self.config, path))
+        x = self.stem(x)
+        for stage in self.blocks:
+            for layer in stage:
+                x = layer(x, next(choices))
+        return x
+
+    def forward(self, x: torch.Tensor, path: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
+        return self.head(self.forward_features(x, path))
+
+
+class PathModel(nn.Module):
+    """A standalone network for one path: ``stem``, ``blocks`` (one ``nn.Sequential`` per stage), ``head``."""
+
+    def __init__(
+        self, config: SupernetConfig, path: Sequence[int] | Sequence[Sequence[int]], num_classes: int = 1000
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.path = path = normalize_path(config, path)
+        self.num_classes = num_classes
+        self.stem = _make_stem(config)
+        stages: list[list[nn.Module]] = [[] for _ in config.stage_chs]
+        for (stage, in_chs, out_chs, stride), choice in zip(config.layer_specs(), path, strict=True):
+            stages[stage].append(_make_op(config, in_chs, out_chs, stride, choice))
+        self.blocks = nn.Sequential(*(nn.Sequential(*layers) for layers in stages))
+        self.head = Head(config, config.stage_chs[-1], num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def build_path_model(
+    config: SupernetConfig, path: Sequence[int] | Sequence[Sequence[int]], num_classes: int = 1000
+) -> PathModel:
+    """A freshly initialized ``PathModel``; ``export``'s state dicts load into it."""
+    return PathModel(config, path, num_classes)
+
+
+def config_from_dict(fields: dict[str, Any] | None = None, tiny: bool = False) -> SupernetConfig:
+    """``SupernetConfig`` fields over the defaults (or over ``SupernetConfig.tiny()``); lists become tuples."""
+    base = SupernetConfig.tiny() if tiny else SupernetConfig()
+    known = {f.name for f in dataclasses.fields(SupernetConfig)}
+    unknown = sorted(set(fields or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown supernet config field(s) {unknown}; expected some of {sorted(known)}")
+    values = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in (fields or {}).items()}
+    return dataclasses.replace(base, **values)
+
+
+@register_model
+def cream_path(
+    pretrained: bool = False,
+    *,
+    path: Sequence[int] | Sequence[Sequence[int]],
+    config: dict[str, Any] | None = None,
+    tiny: bool = False,
+    num_classes: int = 1000,
+    drop_rate: float | None = None,
+    **kwargs: Any,
+) -> PathModel:
+    """timm entry point of a standalone path model: ``path`` (flat or nested), ``config`` (``SupernetConfig``
+    fields, over the defaults or over ``SupernetConfig.tiny()`` with ``tiny=True``). Weights come from a
+    checkpoint (e.g. an ``export``ed path saved with safetensors); there are no pretrained ones."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's own, meaningless here
+        kwargs.pop(key, None)
+    if kwargs:
+        raise TypeError(f"cream_path: unexpected keyword argument(s) {sorted(kwargs)}")
+    if pretrained:
+        raise ValueError("cream_path has no pretrained weights: load an exported path's with a checkpoint")
+    cfg = config_from_dict(config, tiny)
+    if drop_rate is not None:
+        cfg = dataclasses.replace(cfg, drop_rate=drop_rate)
+    return build_path_model(cfg, path, num_classes)
+
+
+@torch.no_grad()
+def export(supernet: Supernet, path: Sequence[int] | Sequence[Sequence[int]]) -> PathModel:
+    """Copy ``path``'s weights (and BN statistics) out of ``supernet`` into a standalone ``PathModel``,
+    on the supernet's device and dtype and in its train/eval mode."""
+    config = supernet.config
+    path = normalize_path(config, path)
+    ref = next(supernet.parameters())
+    model = build_path_model(config, path, supernet.num_classes).to(device=ref.device, dtype=ref.dtype)
+    model.stem.load_state_dict(supernet.stem.state_dict())
+    chosen_ops = (op for stage in supernet.blocks for op in stage)
+    target_ops = (op for stage in model.blocks for op in stage)
+    for layer, op, choice in zip(chosen_ops, target_ops, path, strict=True):
+        op.load_state_dict(layer.ops[choice].state_dict())
+    model.head.load_state_dict(supernet.head.state_dict())
+    return model.train(supernet.training)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _conv_out(size: int, kernel_size: int, stride: int) -> int:
+    # timm's default padding ('') is symmetric get_padding(); the output size follows nn.Conv2d's formula.
+    return (size + 2 * get_padding(kernel_size, stride) - kernel_size) // stride + 1
+
+
+def _conv_flops(in_chs: int, out_chs: int, kernel_size: int, out_hw: int, groups: int = 1) -> int:
+    return 2 * out_chs * (in_chs // groups) * kernel_size * kernel_size * out_hw
+
+
+def _se_flops(chs: int, config: SupernetConfig) -> int:
+    rd_chs = make_divisible(chs * config.se_ratio)
+    return _conv_flops(chs, rd_chs, 1, 1) + _conv_flops(rd_chs, chs, 1, 1)  # on the pooled 1x1 map
+
+
+def path_flops(
+    config: SupernetConfig,
+    path: Sequence[int] | Sequence[Sequence[int]],
+    img_size: int | tuple[int, int] = 224,
+    num_classes: int = 1000,
+) -> int:
+    """FLOPs of one image through ``path`` (2 per multiply-add, as ``FlopCounterMode``), from shapes only."""
+    path = normalize_path(config, path)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+
+    # stem: conv 3x3 s2, then depth-wise 3x3 + SE + point-wise 1x1
+    h, w = _conv_out(h, 3, 2), _conv_out(w, 3, 2)
+    c = config.stem_chs
+    flops = _conv_flops(config.in_chans, c, 3, h * w)
+    flops += _conv_flops(c, c, 3, h * w, groups=c) + _se_flops(c, config) + _conv_flops(c, c, 1, h * w)
+
+    for (_, in_chs, out_chs, stride), choice in zip(config.layer_specs(), path, strict=True):
+        kernel_size, exp_ratio = config.choices[choice]
+        mid_chs = make_divisible(in_chs * exp_ratio)
+        flops += _conv_flops(in_chs, mid_chs, 1, h * w)  # expansion, at the input resolution
+        h, w = _conv_out(h, kernel_size, stride), _conv_out(w, kernel_size, stride)
+        flops += _conv_flops(mid_chs, mid_chs, kernel_size, h * w, groups=mid_chs)
+        flops += _se_flops(mid_chs, config)
+        flops += _conv_flops(mid_chs, out_chs, 1, h * w)
+
+    flops += _conv_flops(config.stage_chs[-1], config.head_chs, 1, h * w)
+    if config.num_features:
+        flops += _conv_flops(config.head_chs, config.num_features, 1, 1)
+    flops += 2 * (config.num_features or config.head_chs) * num_classes
+    return flops
