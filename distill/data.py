@@ -1,10 +1,18 @@
-"""Image datasets with stable sample ids, labels and a fingerprint.
+"""Image (and image-text) datasets with stable sample ids, labels and a fingerprint.
 
 Every sample has an integer id in [0, N) and a label. ``fingerprint()`` is a sha256 over
 the count, the class names and, per id, the label, the file (or tar member) size and the
 relative path, so a logit store can check that training reads the data it was saved from.
 Moving the data elsewhere keeps the fingerprint; renaming, resizing or relabelling a file
 changes it.
+
+Image-text datasets (``has_captions``) also hold one caption per sample: ``caption(id)`` is
+the text of sample ``id`` and ``captions`` all of them in id order; every caption is part of
+the fingerprint. Images still come from ``load(id)``, so replayable augmentation is the same
+for both kinds. An image with several captions is several samples (one per caption: one CSV
+row or one shard sample each), so each sample is exactly one (image, caption) pair. Without
+labels (a ``pairs:`` file with no ``label`` column, shards with ``.txt`` but no ``.cls``)
+``classes`` is empty, ``has_labels`` is False and every label is ``NO_LABEL`` (-1).
 
 Specs accepted by ``create_dataset``:
 
@@ -14,7 +22,13 @@ Specs accepted by ``create_dataset``:
   ids sorted by (class name, relative path)
 - ``csv:PATH``: a CSV/TSV with ``path`` and ``label`` columns; ids = row order
 - ``wds:PATTERN``: webdataset tar shards (glob, folder or one ``.tar``), labels from ``.cls``
-  members; ids follow shard order then member order
+  members and, when the shards have them, captions from ``.txt`` members (then every sample
+  needs a ``.txt``; ``.cls`` becomes optional, but all or none); ids follow shard order then
+  member order
+- ``pairs:PATH``: a CSV/TSV of image-caption pairs with ``path`` and ``caption`` columns and an
+  optional ``label`` column; ids = row order
+- ``digits-captions``: ``digits`` (same files, split and ids) with the caption
+  ``DIGIT_CAPTION_TEMPLATE.format(DIGIT_NAMES[label])``, e.g. "a photo of the number seven"
 """
 
 from __future__ import annotations
@@ -33,7 +47,7 @@ import tarfile
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -42,13 +56,24 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-SPEC_FORMS = ("digits", "PATH (a folder with one sub-folder per class)", "csv:PATH", "wds:PATTERN")
+SPEC_FORMS = (
+    "digits",
+    "PATH (a folder with one sub-folder per class)",
+    "csv:PATH",
+    "wds:PATTERN",
+    "pairs:PATH",
+    "digits-captions",
+)
+CAPTION_SPEC_FORMS = ("pairs:PATH", "wds:PATTERN (with .txt members)", "digits-captions")
 DIGITS_SPLITS = ("train", "val")
 DIGITS_SIZE = 32
 DIGITS_TRAIN_FRACTION = 0.8
 DIGITS_SEED = 0
 FINGERPRINT_VERSION = "distill-dataset-v1"
 MAX_OPEN_SHARDS = 64  # per process; the least recently used shard file is closed past this
+NO_LABEL = -1  # the label of every sample of an image-text dataset that has no labels
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGIT_CAPTION_TEMPLATE = "a photo of the number {}"  # str.format with a DIGIT_NAMES entry
 
 _SPEC_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 _INTEGER = re.compile(r"[+-]?\d+")
@@ -86,8 +111,9 @@ class _Strings:
 class ImageDataset(ABC):
     """Samples with dense ids [0, N), labels and a fingerprint.
 
-    Subclasses list their samples (a relative name, a label and a byte size per sample,
-    set up before calling ``__init__``) and say how to read one sample's encoded bytes.
+    Subclasses list their samples (a relative name, a label and a byte size per sample, and
+    for an image-text dataset a caption, set up before calling ``__init__``) and say how to
+    read one sample's encoded bytes.
     """
 
     def __init__(
@@ -98,6 +124,7 @@ class ImageDataset(ABC):
         labels: Sequence[int],
         sizes: Sequence[int],
         skip_unreadable: bool = False,
+        captions: Iterable[str] | None = None,
     ) -> None:
         self.spec = spec
         self.classes: list[str] = list(classes)
@@ -105,6 +132,9 @@ class ImageDataset(ABC):
         self._names = _Strings(names)
         self._sizes = np.asarray(sizes, dtype=np.int64)
         self.labels: np.ndarray = np.asarray(labels, dtype=np.int64)
+        self._captions = None if captions is None else _Strings(captions)
+        if self._captions is not None and len(self._captions) != len(self._names):
+            raise ValueError(f"{spec}: {len(self._captions)} captions for {len(self._names)} samples")
         self._fingerprint: str | None = None
         if skip_unreadable:
             self._drop_unreadable()
@@ -123,6 +153,37 @@ class ImageDataset(ABC):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def has_labels(self) -> bool:
+        """False for an image-text dataset without labels (no classes; every label is NO_LABEL)."""
+        return bool(self.classes)
+
+    @property
+    def has_captions(self) -> bool:
+        """True for an image-text dataset: one caption per sample, ``caption(id)``."""
+        return self._captions is not None
+
+    @property
+    def captions(self) -> list[str]:
+        """Every caption in id order (caption i belongs to sample id i); a new list each call.
+
+        DatasetError if the dataset has no captions (see ``has_captions``).
+        """
+        captions = self._require_captions()
+        return [captions[i] for i in range(len(captions))]
+
+    def caption(self, sample_id: int) -> str:
+        """The caption of sample ``sample_id``; DatasetError if the dataset has no captions."""
+        captions = self._require_captions()
+        return captions[self._index(sample_id)]
+
+    def _require_captions(self) -> _Strings:
+        if self._captions is None:
+            raise DatasetError(
+                f"{self.spec}: the dataset has no captions (image-text specs: {', '.join(CAPTION_SPEC_FORMS)})"
+            )
+        return self._captions
+
     def load(self, sample_id: int) -> Image.Image:
         """Sample ``sample_id`` decoded as an RGB image; DatasetError naming the file if it cannot be."""
         i = self._index(sample_id)
@@ -134,13 +195,15 @@ class ImageDataset(ABC):
             raise DatasetError(f"{self._where(i)}: not a readable image ({type(err).__name__}: {err})") from err
 
     def fingerprint(self) -> str:
-        """sha256 hex over count, class names, and per id: label, size and relative path (computed once)."""
+        """sha256 hex over count, class names, and per id: label, size and relative path, and the caption
+        of an image-text dataset (computed once). A dataset without captions hashes as it always has."""
         if self._fingerprint is None:
-            self._fingerprint = _fingerprint(self.classes, self.labels, self._sizes, self._names)
+            self._fingerprint = _fingerprint(self.classes, self.labels, self._sizes, self._names, self._captions)
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
-        return {
+        """spec, num_samples, num_classes, classes, fingerprint, skipped; and has_captions: True for image-text."""
+        described = {
             "spec": self.spec,
             "num_samples": len(self),
             "num_classes": self.num_classes,
@@ -148,6 +211,9 @@ class ImageDataset(ABC):
             "fingerprint": self.fingerprint(),
             "skipped": list(self.skipped),
         }
+        if self.has_captions:
+            described["has_captions"] = True
+        return described
 
     @abstractmethod
     def _read_bytes(self, i: int) -> bytes:
@@ -185,6 +251,8 @@ class ImageDataset(ABC):
             self._names = self._names.take(indices)
             self._sizes = self._sizes[indices]
             self.labels = self.labels[indices]
+            if self._captions is not None:
+                self._captions = self._captions.take(indices)
             self._take(indices)
 
 
@@ -197,11 +265,19 @@ def _verifies(data: bytes) -> bool:
     return True
 
 
-def _fingerprint(classes: list[str], labels: np.ndarray, sizes: np.ndarray, names: _Strings) -> str:
-    digest = hashlib.sha256(f"{FINGERPRINT_VERSION}\n{len(labels)}\n{json.dumps(classes)}\n".encode())
+def _fingerprint(
+    classes: list[str], labels: np.ndarray, sizes: np.ndarray, names: _Strings, captions: _Strings | None = None
+) -> str:
+    """Without captions exactly the original (v1) hash; with them a "captions" header line and each
+    sample's caption (JSON-quoted) appended to its line."""
+    header = f"{FINGERPRINT_VERSION}\n{len(labels)}\n{json.dumps(classes)}\n"
+    if captions is not None:
+        header += "captions\n"
+    digest = hashlib.sha256(header.encode())
     lines: list[str] = []
     for i, (label, size) in enumerate(zip(labels.tolist(), sizes.tolist(), strict=True)):
-        lines.append(f"{i}\t{label}\t{size}\t{json.dumps(names[i])}\n")
+        caption = "" if captions is None else f"\t{json.dumps(captions[i])}"
+        lines.append(f"{i}\t{label}\t{size}\t{json.dumps(names[i])}{caption}\n")
         if len(lines) == 65_536:
             digest.update("".join(lines).encode())
             lines.clear()
@@ -215,9 +291,11 @@ def _fingerprint(classes: list[str], labels: np.ndarray, sizes: np.ndarray, name
 class _FileDataset(ImageDataset):
     """Samples that are files: name i is a path relative to ``root`` (or absolute, from a CSV)."""
 
-    def __init__(self, spec: str, root: Path, classes, names, labels, sizes, skip_unreadable: bool) -> None:
+    def __init__(
+        self, spec: str, root: Path, classes, names, labels, sizes, skip_unreadable: bool, captions=None
+    ) -> None:
         self.root = root
-        super().__init__(spec, classes, names, labels, sizes, skip_unreadable)
+        super().__init__(spec, classes, names, labels, sizes, skip_unreadable, captions)
 
     def _path(self, i: int) -> Path:
         return self.root / self._names[i]
@@ -237,9 +315,17 @@ class FolderDataset(_FileDataset):
     """``root/<class>/**/<image>``: classes = sorted sub-folder names; ids sorted by (class, relative path).
 
     Hidden entries (names starting with '.') are ignored, as are files without an image extension.
+    With ``caption_of_class`` (class folder name -> text) it is an image-text dataset whose every
+    sample is captioned from its class (used by ``digits-captions``).
     """
 
-    def __init__(self, root: str | os.PathLike, spec: str | None = None, skip_unreadable: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        spec: str | None = None,
+        skip_unreadable: bool = False,
+        caption_of_class: Callable[[str], str] | None = None,
+    ) -> None:
         root = Path(root).expanduser().absolute()
         classes = _class_folders(root)
         names: list[str] = []
@@ -256,7 +342,11 @@ class FolderDataset(_FileDataset):
                 names.append(f"{name}/{relative}")
                 labels.append(label)
                 sizes.append(_file_size(root / name / relative))
-        super().__init__(spec or str(root), root, classes, names, labels, sizes, skip_unreadable)
+        captions = None
+        if caption_of_class is not None:
+            texts = [caption_of_class(name) for name in classes]
+            captions = [texts[label] for label in labels]
+        super().__init__(spec or str(root), root, classes, names, labels, sizes, skip_unreadable, captions)
 
 
 def _class_folders(root: Path) -> list[str]:
@@ -317,29 +407,86 @@ class CsvDataset(_FileDataset):
         rows = _read_rows(csv_path)
         classes, labels = _csv_labels(csv_path, rows)
         root = csv_path.parent
-        sizes = []
-        for row in rows:
-            full = root / row.path
-            try:
-                info = os.stat(full)
-            except OSError:
-                raise DatasetError(
-                    f"{csv_path}: row {row.number} (line {row.line}): file '{row.path}' does not exist "
-                    f"(looked for {full})"
-                ) from None
-            if not stat.S_ISREG(info.st_mode):
-                raise DatasetError(f"{csv_path}: row {row.number} (line {row.line}): '{row.path}' is not a file")
-            sizes.append(info.st_size)
+        sizes = _row_sizes(csv_path, root, rows)
         names = [row.path for row in rows]
         super().__init__(spec or f"csv:{csv_path}", root, classes, names, labels, sizes, skip_unreadable)
 
 
-def _read_rows(path: Path) -> list[_Row]:
+class PairsDataset(_FileDataset):
+    """Image-caption pairs from a CSV (or TSV) with ``path`` and ``caption`` columns; ids = row order.
+
+    One row is one sample: an image with several captions takes several rows (several ids).
+    Relative paths are relative to the file's folder; captions are stripped of surrounding
+    whitespace and may not be empty (quote a caption holding the delimiter, as CSV does). An
+    optional ``label`` column is read as ``CsvDataset`` reads it; without it the dataset has no
+    classes and every label is ``NO_LABEL``.
+    """
+
+    def __init__(self, csv_path: str | os.PathLike, spec: str | None = None, skip_unreadable: bool = False) -> None:
+        csv_path = Path(csv_path).expanduser().absolute()
+        table = _read_table(csv_path, ("path", "caption"), optional=("label",))
+        at = table.columns
+        rows: list[_Row] = []
+        captions: list[str] = []
+        for number, line, cells in table.rows:
+            values = {name: cells[k].strip() for name, k in at.items()}
+            for name in at:
+                if not values[name]:
+                    what = "caption" if name == "caption" else f"'{name}'"
+                    raise DatasetError(f"{_row_at(csv_path, number, line, (at[name], name))}: empty {what}")
+            rows.append(_Row(number, line, values["path"], values.get("label", "")))
+            captions.append(values["caption"])
+        if "label" in at:
+            classes, labels = _csv_labels(csv_path, rows)
+        else:
+            classes, labels = [], [NO_LABEL] * len(rows)
+        root = csv_path.parent
+        sizes = _row_sizes(csv_path, root, rows, path_column=at["path"])
+        names = [row.path for row in rows]
+        super().__init__(spec or f"pairs:{csv_path}", root, classes, names, labels, sizes, skip_unreadable, captions)
+
+
+def _row_at(path: Path, number: int, line: int, column: tuple[int, str] | None = None) -> str:
+    """'PATH: row N (line L)', or with a column (index, name): 'PATH: row N (line L, column C 'NAME')', C from 1."""
+    where = f"line {line}" if column is None else f"line {line}, column {column[0] + 1} '{column[1]}'"
+    return f"{path}: row {number} ({where})"
+
+
+def _row_sizes(csv_path: Path, root: Path, rows: list[_Row], path_column: int | None = None) -> list[int]:
+    """The byte size of each row's file; DatasetError naming the row (and the path column, if given)."""
+    column = None if path_column is None else (path_column, "path")
+    sizes = []
+    for row in rows:
+        where = _row_at(csv_path, row.number, row.line, column)
+        full = root / row.path
+        try:
+            info = os.stat(full)
+        except OSError:
+            raise DatasetError(f"{where}: file '{row.path}' does not exist (looked for {full})") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise DatasetError(f"{where}: '{row.path}' is not a file")
+        sizes.append(info.st_size)
+    return sizes
+
+
+class _Table(NamedTuple):
+    columns: dict[str, int]  # lower-cased column name -> index: the required ones and the optional ones present
+    rows: list[tuple[int, int, list[str]]]  # (data row number, line, cells) per non-blank row
+
+
+def _read_table(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> _Table:
+    """The rows of a CSV/TSV with a header naming (case-insensitively) every ``required`` column.
+
+    Every row has a cell for each column found; blank rows are skipped; cells are not stripped.
+    """
+    expected = " and ".join(f"'{c}'" for c in required)
+    if optional:
+        expected += ", optionally " + " and ".join(f"'{c}'" for c in optional)
     if not path.exists():
         raise DatasetError(f"CSV file '{path}' does not exist")
     if not path.is_file():
         raise DatasetError(f"CSV path '{path}' is not a file")
-    rows: list[_Row] = []
+    rows: list[tuple[int, int, list[str]]] = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             delimiter = _delimiter(path, f.readline())
@@ -347,28 +494,25 @@ def _read_rows(path: Path) -> list[_Row]:
             reader = csv.reader(f, delimiter=delimiter)
             header = next(reader, None)
             if header is None:
-                raise DatasetError(f"{path}: the file is empty (expected a header row with 'path' and 'label' columns)")
-            columns = [c.strip().lower() for c in header]
-            for column in ("path", "label"):
-                if column not in columns:
+                raise DatasetError(f"{path}: the file is empty (expected a header row with {expected} columns)")
+            names = [c.strip().lower() for c in header]
+            for column in required:
+                if column not in names:
                     raise DatasetError(
-                        f"{path}: no '{column}' column in the header {header} (expected columns 'path' and 'label')"
+                        f"{path}: no '{column}' column in the header {header} (expected columns {expected})"
                     )
-            at_path, at_label = columns.index("path"), columns.index("label")
+            columns = {c: names.index(c) for c in (*required, *optional) if c in names}
+            need = max(columns.values()) + 1
             for row in reader:
                 if not any(cell.strip() for cell in row):
                     continue
                 number = len(rows) + 1
-                if len(row) <= max(at_path, at_label):
+                if len(row) < need:
                     raise DatasetError(
                         f"{path}: row {number} (line {reader.line_num}) has {len(row)} field(s), "
-                        f"expected at least {max(at_path, at_label) + 1}"
+                        f"expected at least {need}"
                     )
-                file, label = row[at_path].strip(), row[at_label].strip()
-                if not file or not label:
-                    missing = "path" if not file else "label"
-                    raise DatasetError(f"{path}: row {number} (line {reader.line_num}): empty '{missing}'")
-                rows.append(_Row(number, reader.line_num, file, label))
+                rows.append((number, reader.line_num, row))
     except UnicodeDecodeError as err:
         raise DatasetError(f"{path}: not UTF-8 text ({err})") from err
     except csv.Error as err:
@@ -377,6 +521,19 @@ def _read_rows(path: Path) -> list[_Row]:
         raise DatasetError(f"{path}: cannot read the file ({err.strerror or err})") from err
     if not rows:
         raise DatasetError(f"{path}: no data rows after the header")
+    return _Table(columns, rows)
+
+
+def _read_rows(path: Path) -> list[_Row]:
+    table = _read_table(path, ("path", "label"))
+    at_path, at_label = table.columns["path"], table.columns["label"]
+    rows: list[_Row] = []
+    for number, line, cells in table.rows:
+        file, label = cells[at_path].strip(), cells[at_label].strip()
+        if not file or not label:
+            missing = "path" if not file else "label"
+            raise DatasetError(f"{path}: row {number} (line {line}): empty '{missing}'")
+        rows.append(_Row(number, line, file, label))
     return rows
 
 
@@ -409,29 +566,38 @@ class TarDataset(ImageDataset):
     """webdataset shards read in place: members are indexed once (key -> shard, data offset, size)
     and ``load`` does one seek and read. Shard files are opened lazily, once per process, so the
     dataset is safe to use from forked DataLoader workers (and pickles without open files).
+
+    A sample is an image member plus a ``.cls`` label and/or a ``.txt`` caption (UTF-8, stripped,
+    not empty) under the same key. When any sample of the shard set has a ``.txt``, the dataset is
+    an image-text dataset and every sample needs one; ``.cls`` is then optional, but all samples
+    or none carry it (none: no classes, every label ``NO_LABEL``). Otherwise every sample needs a
+    ``.cls``. Captions are read once, when the shards are indexed.
     """
 
     def __init__(self, pattern: str, spec: str | None = None, skip_unreadable: bool = False) -> None:
         self.shards = _find_shards(pattern)
-        names: list[str] = []
-        labels: list[int] = []
-        sizes: list[int] = []
-        shard_of: list[int] = []
-        offsets: list[int] = []
-        for s, shard in enumerate(self.shards):
-            for member, offset, size, label in _index_shard(shard):
-                names.append(f"{shard.name}/{member}")
-                labels.append(label)
-                sizes.append(size)
-                shard_of.append(s)
-                offsets.append(offset)
-        self._shard_of = np.asarray(shard_of, dtype=np.int32)
-        self._offsets = np.asarray(offsets, dtype=np.int64)
+        samples = [(s, sample) for s, shard in enumerate(self.shards) for sample in _index_shard(shard)]
+        with_captions = any(sample.caption is not None for _, sample in samples)
+        with_labels = any(sample.label is not None for _, sample in samples)
+        for s, sample in samples:
+            where = f"{self.shards[s]}: sample '{sample.key}' ({sample.member})"
+            if with_captions and sample.caption is None:
+                raise DatasetError(f"{where} has no .txt caption member (other samples of these shards have one)")
+            if sample.label is None and with_labels and with_captions:
+                raise DatasetError(f"{where} has no .cls label member (other samples of these shards have one)")
+            if sample.label is None and not with_captions:
+                raise DatasetError(f"{where} has no .cls label member (nor a .txt caption)")
+        names = [f"{self.shards[s].name}/{sample.member}" for s, sample in samples]
+        labels = [NO_LABEL if sample.label is None else sample.label for _, sample in samples]
+        sizes = [sample.size for _, sample in samples]
+        captions = [sample.caption for _, sample in samples] if with_captions else None
+        self._shard_of = np.asarray([s for s, _ in samples], dtype=np.int32)
+        self._offsets = np.asarray([sample.offset for _, sample in samples], dtype=np.int64)
         self._pid: int | None = None
         self._files: dict[int, BinaryIO] = {}
         self._lock = threading.Lock()
-        classes = [str(i) for i in range(max(labels) + 1)] if labels else []
-        super().__init__(spec or f"wds:{pattern}", classes, names, labels, sizes, skip_unreadable)
+        classes = [str(i) for i in range(max(labels) + 1)] if with_labels else []
+        super().__init__(spec or f"wds:{pattern}", classes, names, labels, sizes, skip_unreadable, captions)
 
     def _where(self, i: int) -> str:
         member = self._names[i].split("/", 1)[1]
@@ -505,11 +671,20 @@ def _find_shards(pattern: str) -> list[Path]:
     return [Path(p).absolute() for p in paths]
 
 
-def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
-    """(image member name, data offset, size, label) per sample key, in first-appearance order."""
+class _ShardSample(NamedTuple):
+    key: str
+    member: str  # the image member's name
+    offset: int  # of the image's data in the shard
+    size: int
+    label: int | None  # from the .cls member, if any
+    caption: str | None  # from the .txt member, if any
+
+
+def _index_shard(shard: Path) -> list[_ShardSample]:
+    """One entry per sample key, in first-appearance order; its .cls and .txt parsed when present."""
     images: dict[str, tarfile.TarInfo] = {}
-    labels: dict[str, tuple[tarfile.TarInfo, bytes]] = {}
-    keys: dict[str, None] = {}  # ordered set of keys that have an image or a label
+    texts: dict[str, dict[str, tuple[tarfile.TarInfo, bytes]]] = {"cls": {}, "txt": {}}
+    keys: dict[str, None] = {}  # ordered set of keys that have an image, a label or a caption
     try:
         with tarfile.open(shard, mode="r:") as tar:
             for member in tar:
@@ -519,9 +694,9 @@ def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
                 key, extension = match.group(1), match.group(2).lower()
                 if extension in WDS_IMAGE_EXTENSIONS and key not in images:
                     images[key] = member
-                elif extension == "cls":
+                elif extension in texts:
                     handle = tar.extractfile(member)
-                    labels[key] = (member, handle.read() if handle else b"")
+                    texts[extension][key] = (member, handle.read() if handle else b"")
                 else:
                     continue
                 keys.setdefault(key)
@@ -530,17 +705,27 @@ def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
     samples = []
     for key in keys:
         if key not in images:
+            found = " and ".join(f".{ext}" for ext in texts if key in texts[ext])
             raise DatasetError(
-                f"{shard}: sample '{key}' has a .cls but no image member ({'/'.join(WDS_IMAGE_EXTENSIONS)})"
+                f"{shard}: sample '{key}' has a {found} but no image member ({'/'.join(WDS_IMAGE_EXTENSIONS)})"
             )
-        if key not in labels:
-            raise DatasetError(f"{shard}: sample '{key}' ({images[key].name}) has no .cls label member")
-        member, text = labels[key]
-        value = text.decode("utf-8", "replace").strip()
-        if not value.isdigit():
-            raise DatasetError(f"{shard}:{member.name}: label {value!r} is not a non-negative integer")
+        label = caption = None
+        if key in texts["cls"]:
+            member, text = texts["cls"][key]
+            value = text.decode("utf-8", "replace").strip()
+            if not value.isdecimal():  # isdigit would pass '²', which int() rejects
+                raise DatasetError(f"{shard}:{member.name}: label {value!r} is not a non-negative integer")
+            label = int(value)
+        if key in texts["txt"]:
+            member, text = texts["txt"][key]
+            try:
+                caption = text.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise DatasetError(f"{shard}:{member.name}: the caption is not UTF-8 text ({err})") from err
+            if not caption:
+                raise DatasetError(f"{shard}:{member.name}: empty caption")
         image = images[key]
-        samples.append((image.name, image.offset_data, image.size, int(value)))
+        samples.append(_ShardSample(key, image.name, image.offset_data, image.size, label, caption))
     return samples
 
 
@@ -601,27 +786,45 @@ def _write_digits(folder: Path) -> None:
             image.save(out / f"{index:04d}.png", compress_level=0)
 
 
+def digit_caption(digit: int) -> str:
+    """The caption of a digit image: ``DIGIT_CAPTION_TEMPLATE.format(DIGIT_NAMES[digit])``."""
+    return DIGIT_CAPTION_TEMPLATE.format(DIGIT_NAMES[digit])
+
+
+def digit_caption_of_class(name: str) -> str:
+    """The caption of the digits class folder ``name`` ("0" .. "9")."""
+    return digit_caption(int(name))
+
+
 def create_dataset(
     spec: str, split: str = "train", skip_unreadable: bool = False, cache_dir: str | None = None
 ) -> ImageDataset:
-    """The dataset a spec names: ``digits``, a folder ``PATH``, ``csv:PATH`` or ``wds:PATTERN``.
+    """The dataset a spec names: ``digits``, a folder ``PATH``, ``csv:PATH``, ``wds:PATTERN``,
+    ``pairs:PATH`` or ``digits-captions`` (``has_captions`` tells the image-text ones).
 
-    ``split`` ("train" or "val") only matters for ``digits``; ``cache_dir`` is where digits
-    are written (default $DISTILL_CACHE, else ~/.cache/distill). With ``skip_unreadable``
-    every image is verified once and the unreadable ones are dropped (listed in ``skipped``)
-    before ids are assigned.
+    ``split`` ("train" or "val") only matters for ``digits`` and ``digits-captions``; ``cache_dir``
+    is where digits are written (default $DISTILL_CACHE, else ~/.cache/distill). With
+    ``skip_unreadable`` every image is verified once and the unreadable ones are dropped (listed
+    in ``skipped``) before ids are assigned.
     """
     accepted = f"accepted forms: {', '.join(SPEC_FORMS)}"
     if not isinstance(spec, str) or not spec.strip():
         raise DatasetError(f"dataset spec must be a non-empty string, got {spec!r}; {accepted}")
-    if spec == "digits":
+    if spec in ("digits", "digits-captions"):
         if split not in DIGITS_SPLITS:
-            raise DatasetError(f"digits: split must be one of {DIGITS_SPLITS}, got {split!r}")
-        return FolderDataset(prepare_digits(cache_dir) / split, spec=spec, skip_unreadable=skip_unreadable)
+            raise DatasetError(f"{spec}: split must be one of {DIGITS_SPLITS}, got {split!r}")
+        captioned = digit_caption_of_class if spec == "digits-captions" else None
+        return FolderDataset(
+            prepare_digits(cache_dir) / split, spec=spec, skip_unreadable=skip_unreadable, caption_of_class=captioned
+        )
     if spec.startswith("csv:"):
         if not spec[4:]:
             raise DatasetError(f"csv: needs a file path, e.g. csv:data/train.csv; {accepted}")
         return CsvDataset(spec[4:], spec=spec, skip_unreadable=skip_unreadable)
+    if spec.startswith("pairs:"):
+        if not spec[6:]:
+            raise DatasetError(f"pairs: needs a file path, e.g. pairs:data/captions.tsv; {accepted}")
+        return PairsDataset(spec[6:], spec=spec, skip_unreadable=skip_unreadable)
     if spec.startswith("wds:"):
         return TarDataset(spec[4:], spec=spec, skip_unreadable=skip_unreadable)
     prefix = _SPEC_PREFIX.match(spec)
