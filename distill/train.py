@@ -10,6 +10,7 @@ logs and `training_curves.png` to `output_dir`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -234,7 +235,9 @@ def train(raw: dict[str, Any]) -> dict[str, Any]:
     method = method_cls(loss_cfg, train_set.num_classes)
     teacher = build_teacher(recipe, method, train_set, recipe_manifest_entry(augmentation), accelerator.device)
     train_data = ReplayDataset(train_set, ReplayAugment(augmentation, recipe.data.img_size, recipe.seed))
-    val_data = ReplayDataset(val_set, ReplayAugment(PRESETS["none"], recipe.data.img_size, 0))
+    # Evaluation: the whole image, normalised as in training.
+    plain = dataclasses.replace(PRESETS["none"], mean=augmentation.mean, std=augmentation.std)
+    val_data = ReplayDataset(val_set, ReplayAugment(plain, recipe.data.img_size, 0))
 
     model = method.build_student(recipe.student, recipe.data.img_size)
     opt = recipe.optimizer

@@ -1,0 +1,304 @@
+"""The Cream recipe (recipes/cream.py): search, board, selection within the FLOPs budget, export, retraining."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file
+from store_helpers import manifest, write_epoch
+from train_helpers import run_module, small_digits, write_recipe
+
+from distill.augment import PRESETS, recipe_manifest_entry
+from distill.data import create_dataset
+from distill.prioritized_board import MetaMatchingNetwork, PrioritizedBoard, evaluate_path, update_board
+from distill.recipe import RecipeError, parse_section
+from logit_store import create_store
+from recipes.cream import CreamRecipe, PathTrainer, build_outer_teacher, run
+from students.supernet import Supernet, SupernetConfig, export, path_flops
+
+NUM_CLASSES = 10
+BUDGET = 3.5  # MFLOPs: the tiny supernet's paths span 2.0-5.9 at 32 px, about half are over
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cream")
+    return {"root": root, **small_digits(root)}
+
+
+@pytest.fixture(scope="module")
+def store(data):
+    """A synthetic logit store saved for the small training folder, basic augmentation, seed 0, 2 epochs."""
+    train_set = create_dataset(data["train"])
+    m = manifest(
+        num_samples=len(train_set), num_classes=NUM_CLASSES, k=3, epochs=2, global_seed=0,
+        dataset={"fingerprint": train_set.fingerprint()}, augmentation=recipe_manifest_entry(PRESETS["basic"]),
+    )  # fmt: skip
+    out = data["root"] / "outer.zarr"
+    created = create_store(str(out), m)
+    for epoch in range(2):
+        write_epoch(created, epoch)
+    return out
+
+
+def cream_recipe(data, output_dir, **changes) -> dict:
+    """Tiny sizes: 128 training ids (every 5th of 160 held out), 8 steps per epoch; the board keeps every path."""
+    recipe = {
+        "supernet": {"tiny": True},
+        "data": {"train": data["train"], "val": data["val"], "img_size": 32},
+        "search": {
+            "epochs": 2, "batch_size": 16, "flops_budget": BUDGET, "board_size": 32, "meta_update_every": 4,
+            "heldout_every": 5, "heldout_batch_size": 16, "optimizer": {"name": "adamw", "lr": 0.005},
+        },
+        "retrain": {"method": "supervised", "epochs": 1, "batch_size": 16, "log_every": 2},
+        "output_dir": str(output_dir),
+    }  # fmt: skip
+    for key, value in changes.items():
+        node = recipe
+        *parents, leaf = key.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return recipe
+
+
+# ---- end to end ------------------------------------------------------------------------------------------
+
+
+def test_search_select_retrain_end_to_end(data, store):
+    out = data["root"] / "run"
+    recipe = cream_recipe(data, out, teacher={"source": f"store:{store}", "weight": 0.5})
+    proc = run_module("recipes.cream", [str(write_recipe(data["root"] / "cream.yaml", recipe))], data["root"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    config = SupernetConfig.tiny()
+
+    # The board is printed, best first, with held-out scores and MFLOPs; the budget excludes some of it.
+    assert "Cream board, best first" in proc.stdout and "<- chosen" in proc.stdout and "(over budget)" in proc.stdout
+    board = summary["board"]
+    assert len(board) >= 5 and [r["rank"] for r in board] == list(range(1, len(board) + 1))
+    assert all(a["heldout_top1"] >= b["heldout_top1"] for a, b in itertools.pairwise(board))
+    assert any(r["mflops"] > BUDGET for r in board) and any(r["mflops"] <= BUDGET for r in board)
+    for r in board:
+        assert r["flops"] == path_flops(config, r["path"], 32, NUM_CLASSES) and r["within_budget"] == (
+            r["mflops"] <= BUDGET
+        )
+        assert r["heldout_top1"] * 16 == pytest.approx(round(r["heldout_top1"] * 16))  # on the 16-image batch
+
+    # The chosen path is the best-scoring board path within the budget, and its FLOPs are path_flops'.
+    best_within = next(r for r in board if r["mflops"] <= BUDGET)
+    assert summary["path"] == best_within["path"] and [r["chosen"] for r in board].count(True) == 1
+    assert summary["heldout_top1"] == best_within["heldout_top1"]
+    assert summary["flops"] == path_flops(config, summary["path"], 32, NUM_CLASSES) <= BUDGET * 1e6
+    assert summary["mflops"] == summary["flops"] / 1e6 and summary["flops_budget_mflops"] == BUDGET
+    assert summary["params"] == best_within["params"] < summary["supernet_params"]
+
+    # The search ran its steps, with the board, meta updates and the outer store KD.
+    search = summary["search"]
+    assert search["steps"] == 16 and search["meta_updates"] == 3 and search["images_per_s"] > 0
+    assert search["train_samples"] == 128 and search["heldout_samples"] == 32
+    assert all("store_kd" in row and "m" in row for row in search["history"])
+
+    # The retraining ran from the exported weights, and its accuracy is reported.
+    retrain = json.loads((out / "retrain" / "summary.json").read_text())
+    assert summary["top1"] == retrain["top1"] and summary["top5"] == retrain["top5"]
+    assert 0 <= summary["top1"] <= summary["top5"] <= 100 and retrain["student"] == "cream_path"
+    assert retrain["params"] == summary["params"] and (out / "retrain" / "model.safetensors").exists()
+    student = yaml.safe_load((out / "retrain" / "recipe.yaml").read_text())
+    assert student["student"]["checkpoint"] == str(out / "path.safetensors")
+    assert student["student"]["kwargs"]["path"] == summary["path"]
+
+    # path.safetensors is the chosen path exported from the saved supernet, and loads into timm's cream_path.
+    supernet = Supernet(config, NUM_CLASSES)
+    supernet.load_state_dict(load_file(out / "supernet.safetensors"))
+    exported = export(supernet, summary["path"]).state_dict()
+    saved = load_file(out / "path.safetensors")
+    assert saved.keys() == exported.keys() and all(torch.equal(saved[k], exported[k]) for k in saved)
+    model = timm.create_model("cream_path", num_classes=NUM_CLASSES, **student["student"]["kwargs"])
+    model.load_state_dict(saved)
+
+
+# ---- the training step -----------------------------------------------------------------------------------
+
+
+class _Memorizer(nn.Module):
+    """Predicts the class written in pixel (0, 0, 0), scaled by a trainable weight: right on the training
+    batch (where that pixel holds the label), wrong on the held-out one."""
+
+    config = SupernetConfig.tiny()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(5.0))
+
+    def forward(self, x: torch.Tensor, path: object) -> torch.Tensor:
+        return self.scale * F.one_hot(x[:, 0, 0, 0].long(), NUM_CLASSES).float()
+
+
+def _trainer(model: nn.Module, board: PrioritizedBoard, heldout, **kw) -> PathTrainer:
+    meta = MetaMatchingNetwork(NUM_CLASSES)
+    return PathTrainer(
+        model, meta, board, torch.optim.SGD(model.parameters(), lr=0.01), torch.optim.Adam(meta.parameters()),
+        heldout, flops=lambda path: 1, **kw,
+    )  # fmt: skip
+
+
+def test_step_sends_the_heldout_score_to_the_board():
+    labels = torch.arange(8) % NUM_CLASSES
+    train_images, heldout_images = torch.zeros(8, 3, 4, 4), torch.zeros(8, 3, 4, 4)
+    train_images[:, 0, 0, 0] = labels.float()  # memorized: 100% on the training batch
+    heldout_images[:, 0, 0, 0] = ((labels + 1) % NUM_CLASSES).float()  # 0% held out
+    model = _Memorizer()
+    board = PrioritizedBoard(size=2)
+    trainer = _trainer(model, board, (heldout_images, labels))
+    batch = {"image": train_images, "label": labels, "id": torch.arange(8), "epoch": torch.zeros(8, dtype=torch.long)}
+
+    logs = trainer.step(batch, (0,) * 6, use_board=True, next_heldout=lambda: (heldout_images, labels))
+    assert logs["admitted"] == 1.0 and board[0].path == (0,) * 6
+    assert evaluate_path(model, (0,) * 6, train_images, labels)[0] == 1.0
+    assert board[0].heldout_score == 0.0  # the held-out batch's score, not the training batch's 1.0
+    torch.testing.assert_close(board[0].outputs, model(heldout_images, None).detach())  # its outputs, on that batch
+
+    # A full board (held-out 1.0 and 0.5) refuses the path: its held-out 0.0 is worse; its training 1.0 is not.
+    update_board(board, _ConstantModel(labels), (1,) * 6, (heldout_images, labels), flops=1)
+    update_board(board, _ConstantModel(labels[:4].repeat(2)), (2,) * 6, (heldout_images, labels), flops=1)
+    assert [e.path for e in board] == [(1,) * 6, (2,) * 6]
+    logs = trainer.step(batch, (3,) * 6, use_board=True, next_heldout=lambda: (heldout_images, labels))
+    assert logs["admitted"] == 0.0 and (3,) * 6 not in board
+
+    # Before the board is in use (board_start_epoch) the path is neither scored nor offered.
+    assert "admitted" not in trainer.step(batch, (4,) * 6, use_board=False, next_heldout=lambda: None)
+
+
+class _ConstantModel(nn.Module):
+    """Answers fixed labels for any input."""
+
+    def __init__(self, answers: torch.Tensor) -> None:
+        super().__init__()
+        self.answers = answers
+
+    def forward(self, x: torch.Tensor, path: object) -> torch.Tensor:
+        return F.one_hot(self.answers, NUM_CLASSES).float()
+
+
+class _RecordingTeacher:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, list[int]]] = []
+
+    def logits(self, images: torch.Tensor, epoch: int, ids: torch.Tensor) -> torch.Tensor:
+        self.calls.append((epoch, ids.tolist()))
+        return torch.zeros(len(images), NUM_CLASSES)
+
+
+def test_step_mixes_the_board_teacher_meta_update_and_store_kd():
+    torch.manual_seed(0)
+    model = Supernet(SupernetConfig.tiny(), NUM_CLASSES).train()
+    heldout = (torch.randn(6, 3, 16, 16), torch.arange(6))
+    board = PrioritizedBoard(size=3)
+    for path in [(0,) * 6, (5,) * 6]:
+        update_board(board, model, path, heldout, flops=1)
+    teacher = _RecordingTeacher()
+    trainer = _trainer(model, board, heldout, meta_update_every=2, teacher=teacher, teacher_weight=0.5)
+    batch = {
+        "image": torch.randn(4, 3, 16, 16), "label": torch.arange(4), "id": torch.tensor([7, 3, 9, 1]),
+        "epoch": torch.full((4,), 1),
+    }  # fmt: skip
+    drawn = []
+
+    def next_heldout():
+        drawn.append(1)
+        return heldout
+
+    logs = trainer.step(batch, (1, 2, 3, 4, 0, 1), use_board=True, next_heldout=next_heldout)
+    # the meta update ran on step 0 (a board exists) with one held-out batch; m is sigmoid(-best score)
+    assert trainer.meta_updates == 1 and len(drawn) == 1 and "meta_heldout_loss" in logs
+    assert trainer.choose_teacher((1, 2, 3, 4, 0, 1))[0] in board.entries and 0 < logs["m"] < 1
+    assert teacher.calls == [(1, [7, 3, 9, 1])]  # the store is read at the batch's (epoch, ids)
+    assert logs["store_kd"] >= np.log(NUM_CLASSES) - 1e-5  # soft CE against a uniform store distribution
+    trainer.step(batch, (0,) * 6, use_board=True, next_heldout=next_heldout)
+    assert trainer.meta_updates == 1 and trainer.steps == 2  # every 2 steps: not on step 1
+
+
+# ---- recipe checks ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"search__flops_budget": "small"}, r"search\.flops_budget: expected a number"),
+        ({"search__sampling": "weighted"}, r"search\.choice_weights: give them with sampling: weighted"),
+        ({"search__sampling": "weighted", "search__choice_weights": [1, 2]}, r"search\.choice_weights: expected 6"),
+        ({"search__heldout": "test"}, r"search\.heldout: expected one of \['train', 'val'\]"),
+        ({"supernet__stage_depths": [2, 0, 2]}, r"supernet: every stage needs at least one layer"),
+        ({"supernet__depth": 3}, r"supernet\.depth: unknown key"),
+        ({"retrain__student": {"model": "resnet18"}}, r"retrain\.student: set by the Cream recipe"),
+        ({"retrain__epoch": 1}, r"retrain\.epoch: unknown key"),
+        ({"retrain__loss": {"smoothing": 0.1}}, r"retrain\.loss\.smoothing: unknown key"),
+        ({"augmentation": "tinyvit-mix"}, r"augmentation: the search trains on hard labels"),
+        ({"teacher__source": "timm:resnet18"}, r"teacher\.source: the Cream search takes a logit store"),
+    ],
+)
+def test_recipe_errors_name_the_key(data, tmp_path, change, message):
+    with pytest.raises(RecipeError, match=message):
+        run(cream_recipe(data, tmp_path / "run", **change))
+    assert not (tmp_path / "run").exists()  # nothing written for a recipe that cannot run
+
+
+def test_a_budget_under_every_board_path_is_an_error(data, tmp_path):
+    # (every tiny path has more than 1.9 MFLOPs; a 2-step search)
+    recipe = cream_recipe(data, tmp_path / "run", search__flops_budget=1.0, search__epochs=1, search__batch_size=64)
+    with pytest.raises(RecipeError, match=r"search\.flops_budget: no board path is within 1 MFLOPs"):
+        run(recipe)
+    assert (tmp_path / "run" / "supernet.safetensors").exists() and not (tmp_path / "run" / "retrain").exists()
+
+
+def test_outer_store_is_checked_naming_the_field(data, store):
+    train_set = create_dataset(data["train"])
+
+    def check(**changes):
+        raw = cream_recipe(data, "unused", teacher={"source": f"store:{store}"}, **changes)
+        return build_outer_teacher(parse_section(CreamRecipe, raw, ""), train_set, PRESETS["basic"])
+
+    assert check().num_classes == NUM_CLASSES
+    with pytest.raises(RecipeError, match=r"store field global_seed is 0 but the recipe's seed .* gives 1"):
+        check(seed=1)
+    with pytest.raises(RecipeError, match=r"^search\.epochs: 3 training epochs but the store .* holds 2"):
+        check(search__epochs=3)
+    assert check(search__epochs=3, teacher__epochs="cycle")
+    with pytest.raises(RecipeError, match=r"store field augmentation\.hash"):
+        build_outer_teacher(parse_section(CreamRecipe, cream_recipe(data, "u", teacher={"source": f"store:{store}"}),
+                                          ""), train_set, PRESETS["none"])  # fmt: skip
+
+
+def test_heldout_split_is_disjoint_and_deterministic(data):
+    from recipes.cream import split_heldout
+
+    train_set, val_set = create_dataset(data["train"]), create_dataset(data["val"])
+    cfg = parse_section(CreamRecipe, cream_recipe(data, "u"), "")
+    train_ids, heldout_set, heldout_ids = split_heldout(cfg, train_set, val_set)
+    assert heldout_set is train_set and set(train_ids).isdisjoint(heldout_ids)
+    assert list(heldout_ids) == list(range(0, 160, 5)) and len(train_ids) == 128
+    cfg = parse_section(CreamRecipe, cream_recipe(data, "u", search__heldout="val"), "")
+    train_ids, heldout_set, heldout_ids = split_heldout(cfg, train_set, val_set)
+    assert heldout_set is val_set and len(train_ids) == 160 and len(heldout_ids) == 60
+
+
+def test_retrain_store_is_checked_before_the_search(data, store, tmp_path):
+    recipe = cream_recipe(data, tmp_path / "run", retrain__method="tinyvit", retrain__seed=1)
+    recipe["retrain"]["teacher"] = {"source": f"store:{store}"}
+    with pytest.raises(RecipeError, match=r"^retrain\.teacher\.source .*: store field global_seed is 0 .* gives 1"):
+        run(recipe)
+    assert not (tmp_path / "run").exists()
