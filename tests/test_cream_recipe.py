@@ -81,6 +81,7 @@ def cream_recipe(data, output_dir, **changes) -> dict:
 def test_search_select_retrain_end_to_end(data, store):
     out = data["root"] / "run"
     recipe = cream_recipe(data, out, teacher={"source": f"store:{store}", "weight": 0.5})
+    recipe["retrain"] |= {"method": "tinyvit", "teacher": {"source": f"store:{store}"}}  # retrained from the store
     proc = run_module("recipes.cream", [str(write_recipe(data["root"] / "cream.yaml", recipe))], data["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -116,6 +117,7 @@ def test_search_select_retrain_end_to_end(data, store):
     retrain = json.loads((out / "retrain" / "summary.json").read_text())
     assert summary["top1"] == retrain["top1"] and summary["top5"] == retrain["top5"]
     assert 0 <= summary["top1"] <= summary["top5"] <= 100 and retrain["student"] == "cream_path"
+    assert retrain["method"] == "tinyvit" and retrain["teacher_source"] == f"store:{store}"
     assert retrain["params"] == summary["params"] and (out / "retrain" / "model.safetensors").exists()
     student = yaml.safe_load((out / "retrain" / "recipe.yaml").read_text())
     assert student["student"]["checkpoint"] == str(out / "path.safetensors")

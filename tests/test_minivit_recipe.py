@@ -1,0 +1,423 @@
+"""The MiniViT recipe (recipes/minivit.py): loss section, teacher checks, hooks, checkpoints, end-to-end runs."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from train_helpers import ROOT, env_for, run_module, small_digits
+
+from distill.augment import PRESETS, ReplayAugment
+from distill.data import create_dataset
+from distill.loader import ReplayDataset, collate
+from distill.method import create_method
+from distill.recipe import Recipe, RecipeError, StudentConfig, load_recipe_file, parse_section
+from distill.train import train
+from logit_store import Manifest, create_store
+from recipes.minivit import MiniVit, MiniVitLoss, tiny_deit_kwargs, tiny_deit_teacher
+from teachers import ModelTeacher, create_teacher, load_checkpoint
+from teachers.store_teacher import StoreTeacher
+
+TINY = tiny_deit_kwargs()
+STUDENT = "mini_deit_tiny_patch16_224"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minivit")
+    return {"root": root, **small_digits(root)}
+
+
+def batch_of(n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.randn(n, 3, 32, 32, generator=g),
+        "epoch": torch.zeros(n, dtype=torch.long),
+        "id": torch.arange(n),
+        "label": torch.arange(n) % 10,
+        "partner": torch.arange(n),
+        "partner_label": torch.arange(n) % 10,
+        "lam": torch.ones(n),
+    }
+
+
+def student(method: MiniVit, **kwargs) -> torch.nn.Module:
+    return method.build_student(StudentConfig(STUDENT, {**TINY, **kwargs}), 32)
+
+
+# ---- the loss section ------------------------------------------------------------------------------------
+
+
+def test_loss_defaults_are_the_papers():
+    cfg = create_method("minivit", {}, 10).cfg
+    assert cfg == MiniVitLoss(1.0, 1.0, 1.0, 0.1, 0.0, 0, [[-1, -1]])
+    cfg = create_method("minivit", {"layer_pairs": [[1, 3], [-1, -1]], "relation_heads": 12}, 10).cfg
+    assert cfg.layer_pairs == [[1, 3], [-1, -1]] and cfg.relation_heads == 12
+
+
+@pytest.mark.parametrize(
+    ("loss", "message"),
+    [
+        ({"temprature": 2.0}, r"loss\.temprature: unknown key; expected one of \[.*'layer_pairs'"),
+        ({"attention_weight": "high"}, r"loss\.attention_weight: expected a number, got str 'high'"),
+        ({"layer_pairs": [-1, -1]}, r"loss\.layer_pairs\[0\]: expected a list, got int -1"),
+        ({"layer_pairs": [[-1]]}, r"loss\.layer_pairs\[0\]: expected \[student block, teacher block\], got \[-1\]"),
+        ({"layer_pairs": [[0, 1.5]]}, r"loss\.layer_pairs\[0\]\[1\]: expected an integer, got float 1\.5"),
+        ({"layer_pairs": []}, r"loss\.layer_pairs: relation losses need at least one"),
+        ({"relation_heads": -1}, r"loss\.relation_heads: expected an integer >= 0"),
+        ({"temperature": 0}, r"loss\.temperature: expected a number > 0, got 0"),
+        ({"hidden_weight": -0.1}, r"loss\.hidden_weight: expected a number >= 0, got -0\.1"),
+        (
+            {"prediction_weight": 0, "attention_weight": 0, "hidden_weight": 0},
+            r"loss: every weight is 0",
+        ),
+    ],
+)
+def test_loss_section_errors_name_the_key(loss, message):
+    with pytest.raises(RecipeError, match=message):
+        create_method("minivit", loss, 10)
+    create_method("minivit", {"layer_pairs": [], "attention_weight": 0, "hidden_weight": 0}, 10)  # logits only
+
+
+@pytest.mark.parametrize("name", ["minivit_digits", "minivit_deit_b_in1k"])
+def test_shipped_recipes_validate(name):
+    recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes" / f"{name}.yaml"), "")
+    cfg = create_method(recipe.method, recipe.loss, 10).cfg
+    assert (cfg.prediction_weight, cfg.attention_weight, cfg.hidden_weight, cfg.temperature) == (1.0, 1.0, 0.1, 1.0)
+    assert recipe.student.model.startswith("mini_deit_") and "init_from" in recipe.student.kwargs
+
+
+# ---- teachers --------------------------------------------------------------------------------------------
+
+
+def tiny_store(path) -> StoreTeacher:
+    return StoreTeacher(create_store(path, Manifest(num_samples=160, num_classes=10, k=3, epochs=1)))
+
+
+def test_store_teacher_is_refused_naming_the_fields(tmp_path):
+    teacher = tiny_store(tmp_path / "t.zarr")
+    with pytest.raises(
+        RecipeError,
+        match=r"^loss\.attention_weight is 1\.0 and loss\.hidden_weight is 0\.1, but relation losses need a live "
+        r"teacher .*store:.*a logit store holds only logits.*Set loss\.attention_weight and loss\.hidden_weight to 0",
+    ):
+        create_method("minivit", {}, 10).check_teacher(teacher)
+    with pytest.raises(RecipeError, match=r"^loss\.hidden_weight is 0\.5, but"):
+        create_method("minivit", {"attention_weight": 0, "hidden_weight": 0.5}, 10).check_teacher(teacher)
+    create_method("minivit", {"attention_weight": 0, "hidden_weight": 0}, 10).check_teacher(teacher)
+    with pytest.raises(RecipeError, match=r"teacher\.source: method 'minivit' needs a teacher"):
+        create_method("minivit", {}, 10).check_teacher(None)
+
+
+def test_trainer_refuses_a_store_for_relation_losses_before_writing(data, tmp_path):
+    store = tiny_store(tmp_path / "t.zarr").location
+    recipe = {
+        "method": "minivit",
+        "student": {"model": STUDENT, "kwargs": TINY},
+        "teacher": {"source": f"store:{store}"},
+        "data": {"train": data["train"], "val": data["val"], "img_size": 32},
+        "epochs": 1,
+        "batch_size": 32,
+        "output_dir": str(tmp_path / "run"),
+    }
+    with pytest.raises(RecipeError, match=r"loss\.attention_weight is 1\.0 and loss\.hidden_weight is 0\.1"):
+        train(recipe)
+    assert not (tmp_path / "run").exists()
+
+
+def test_layer_pairs_and_relation_heads_are_checked_against_the_models():
+    teacher = create_teacher("module:recipes.minivit:tiny_deit_teacher", 10)
+    method = create_method("minivit", {"layer_pairs": [[1, 6]]}, 10)
+    with pytest.raises(RecipeError, match=r"loss\.layer_pairs\[0\]\[1\]: teacher block 6 does not exist .*6 trans"):
+        method.check_teacher(teacher)
+    method = create_method("minivit", {"layer_pairs": [[-7, 0]]}, 10)
+    method.check_teacher(teacher)
+    with pytest.raises(RecipeError, match=r"loss\.layer_pairs\[0\]\[0\]: student block -7 does not exist"):
+        student(method)
+    method = create_method("minivit", {"relation_heads": 5}, 10)
+    method.check_teacher(teacher)
+    with pytest.raises(
+        RecipeError, match=r"loss\.relation_heads is 5: that does not divide the student's qkv width 96"
+    ):
+        student(method)
+    method = create_method("minivit", {}, 10)
+    method.check_teacher(teacher)
+    with pytest.raises(RecipeError, match=r"relation_heads is 0, so the student's 5 heads: .* teacher's qkv width 96"):
+        student(method, embed_dim=80, num_heads=5)
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, **TINY)
+    method.check_teacher(ModelTeacher(distilled, "distilled"))
+    with pytest.raises(RecipeError, match=r"loss\.layer_pairs\[0\]: student block blocks\.5 and teacher block blo"):
+        student(method)  # 16 + 1 tokens against the distilled DeiT's 16 + 2
+    with pytest.raises(RecipeError, match=r"relation losses need a transformer student"):
+        method.build_student(StudentConfig("test_resnet"), 32)
+
+
+def test_init_from_in_student_kwargs_starts_from_the_trained_model(tmp_path):
+    trained = tiny_deit_teacher(10)
+    path = tmp_path / "deit.safetensors"
+    save_file(trained.state_dict(), str(path))
+    model = student(create_method("minivit", {}, 10), init_from=str(path))
+    assert model.blocks[1].attn.qkv is model.blocks[0].attn.qkv and model.blocks[1].mlp is not model.blocks[0].mlp
+    assert model.blocks[3].mlp.fc1 is model.blocks[2].mlp.fc1
+    for i in range(6):
+        first = i - i % 2  # each pair keeps its first block's shared weights, every block its own norms
+        assert torch.equal(model.blocks[i].attn.qkv.weight, trained.blocks[first].attn.qkv.weight)
+        assert torch.equal(model.blocks[i].norm1.weight, trained.blocks[i].norm1.weight)
+    assert torch.equal(model.head.weight, trained.head.weight)
+
+
+# ---- the loss and its hooks ------------------------------------------------------------------------------
+
+
+class Wrapper(torch.nn.Module):
+    """Stands for DDP: the method must hook `.module`."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def test_loss_hooks_once_one_forward_each_and_keeps_nothing():
+    torch.manual_seed(0)
+    teacher = create_teacher("module:recipes.minivit:tiny_deit_teacher", 10)
+    method = create_method("minivit", {}, 10)
+    method.check_teacher(teacher)
+    model = student(method)
+    wrapped = Wrapper(model)
+    calls = {"student": 0, "teacher": 0}
+    model.register_forward_hook(lambda *a: calls.__setitem__("student", calls["student"] + 1))
+    teacher.model.register_forward_hook(lambda *a: calls.__setitem__("teacher", calls["teacher"] + 1))
+
+    out = method.loss(wrapped, batch_of(), teacher)
+    assert set(out) == {"loss", "prediction", "attention", "hidden"}
+    expected = out["prediction"] + out["attention"] + 0.1 * out["hidden"]
+    torch.testing.assert_close(out["loss"], expected)
+    assert all(v.dim() == 0 and torch.isfinite(v) and v > 0 for v in out.values())
+    out["loss"].backward()
+    shared = model.blocks[0].attn.qkv.weight
+    assert shared.grad is not None and shared.grad.abs().sum() > 0
+    assert model.blocks[5].attn.logit_mix.weight.grad.abs().sum() > 0  # the relation term reaches the last block
+
+    captures = method._captures
+    hooks = len(model.blocks[5]._forward_hooks), len(teacher.model.blocks[5]._forward_hooks)
+    for _ in range(2):
+        method.loss(wrapped, batch_of(), teacher)
+    assert calls == {"student": 3, "teacher": 3}  # one forward each per step: no extra pass for the relations
+    assert method._captures is captures and hooks[0] == len(model.blocks[5]._forward_hooks) == 1
+    assert len(teacher.model.blocks[5]._forward_hooks) == hooks[1] == 1
+    for capture in captures[2:]:
+        assert not capture.qkv and not capture.tokens  # no activations kept past the step
+    with torch.no_grad():
+        model.eval()(batch_of()["image"])  # an evaluation forward records nothing
+    assert not captures[2].qkv and not captures[2].tokens
+
+    other = student(method)  # a new student (a new run) gets its own hooks, the old ones are removed
+    method.loss(other, batch_of(), teacher)
+    assert method._captures[0] is other and not model.blocks[5]._forward_hooks
+    assert len(teacher.model.blocks[5]._forward_hooks) == 1
+
+
+def test_prediction_only_needs_no_live_model_and_logs_only_weighted_parts():
+    teacher = create_teacher("module:recipes.minivit:tiny_deit_teacher", 10)
+    method = create_method("minivit", {"attention_weight": 0, "hidden_weight": 0, "label_weight": 0.5}, 10)
+    out = method.loss(student(method), batch_of(), teacher)
+    assert set(out) == {"loss", "prediction", "label"} and method._captures is None
+    torch.testing.assert_close(out["loss"], out["prediction"] + 0.5 * out["label"])
+    method = create_method("minivit", {"prediction_weight": 0, "hidden_weight": 0}, 10)
+    method.check_teacher(teacher)
+    assert set(method.loss(student(method), batch_of(), teacher)) == {"loss", "attention"}
+
+
+class Bf16Teacher(ModelTeacher):
+    """A live teacher as on CUDA: inference mode and bfloat16 autocast, so the hooks record bf16 inference tensors."""
+
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def test_loss_under_bf16_autocast_with_a_bf16_inference_mode_teacher():
+    teacher = Bf16Teacher(tiny_deit_teacher(10), "bf16")
+    method = create_method("minivit", {}, 10)
+    method.check_teacher(teacher)
+    model = student(method)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's accelerator.autocast() with bf16
+        out = method.loss(model, batch_of(), teacher)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for k, v in out.items() if k != "prediction")
+    out["loss"].backward()
+    assert torch.isfinite(model.blocks[0].attn.qkv.weight.grad).all()
+
+
+def test_accelerate_checkpoint_keeps_shared_weights_shared(tmp_path):
+    """The trainer's save_state / load_state (safetensors drops aliased names) restores a multiplexed student."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    torch.manual_seed(0)
+    model = student(create_method("minivit", {}, 10))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    accelerator = Accelerator(cpu=True)
+    try:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        model(batch_of()["image"]).logsumexp(-1).mean().backward()
+        optimizer.step()
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        accelerator.save_state(str(tmp_path / "ckpt"))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        accelerator.load_state(str(tmp_path / "ckpt"))
+        net = accelerator.unwrap_model(model)
+        assert net.blocks[1].attn.qkv is net.blocks[0].attn.qkv and net.blocks[1].mlp.fc2 is net.blocks[0].mlp.fc2
+        state = model.state_dict()
+        assert all(torch.equal(state[k], saved[k]) for k in saved)
+        opt_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        assert opt_params == {id(p) for p in model.parameters()}  # the optimizer still steps the live Parameters
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+# ---- end to end ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(data):
+    """A tiny DeiT (the digits teacher's architecture) trained on the 160 small digits, in-process to save a
+    subprocess start: 120 steps of 32 give ~40% top-1 on the 60 validation digits and confident enough logits."""
+    train_set = ReplayDataset(create_dataset(data["train"], "train"), ReplayAugment(PRESETS["none"], 32, 0))
+    batch = collate([train_set[(0, i)] for i in range(len(train_set))])
+    torch.manual_seed(0)
+    model = tiny_deit_teacher(10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    order = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        idx = torch.randperm(len(train_set), generator=order)[:32]
+        loss = F.cross_entropy(model(batch["image"][idx]), batch["label"][idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = data["root"] / "teacher.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+def test_digits_teacher_recipe_builds_the_teacher_factorys_model(data):
+    """recipes/minivit_digits_teacher.yaml trains the model that the teacher spec of minivit_digits.yaml rebuilds."""
+    teacher_recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes/minivit_digits_teacher.yaml"), "")
+    student_recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes/minivit_digits.yaml"), "")
+    assert teacher_recipe.method == "supervised" and student_recipe.method == "minivit"
+    assert student_recipe.teacher.source == "module:recipes.minivit:tiny_deit_teacher"
+    assert student_recipe.teacher.checkpoint == student_recipe.student.kwargs["init_from"]
+    assert student_recipe.teacher.checkpoint == f"{teacher_recipe.output_dir}/model.safetensors"
+    trained = create_method("supervised", teacher_recipe.loss, 10).build_student(teacher_recipe.student, 32)
+    assert trained.state_dict().keys() == tiny_deit_teacher(10).state_dict().keys()
+    assert {k: v.shape for k, v in trained.state_dict().items()} == {
+        k: v.shape for k, v in tiny_deit_teacher(10).state_dict().items()
+    }
+    assert create_method("minivit", student_recipe.loss, 10).cfg == MiniVitLoss()
+    assert {k: v for k, v in student_recipe.student.kwargs.items() if k != "init_from"} == TINY
+
+
+def student_args(data, teacher_ckpt, out, **more) -> list[str]:
+    """recipes/minivit_digits.yaml on the small digits, the student from scratch (so every loss starts high)."""
+    more = {
+        "data.train": data["train"],
+        "data.val": data["val"],
+        "teacher.checkpoint": teacher_ckpt,
+        "student.kwargs.init_from": "null",
+        "epochs": 8,
+        "batch_size": 32,
+        "optimizer.lr": 0.002,
+        "schedule.warmup_epochs": 0,
+        "log_every": 1,
+        "output_dir": out,
+        **more,
+    }
+    return ["recipes/minivit_digits.yaml", *[arg for k, v in more.items() for arg in ("--set", f"{k}={v}")]]
+
+
+def losses(out, name: str) -> list[float]:
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    return [float(r.split(",")[2]) for r in rows if r.split(",")[1] == f"train/{name}"]
+
+
+def test_digits_recipe_distills_a_mini_deit(data, teacher_ckpt):
+    out = data["root"] / "student"
+    proc = run_module("distill.train", student_args(data, teacher_ckpt, out), data["root"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher_source"] == "live:module:recipes.minivit:tiny_deit_teacher"
+    assert summary["params"] < 0.55 * sum(p.numel() for p in tiny_deit_teacher(10).parameters())
+    for name in ("prediction", "attention", "hidden"):
+        values = losses(out, name)
+        assert len(values) == 40, name  # 8 epochs of 5 steps, logged every step
+        first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5  # first and last epoch
+        assert last < 0.9 * first, (name, values)
+
+    # the written weights (every shared tensor under each of its names) reload into a fresh student and give
+    # the accuracy the run measured; the reloaded student's shared weights stay shared
+    weights = load_file(str(out / "model.safetensors"))
+    assert torch.equal(weights["blocks.0.attn.qkv.weight"], weights["blocks.1.attn.qkv.weight"])
+    fresh = timm.create_model(STUDENT, num_classes=10, **TINY)
+    load_checkpoint(fresh, out / "model.safetensors")
+    assert fresh.blocks[1].attn.qkv is fresh.blocks[0].attn.qkv
+    again = create_method("minivit", {}, 10).build_student(
+        StudentConfig(STUDENT, dict(TINY), checkpoint=str(out / "model.safetensors")), 32
+    )
+    val = ReplayDataset(create_dataset(data["val"], "val"), ReplayAugment(PRESETS["none"], 32, 0))
+    batch = collate([val[(0, i)] for i in range(len(val))])
+    with torch.no_grad():
+        logits = fresh.eval()(batch["image"])
+        assert torch.equal(logits, again.eval()(batch["image"]))
+    top1 = 100 * (logits.argmax(-1) == batch["label"]).sum().item() / len(val)
+    assert top1 == pytest.approx(summary["top1"])
+    assert top1 > 20  # 8 short epochs from scratch, above chance (10%)
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_minivit_run_equals_uninterrupted(data, teacher_ckpt, tmp_path):
+    """Mid-epoch checkpoints of a multiplexed student (shared Parameters, safetensors) resume exactly."""
+    more = {"epochs": 3, "checkpoint_every": 1}
+    ref = tmp_path / "ref"
+    proc = run_module("distill.train", student_args(data, teacher_ckpt, ref, **more), data["root"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "distill.train", *student_args(data, teacher_ckpt, killed, **more)]
+    proc = subprocess.Popen(cmd, env=env_for(data["root"]), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoints" / "step_00000007").exists():  # mid epoch 2 (5 steps per epoch)
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+    resumed = run_module("distill.train", student_args(data, teacher_ckpt, killed, **more), data["root"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("loss", "attention", "hidden"):
+        assert losses(ref, name) == losses(killed, name)
+    assert (
+        json.loads((killed / "summary.json").read_text())["top1"]
+        == json.loads((ref / "summary.json").read_text())["top1"]
+    )
