@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import sys
@@ -44,6 +45,10 @@ from .recipe import Recipe, RecipeError, load_recipe_file, parse_section, to_dic
 from .tracking import CsvTracker
 
 __all__ = ["TrainState", "check_store", "evaluate", "main", "train"]
+
+# Weights shared between modules (MiniViT) are written once per checkpoint by design and tied again by
+# load_state (tested); accelerate would warn about it at every checkpoint.
+logging.getLogger("accelerate.utils.other").addFilter(lambda r: "Removed shared tensor" not in r.getMessage())
 
 
 @dataclass
