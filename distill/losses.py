@@ -10,7 +10,8 @@ __all__ = ["soft_target_cross_entropy", "soft_target_kd"]
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of -sum_c targets_c * log_softmax(logits)_c (targets: a distribution per row)."""
-    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16/bf16 up, float64 kept
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
 def soft_target_kd(

@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .losses import soft_target_cross_entropy
+
 __all__ = [
     "BoardEntry",
     "MetaMatchingNetwork",
@@ -40,7 +42,6 @@ __all__ = [
     "meta_update",
     "prioritized_loss",
     "select_teacher",
-    "soft_target_cross_entropy",
     "update_board",
 ]
 
@@ -234,11 +235,6 @@ def select_teacher(
 def kd_weight(score: torch.Tensor) -> torch.Tensor:
     """m = sigmoid(-score) of the chosen teacher, the KD weight of ``prioritized_loss``."""
     return torch.sigmoid(-score)
-
-
-def soft_target_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of -sum(target * log_softmax(logits))."""
-    return -(target_probs * logits.log_softmax(-1)).sum(-1).mean()
 
 
 def prioritized_loss(

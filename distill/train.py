@@ -17,6 +17,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,7 +276,7 @@ def train(raw: dict[str, Any]) -> dict[str, Any]:
         total=steps_per_epoch * recipe.epochs, initial=state.global_step, unit="step", dynamic_ncols=True,
         disable=not accelerator.is_main_process, desc="training",
     )  # fmt: skip
-    running: dict[str, float] = {}
+    running: dict[str, torch.Tensor] = {}  # loss sums since the last log, on the device: no sync per step
     model.train()
     while state.epoch < recipe.epochs:
         epoch = state.epoch
@@ -298,7 +299,7 @@ def train(raw: dict[str, Any]) -> dict[str, Any]:
                 optimizer.step()
                 optimizer.zero_grad()
             for name, value in losses.items():
-                running[name] = running.get(name, 0.0) + value.item() / recipe.grad_accum
+                running[name] = running.get(name, 0.0) + value.detach().float() / recipe.grad_accum
             if not accelerator.sync_gradients:
                 continue
             state.global_step += 1
@@ -352,11 +353,11 @@ def train(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def log_training(
-    accelerator: Accelerator, state: TrainState, running: dict[str, float], optimizer: Any, progress: tqdm
-) -> dict[str, float]:
+    accelerator: Accelerator, state: TrainState, running: dict[str, torch.Tensor], optimizer: Any, progress: tqdm
+) -> dict[str, torch.Tensor]:
     """Log the mean of each loss since the last log (over processes too); returns fresh accumulators."""
     names = sorted(running)
-    means = accelerator.reduce(torch.tensor([running[n] for n in names], device=accelerator.device), "mean")
+    means = accelerator.reduce(torch.stack([running[n] for n in names]), "mean")
     last = next((h["step"] for h in reversed(state.history) if "loss" in h), 0)
     steps = max(state.global_step - last, 1)
     values = {n: v / steps for n, v in zip(names, means.tolist(), strict=True)}
@@ -387,20 +388,33 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def main(argv: list[str] | None = None) -> int:
+def recipe_cli(
+    prog: str, description: str, run: Callable[[dict[str, Any]], dict[str, Any]], argv: list[str] | None,
+    shown: tuple[str, ...] | None = None,
+) -> int:  # fmt: skip
+    """`PROG RECIPE.yaml [--set key.path=value ...]`: run a recipe; errors in the input exit 2 with the message."""
     parser = argparse.ArgumentParser(
-        prog="distill-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("recipe", help="recipe YAML file (see recipes/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     args = parser.parse_args(argv)
     try:
-        summary = train(load_recipe_file(args.recipe, args.set))
+        summary = run(load_recipe_file(args.recipe, args.set))
     except (RecipeError, TeacherError, StoreError, DatasetError) as err:
-        print(f"distill-train: error: {args.recipe}: {err}", file=sys.stderr)
+        print(f"{prog}: error: {args.recipe}: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for k, v in summary.items()}))
+    shown_summary = {k: summary[k] for k in shown or summary}
+    print(
+        json.dumps(
+            {k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for k, v in shown_summary.items()}
+        )
+    )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return recipe_cli("distill-train", __doc__, train, argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ one process, in float32 (the meta update differentiates through an SGD step), an
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import itertools
@@ -54,7 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill.augment import PRESETS, AugRecipe, ReplayAugment, load_recipe, recipe_manifest_entry
-from distill.data import DatasetError, ImageDataset, create_dataset
+from distill.data import ImageDataset, create_dataset
 from distill.loader import ReplayDataset, TrainBatchSampler, collate
 from distill.losses import soft_target_kd
 from distill.method import get_method
@@ -74,15 +73,13 @@ from distill.recipe import (
     Recipe,
     RecipeError,
     ScheduleConfig,
-    load_recipe_file,
     parse_section,
     to_dict,
 )
-from distill.train import build_teacher, check_store, save_weights
+from distill.train import build_teacher, check_store, recipe_cli, save_weights
 from distill.train import train as train_student
-from logit_store import StoreError
 from students.supernet import PathModel, Supernet, SupernetConfig, build_path_model, export, path_flops, sample_path
-from teachers import Teacher, TeacherError, create_teacher
+from teachers import Teacher, create_teacher
 from teachers.store_teacher import StoreTeacher
 
 __all__ = [
@@ -603,20 +600,7 @@ def run(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m recipes.cream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("recipe", help="Cream recipe YAML file (e.g. recipes/cream_digits.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
-    args = parser.parse_args(argv)
-    try:
-        summary = run(load_recipe_file(args.recipe, args.set))
-    except (RecipeError, TeacherError, StoreError, DatasetError) as err:
-        print(f"cream: error: {args.recipe}: {err}", file=sys.stderr)
-        return 2
-    keys = ("path", "mflops", "params", "heldout_top1", "top1", "top5")
-    print(json.dumps({k: round(summary[k], 4) if isinstance(summary[k], float) else summary[k] for k in keys}))
-    return 0
+    return recipe_cli("cream", __doc__, run, argv, ("path", "mflops", "params", "heldout_top1", "top1", "top5"))
 
 
 if __name__ == "__main__":
