@@ -6,7 +6,7 @@ state to replay a view.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,10 +19,16 @@ from .data import ImageDataset
 
 class ReplayDataset(Dataset):
     """`dataset[(epoch, id)]` -> the replayed view of sample `id` in `epoch`, with its label,
-    and the mixing partner's label and lambda."""
+    and the mixing partner's label and lambda; with a `tokenizer` (image-text data) also the
+    caption's tokens as "text"."""
 
-    def __init__(self, images: ImageDataset, augment: ReplayAugment) -> None:
-        self.images, self.augment = images, augment
+    def __init__(
+        self,
+        images: ImageDataset,
+        augment: ReplayAugment,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+    ) -> None:
+        self.images, self.augment, self.tokenizer = images, augment, tokenizer
 
     def __len__(self) -> int:
         return len(self.images)
@@ -30,7 +36,8 @@ class ReplayDataset(Dataset):
     def __getitem__(self, index: tuple[int, int]) -> dict[str, Any]:
         epoch, sample_id = index
         x, mix = self.augment(self.images.load, sample_id, epoch, len(self.images))
-        return {
+        text = {} if self.tokenizer is None else {"text": self.tokenizer([self.images.caption(sample_id)])[0]}
+        return text | {
             "image": x,
             "id": sample_id,
             "epoch": epoch,
@@ -62,6 +69,8 @@ class ShardBatchSampler(Sampler[list[tuple[int, int]]]):
 
 def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     out = {"image": torch.stack([it["image"] for it in items])}
+    if "text" in items[0]:
+        out["text"] = torch.stack([it["text"] for it in items])
     for key in ("id", "epoch", "label", "partner", "partner_label"):
         out[key] = torch.tensor([it[key] for it in items], dtype=torch.int64)
     out["lam"] = torch.tensor([it["lam"] for it in items], dtype=torch.float32)

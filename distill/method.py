@@ -10,16 +10,20 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import timm
 import torch
+from accelerate import Accelerator
 from torch import nn
 
 import students  # noqa: F401  (registers the toolkit's students with timm and open_clip)
 from teachers import Teacher
 from teachers.checkpoint import load_checkpoint
 
+from .evaluate import classification_accuracy
+from .loader import ReplayDataset
 from .recipe import RecipeError, StudentConfig, parse_section
 
 __all__ = ["Method", "create_method", "get_method", "register_method"]
@@ -33,10 +37,15 @@ class NoLossConfig:
 
 
 class Method:
-    """Base class of a distillation method; subclasses set `LossConfig` and implement `loss`."""
+    """Base class of a distillation method; subclasses set `LossConfig` and implement `loss`.
+
+    A method that trains on captions sets `tokenizer` in `build_student`; the trainer then
+    adds each sample's caption tokens to the batch as "text".
+    """
 
     LossConfig: ClassVar[type] = NoLossConfig
     needs_teacher: ClassVar[bool] = True
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = None
 
     def __init__(self, loss: Any, num_classes: int) -> None:
         self.cfg, self.num_classes = loss, num_classes
@@ -60,6 +69,16 @@ class Method:
     ) -> dict[str, torch.Tensor]:
         """Losses of one batch: `loss` (what is backpropagated) and any named parts to log."""
         raise NotImplementedError
+
+    def finish(self, model: nn.Module, output_dir: Path) -> dict[str, Any]:
+        """Called once on the main process with the final model after training; entries for the summary."""
+        return {}
+
+    def evaluate(
+        self, model: nn.Module, data: ReplayDataset, batch_size: int, accelerator: Accelerator
+    ) -> dict[str, float]:
+        """Validation metrics, `top1` and `top5` (%) among them: the student's classification accuracy."""
+        return classification_accuracy(model, data, batch_size, accelerator)
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:

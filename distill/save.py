@@ -3,6 +3,10 @@
     distill-save-logits --teacher timm:resnet50 --checkpoint teacher.safetensors \\
         --data PATH --out teacher.zarr --epochs 10 --k 10 [--aug tinyvit] [--img-size 224]
 
+A CLIP teacher (--teacher open_clip:NAME) on image-caption data (--data pairs:FILE.csv,
+wds:..., digits-captions) writes an embeddings store instead: its L2-normalised image
+embedding of every view and text embedding of every caption (no --k).
+
 Runs as it is on one process, or under `accelerate launch` / `torchrun` with several:
 each process computes and writes its own shards. Re-running the same command resumes
 after the last committed shard.
@@ -24,12 +28,12 @@ import yaml
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from logit_store import LogitStore, Manifest, StoreError, create_store, record_seeds
+from logit_store import Embeddings, LogitStore, Manifest, StoreError, create_store, record_seeds
 from logit_store.sparse import sparsify
-from teachers import Teacher, create_teacher
+from teachers import EmbeddingTeacher, OpenCLIPTeacher, Teacher, create_teacher
 
 from .augment import ReplayAugment, load_recipe, recipe_manifest_entry
-from .data import ImageDataset, create_dataset
+from .data import CAPTION_SPEC_FORMS, ImageDataset, create_dataset
 from .loader import ReplayDataset, ShardBatchSampler, collate, replay_loader
 
 
@@ -39,7 +43,7 @@ class SaveConfig:
     data: str
     out: str
     epochs: int
-    k: int
+    k: int | None = None  # top-k of a logits teacher (a CLIP teacher stores embeddings: none)
     backend: str = "zarr"
     checkpoint: str | None = None
     aug: str = "basic"
@@ -56,11 +60,11 @@ class SaveConfig:
             if value is not None and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
                 raise ValueError(f"option '{f.name}' must be {kind.__name__}, got {value!r}")
         for name in ("epochs", "k", "img_size", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
 
 
-_TYPES = {"str": str, "int": int, "bool": bool, "str | None": str}
+_TYPES = {"str": str, "int": int, "bool": bool, "str | None": str, "int | None": int}
 REQUIRED = [f.name for f in fields(SaveConfig) if f.default is MISSING]
 
 
@@ -106,14 +110,31 @@ def _read_yaml(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
 
 
 def build_manifest(
-    cfg: SaveConfig, dataset: ImageDataset, teacher: Teacher, recipe_entry: dict[str, Any], mixing: bool
+    cfg: SaveConfig,
+    dataset: ImageDataset,
+    teacher: Teacher | EmbeddingTeacher,
+    recipe_entry: dict[str, Any],
+    mixing: bool,
 ) -> Manifest:
-    if cfg.k > dataset.num_classes:
-        raise StoreError(f"--k {cfg.k} is larger than the dataset's {dataset.num_classes} classes ({cfg.data})")
+    if isinstance(teacher, EmbeddingTeacher):
+        if cfg.k is not None:
+            raise StoreError(f"--k: teacher {cfg.teacher} gives embeddings, not logits; drop --k")
+        if not dataset.has_captions:
+            raise StoreError(
+                f"--data {cfg.data}: a CLIP teacher needs image-caption data ({', '.join(CAPTION_SPEC_FORMS)})"
+            )
+        if mixing:
+            raise StoreError(f"--aug {cfg.aug}: mixes images, but a mixed image has no caption of its own")
+        shape = {"kind": "embeddings", "embed_dim": teacher.embed_dim, "num_classes": 0, "k": 0}
+    else:
+        if cfg.k is None:
+            raise StoreError(f"--k: teacher {cfg.teacher} gives logits; say how many to keep per record")
+        if cfg.k > dataset.num_classes:
+            raise StoreError(f"--k {cfg.k} is larger than the dataset's {dataset.num_classes} classes ({cfg.data})")
+        shape = {"num_classes": dataset.num_classes, "k": cfg.k}
     return Manifest(
         num_samples=len(dataset),
-        num_classes=dataset.num_classes,
-        k=cfg.k,
+        **shape,
         epochs=cfg.epochs,
         backend=cfg.backend,
         mixing=mixing,
@@ -129,7 +150,7 @@ def save_epoch(
     store: LogitStore,
     epoch: int,
     pending: list[int],
-    teacher: Teacher,
+    teacher: Teacher | EmbeddingTeacher,
     data: ReplayDataset,
     cfg: SaveConfig,
     state: PartialState,
@@ -144,24 +165,56 @@ def save_epoch(
     with store.writer(epoch, mine) as writer:
         for batch in replay_loader(data, sampler, cfg.workers):
             ids = batch["id"].numpy()
-            logits = teacher.logits(batch["image"].to(state.device), epoch, batch["id"])
-            sparse = sparsify(logits, m.k)
-            mixing = (
-                {"partner": batch["partner"].numpy().astype(np.int32), "lam": batch["lam"].numpy()} if m.mixing else {}
-            )
-            records = sparse.to_records(m.num_classes, record_seeds(m.global_seed, epoch, ids), **mixing)
-            writer.write(ids, records, labels=batch["label"].numpy(), kl=sparse.kl.cpu().numpy())
+            images = batch["image"].to(state.device)
+            seeds = record_seeds(m.global_seed, epoch, ids)
+            if m.kind == "embeddings":
+                embedding = teacher.image_embeddings(images, epoch, batch["id"])
+                writer.write(ids, Embeddings(embedding.cpu().numpy().astype(np.float16), seeds))
+            else:
+                sparse = sparsify(teacher.logits(images, epoch, batch["id"]), m.k)
+                mixing = (
+                    {"partner": batch["partner"].numpy().astype(np.int32), "lam": batch["lam"].numpy()}
+                    if m.mixing
+                    else {}
+                )
+                records = sparse.to_records(m.num_classes, seeds, **mixing)
+                writer.write(ids, records, labels=batch["label"].numpy(), kl=sparse.kl.cpu().numpy())
             progress.update(len(ids) * state.num_processes)  # the others progress alike
 
 
+def save_text_plane(
+    store: LogitStore,
+    teacher: OpenCLIPTeacher,
+    dataset: ImageDataset,
+    cfg: SaveConfig,
+    state: PartialState,
+    progress: tqdm,
+) -> None:
+    """Compute and commit this process's pending shards of the text plane: one embedding per caption."""
+    m, plane = store.manifest, store.text_plane
+    mine = [s for s in store.pending_shards(plane) if s % state.num_processes == state.process_index]
+    if not mine:
+        return
+    with store.writer(plane, mine) as writer:
+        for start, stop in map(m.shard_range, mine):
+            for first in range(start, stop, cfg.batch_size):
+                ids = np.arange(first, min(first + cfg.batch_size, stop))
+                tokens = teacher.tokenize([dataset.caption(int(i)) for i in ids]).to(state.device)
+                embedding = teacher.text_embeddings(tokens).cpu().numpy().astype(np.float16)
+                writer.write(ids, Embeddings(embedding, np.zeros(len(ids), np.uint32)))
+                progress.update(len(ids) * state.num_processes)
+
+
 def check_replay(
-    store: LogitStore, teacher: Teacher, data: ReplayDataset, n: int, device: torch.device
+    store: LogitStore, teacher: Teacher | EmbeddingTeacher, data: ReplayDataset, n: int, device: torch.device
 ) -> dict[str, float]:
     """Re-run the teacher on n stored records (spread over epochs and ids) and compare."""
     m = store.manifest
     rng = np.random.default_rng(0)
     epochs = rng.integers(0, m.epochs, n)
     ids = rng.choice(m.num_samples, n, replace=n > m.num_samples)
+    if m.kind == "embeddings":
+        return _check_embeddings(store, teacher, data, epochs, ids, device)
     max_diff, agree = 0.0, 0
     for epoch, sample_id in zip(epochs.tolist(), ids.tolist(), strict=True):
         batch = collate([data[(epoch, sample_id)]])
@@ -175,13 +228,33 @@ def check_replay(
     return {"records": n, "max_abs_logit_diff": max_diff, "topk_index_agreement": agree / n}
 
 
+def _check_embeddings(
+    store: LogitStore,
+    teacher: OpenCLIPTeacher,
+    data: ReplayDataset,
+    epochs: np.ndarray,
+    ids: np.ndarray,
+    device: torch.device,
+) -> dict[str, float]:
+    """Largest difference between recomputed and stored image (per view) and text embeddings."""
+    image_diff = 0.0
+    for epoch, sample_id in zip(epochs.tolist(), ids.tolist(), strict=True):
+        batch = collate([data[(epoch, sample_id)]])
+        fresh = teacher.image_embeddings(batch["image"].to(device), epoch).cpu().numpy()
+        image_diff = max(image_diff, float(np.abs(fresh - store.read(epoch, [sample_id]).embedding).max()))
+    tokens = teacher.tokenize([data.images.caption(int(i)) for i in ids]).to(device)
+    fresh_text = teacher.text_embeddings(tokens).cpu().numpy()
+    text_diff = float(np.abs(fresh_text - store.read_text(ids).embedding.astype(np.float32)).max())
+    return {"records": len(ids), "max_abs_image_embedding_diff": image_diff, "max_abs_text_embedding_diff": text_diff}
+
+
 def run(cfg: SaveConfig) -> LogitStore:
     # accelerate sets up gloo for several CPU processes only when told the run is on the CPU.
     state = PartialState(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)  # a teacher without a checkpoint gets the same weights on every process
     dataset = create_dataset(cfg.data, split="train", skip_unreadable=cfg.skip_unreadable)
     teacher = create_teacher(
-        cfg.teacher, num_classes=dataset.num_classes, checkpoint=cfg.checkpoint, device=state.device
+        cfg.teacher, num_classes=dataset.num_classes or None, checkpoint=cfg.checkpoint, device=state.device
     )
     recipe = load_recipe(cfg.aug)
     manifest = build_manifest(cfg, dataset, teacher, recipe_manifest_entry(recipe), recipe.mixing)
@@ -191,8 +264,8 @@ def run(cfg: SaveConfig) -> LogitStore:
     store = create_store(cfg.out, manifest)
     data = ReplayDataset(dataset, ReplayAugment(recipe, cfg.img_size, cfg.seed))
 
-    pending = {epoch: store.pending_shards(epoch) for epoch in range(cfg.epochs)}
-    done = cfg.epochs * manifest.num_shards - sum(map(len, pending.values()))
+    pending = {epoch: store.pending_shards(epoch) for epoch in range(manifest.planes)}
+    done = manifest.planes * manifest.num_shards - sum(map(len, pending.values()))
     total = sum(stop - start for shards in pending.values() for start, stop in map(manifest.shard_range, shards))
     if state.is_main_process and done:
         print(f"resuming {store.location}: {done} shard(s) already committed", file=sys.stderr)
@@ -203,6 +276,9 @@ def run(cfg: SaveConfig) -> LogitStore:
         for epoch in range(cfg.epochs):
             progress.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}")
             save_epoch(store, epoch, pending[epoch], teacher, data, cfg, state, progress)
+        if manifest.kind == "embeddings":
+            progress.set_postfix(epoch="text")
+            save_text_plane(store, teacher, dataset, cfg, state, progress)
     state.wait_for_everyone()
     if state.is_main_process:
         stats = store.refresh_statistics()

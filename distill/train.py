@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from logit_store import StoreError
 from teachers import Teacher, TeacherError, create_teacher
+from teachers.clip_teacher import EmbeddingStoreTeacher, EmbeddingTeacher
 from teachers.store_teacher import StoreTeacher
 
 from .augment import PRESETS, ReplayAugment, load_recipe, recipe_manifest_entry
@@ -45,7 +46,9 @@ from .plots import plot_training_curves
 from .recipe import Recipe, RecipeError, load_recipe_file, parse_section, to_dict
 from .tracking import CsvTracker
 
-__all__ = ["TrainState", "check_store", "evaluate", "main", "train"]
+__all__ = ["TrainState", "check_store", "main", "train"]
+
+STORE_TEACHERS = (StoreTeacher, EmbeddingStoreTeacher)
 
 # Weights shared between modules (MiniViT) are written once per checkpoint by design and tied again by
 # load_state (tested); accelerate would warn about it at every checkpoint.
@@ -99,11 +102,13 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
     return path or "the recipe"
 
 
-def check_store(teacher: StoreTeacher, recipe: Recipe, dataset: ImageDataset, aug_entry: dict[str, Any]) -> None:
+def check_store(
+    teacher: StoreTeacher | EmbeddingStoreTeacher, recipe: Recipe, dataset: ImageDataset, aug_entry: dict[str, Any]
+) -> None:
     """Refuse a store that was not saved for this data, augmentation, seed and epoch count; name the field."""
     m, where = teacher.store.manifest, f"teacher.source {teacher.location}"
     checks = [
-        ("num_classes", m.num_classes, dataset.num_classes, "data.train's class count"),
+        *([("num_classes", m.num_classes, dataset.num_classes, "data.train's class count")] if m.k else []),
         (
             "dataset.fingerprint",
             m.dataset.get("fingerprint"),
@@ -122,11 +127,13 @@ def check_store(teacher: StoreTeacher, recipe: Recipe, dataset: ImageDataset, au
             f"epochs: {recipe.epochs} training epochs but the store {teacher.location} holds {m.epochs}; "
             "set teacher.epochs: cycle to reuse its epochs, or train for fewer"
         )
-    for epoch in range(min(recipe.epochs, m.epochs)):
+    planes = [*range(min(recipe.epochs, m.epochs)), *([m.epochs] if m.kind == "embeddings" else [])]
+    for epoch in planes:
         missing = teacher.store.pending_shards(epoch)
         if missing:
+            what = "the text plane" if epoch == m.epochs else f"epoch {epoch}"
             raise RecipeError(
-                f"{where}: epoch {epoch} is incomplete ({len(missing)} of {m.num_shards} shards not committed); "
+                f"{where}: {what} is incomplete ({len(missing)} of {m.num_shards} shards not committed); "
                 "finish it by re-running its distill-save-logits command"
             )
 
@@ -145,41 +152,20 @@ def build_teacher(recipe: Recipe, method: Method, train_set: ImageDataset, aug_e
         return None
     if not source:
         raise RecipeError(f"teacher.source: method {recipe.method!r} needs a teacher: store:PATH or a live spec")
-    teacher = create_teacher(source, train_set.num_classes, recipe.teacher.checkpoint, device)
+    teacher = create_teacher(source, train_set.num_classes or None, recipe.teacher.checkpoint, device)
     method.check_teacher(teacher)
-    if isinstance(teacher, StoreTeacher):
+    if isinstance(teacher, STORE_TEACHERS):
         check_store(teacher, recipe, train_set, aug_entry)
     elif recipe.teacher.epochs != "strict":
         raise RecipeError("teacher.epochs: cycle maps epochs onto a store's; a live teacher takes none")
     return teacher
 
 
-def view_epoch(teacher: Teacher | None, recipe: Recipe, epoch: int) -> int:
+def view_epoch(teacher: Teacher | EmbeddingTeacher | None, recipe: Recipe, epoch: int) -> int:
     """The epoch whose views (and stored logits) training epoch `epoch` replays."""
-    if isinstance(teacher, StoreTeacher) and recipe.teacher.epochs == "cycle":
+    if isinstance(teacher, STORE_TEACHERS) and recipe.teacher.epochs == "cycle":
         return epoch % teacher.store.manifest.epochs
     return epoch
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: ReplayDataset, batch_size: int, accelerator: Accelerator) -> dict[str, float]:
-    """Top-1 / top-5 (%) over the whole validation set, each process taking every n-th sample."""
-    model.eval()
-    ids = list(range(accelerator.process_index, len(data), accelerator.num_processes))
-    batches = [[(0, i) for i in ids[s : s + batch_size]] for s in range(0, len(ids), batch_size)]
-    loader = torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=collate)
-    counts = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-    for batch in loader:
-        with accelerator.autocast():
-            logits = model(batch["image"].to(accelerator.device))
-        labels = batch["label"].to(accelerator.device)
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        counts += torch.stack(
-            [(top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum(), labels.new_tensor(len(labels))]
-        )
-    counts = accelerator.reduce(counts, "sum")
-    model.train()
-    return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item()}
 
 
 def save_checkpoint(accelerator: Accelerator, out: Path, step: int) -> None:
@@ -240,12 +226,15 @@ def train(raw: dict[str, Any]) -> dict[str, Any]:
         raise RecipeError(f"data.val: its classes {val_set.classes} differ from data.train's {train_set.classes}")
     method = method_cls(loss_cfg, train_set.num_classes)
     teacher = build_teacher(recipe, method, train_set, recipe_manifest_entry(augmentation), accelerator.device)
-    train_data = ReplayDataset(train_set, ReplayAugment(augmentation, recipe.data.img_size, recipe.seed))
+    model = method.build_student(recipe.student, recipe.data.img_size)
+    if method.tokenizer is not None and not train_set.has_captions:
+        raise RecipeError(f"data.train: method {recipe.method!r} trains on captions; {recipe.data.train} has none")
+    train_data = ReplayDataset(
+        train_set, ReplayAugment(augmentation, recipe.data.img_size, recipe.seed), method.tokenizer
+    )
     # Evaluation: the whole image, normalised as in training.
     plain = dataclasses.replace(PRESETS["none"], mean=augmentation.mean, std=augmentation.std)
     val_data = ReplayDataset(val_set, ReplayAugment(plain, recipe.data.img_size, 0))
-
-    model = method.build_student(recipe.student, recipe.data.img_size)
     opt = recipe.optimizer
     optimizer = create_optimizer_v2(
         model, opt=opt.name, lr=opt.lr, weight_decay=opt.weight_decay, momentum=opt.momentum, **opt.kwargs
@@ -318,7 +307,7 @@ def train(raw: dict[str, Any]) -> dict[str, Any]:
             tick = time.perf_counter()
         state.epoch, state.step_in_epoch = epoch + 1, 0
         if state.epoch % recipe.eval.every == 0 or state.epoch == recipe.epochs:
-            metrics = evaluate(ema.module if ema else model, val_data, recipe.eval.batch_size, accelerator)
+            metrics = method.evaluate(ema.module if ema else model, val_data, recipe.eval.batch_size, accelerator)
             state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
             accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.global_step)
             progress.set_postfix(top1=f"{metrics['top1']:.2f}", img_s=f"{state.images / state.train_seconds:.0f}")
@@ -343,6 +332,7 @@ def train(raw: dict[str, Any]) -> dict[str, Any]:
         "ema": bool(ema),
     }
     if accelerator.is_main_process:
+        summary |= method.finish(final, out)
         save_weights(final, out / "model.safetensors")
         plot_training_curves(state.history, out / "training_curves.png", f"{recipe.student.model} ({recipe.method})")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -370,10 +360,10 @@ def log_training(
     return {}
 
 
-def _teacher_source(teacher: Teacher | None) -> str:
+def _teacher_source(teacher: Teacher | EmbeddingTeacher | None) -> str:
     if teacher is None:
-        return "none (labels)"
-    return f"store:{teacher.location}" if isinstance(teacher, StoreTeacher) else f"live:{teacher.spec}"
+        return "none"
+    return f"store:{teacher.location}" if isinstance(teacher, STORE_TEACHERS) else f"live:{teacher.spec}"
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

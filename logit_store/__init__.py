@@ -1,4 +1,4 @@
-"""The logit store: sparse teacher outputs per (epoch, sample), durable and checked.
+"""The logit store: sparse teacher outputs (or embeddings) per (epoch, sample), durable and checked.
 
 Format: docs/STORE_FORMAT.md. numpy, zarr and lmdb only; the torch helpers for
 sparsifying and rebuilding live in `logit_store.sparse`.
@@ -13,12 +13,14 @@ from .errors import (
     StoreInputError,
     StoreLockedError,
 )
-from .manifest import FORMAT_VERSION, Manifest, recipe_hash
-from .records import Records, record_seeds
+from .manifest import FORMAT_VERSION, KINDS, Manifest, recipe_hash
+from .records import Embeddings, Records, record_seeds
 from .store import LogitStore, Problem, ShardWriter, convert_store, create_store, open_store
 
 __all__ = [
     "FORMAT_VERSION",
+    "KINDS",
+    "Embeddings",
     "LogitStore",
     "Manifest",
     "ManifestMismatchError",

@@ -1,4 +1,4 @@
-"""`distill-store info|verify|convert`: inspect, check and move logit stores."""
+"""`distill-store info|verify|convert`: inspect, check and move logit (and embeddings) stores."""
 
 from __future__ import annotations
 
@@ -24,18 +24,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     m = info["manifest"]
     print(f"store        {info['location']}")
     print(f"format       v{m['format_version']}, {m['backend']}, shards of {m['shard_records']} records")
-    print(
-        f"records      {info['records']} ({m['num_samples']} samples x {m['epochs']} planned epochs), k={m['k']} of {m['num_classes']} classes"
-    )
+    if m["kind"] == "embeddings":
+        print(f"kind         embeddings, embed_dim={m['embed_dim']} (image embedding per epoch and id, text per id)")
+        print(
+            f"records      {info['records']} ({m['num_samples']} samples x ({m['epochs']} planned epochs + text plane))"
+        )
+    else:
+        print(
+            f"records      {info['records']} ({m['num_samples']} samples x {m['epochs']} planned epochs), k={m['k']} of {m['num_classes']} classes"
+        )
     print(f"epochs done  {info['completed_epochs']}")
+    if "text_complete" in info:
+        print(f"text plane   {'complete' if info['text_complete'] else 'incomplete'}, {info['text_records']} records")
     print(f"on disk      {info['bytes_on_disk']} bytes, {_fmt(info['bytes_per_record'])} bytes/record")
     print(f"teacher      {m['teacher']}")
     print(f"dataset      {m['dataset']}")
     print(f"augmentation hash {m['augmentation'].get('hash')}, global seed {m['global_seed']}, mixing {m['mixing']}")
     for key, value in info["statistics"].items():
+        if value is None and m["kind"] == "embeddings":  # no top-k statistics
+            continue
         print(f"  {key:26s} {_fmt(value)}")
-    for epoch, digest in info["content_hashes"].items():
-        print(f"  epoch {epoch:>4} sha256 {digest}")
+    for plane, digest in info["content_hashes"].items():
+        print(f"  {'text plane' if plane == 'text' else f'epoch {plane:>4}'} sha256 {digest}")
     return 0
 
 
@@ -48,7 +58,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if problems:
         print(f"FAILED: {len(problems)} damaged or missing range(s)")
         return 1
-    print(f"OK: {m.epochs} epochs x {m.num_samples} records intact")
+    planes = f"{m.planes} planes ({m.epochs} epochs + text plane)" if m.planes > m.epochs else f"{m.epochs} epochs"
+    print(f"OK: {planes} x {m.num_samples} records intact")
     return 0
 
 

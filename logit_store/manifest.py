@@ -12,8 +12,10 @@ from typing import Any
 from .errors import ManifestMismatchError, StoreInputError
 from .records import field_dtypes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # a version-1 manifest is a logits manifest without `kind` and `embed_dim`
 BACKENDS = ("zarr", "lmdb")
+KINDS = ("logits", "embeddings")
 # Fields that describe the run rather than the content: never compared when reopening.
 VOLATILE_FIELDS = ("created_at", "toolkit_version", "statistics")
 
@@ -27,13 +29,13 @@ def recipe_hash(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(recipe).encode()).hexdigest()
 
 
-def default_layout(num_samples: int, k: int) -> tuple[int, int]:
-    """(shard_records, chunk_records) for a store of this size.
+def default_layout(num_samples: int, width: int) -> tuple[int, int]:
+    """(shard_records, chunk_records) for a store of this size; width = k, or embed_dim.
 
-    Inner chunks hold ~320 KB of values (16,384 records at k=10), shards up to 2^18
+    Inner chunks hold ~320 KB of fp16 values (16,384 records at k=10), shards up to 2^18
     records, and small stores still get about 8 shards so several writers can share.
     """
-    chunk = _pow2(327_680 / (2 * k))
+    chunk = _pow2(327_680 / (2 * width))
     chunk = max(64, min(chunk, 65_536, _pow2_ceil(math.ceil(num_samples / 8))))
     chunks_total = math.ceil(num_samples / chunk)
     per_shard = max(1, min(math.ceil(chunks_total / 8), (1 << 18) // chunk))
@@ -56,6 +58,8 @@ class Manifest:
     epochs: int
     backend: str = "zarr"
     mixing: bool = False
+    kind: str = "logits"
+    embed_dim: int = 0
     global_seed: int = 0
     teacher: dict[str, Any] = field(default_factory=lambda: {"spec": None, "weights_sha256": None})
     dataset: dict[str, Any] = field(default_factory=lambda: {"fingerprint": None})
@@ -71,7 +75,8 @@ class Manifest:
     def __post_init__(self) -> None:
         self._check()
         if not self.shard_records and not self.chunk_records:
-            self.shard_records, self.chunk_records = default_layout(self.num_samples, self.k)
+            width = self.embed_dim if self.kind == "embeddings" else self.k
+            self.shard_records, self.chunk_records = default_layout(self.num_samples, width)
         for name in ("shard_records", "chunk_records"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -82,7 +87,7 @@ class Manifest:
             raise StoreInputError(
                 f"manifest: shard_records={self.shard_records} must be a multiple of chunk_records={self.chunk_records}"
             )
-        self.dtypes = {name: str(dt) for name, dt in field_dtypes(self.num_classes, self.mixing).items()}
+        self.dtypes = {name: str(dt) for name, dt in field_dtypes(self.num_classes, self.mixing, self.kind).items()}
         if self.augmentation.get("recipe") is not None and not self.augmentation.get("hash"):
             self.augmentation["hash"] = recipe_hash(self.augmentation["recipe"])
         if not self.created_at:
@@ -93,20 +98,47 @@ class Manifest:
             self.toolkit_version = __version__
 
     def _check(self) -> None:
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READABLE_VERSIONS:
             raise StoreInputError(
-                f"manifest: format_version {self.format_version} is not supported (this toolkit reads {FORMAT_VERSION})"
+                f"manifest: format_version {self.format_version} is not supported (this toolkit reads {READABLE_VERSIONS})"
             )
         if self.backend not in BACKENDS:
             raise StoreInputError(f"manifest: backend '{self.backend}' is not one of {BACKENDS}")
-        for name in ("num_samples", "num_classes", "k", "epochs"):
+        if self.kind not in KINDS:
+            raise StoreInputError(f"manifest: kind '{self.kind}' is not one of {KINDS}")
+        if self.kind != "logits" and self.format_version < 2:
+            raise StoreInputError(f"manifest: kind '{self.kind}' needs format_version 2, got {self.format_version}")
+        logits = self.kind == "logits"
+        for name in ("num_samples", "num_classes", "k", "epochs") if logits else ("num_samples", "epochs", "embed_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise StoreInputError(f"manifest: '{name}' must be a positive integer, got {value!r}")
+            if not _is_int(value) or value < 1:
+                where = " for an embeddings store" if name == "embed_dim" else ""
+                raise StoreInputError(f"manifest: '{name}' must be a positive integer{where}, got {value!r}")
+        if not logits:
+            self._check_embeddings()
+        elif self.embed_dim != 0:
+            raise StoreInputError(f"manifest: 'embed_dim' must be 0 for a logits store, got {self.embed_dim!r}")
         if self.k > self.num_classes:
             raise StoreInputError(f"manifest: k={self.k} is larger than num_classes={self.num_classes}")
         if self.num_classes > 2**31 - 1 or self.num_samples > 2**31 - 1:
             raise StoreInputError("manifest: num_classes and num_samples must fit in int32")
+
+    def _check_embeddings(self) -> None:
+        why = {"k": "it has no top-k", "num_classes": "it has no classes"}
+        for name, reason in why.items():
+            value = getattr(self, name)
+            if not _is_int(value) or value != 0:
+                raise StoreInputError(f"manifest: '{name}' must be 0 for an embeddings store ({reason}), got {value!r}")
+        if self.mixing is not False:
+            raise StoreInputError(
+                f"manifest: 'mixing' must be False for an embeddings store (a mixed image has no caption of its own), "
+                f"got {self.mixing!r}"
+            )
+
+    @property
+    def planes(self) -> int:
+        """Planes of records: one per epoch, plus the text plane (index `epochs`) in an embeddings store."""
+        return self.epochs + (self.kind == "embeddings")
 
     @property
     def num_shards(self) -> int:
@@ -120,10 +152,15 @@ class Manifest:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        data = self.to_dict()
+        if self.format_version == 1:  # a v1 store keeps a manifest that v1 readers accept
+            del data["kind"], data["embed_dim"]
+        return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "manifest") -> Manifest:
+        if data.get("format_version") == 1:  # v1 predates embeddings stores: it is a logits manifest
+            data = {"kind": "logits", "embed_dim": 0} | data
         known = set(cls.__dataclass_fields__)
         unknown, missing = sorted(set(data) - known), sorted(known - set(data))
         if unknown or missing:
@@ -136,9 +173,16 @@ class Manifest:
     def identity(self) -> dict[str, Any]:
         return {key: value for key, value in self.to_dict().items() if key not in VOLATILE_FIELDS}
 
+    def _comparable(self) -> dict[str, Any]:
+        """The identity with a version-1 manifest read as the version-2 logits manifest it equals."""
+        identity = self.identity()
+        if identity["format_version"] == 1:
+            identity["format_version"] = 2
+        return identity
+
     def check_same(self, other: Manifest, where: str) -> None:
         """Raise naming every identity field where `other` differs from this manifest."""
-        mine, theirs = _flatten(self.identity()), _flatten(other.identity())
+        mine, theirs = _flatten(self._comparable()), _flatten(other._comparable())
         diffs = [
             f"{key}: store has {mine.get(key)!r}, asked for {theirs.get(key)!r}"
             for key in sorted(set(mine) | set(theirs))
@@ -146,6 +190,10 @@ class Manifest:
         ]
         if diffs:
             raise ManifestMismatchError(f"{where} exists with a different manifest:\n  " + "\n  ".join(diffs))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""Records: the per-(epoch, sample) payload of a store, its packed row layout and checks."""
+"""Records: the per-(plane, sample) payload of a store, its packed row layout and checks.
+
+Two kinds (docs/STORE_FORMAT.md): sparse top-k logits (`Records`) and L2-normalised
+embeddings (`Embeddings`).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from .errors import StoreInputError
 # Field order is part of the format: it fixes the packed row layout and the hashes.
 FIELDS = ("values", "indices", "tail_lse", "seed", "partner", "lam")
 MIXING_FIELDS = ("partner", "lam")
+EMBEDDING_FIELDS = ("embedding", "seed")
+NORM_TOLERANCE = 1e-2  # |L2 norm - 1| allowed for a stored embedding, after the fp16 cast
 
 
 def index_dtype(num_classes: int) -> np.dtype:
@@ -19,7 +25,10 @@ def index_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint16) if num_classes <= 65_536 else np.dtype(np.int32)
 
 
-def field_dtypes(num_classes: int, mixing: bool) -> dict[str, np.dtype]:
+def field_dtypes(num_classes: int, mixing: bool, kind: str = "logits") -> dict[str, np.dtype]:
+    """Field -> dtype, in row order, for a store of this kind."""
+    if kind == "embeddings":
+        return {"embedding": np.dtype(np.float16), "seed": np.dtype(np.uint32)}
     dtypes = {
         "values": np.dtype(np.float16),
         "indices": index_dtype(num_classes),
@@ -31,12 +40,11 @@ def field_dtypes(num_classes: int, mixing: bool) -> dict[str, np.dtype]:
     return dtypes
 
 
-def row_dtype(k: int, num_classes: int, mixing: bool) -> np.dtype:
+def row_dtype(k: int, num_classes: int, mixing: bool, kind: str = "logits", embed_dim: int = 0) -> np.dtype:
     """A packed little-endian structured dtype holding one whole record."""
-    shapes = {"values": (k,), "indices": (k,)}
-    return np.dtype(
-        [(name, dt.newbyteorder("<"), shapes.get(name, ())) for name, dt in field_dtypes(num_classes, mixing).items()]
-    )
+    shapes = {"values": (k,), "indices": (k,), "embedding": (embed_dim,)}
+    dtypes = field_dtypes(num_classes, mixing, kind)
+    return np.dtype([(name, dt.newbyteorder("<"), shapes.get(name, ())) for name, dt in dtypes.items()])
 
 
 @dataclass
@@ -76,6 +84,34 @@ class Records:
         return rows
 
 
+@dataclass
+class Embeddings:
+    """A batch of embedding records (embeddings stores); arrays share their first dimension.
+
+    embedding [n, d] float16  the teacher's L2-normalised embedding (image view, or caption on the text plane)
+    seed      [n]    uint32   augmentation seed of the view (0 on the text plane)
+    """
+
+    embedding: np.ndarray
+    seed: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.embedding)
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {"embedding": self.embedding, "seed": self.seed}
+
+    @classmethod
+    def from_rows(cls, rows: np.ndarray) -> Embeddings:
+        """View the fields of a structured array of rows (no copy)."""
+        return cls(rows["embedding"], rows["seed"])
+
+    def to_rows(self, dtype: np.dtype) -> np.ndarray:
+        rows = np.empty(len(self), dtype=dtype)
+        rows["embedding"], rows["seed"] = self.embedding, self.seed
+        return rows
+
+
 def record_seeds(global_seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
     """seed(global seed, epoch, id): a splitmix64 hash, vectorised, as uint32.
 
@@ -104,23 +140,8 @@ def validate_records(records: Records, *, k: int, num_classes: int, mixing: bool
             raise StoreInputError(f"field '{name}' is {state}, but the store has mixing={mixing}")
     out = {}
     for name, dtype in dtypes.items():
-        arr = np.asarray(getattr(records, name))
         shape = (n, k) if name in ("values", "indices") else (n,)
-        if arr.shape != shape:
-            raise StoreInputError(f"field '{name}' has shape {arr.shape}, expected {shape}")
-        want_float = dtype.kind == "f"
-        if (arr.dtype.kind == "f") != want_float or arr.dtype.kind not in "fiu":
-            kind = "a floating" if want_float else "an integer"
-            raise StoreInputError(f"field '{name}' has dtype {arr.dtype}, expected {kind} dtype ({dtype})")
-        if want_float:
-            with np.errstate(over="ignore"):  # overflow becomes inf, reported just below
-                cast = arr.astype(dtype)
-            if not np.isfinite(cast).all():
-                bad = int(np.flatnonzero(~np.isfinite(cast).reshape(n, -1).all(axis=1))[0])
-                raise StoreInputError(f"field '{name}' holds NaN or inf (row {bad}) after casting to {dtype}")
-        else:
-            cast = _checked_int_cast(name, arr, dtype, num_classes, num_samples)
-        out[name] = cast
+        out[name] = _checked_field(name, getattr(records, name), shape, dtype, num_classes, num_samples)
     if k > 1 and (np.diff(out["values"].astype(np.float32), axis=1) > 0).any():
         raise StoreInputError("field 'values' must be sorted descending along k")
     if k > 1 and (np.diff(np.sort(out["indices"], axis=1), axis=1) == 0).any():
@@ -128,6 +149,45 @@ def validate_records(records: Records, *, k: int, num_classes: int, mixing: bool
     if mixing and ((out["lam"] < 0) | (out["lam"] > 1)).any():
         raise StoreInputError("field 'lam' must lie in [0, 1]")
     return Records(**out)
+
+
+def validate_embeddings(emb: Embeddings, *, embed_dim: int) -> Embeddings:
+    """Check shapes, dtypes, finiteness and unit L2 norm; return the arrays cast to the store's dtypes."""
+    arr = np.asarray(emb.embedding)
+    n = len(arr) if arr.ndim else 0
+    dtypes = field_dtypes(0, False, "embeddings")
+    embedding = _checked_field("embedding", arr, (n, embed_dim), dtypes["embedding"])
+    seed = _checked_field("seed", emb.seed, (n,), dtypes["seed"])
+    norms = np.linalg.norm(embedding.astype(np.float32), axis=1)
+    bad = np.flatnonzero(np.abs(norms - 1) > NORM_TOLERANCE)
+    if bad.size:
+        row = int(bad[0])
+        raise StoreInputError(
+            f"field 'embedding' row {row} has L2 norm {norms[row]:.4g}, expected 1 within {NORM_TOLERANCE}: "
+            "embeddings must be L2-normalised"
+        )
+    return Embeddings(embedding, seed)
+
+
+def _checked_field(
+    name: str, arr: np.ndarray, shape: tuple[int, ...], dtype: np.dtype, num_classes: int = 0, num_samples: int = 0
+) -> np.ndarray:
+    """One field checked for shape, dtype kind, finiteness or range, and cast to `dtype`."""
+    arr = np.asarray(arr)
+    if arr.shape != shape:
+        raise StoreInputError(f"field '{name}' has shape {arr.shape}, expected {shape}")
+    want_float = dtype.kind == "f"
+    if (arr.dtype.kind == "f") != want_float or arr.dtype.kind not in "fiu":
+        kind = "a floating" if want_float else "an integer"
+        raise StoreInputError(f"field '{name}' has dtype {arr.dtype}, expected {kind} dtype ({dtype})")
+    if not want_float:
+        return _checked_int_cast(name, arr, dtype, num_classes, num_samples)
+    with np.errstate(over="ignore"):  # overflow becomes inf, reported just below
+        cast = arr.astype(dtype)
+    if not np.isfinite(cast).all():
+        bad = int(np.flatnonzero(~np.isfinite(cast).reshape(shape[0], -1).all(axis=1))[0])
+        raise StoreInputError(f"field '{name}' holds NaN or inf (row {bad}) after casting to {dtype}")
+    return cast
 
 
 def _checked_int_cast(name: str, arr: np.ndarray, dtype: np.dtype, num_classes: int, num_samples: int) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""LogitStore: manifest, commits, writers and readers over any backend."""
+"""LogitStore: manifest, commits, writers and readers over any backend.
+
+Records live in planes: one per epoch, plus the text plane (index = epochs) in an
+embeddings store (docs/STORE_FORMAT.md).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import shutil
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -19,7 +23,7 @@ from .errors import NotCommittedError, StoreError, StoreInputError
 from .location import StoreLocation
 from .locks import RangeLock
 from .manifest import Manifest
-from .records import Records, block_digest, validate_records
+from .records import Embeddings, Records, block_digest, validate_embeddings, validate_records
 
 MANIFEST_KEY = "manifest.json"
 _MARKER_NAME = re.compile(r"e(\d{5,})-s(\d{6,})\.json")
@@ -29,8 +33,18 @@ def commit_key(epoch: int, shard: int) -> tuple[str, str]:
     return "commits", f"e{epoch:05d}-s{shard:06d}.json"
 
 
+def plane_name(manifest: Manifest, plane: int) -> str:
+    """'epoch E', or 'text plane' for an embeddings store's text plane: how messages name a plane."""
+    return "text plane" if manifest.kind == "embeddings" and plane == manifest.epochs else f"epoch {plane}"
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
 class LogitStore:
-    """A store of sparse teacher logits, one record per (epoch, sample id).
+    """A store of teacher outputs, one record per (plane, sample id): sparse logits per
+    (epoch, id), or embeddings per (epoch, id) plus one text embedding per id.
 
     Use `create_store` to make or reopen one for writing and `open_store` to read.
     Safe to pickle into DataLoader workers: handles and caches are rebuilt per process.
@@ -42,10 +56,20 @@ class LogitStore:
         self.backend: Backend = create_backend(location, manifest)
         self.cache_epochs = cache_epochs
         self._cache: OrderedDict[int, _EpochCache] = OrderedDict()
+        self._batch: type[Records] | type[Embeddings] = Embeddings if manifest.kind == "embeddings" else Records
 
     def __repr__(self) -> str:
         m = self.manifest
+        if m.kind == "embeddings":
+            return f"LogitStore({self.location}, backend={m.backend}, N={m.num_samples}, embeddings D={m.embed_dim}, epochs={m.epochs})"
         return f"LogitStore({self.location}, backend={m.backend}, N={m.num_samples}, C={m.num_classes}, k={m.k}, epochs={m.epochs})"
+
+    @property
+    def text_plane(self) -> int:
+        """The plane of the text embeddings (index = epochs); embeddings stores only."""
+        if self.manifest.kind != "embeddings":
+            raise StoreInputError(f"{self.location} is {_a(self.manifest.kind)} store: it has no text plane")
+        return self.manifest.epochs
 
     def __getstate__(self) -> dict[str, Any]:
         return {"url": self.location.url, "options": self.location.storage_options, "cache_epochs": self.cache_epochs}
@@ -56,7 +80,7 @@ class LogitStore:
 
     # ---- commits -------------------------------------------------------------------
     def commits(self, epoch: int | None = None) -> dict[tuple[int, int], dict[str, Any]]:
-        """Commit markers (of one epoch, or all), keyed by (epoch, shard). A marker that does
+        """Commit markers (of one plane, or all), keyed by (plane, shard). A marker that does
         not parse or does not fit the layout maps to {} (damaged)."""
         prefix = "" if epoch is None else f"e{epoch:05d}-"
         out = {}
@@ -73,7 +97,7 @@ class LogitStore:
 
     def _checked_marker(self, marker: Any, epoch: int, shard: int) -> dict[str, Any]:
         m = self.manifest
-        if not (0 <= epoch < m.epochs and 0 <= shard < m.num_shards and isinstance(marker, dict)):
+        if not (0 <= epoch < m.planes and 0 <= shard < m.num_shards and isinstance(marker, dict)):
             return {}
         start, stop = m.shard_range(shard)
         digests = marker.get("digests")
@@ -96,7 +120,8 @@ class LogitStore:
 
     # ---- writing -------------------------------------------------------------------
     def writer(self, epoch: int, shards: list[int] | None = None) -> ShardWriter:
-        """A writer for the uncommitted shards among `shards` (default: all) of one epoch."""
+        """A writer for the uncommitted shards among `shards` (default: all) of one plane
+        (an epoch, or `text_plane`)."""
         self._check_epoch(epoch)
         return ShardWriter(self, epoch, self.pending_shards(epoch) if shards is None else shards)
 
@@ -107,9 +132,9 @@ class LogitStore:
         return self.manifest.statistics
 
     # ---- reading -------------------------------------------------------------------
-    def read(self, epoch: int, ids: np.ndarray | list[int]) -> Records:
-        """Records of `ids` (any order) in `epoch`. Decoded shards are cached per process,
-        so a random batch costs one numpy gather."""
+    def read(self, epoch: int, ids: np.ndarray | list[int]) -> Records | Embeddings:
+        """Records (logits store) or Embeddings (embeddings store) of `ids` (any order) in a
+        plane. Decoded shards are cached per process, so a random batch costs one numpy gather."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.view(np.uint64) >= self.manifest.num_samples).any():  # negatives wrap to huge
             raise StoreInputError(
@@ -121,7 +146,11 @@ class LogitStore:
             cache = self._epoch_cache(epoch)
             for shard in np.unique(ids // self.manifest.shard_records):
                 cache.ensure(int(shard))
-        return Records.from_rows(cache.gather(ids))
+        return self._batch.from_rows(cache.gather(ids))
+
+    def read_text(self, ids: np.ndarray | list[int]) -> Embeddings:
+        """Text embeddings of `ids` (any order): a read of the text plane."""
+        return cast(Embeddings, self.read(self.text_plane, ids))
 
     def read_shard(
         self, epoch: int, shard: int, marker: dict[str, Any] | None = None, out: np.ndarray | None = None
@@ -133,18 +162,20 @@ class LogitStore:
         bad = damaged_blocks(rows, marker["digests"], self.manifest.chunk_records)
         if bad:
             a, b = bad[0]
-            raise StoreError(f"{self.location}: epoch {epoch} records [{start + a}, {start + b}) fail their checksum")
+            where = plane_name(self.manifest, epoch)
+            raise StoreError(f"{self.location}: {where} records [{start + a}, {start + b}) fail their checksum")
         return rows
 
     def _marker(self, epoch: int, shard: int) -> dict[str, Any]:
         start, stop = self.manifest.shard_range(shard)
-        missing = NotCommittedError(f"{self.location}: epoch {epoch} records [{start}, {stop}) are not committed")
+        where = f"{self.location}: {plane_name(self.manifest, epoch)} records [{start}, {stop})"
+        missing = NotCommittedError(f"{where} are not committed")
         try:
             marker = json.loads(self.location.read_bytes(*commit_key(epoch, shard)))
         except (FileNotFoundError, ValueError):
             raise missing from None
         if not self._checked_marker(marker, epoch, shard):
-            raise StoreError(f"{self.location}: epoch {epoch} records [{start}, {stop}) have a damaged commit marker")
+            raise StoreError(f"{where} have a damaged commit marker")
         return marker
 
     def _epoch_cache(self, epoch: int) -> _EpochCache:
@@ -157,44 +188,49 @@ class LogitStore:
         return self._cache[epoch]
 
     def _check_epoch(self, epoch: int) -> None:
-        if not 0 <= epoch < self.manifest.epochs:
+        m = self.manifest
+        if not 0 <= epoch < m.planes:
+            text = f", epoch {m.epochs} being the text plane" if m.kind == "embeddings" else ""
             raise StoreInputError(
-                f"epoch {epoch} is outside the store's epochs [0, {self.manifest.epochs}) ({self.location})"
+                f"epoch {epoch} is outside the store's epochs [0, {m.planes}){text} ({self.location})"
             )
 
     # ---- integrity -----------------------------------------------------------------
     def verify(self) -> list[Problem]:
-        """Every missing or damaged record range of the planned epochs (empty when intact)."""
+        """Every missing or damaged record range of the planned planes (empty when intact)."""
         m, commits, problems = self.manifest, self.commits(), []
-        for epoch in range(m.epochs):
+        for epoch in range(m.planes):
+            text = plane_name(m, epoch) == "text plane"
             for shard in range(m.num_shards):
                 start, stop = m.shard_range(shard)
                 marker = commits.get((epoch, shard))
                 if marker is None:
-                    problems.append(Problem(epoch, start, stop, "missing", "not committed"))
+                    problems.append(Problem(epoch, start, stop, "missing", "not committed", text))
                     continue
                 if not marker:
-                    problems.append(Problem(epoch, start, stop, "damaged", "commit marker unreadable"))
+                    problems.append(Problem(epoch, start, stop, "damaged", "commit marker unreadable", text))
                     continue
                 try:
                     rows = self.backend.read_rows(epoch, start, stop)
                 except Exception as err:  # any decode failure of damaged bytes is reported, not raised
-                    problems.append(Problem(epoch, start, stop, "damaged", f"cannot decode: {err}"))
+                    problems.append(Problem(epoch, start, stop, "damaged", f"cannot decode: {err}", text))
                     continue
                 for a, b in damaged_blocks(rows, marker["digests"], m.chunk_records):
-                    problems.append(Problem(epoch, start + a, start + b, "damaged", "checksum mismatch"))
+                    problems.append(Problem(epoch, start + a, start + b, "damaged", "checksum mismatch", text))
         return problems
 
     def epoch_hash(self, epoch: int) -> str:
-        """sha256 of the epoch's decoded records in id order: equal across backends and layouts."""
+        """sha256 of a plane's decoded records in id order: equal across backends and layouts."""
         digest = hashlib.sha256()
         for shard in range(self.manifest.num_shards):
             digest.update(self.read_shard(epoch, shard).tobytes())
         return digest.hexdigest()
 
     def info(self) -> dict[str, Any]:
+        """Manifest, progress, size, statistics and content hashes. An embeddings store adds
+        `text_complete` and `text_records`; its text plane's hash is under "text"."""
         m, commits = self.manifest, self.commits()
-        records = {e: 0 for e in range(m.epochs)}
+        records = {e: 0 for e in range(m.planes)}
         for (epoch, shard), marker in commits.items():
             if marker:
                 start, stop = m.shard_range(shard)
@@ -202,17 +238,20 @@ class LogitStore:
         complete = [e for e, n in records.items() if n == m.num_samples]
         total = sum(records.values())
         used = self.location.bytes_used()
-        return {
+        info = {
             "location": str(self.location),
             "manifest": m.to_dict(),
-            "completed_epochs": complete,
+            "completed_epochs": [e for e in complete if e < m.epochs],
             "records": total,
-            "records_per_epoch": records,
+            "records_per_epoch": {e: n for e, n in records.items() if e < m.epochs},
             "bytes_on_disk": used,
             "bytes_per_record": used / total if total else None,
             "statistics": aggregate_statistics(commits.values()),
-            "content_hashes": {str(e): self.epoch_hash(e) for e in complete},
+            "content_hashes": {"text" if e == m.epochs else str(e): self.epoch_hash(e) for e in complete},
         }
+        if m.kind == "embeddings":
+            info |= {"text_complete": m.epochs in complete, "text_records": records[m.epochs]}
+        return info
 
     def close(self) -> None:
         self._cache.clear()
@@ -221,18 +260,20 @@ class LogitStore:
 
 @dataclass(frozen=True)
 class Problem:
-    epoch: int
+    epoch: int  # the plane; with text=True, the text plane of an embeddings store
     start: int
     stop: int
     kind: str  # "missing" or "damaged"
     detail: str
+    text: bool = False
 
     def __str__(self) -> str:
-        return f"epoch {self.epoch} records [{self.start}, {self.stop}): {self.kind} ({self.detail})"
+        where = "text plane" if self.text else f"epoch {self.epoch}"
+        return f"{where} records [{self.start}, {self.stop}): {self.kind} ({self.detail})"
 
 
 class _EpochCache:
-    """All rows of one epoch, filled shard by shard as reads need them."""
+    """All rows of one plane, filled shard by shard as reads need them."""
 
     def __init__(self, store: LogitStore, epoch: int) -> None:
         self.store, self.epoch = store, epoch
@@ -272,7 +313,8 @@ class ShardWriter:
                 self.locks[shard] = self._lock(shard)
             done = store.committed_shards(epoch) & set(self.locks)  # checked under the locks
             if done:
-                raise StoreError(f"{store.location}: epoch {epoch} shards {sorted(done)} are already committed")
+                where = plane_name(m, epoch)
+                raise StoreError(f"{store.location}: {where} shards {sorted(done)} are already committed")
         except BaseException:
             self.release()
             raise
@@ -280,7 +322,7 @@ class ShardWriter:
 
     def _lock(self, shard: int) -> RangeLock:
         start, stop = self.manifest.shard_range(shard)
-        what = f"{self.store.location}: epoch {self.epoch} records [{start}, {stop})"
+        what = f"{self.store.location}: {plane_name(self.manifest, self.epoch)} records [{start}, {stop})"
         if not self.store.location.is_local:
             return _NoLock()
         return RangeLock(self.store.location.path(".locks"), f"e{self.epoch:05d}-s{shard:06d}.lock", what)
@@ -288,16 +330,22 @@ class ShardWriter:
     def write(
         self,
         ids: np.ndarray | list[int],
-        records: Records,
+        records: Records | Embeddings,
         labels: np.ndarray | None = None,
         kl: np.ndarray | None = None,
     ) -> list[int]:
-        """Add records for `ids`; returns the shards this call completed and committed.
+        """Add records (Records or Embeddings, as the store's kind) for `ids`; returns the
+        shards this call completed and committed.
 
         labels (optional, -1 for unknown) and kl (KL(full || rebuilt) per record) only feed
-        the statistics.
+        the statistics of a logits store.
         """
         m = self.manifest
+        expected = self.store._batch
+        if not isinstance(records, expected):
+            raise StoreInputError(
+                f"{self.store.location} is {_a(m.kind)} store: it takes {expected.__name__}, got {type(records).__name__}"
+            )
         ids = np.asarray(ids)
         if ids.ndim != 1 or ids.dtype.kind not in "iu":
             raise StoreInputError(f"ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
@@ -308,9 +356,13 @@ class ShardWriter:
             raise StoreInputError("ids hold duplicates")
         if len(records) != len(ids):
             raise StoreInputError(f"{len(ids)} ids but {len(records)} records")
-        rows = validate_records(
-            records, k=m.k, num_classes=m.num_classes, mixing=m.mixing, num_samples=m.num_samples
-        ).to_rows(self.store.backend.row_dtype)
+        if isinstance(records, Embeddings):
+            checked: Records | Embeddings = validate_embeddings(records, embed_dim=m.embed_dim)
+        else:
+            checked = validate_records(
+                records, k=m.k, num_classes=m.num_classes, mixing=m.mixing, num_samples=m.num_samples
+            )
+        rows = checked.to_rows(self.store.backend.row_dtype)
         extras = {"labels": labels, "kl": kl}
         for name, arr in extras.items():
             if arr is not None and np.shape(arr) != ids.shape:
@@ -319,7 +371,7 @@ class ShardWriter:
         unclaimed = sorted(set(np.unique(shard_of).tolist()) - set(self.locks))
         if unclaimed:
             raise StoreInputError(
-                f"epoch {self.epoch} shards {unclaimed} are not claimed by this writer (committed already, or another writer's)"
+                f"{plane_name(m, self.epoch)} shards {unclaimed} are not claimed by this writer (committed already, or another writer's)"
             )
         completed = []
         for shard in np.unique(shard_of).tolist():
@@ -370,7 +422,7 @@ class ShardWriter:
         self.release()
         if exc_type is None and incomplete:
             raise StoreError(
-                f"epoch {self.epoch}: shards {incomplete} (shard: records missing) were not complete; nothing of them was committed"
+                f"{plane_name(self.manifest, self.epoch)}: shards {incomplete} (shard: records missing) were not complete; nothing of them was committed"
             )
 
 
@@ -409,7 +461,10 @@ class _ShardBuffer:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Sums in id order, so a resumed save commits the same bytes as an uninterrupted one."""
+        """Sums in id order, so a resumed save commits the same bytes as an uninterrupted one.
+        Embeddings have no top-k: their statistics are the record count only."""
+        if "values" not in self.rows.dtype.names:
+            return {"records": len(self.rows)}
         known, has_kl = self.labels >= 0, ~np.isnan(self.kl)
         return {
             "records": len(self.rows),
@@ -431,15 +486,21 @@ def topk_mass(values: np.ndarray, tail_lse: np.ndarray) -> np.ndarray:
 
 
 def aggregate_statistics(markers: Any) -> dict[str, Any]:
-    total = {"records": 0, "topk_mass_sum": 0.0, "kl_sum": 0.0, "kl_records": 0, "labeled": 0, "top1_agree": 0}
+    """Totals of the commit markers' statistics; a mean is None where no marker has its sums
+    (the top-k means of an embeddings store)."""
+    total: dict[str, float] = {"records": 0}
     for marker in markers:
         for key, value in (marker or {}).get("statistics", {}).items():
-            total[key] += value
+            total[key] = total.get(key, 0) + value
+
+    def mean(key: str, count: str) -> float | None:
+        return total[key] / total[count] if key in total and total.get(count) else None
+
     return {
         "records": total["records"],
-        "mean_topk_mass": total["topk_mass_sum"] / total["records"] if total["records"] else None,
-        "mean_kl_full_to_rebuilt": total["kl_sum"] / total["kl_records"] if total["kl_records"] else None,
-        "teacher_top1_agreement": total["top1_agree"] / total["labeled"] if total["labeled"] else None,
+        "mean_topk_mass": mean("topk_mass_sum", "records"),
+        "mean_kl_full_to_rebuilt": mean("kl_sum", "kl_records"),
+        "teacher_top1_agreement": mean("top1_agree", "labeled"),
     }
 
 

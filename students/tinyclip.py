@@ -23,7 +23,8 @@ All are within 10% of the name except the 3-layer, width-256 text tower of ViT-8
 within 0.5M. It keeps CLIP's MLP ratio 4 rather than a widened MLP (ratio 5 would give 2.91M), since nothing
 here says the released model departs from the defaults.
 
-``TinyCLIP-test`` is a toy configuration (32 px images, width 32) for fast tests.
+``TinyCLIP-test`` is a toy configuration (32 px images, width 32) for fast tests, and ``TinyCLIP-test-teacher``
+its toy teacher (width 64, 4 layers, same head width, so the student can inherit from it).
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ TINYCLIP_CONFIGS: dict[str, dict[str, Any]] = {
         "embed_dim": 16,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+    },
+    # Toy teacher of TinyCLIP-test (twice its width and depth, same head width): used by the digits recipes.
+    "TinyCLIP-test-teacher": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "patch_size": 8, "head_width": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 8, "layers": 4},
     },
 }
 

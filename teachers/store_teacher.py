@@ -12,6 +12,7 @@ from logit_store import LogitStore, NotCommittedError, Records, StoreInputError,
 from logit_store.sparse import rebuild_log_probs
 
 from .base import Teacher, TeacherError
+from .clip_teacher import EmbeddingStoreTeacher
 from .registry import register_teacher
 
 __all__ = ["StoreTeacher", "create_store_teacher"]
@@ -80,14 +81,18 @@ def create_store_teacher(
     num_classes: int | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
-) -> StoreTeacher:
-    """ "store:PATH" (a local path or an fsspec URL); device is unused: results follow the images' device."""
+) -> StoreTeacher | EmbeddingStoreTeacher:
+    """ "store:PATH" (a local path or an fsspec URL): a logits store gives a StoreTeacher, an embeddings store
+    an EmbeddingStoreTeacher. device is unused: results follow the images' device."""
     if checkpoint is not None:
         raise TeacherError(f"teacher {spec}: a logit store takes no checkpoint ({checkpoint})")
     try:
-        teacher = StoreTeacher(body)
+        store = open_store(body)
     except Exception as err:
         raise TeacherError(f"teacher {spec}: cannot open the logit store {body}: {err}") from err
+    if store.manifest.kind == "embeddings":
+        return EmbeddingStoreTeacher(store)  # CLIP embeddings have no classes to check
+    teacher = StoreTeacher(store)
     if num_classes is not None and num_classes != teacher.num_classes:
         raise TeacherError(
             f"teacher {spec}: the store holds {teacher.num_classes} classes, but num_classes={num_classes} was asked for"

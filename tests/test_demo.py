@@ -26,7 +26,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert store.verify() == [] and store.manifest.k == 5 < store.manifest.num_classes == 10
     assert by_name["student1_store"]["teacher_source"] == f"store:{out / 'teacher.zarr'}"
     assert by_name["student1_live"]["teacher_source"] == "live:timm:test_convnext"
-    assert by_name["student1_labels"]["teacher_source"] == "none (labels)"
+    assert by_name["student1_labels"]["teacher_source"] == "none"
     assert by_name["student2_store"]["student"] == "test_resnet" and by_name["student2_store"]["batch_size"] == 128
     assert all(0 <= r["top1"] <= 100 and r["images_per_s"] > 0 and len(r["curve"]) == 2 for r in results["runs"])
     assert results["store_vs_live_gap"] == abs(by_name["student1_store"]["top1"] - by_name["student1_live"]["top1"])

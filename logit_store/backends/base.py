@@ -17,7 +17,8 @@ class Backend(ABC):
     def __init__(self, location: StoreLocation, manifest: Manifest) -> None:
         self.location = location
         self.manifest = manifest
-        self.row_dtype = row_dtype(manifest.k, manifest.num_classes, manifest.mixing)
+        m = manifest
+        self.row_dtype = row_dtype(m.k, m.num_classes, m.mixing, m.kind, m.embed_dim)
 
     @abstractmethod
     def create(self) -> None:
@@ -25,11 +26,12 @@ class Backend(ABC):
 
     @abstractmethod
     def write_rows(self, epoch: int, start: int, rows: np.ndarray) -> None:
-        """Write records [start, start + len(rows)) of an epoch; always one whole shard."""
+        """Write records [start, start + len(rows)) of a plane (an epoch, or the text plane);
+        always one whole shard."""
 
     @abstractmethod
     def read_rows(self, epoch: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Records [start, stop) of an epoch as packed rows (into `out` when given);
+        """Records [start, stop) of a plane as packed rows (into `out` when given);
         raises if they cannot be decoded."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)

@@ -1,4 +1,7 @@
-"""lmdb: one key per checksum block, (epoch, block) as 8 big-endian bytes, packed rows as value."""
+"""lmdb: one key per checksum block, (plane, block) as 8 big-endian bytes, packed rows as value.
+
+A plane is an epoch, or an embeddings store's text plane (index = epochs).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""zarr v3: one group, one array per field shaped [epochs, N(, k)], one shard per commit unit."""
+"""zarr v3: one group, one array per field shaped [planes, N(, width)], one shard per commit unit.
+
+planes = epochs (+ the text plane in an embeddings store); width = k, or embed_dim.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from .base import Backend
 
 
 class ZarrBackend(Backend):
-    """Arrays sharded as (1, shard_records, k) so every shard file belongs to one writer.
+    """Arrays sharded as (1, shard_records, width) so every shard file belongs to one writer.
 
     Blosc zstd with byte shuffle: the shuffle is what makes fp16 logits and uint16
     indices compress (../shared/STORAGE_NOTES.md).
@@ -38,7 +41,7 @@ class ZarrBackend(Backend):
             base, shape = self.row_dtype[name].base, self.row_dtype[name].shape
             group.create_array(
                 name,
-                shape=(m.epochs, m.num_samples, *shape),
+                shape=(m.planes, m.num_samples, *shape),
                 dtype=base,
                 shards=(1, m.shard_records, *shape),
                 chunks=(1, m.chunk_records, *shape),
@@ -55,7 +58,9 @@ class ZarrBackend(Backend):
             if self.location.fs.exists(path):
                 self.location.fs.rm(path)
             array[epoch, start:stop] = rows[name]
-            if self.location.is_local:  # durable before the commit marker is written
+            # Durable before the commit marker is written. A shard of fill values only (the text
+            # plane's seeds, all 0) has no file: zarr skips empty chunks and reads them as fill.
+            if self.location.is_local and os.path.exists(path):
                 _fsync(path)
 
     def _shard_path(self, name: str, array: zarr.Array, epoch: int, start: int) -> str:

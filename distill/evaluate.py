@@ -1,0 +1,76 @@
+"""Validation metrics over a whole replayed dataset, each process taking every n-th sample.
+
+`classification_accuracy` scores a classifier's logits; `zero_shot_accuracy` scores a CLIP model's images
+against the embeddings of class-name prompts. Both give top-1 / top-5 in percent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from .affinity import zero_shot_classifier
+from .loader import ReplayDataset, collate
+
+
+def _batches(data: ReplayDataset, batch_size: int, accelerator: Accelerator) -> Iterator[dict[str, torch.Tensor]]:
+    ids = list(range(accelerator.process_index, len(data), accelerator.num_processes))
+    batches = [[(0, i) for i in ids[s : s + batch_size]] for s in range(0, len(ids), batch_size)]
+    yield from torch.utils.data.DataLoader(data, batch_sampler=batches, collate_fn=collate)
+
+
+def _topk(
+    scores_of: Callable[[torch.Tensor], torch.Tensor],
+    model: nn.Module,
+    data: ReplayDataset,
+    batch_size: int,
+    accelerator: Accelerator,
+) -> dict[str, float]:
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    for batch in _batches(data, batch_size, accelerator):
+        with accelerator.autocast():
+            scores = scores_of(batch["image"].to(accelerator.device))
+        labels = batch["label"].to(accelerator.device)
+        top = scores.topk(min(5, scores.shape[-1]), dim=-1).indices
+        counts += torch.stack(
+            [(top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum(), labels.new_tensor(len(labels))]
+        )
+    counts = accelerator.reduce(counts, "sum")
+    model.train()
+    return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item()}
+
+
+@torch.no_grad()
+def classification_accuracy(
+    model: nn.Module, data: ReplayDataset, batch_size: int, accelerator: Accelerator
+) -> dict[str, float]:
+    """Top-1 / top-5 (%) of the model's logits."""
+    return _topk(model, model, data, batch_size, accelerator)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    model: nn.Module,
+    data: ReplayDataset,
+    batch_size: int,
+    accelerator: Accelerator,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    class_names: Sequence[str],
+    templates: Sequence[str],
+) -> dict[str, float]:
+    """Zero-shot top-1 / top-5 (%) of a CLIP model: each image against the mean embedding of its
+    class's prompts (`template.format(class name)`)."""
+    clip = accelerator.unwrap_model(model)
+    clip.eval()
+    with accelerator.autocast():
+        classifier = zero_shot_classifier(clip, tokenizer, class_names, templates).float()
+
+    def scores(images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(clip.encode_image(images).float(), dim=-1) @ classifier
+
+    return _topk(scores, clip, data, batch_size, accelerator)
