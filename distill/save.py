@@ -286,7 +286,7 @@ def run(cfg: SaveConfig) -> LogitStore:
         print(
             f"saved {total:,} records in {elapsed:.1f} s ({total / max(elapsed, 1e-9):,.0f} records/s) to {store.location}"
         )
-        print("statistics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in stats.items()))
+        print("statistics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in stats.items() if v is not None))
         if cfg.check_replay:
             report = check_replay(store, teacher, data, cfg.check_replay, state.device)
             print("check-replay: " + ", ".join(f"{k}={_fmt(v)}" for k, v in report.items()))

@@ -225,7 +225,8 @@ def train(raw: dict[str, Any]) -> dict[str, Any]:
     if val_set.classes != train_set.classes:
         raise RecipeError(f"data.val: its classes {val_set.classes} differ from data.train's {train_set.classes}")
     method = method_cls(loss_cfg, train_set.num_classes)
-    teacher = build_teacher(recipe, method, train_set, recipe_manifest_entry(augmentation), accelerator.device)
+    with torch.random.fork_rng(devices=[]):  # a live teacher's init must not shift the student's
+        teacher = build_teacher(recipe, method, train_set, recipe_manifest_entry(augmentation), accelerator.device)
     model = method.build_student(recipe.student, recipe.data.img_size)
     if method.tokenizer is not None and not train_set.has_captions:
         raise RecipeError(f"data.train: method {recipe.method!r} trains on captions; {recipe.data.train} has none")
