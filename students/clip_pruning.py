@@ -22,6 +22,11 @@ say that, so its attention modules are ``PrunedAttention`` (same parameter names
 and ``model.pruned_cfg`` holds the open_clip config plus per-layer shapes; ``create_pruned_model(cfg)`` builds
 an empty model of that shape to load a saved state_dict into. Progressive stages (e.g. 1.0 -> 0.75 -> 0.5)
 repeat attach, train, prune on the pruned model, with ``stage_target_sparsities`` giving each stage's target.
+
+``MaskedCLIP`` packs a model with attached masks, its ``SparsityLagrangian`` and the ramp's step counter into one
+module for a trainer with a single optimizer: the penalty reaches the multipliers through a reversed gradient
+(so minimising the loss maximises over them), and ``lr_scale`` (masks, multipliers) stores a parameter divided
+by the scale, so that Adam moves it that many times faster than the weights.
 """
 
 from __future__ import annotations
@@ -232,18 +237,26 @@ class HardConcreteMask(nn.Module):
         init_drop: float = 0.1,
         temperature: float = 2 / 3,
         limits: tuple[float, float] = (-0.1, 1.1),
+        lr_scale: float = 1.0,
     ):
         super().__init__()
         self.temperature = temperature
         self.limits = limits
+        # The parameter holds log_alpha / lr_scale: an Adam-type optimizer then moves log_alpha lr_scale times
+        # faster than the model's weights under the same learning rate.
+        self.lr_scale = lr_scale
         # Louizos et al. init: log_alpha ~ N(log((1 - p) / p), 0.01), p the initial drop rate. A small p starts
         # the masks near 1, i.e. from the inherited model.
         mean = math.log(1 - init_drop) - math.log(init_drop)
-        self.log_alpha = nn.Parameter(mean + 1e-2 * torch.randn(size))
+        self.log_alpha = nn.Parameter((mean + 1e-2 * torch.randn(size)) / lr_scale)
 
     @property
     def size(self) -> int:
         return self.log_alpha.numel()
+
+    def alpha(self) -> torch.Tensor:
+        """log_alpha (the parameter times ``lr_scale``)."""
+        return self.log_alpha * self.lr_scale if self.lr_scale != 1 else self.log_alpha
 
     def _stretch(self, s: torch.Tensor) -> torch.Tensor:
         low, high = self.limits
@@ -252,15 +265,15 @@ class HardConcreteMask(nn.Module):
     def sample(self) -> torch.Tensor:
         eps = 1e-6
         u = torch.rand_like(self.log_alpha).clamp(eps, 1 - eps)
-        return self._stretch(torch.sigmoid((u.log() - (-u).log1p() + self.log_alpha) / self.temperature))
+        return self._stretch(torch.sigmoid((u.log() - (-u).log1p() + self.alpha()) / self.temperature))
 
     def deterministic(self) -> torch.Tensor:
-        return self._stretch(torch.sigmoid(self.log_alpha))
+        return self._stretch(torch.sigmoid(self.alpha()))
 
     def prob_nonzero(self) -> torch.Tensor:
         """P(z != 0) per entry; its sum is the expected L0 norm."""
         low, high = self.limits
-        return torch.sigmoid(self.log_alpha - self.temperature * math.log(-low / high))
+        return torch.sigmoid(self.alpha() - self.temperature * math.log(-low / high))
 
     def expected_l0(self) -> torch.Tensor:
         return self.prob_nonzero().sum()
@@ -320,6 +333,10 @@ class TowerMasks(nn.Module):
         actual += sum(p.numel() for p in parts.blocks.parameters())
         if full != actual:  # the formula must describe the tower exactly, or the sparsity would be wrong
             raise ValueError(f"{parts.name} tower has parameters outside the pruning rules ({actual} != {full})")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The last pass's mask values belong to its autograd graph: copies (EMA, pickling) start without them.
+        return self.__dict__ | {"_current": None}
 
     # -- mask values -------------------------------------------------------------------------------------------
 
@@ -531,28 +548,59 @@ class _MaskedBlock(nn.Module):
 # Sparsity target and Lagrangian penalty
 
 
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
+def reverse_gradient(x: torch.Tensor) -> torch.Tensor:
+    """Identity whose backward negates the gradient: a minimising optimizer then *ascends* on ``x``."""
+    return _ReverseGradient.apply(x)
+
+
 class SparsityLagrangian(nn.Module):
     """``lambda_1 (t - s) + lambda_2 (t - s)^2`` with t the expected sparsity and s a linearly ramped target.
 
-    Minimise it with the model and masks; *maximise* it with respect to the lambdas (``lagrangian_optimizer``),
-    which drives t to s: lambda_1 moves against the sign of the gap and lambda_2 only grows.
+    Minimise it with the model and masks; *maximise* it with respect to the lambdas, which drives t to s:
+    lambda_1 moves against the sign of the gap and lambda_2 only grows. Either with a second optimizer
+    (``lagrangian_optimizer``), or with ``forward(..., reverse=True)``, which reverses the lambdas' gradients so
+    that the one optimizer minimising the loss ascends on them. The parameters hold lambda / ``lr_scale``, as in
+    ``HardConcreteMask``.
     """
 
-    def __init__(self, target_sparsity: float, ramp_steps: int, start_sparsity: float = 0.0):
+    def __init__(self, target_sparsity: float, ramp_steps: int, start_sparsity: float = 0.0, lr_scale: float = 1.0):
         super().__init__()
         self.target_sparsity = target_sparsity
         self.start_sparsity = start_sparsity
         self.ramp_steps = ramp_steps
+        self.lr_scale = lr_scale
         self.lambda_1 = nn.Parameter(torch.zeros(()))
         self.lambda_2 = nn.Parameter(torch.zeros(()))
 
-    def target(self, step: int) -> float:
-        frac = min(1.0, step / self.ramp_steps) if self.ramp_steps > 0 else 1.0
+    def target(self, step: int | torch.Tensor) -> float | torch.Tensor:
+        """The target at ``step`` (an int, or a tensor: then the answer is a tensor, with no host sync)."""
+        if self.ramp_steps <= 0:
+            frac: float | torch.Tensor = 1.0
+        elif isinstance(step, torch.Tensor):
+            frac = (step.float() / self.ramp_steps).clamp(max=1.0)
+        else:
+            frac = min(1.0, step / self.ramp_steps)
         return self.start_sparsity + frac * (self.target_sparsity - self.start_sparsity)
 
-    def forward(self, expected_sparsity: torch.Tensor, step: int) -> torch.Tensor:
+    def lambdas(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lambda_1 * self.lr_scale, self.lambda_2 * self.lr_scale
+
+    def forward(self, expected_sparsity: torch.Tensor, step: int | torch.Tensor, reverse: bool = False) -> torch.Tensor:
         gap = expected_sparsity - self.target(step)
-        return self.lambda_1 * gap + self.lambda_2 * gap * gap
+        lambda_1, lambda_2 = self.lambdas()
+        if reverse:
+            lambda_1, lambda_2 = reverse_gradient(lambda_1), reverse_gradient(lambda_2)
+        return lambda_1 * gap + lambda_2 * gap * gap
 
 
 def lagrangian_optimizer(lagrangian: SparsityLagrangian, lr: float = 0.01) -> torch.optim.Optimizer:
@@ -700,3 +748,71 @@ def prune(model: nn.Module, masks: CLIPPruningMasks, model_cfg: str | dict[str, 
     pruned.train(model.training)
     pruned.pruned_cfg = cfg
     return pruned
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One module for a trainer
+
+
+class MaskedCLIP(nn.Module):
+    """An open_clip CLIP model with masks attached, and its sparsity Lagrangian, as one trainable module.
+
+    The model, the masks, the Lagrangian and a step counter (a buffer: the target's ramp) all sit in this module,
+    so one optimizer, a checkpoint and a resume cover them. ``forward(image=, text=)`` returns the CLIP outputs
+    (image features, text features, logit scale[, bias]) followed by a dict: ``penalty`` (add it to the loss: the
+    masks descend on it, the multipliers ascend through a reversed gradient), ``expected_sparsity`` and
+    ``target_sparsity``; each forward in train mode advances the step. ``encode_image``, ``encode_text``,
+    ``visual`` and ``context_length`` reach the CLIP model, which runs with deterministic masks in eval mode.
+    ``model_cfg`` is the open_clip config (name or dict) of ``model``, as ``prune`` takes it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        masks: CLIPPruningMasks,
+        lagrangian: SparsityLagrangian,
+        model_cfg: str | dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.masks = masks
+        self.lagrangian = lagrangian.to(next(model.parameters()).device)
+        self.model_cfg = model_cfg if model_cfg is not None else getattr(model, "pruned_cfg", None)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long, device=self.lagrangian.lambda_1.device))
+        self.handle = masks.attach(model)
+
+    def forward(
+        self, image: torch.Tensor | None = None, text: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | dict[str, torch.Tensor], ...]:
+        out = self.model(image=image, text=text)
+        if isinstance(out, dict):
+            raise TypeError("MaskedCLIP needs a CLIP model built with output_dict=False")
+        expected = self.masks.expected_sparsity()
+        target = torch.as_tensor(self.lagrangian.target(self.step), device=expected.device)
+        penalty = self.lagrangian(expected, self.step, reverse=True)
+        if self.training:
+            self.step += 1
+        return (*out, {"penalty": penalty, "expected_sparsity": expected, "target_sparsity": target})
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.model.encode_image(image, normalize=normalize)
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.model.encode_text(text, normalize=normalize)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+    @property
+    def context_length(self) -> int:
+        return self.model.context_length
+
+    def no_weight_decay(self) -> set[str]:
+        """The CLIP model's exclusions under this module's names (timm's optimizer factory reads them)."""
+        inner = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
+        return {f"model.{name}" for name in inner} | {"masks.*", "lagrangian.*"}
+
+    def pruned(self) -> nn.Module:
+        """The physically pruned model (``prune`` with the current deterministic masks)."""
+        return prune(self.model, self.masks, self.model_cfg)

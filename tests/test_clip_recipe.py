@@ -137,7 +137,10 @@ def test_save_cli_refuses_what_an_embeddings_store_cannot_hold(env, tmp_path, ca
         assert save_main([*base, "--out", str(tmp_path / f"s{i}"), *extra]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / f"s{i}").exists()
-    assert save_main(["--teacher", "timm:test_vit", "--data", "digits", "--out", str(tmp_path / "l"), "--epochs", "1"]) == 2
+    assert (
+        save_main(["--teacher", "timm:test_vit", "--data", "digits", "--out", str(tmp_path / "l"), "--epochs", "1"])
+        == 2
+    )
     assert "--k: teacher timm:test_vit gives logits" in capsys.readouterr().err
 
 
@@ -153,12 +156,17 @@ def test_tinyclip_recipe_errors_name_the_field(env, tmp_path):
             {"teacher": {"source": "open_clip:TinyCLIP-ViT-8M-16-Text-3M"}},
             "student.model: its context length 16 differs from the live teacher's 77",
         ),
-        ({"teacher": {"source": f"store:{env['store']}"}, "data": {**base["data"], "train": "digits"}},
-         "store field dataset.fingerprint"),
+        (
+            {"teacher": {"source": f"store:{env['store']}"}, "data": {**base["data"], "train": "digits"}},
+            "store field dataset.fingerprint",
+        ),
         ({"teacher": {"source": f"store:{env['store']}"}, "epochs": 2}, "epochs: 2 training epochs but the store"),
         ({"teacher": {"source": f"store:{env['store']}"}, "student": {"model": "TinyCLIP-nope"}}, "student.model"),
         (
-            {"teacher": {"source": f"store:{env['store']}"}, "loss": {"inherit": {"model": TEACHER, "checkpoint": "x.pt"}}},
+            {
+                "teacher": {"source": f"store:{env['store']}"},
+                "loss": {"inherit": {"model": TEACHER, "checkpoint": "x.pt"}},
+            },
             "loss.inherit: checkpoint x.pt does not exist",
         ),
         ({"teacher": {"source": f"store:{env['store']}"}, "loss": {"alpha": "high"}}, "loss.alpha"),
