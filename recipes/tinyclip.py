@@ -13,12 +13,15 @@ zero-shot classification with class-name prompts.
 
 `loss.prune` trains one stage of automatic inheritance: the student (usually the teacher itself, from its
 checkpoint, or the previous stage's pruned model) gets hard-concrete masks over hidden dims, heads and MLP units
-(`students.clip_pruning.MaskedCLIP`), the loss adds the Lagrangian sparsity penalty with a target ramped from 0
-to `target_sparsity` over `ramp_steps` training batches, and at the end the model is physically pruned into
-`output_dir/pruned_model.json` + `pruned_model.safetensors`, a student for the next recipe (`student: {model:
-OUT/pruned_model.json, checkpoint: OUT/pruned_model.safetensors}`). Masks and multipliers train in the recipe's
-one optimizer: the multipliers ascend through a reversed gradient, and both are stored divided by `lr_scale`,
-so that Adam moves them `lr_scale` times faster than the weights. `recipes.tinyclip_prune` chains stages.
+(`students.clip_pruning.MaskedCLIP`), and the loss adds the Lagrangian sparsity penalty, its target ramped
+linearly from the masks' initial expected sparsity (~0) to `target_sparsity` over `ramp_steps` training
+batches, then held. At the end (`finish`) the deterministic masks are applied and the model physically pruned
+into `output_dir/pruned_model.json` + `pruned_model.safetensors`, a student for the next recipe (`student:
+{model: OUT/pruned_model.json, checkpoint: OUT/pruned_model.safetensors}`); model.safetensors holds the masked
+model (keys `model.*`, `masks.*`, `lagrangian.*`, `step`). Masks and multipliers train in the recipe's one
+optimizer at its learning rate and schedule: the multipliers ascend through a reversed gradient, and both are
+stored divided by `mask_lr_scale` / `lagrangian_lr_scale`, so that Adam moves them that many times faster
+than the weights. `recipes.tinyclip_prune` chains stages.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class PruneConfig:
     """One automatic-inheritance stage (see the module docstring)."""
 
     target_sparsity: float  # fraction of the masked towers' parameters (no token embedding) to remove
-    ramp_steps: int  # training batches (micro-batches under grad_accum) over which the target ramps from 0
+    ramp_steps: int  # training batches (micro-batches under grad_accum) of the ramp to the target (0: none)
     mask_lr_scale: float = 100.0  # masks learn this many times faster than the weights (Adam-type optimizers)
     lagrangian_lr_scale: float = 100.0  # the multipliers, likewise (100: 0.01 / step at lr 1e-4, as in CoFi)
     init_drop: float = 0.05  # the masks' initial drop rate (small: start from the inherited model)

@@ -118,7 +118,8 @@ def run(raw: dict[str, Any]) -> dict[str, Any]:
         check(recipe, section)
     resolved = to_dict(cfg)
     saved = out / "recipe.yaml"
-    if saved.exists() and yaml.safe_load(saved.read_text()) != resolved:
+    started = any(Path(r["output_dir"]).exists() for r in [*stages, *([final] if final else [])])
+    if started and saved.exists() and yaml.safe_load(saved.read_text()) != resolved:
         raise RecipeError(f"output_dir {out} holds a run of another tinyclip_prune recipe: choose another output_dir")
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(yaml.safe_dump(resolved, sort_keys=False))

@@ -255,7 +255,7 @@ def test_chain_recipe_errors_name_the_key(data, tmp_path, change, message):
     assert not (tmp_path / "chain").exists()  # refused before anything ran
 
 
-def test_two_stages_and_a_final_run_end_to_end_and_resume_by_stage(data, tmp_path, monkeypatch):
+def test_two_stages_and_a_final_run_end_to_end_and_a_rerun_skips_finished_runs(data, tmp_path, monkeypatch):
     out = tmp_path / "chain"
     summary = tinyclip_prune.run(chain_recipe(data, out))
     first, second = summary["stages"]
@@ -271,3 +271,5 @@ def test_two_stages_and_a_final_run_end_to_end_and_resume_by_stage(data, tmp_pat
     # A re-run finds every run finished and trains nothing.
     monkeypatch.setattr(tinyclip_prune, "train_run", lambda raw: pytest.fail(f"re-trained {raw['output_dir']}"))
     assert tinyclip_prune.run(chain_recipe(data, out)) == summary
+    with pytest.raises(RecipeError, match="holds a run of another tinyclip_prune recipe"):
+        tinyclip_prune.run(chain_recipe(data, out) | {"keep": [0.75, 0.4]})
