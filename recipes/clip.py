@@ -68,6 +68,7 @@ class ClipMethod(Method):
         self.inherit(model)
         if cfg.checkpoint:
             load_checkpoint(model, cfg.checkpoint)
+        self.tokenizer_name = tokenizer_name  # a pruned student written by `finish` names it again
         self.tokenizer = open_clip.get_tokenizer(tokenizer_name)
         self.context_length = int(model.context_length)
         return model

@@ -117,9 +117,6 @@ class TinyClip(ClipMethod):
         if spec is None:
             return model
         # The checkpoint is in the plain model by now; the masks start near 1 on top of it.
-        self.tokenizer_name = (
-            json.loads(Path(cfg.model).read_text())["tokenizer"] if cfg.model.endswith(".json") else cfg.model
-        )
         try:
             masks = CLIPPruningMasks(model, spec.towers, init_drop=spec.init_drop, lr_scale=spec.mask_lr_scale)
         except ValueError as err:
