@@ -65,9 +65,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     src = open_store(args.src)
-    backend = args.backend or ("lmdb" if src.manifest.backend == "zarr" else "zarr")
-    dst = convert_store(src, args.dst, backend)
-    print(f"converted {src.location} ({src.manifest.backend}) -> {dst.location} ({backend})")
+    other = "lmdb" if src.manifest.backend == "zarr" else "zarr"
+    backend = args.backend or (src.manifest.backend if args.upgrade else other)
+    dst = convert_store(src, args.dst, backend, upgrade=args.upgrade)
+    versions = f"v{src.manifest.format_version} -> v{dst.manifest.format_version}"
+    print(f"converted {src.location} ({src.manifest.backend}) -> {dst.location} ({backend}), {versions}")
     return 0
 
 
@@ -84,7 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="copy a store into another backend, record for record")
     convert.add_argument("src")
     convert.add_argument("dst")
-    convert.add_argument("--backend", choices=BACKENDS, help="target backend (default: the other one)")
+    convert.add_argument(
+        "--backend", choices=BACKENDS, help="target backend (default: the other one; with --upgrade the same)"
+    )
+    convert.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="write the current format version (re-encodes a version-1/2 logits store so it can be resumed)",
+    )
     convert.set_defaults(func=cmd_convert)
     return parser
 

@@ -12,8 +12,10 @@ from typing import Any
 from .errors import ManifestMismatchError, StoreInputError
 from .records import field_dtypes
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # a version-1 manifest is a logits manifest without `kind` and `embed_dim`
+FORMAT_VERSION = 3
+# A version-1 manifest is a logits manifest without `kind` and `embed_dim`; versions 1-2
+# keep float16 logits, version 3 coded ones (records.field_dtypes).
+READABLE_VERSIONS = (1, 2, 3)
 BACKENDS = ("zarr", "lmdb")
 KINDS = ("logits", "embeddings")
 # Fields that describe the run rather than the content: never compared when reopening.
@@ -87,7 +89,8 @@ class Manifest:
             raise StoreInputError(
                 f"manifest: shard_records={self.shard_records} must be a multiple of chunk_records={self.chunk_records}"
             )
-        self.dtypes = {name: str(dt) for name, dt in field_dtypes(self.num_classes, self.mixing, self.kind).items()}
+        dtypes = field_dtypes(self.num_classes, self.mixing, self.kind, self.format_version)
+        self.dtypes = {name: str(dt) for name, dt in dtypes.items()}
         if self.augmentation.get("recipe") is not None and not self.augmentation.get("hash"):
             self.augmentation["hash"] = recipe_hash(self.augmentation["recipe"])
         if not self.created_at:
@@ -174,10 +177,13 @@ class Manifest:
         return {key: value for key, value in self.to_dict().items() if key not in VOLATILE_FIELDS}
 
     def _comparable(self) -> dict[str, Any]:
-        """The identity with a version-1 manifest read as the version-2 logits manifest it equals."""
+        """The identity with the version of the same layout: a version-1 manifest is the
+        version-2 logits manifest it equals, and embeddings are laid out alike in 2 and 3."""
         identity = self.identity()
         if identity["format_version"] == 1:
             identity["format_version"] = 2
+        if self.kind == "embeddings" and identity["format_version"] == 2:
+            identity["format_version"] = 3
         return identity
 
     def check_same(self, other: Manifest, where: str) -> None:

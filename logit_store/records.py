@@ -1,7 +1,8 @@
 """Records: the per-(plane, sample) payload of a store, its packed row layout and checks.
 
 Two kinds (docs/STORE_FORMAT.md): sparse top-k logits (`Records`) and L2-normalised
-embeddings (`Embeddings`).
+embeddings (`Embeddings`). How a logits record is encoded on disk depends on the
+format version (`logit_store.codec`); this module knows the dtypes of each.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ FIELDS = ("values", "indices", "tail_lse", "seed", "partner", "lam")
 MIXING_FIELDS = ("partner", "lam")
 EMBEDDING_FIELDS = ("embedding", "seed")
 NORM_TOLERANCE = 1e-2  # |L2 norm - 1| allowed for a stored embedding, after the fp16 cast
+# Version 3 keeps the top-k as uint16 codes of (top logit - logit) and a float32 tail
+# (docs/STORE_FORMAT.md); versions 1 and 2 kept float16 logits and a float16 tail.
+CODED_VERSION = 3
+# Temperatures at which a writer's KL(full || rebuilt) statistics are kept (columns of `kl`).
+KL_TEMPERATURES = (1.0, 2.0, 4.0)
 
 
 def index_dtype(num_classes: int) -> np.dtype:
@@ -25,14 +31,17 @@ def index_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint16) if num_classes <= 65_536 else np.dtype(np.int32)
 
 
-def field_dtypes(num_classes: int, mixing: bool, kind: str = "logits") -> dict[str, np.dtype]:
-    """Field -> dtype, in row order, for a store of this kind."""
+def field_dtypes(
+    num_classes: int, mixing: bool, kind: str = "logits", version: int = CODED_VERSION
+) -> dict[str, np.dtype]:
+    """Field -> on-disk dtype, in row order, for a store of this kind and format version."""
     if kind == "embeddings":
         return {"embedding": np.dtype(np.float16), "seed": np.dtype(np.uint32)}
+    coded = version >= CODED_VERSION
     dtypes = {
-        "values": np.dtype(np.float16),
+        "values": np.dtype(np.uint16 if coded else np.float16),
         "indices": index_dtype(num_classes),
-        "tail_lse": np.dtype(np.float16),
+        "tail_lse": np.dtype(np.float32 if coded else np.float16),
         "seed": np.dtype(np.uint32),
     }
     if mixing:
@@ -40,10 +49,12 @@ def field_dtypes(num_classes: int, mixing: bool, kind: str = "logits") -> dict[s
     return dtypes
 
 
-def row_dtype(k: int, num_classes: int, mixing: bool, kind: str = "logits", embed_dim: int = 0) -> np.dtype:
-    """A packed little-endian structured dtype holding one whole record."""
+def row_dtype(
+    k: int, num_classes: int, mixing: bool, kind: str = "logits", embed_dim: int = 0, version: int = CODED_VERSION
+) -> np.dtype:
+    """A packed little-endian structured dtype holding one whole record, as stored."""
     shapes = {"values": (k,), "indices": (k,), "embedding": (embed_dim,)}
-    dtypes = field_dtypes(num_classes, mixing, kind)
+    dtypes = field_dtypes(num_classes, mixing, kind, version)
     return np.dtype([(name, dt.newbyteorder("<"), shapes.get(name, ())) for name, dt in dtypes.items()])
 
 
@@ -51,10 +62,14 @@ def row_dtype(k: int, num_classes: int, mixing: bool, kind: str = "logits", embe
 class Records:
     """A batch of records; arrays share their first dimension.
 
-    values   [n, k] float16  teacher logits of the top-k classes, sorted descending
+    values   [n, k] float    teacher logits of the top-k classes, sorted descending
     indices  [n, k] uint16|int32  their class indices
-    tail_lse [n]    float16  log-sum-exp of the logits not kept
+    tail_lse [n]    float    log-sum-exp of the logits not kept
     seed     [n]    uint32   augmentation seed of the view
+
+    Logits matter up to a shift per record (the distribution is their softmax). A writer
+    takes any shift; a version-3 store gives back float32 logits minus the top one
+    (values[:, 0] == 0), a version-1/2 store its float16 logits as they were written.
     partner  [n]    int32    mixing partner id (mixing stores only)
     lam      [n]    float32  mixing lambda (mixing stores only)
     """
@@ -130,9 +145,10 @@ def record_seeds(global_seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
 
 
 def validate_records(records: Records, *, k: int, num_classes: int, mixing: bool, num_samples: int) -> Records:
-    """Check shapes, dtypes and values; return the records cast to the store's dtypes."""
+    """Check shapes, dtypes and values; return the records with integer fields cast to the
+    store's dtypes and the logits (`values`, `tail_lse`) as float64, ready to encode."""
     n = len(records.values)
-    dtypes = field_dtypes(num_classes, mixing)
+    dtypes = field_dtypes(num_classes, mixing) | {"values": np.dtype(np.float64), "tail_lse": np.dtype(np.float64)}
     for name in MIXING_FIELDS:
         given = getattr(records, name) is not None
         if given != mixing:
@@ -142,13 +158,18 @@ def validate_records(records: Records, *, k: int, num_classes: int, mixing: bool
     for name, dtype in dtypes.items():
         shape = (n, k) if name in ("values", "indices") else (n,)
         out[name] = _checked_field(name, getattr(records, name), shape, dtype, num_classes, num_samples)
-    if k > 1 and (np.diff(out["values"].astype(np.float32), axis=1) > 0).any():
+    if k > 1 and (out["values"][:, 1:] > out["values"][:, :-1]).any():
         raise StoreInputError("field 'values' must be sorted descending along k")
-    if k > 1 and (np.diff(np.sort(out["indices"], axis=1), axis=1) == 0).any():
+    if k > 1 and _repeats_a_class(out["indices"]):
         raise StoreInputError("field 'indices' repeats a class within a record")
     if mixing and ((out["lam"] < 0) | (out["lam"] > 1)).any():
         raise StoreInputError("field 'lam' must lie in [0, 1]")
     return Records(**out)
+
+
+def _repeats_a_class(indices: np.ndarray) -> bool:
+    ordered = np.sort(indices, axis=1)
+    return bool((ordered[:, 1:] == ordered[:, :-1]).any())
 
 
 def validate_embeddings(emb: Embeddings, *, embed_dim: int) -> Embeddings:

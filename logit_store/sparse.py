@@ -8,21 +8,28 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .codec import MAX_CODE, NO_TAIL, STEP
 from .errors import StoreInputError
-from .records import Records, index_dtype
+from .records import KL_TEMPERATURES, Records, index_dtype
 
-# tail_lse when k == num_classes (nothing left out): the lowest finite fp16.
-NO_TAIL = -65504.0
+__all__ = ["NO_TAIL", "SparseLogits", "rebuild_log_probs", "rebuild_probs", "sparsify"]
 
 
 @dataclass
 class SparseLogits:
-    """Top-k of a batch of logits, on the device they were computed on."""
+    """Top-k of a batch of logits, as the store keeps them, on the device they were computed on.
 
-    values: torch.Tensor  # [n, k] float16, sorted descending
-    indices: torch.Tensor  # [n, k] int64
-    tail_lse: torch.Tensor  # [n] float16
-    kl: torch.Tensor  # [n] float32, KL(full || rebuilt at T=1) from the stored fp16 values
+    values   [n, k] float32  the top-k logits minus the top one, rounded to the store's codes
+                             (multiples of 2^-11, >= -32; values[:, 0] == 0), sorted descending
+    indices  [n, k] int64    their class indices
+    tail_lse [n]    float32  log-sum-exp of the other logits minus the top one (NO_TAIL when k = C)
+    kl       [n, 3] float32  KL(full || rebuilt from the above) at T = 1, 2, 4 (KL_TEMPERATURES)
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    tail_lse: torch.Tensor
+    kl: torch.Tensor
 
     def to_records(
         self, num_classes: int, seeds: np.ndarray, partner: np.ndarray | None = None, lam: np.ndarray | None = None
@@ -39,29 +46,38 @@ class SparseLogits:
 
 @torch.no_grad()
 def sparsify(logits: torch.Tensor, k: int) -> SparseLogits:
-    """Keep the k largest logits; summarise the rest by their log-sum-exp."""
+    """Keep the k largest logits; summarise the rest by their log-sum-exp; measure the loss.
+
+    The kept logits are quantised here exactly as a version-3 store codes them
+    (`logit_store.codec`), so the KL reported is that of what the store gives back.
+    """
     if logits.ndim != 2:
         raise StoreInputError(f"logits must be [batch, classes], got shape {tuple(logits.shape)}")
     n, num_classes = logits.shape
     if not 1 <= k <= num_classes:
         raise StoreInputError(f"k={k} must be in [1, {num_classes}] (the number of classes)")
-    full = logits.float()
+    full = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
     if not torch.isfinite(full).all():
         row = int((~torch.isfinite(full)).any(dim=1).nonzero()[0])
         raise StoreInputError(f"logits hold NaN or inf (batch row {row})")
-    if full.abs().max() > 65504:
-        raise StoreInputError("logits exceed the float16 range (|logit| > 65504)")
-    values, indices = full.topk(k, dim=1, sorted=True)
+    top_values, indices = full.topk(k, dim=1, sorted=True)
+    top = top_values[:, :1]
+    # In float64 like the writer's encoder, so both derive the same codes from these values.
+    below = (top.double() - top_values.double()) / STEP
+    values = (below.round_().clamp_(max=MAX_CODE) * -STEP).float()
     if k < num_classes:
-        rest = full.scatter(1, indices, float("-inf"))
-        tail_lse = rest.logsumexp(dim=1)
+        tail_lse = full.scatter(1, indices, float("-inf")).logsumexp(dim=1) - top[:, 0]
     else:
         tail_lse = full.new_full((n,), NO_TAIL)
-    values16, tail16 = values.half(), tail_lse.half()
-    rebuilt = rebuild_log_probs(values16, indices, tail16, num_classes)
-    log_p = full.log_softmax(dim=1)
-    kl = (log_p.exp() * (log_p - rebuilt)).sum(dim=1).clamp_min(0)
-    return SparseLogits(values16, indices, tail16, kl)
+    kl = torch.stack([_kl(full, values, indices, tail_lse, t) for t in KL_TEMPERATURES], dim=1)
+    return SparseLogits(values, indices, tail_lse.float(), kl.float())
+
+
+def _kl(full: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, t: float) -> torch.Tensor:
+    """KL(softmax(full / t) || rebuild at t), per row."""
+    log_p = (full / t).log_softmax(dim=1)
+    rebuilt = rebuild_log_probs(values, indices, tail, full.shape[1], t)
+    return (log_p.exp() * (log_p - rebuilt)).sum(dim=1).clamp_min(0)
 
 
 def rebuild_log_probs(
@@ -69,9 +85,12 @@ def rebuild_log_probs(
 ) -> torch.Tensor:
     """Full log-distribution [n, num_classes] at temperature T from a sparse record.
 
-    The left-out classes share one logit, log((sum of their exp) / (C - k)), so their
-    mass is spread evenly. At T = 1 the kept probabilities are exact and the rest get
-    (1 - kept mass) / (C - k) each: TinyViT's rebuild.
+    values and tail_lse are logits up to a shift per row (any store version's, or
+    `sparsify`'s). The left-out classes share one logit, log((sum of their exp) / (C - k)),
+    so their mass is spread evenly. At T = 1 the kept probabilities are those of the stored
+    logits and the rest get (1 - kept mass) / (C - k) each: TinyViT's rebuild. At T != 1
+    the tail is approximate (its classes really differ); the store's statistics give the
+    KL this costs at T = 2 and 4.
     """
     k = values.shape[1]
     values = values.float()

@@ -12,18 +12,27 @@ import os
 import re
 import shutil
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 
+from . import codec
 from .backends import Backend, create_backend
+from .cache import PlaneCache, default_cache_bytes
 from .errors import NotCommittedError, StoreError, StoreInputError
 from .location import StoreLocation
 from .locks import RangeLock
-from .manifest import Manifest
-from .records import Embeddings, Records, block_digest, validate_embeddings, validate_records
+from .manifest import FORMAT_VERSION, Manifest
+from .records import (
+    CODED_VERSION,
+    KL_TEMPERATURES,
+    Embeddings,
+    Records,
+    block_digest,
+    validate_embeddings,
+    validate_records,
+)
 
 MANIFEST_KEY = "manifest.json"
 _MARKER_NAME = re.compile(r"e(\d{5,})-s(\d{6,})\.json")
@@ -48,14 +57,28 @@ class LogitStore:
 
     Use `create_store` to make or reopen one for writing and `open_store` to read.
     Safe to pickle into DataLoader workers: handles and caches are rebuilt per process.
+
+    A reader keeps at most `cache_epochs` planes decoded, and at most `cache_bytes` of
+    decoded rows in its own memory whatever the store's size: a plane larger than
+    cache_bytes / cache_epochs is decoded once per node into a file under `cache_dir`
+    that every process maps (`logit_store.cache`).
     """
 
-    def __init__(self, location: StoreLocation, manifest: Manifest, cache_epochs: int = 2) -> None:
+    def __init__(
+        self,
+        location: StoreLocation,
+        manifest: Manifest,
+        cache_epochs: int = 2,
+        cache_bytes: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
         self.location = location
         self.manifest = manifest
         self.backend: Backend = create_backend(location, manifest)
         self.cache_epochs = cache_epochs
-        self._cache: OrderedDict[int, _EpochCache] = OrderedDict()
+        self.cache_bytes = default_cache_bytes() if cache_bytes is None else cache_bytes
+        self.cache_dir = cache_dir
+        self._cache = PlaneCache(self, cache_epochs, self.cache_bytes, cache_dir)
         self._batch: type[Records] | type[Embeddings] = Embeddings if manifest.kind == "embeddings" else Records
 
     def __repr__(self) -> str:
@@ -72,11 +95,19 @@ class LogitStore:
         return self.manifest.epochs
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.location.url, "options": self.location.storage_options, "cache_epochs": self.cache_epochs}
+        cache = {"cache_epochs": self.cache_epochs, "cache_bytes": self.cache_bytes, "cache_dir": self.cache_dir}
+        return {"url": self.location.url, "options": self.location.storage_options} | cache
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         location = StoreLocation(state["url"], state["options"])
-        self.__init__(location, _read_manifest(location), state["cache_epochs"])
+        self.__init__(
+            location, _read_manifest(location), state["cache_epochs"], state["cache_bytes"], state["cache_dir"]
+        )
+
+    @property
+    def private_cache_bytes(self) -> int:
+        """Decoded rows this reader holds in its own memory (<= cache_bytes)."""
+        return self._cache.private_bytes
 
     # ---- commits -------------------------------------------------------------------
     def commits(self, epoch: int | None = None) -> dict[tuple[int, int], dict[str, Any]]:
@@ -123,6 +154,7 @@ class LogitStore:
         """A writer for the uncommitted shards among `shards` (default: all) of one plane
         (an epoch, or `text_plane`)."""
         self._check_epoch(epoch)
+        self._check_writable()
         return ShardWriter(self, epoch, self.pending_shards(epoch) if shards is None else shards)
 
     def refresh_statistics(self) -> dict[str, Any]:
@@ -140,31 +172,55 @@ class LogitStore:
             raise StoreInputError(
                 f"ids out of range: [{ids.min()}, {ids.max()}], store {self.location} has {self.manifest.num_samples} samples"
             )
-        cache = self._cache.get(epoch)
-        if cache is None or not cache.complete:  # the hot path of a training epoch skips all this
+        plane = self._cache.get(epoch)
+        if plane is None or not plane.complete:  # the hot path of a training epoch skips all this
             self._check_epoch(epoch)
-            cache = self._epoch_cache(epoch)
+            plane = self._cache.plane(epoch)
             for shard in np.unique(ids // self.manifest.shard_records):
-                cache.ensure(int(shard))
-        return self._batch.from_rows(cache.gather(ids))
+                plane.ensure(int(shard))
+        return self.decode(plane.gather(ids))
+
+    def decode(self, rows: np.ndarray) -> Records | Embeddings:
+        """Records (or Embeddings) from packed rows as stored (`logit_store.codec`)."""
+        if self.manifest.kind == "embeddings":
+            return Embeddings.from_rows(rows)
+        return codec.decode_rows(rows, self.manifest.format_version)
 
     def read_text(self, ids: np.ndarray | list[int]) -> Embeddings:
         """Text embeddings of `ids` (any order): a read of the text plane."""
         return cast(Embeddings, self.read(self.text_plane, ids))
 
     def read_shard(
-        self, epoch: int, shard: int, marker: dict[str, Any] | None = None, out: np.ndarray | None = None
+        self,
+        epoch: int,
+        shard: int,
+        marker: dict[str, Any] | None = None,
+        out: np.ndarray | None = None,
+        piece: int | None = None,
     ) -> np.ndarray:
-        """Decoded rows of one committed shard, checked against the commit's block digests."""
+        """Packed rows of one committed shard, checked against the commit's block digests.
+
+        Decoded in pieces of `piece` records (a multiple of chunk_records; default the whole
+        shard) straight into `out`, so the backend's temporaries stay within one piece.
+        """
+        m = self.manifest
         marker = marker if marker is not None else self._marker(epoch, shard)
-        start, stop = self.manifest.shard_range(shard)
-        rows = self.backend.read_rows(epoch, start, stop, out)
-        bad = damaged_blocks(rows, marker["digests"], self.manifest.chunk_records)
-        if bad:
-            a, b = bad[0]
-            where = plane_name(self.manifest, epoch)
-            raise StoreError(f"{self.location}: {where} records [{start + a}, {start + b}) fail their checksum")
-        return rows
+        start, stop = m.shard_range(shard)
+        out = np.empty(stop - start, dtype=self.backend.row_dtype) if out is None else out
+        piece = piece or stop - start
+        where = f"{self.location}: {plane_name(m, epoch)} records"
+        for a in range(0, stop - start, piece):
+            b = min(a + piece, stop - start)
+            try:
+                self.backend.read_rows(epoch, start + a, start + b, out[a:b])
+            except Exception as err:  # damaged bytes fail in the codec: name the range
+                raise StoreError(f"{where} [{start + a}, {start + b}) cannot be decoded: {err}") from err
+            first = a // m.chunk_records
+            digests = marker["digests"][first : first + -(-(b - a) // m.chunk_records)]
+            bad = damaged_blocks(out[a:b], digests, m.chunk_records)
+            if bad:
+                raise StoreError(f"{where} [{start + a + bad[0][0]}, {start + a + bad[0][1]}) fail their checksum")
+        return out
 
     def _marker(self, epoch: int, shard: int) -> dict[str, Any]:
         start, stop = self.manifest.shard_range(shard)
@@ -178,14 +234,10 @@ class LogitStore:
             raise StoreError(f"{where} have a damaged commit marker")
         return marker
 
-    def _epoch_cache(self, epoch: int) -> _EpochCache:
-        if epoch in self._cache:
-            self._cache.move_to_end(epoch)
-        else:
-            self._cache[epoch] = _EpochCache(self, epoch)
-            while len(self._cache) > self.cache_epochs:
-                self._cache.popitem(last=False)
-        return self._cache[epoch]
+    def _check_writable(self) -> None:
+        m = self.manifest
+        if m.kind == "logits" and m.format_version < CODED_VERSION:
+            raise StoreError(old_version_message(str(self.location), m.format_version))
 
     def _check_epoch(self, epoch: int) -> None:
         m = self.manifest
@@ -272,29 +324,6 @@ class Problem:
         return f"{where} records [{self.start}, {self.stop}): {self.kind} ({self.detail})"
 
 
-class _EpochCache:
-    """All rows of one plane, filled shard by shard as reads need them."""
-
-    def __init__(self, store: LogitStore, epoch: int) -> None:
-        self.store, self.epoch = store, epoch
-        self.rows = np.zeros(store.manifest.num_samples, dtype=store.backend.row_dtype)
-        self.loaded = np.zeros(store.manifest.num_shards, dtype=bool)
-        self.complete = False
-        # numpy gathers opaque fixed-size rows ~15x faster than rows with fields.
-        self._opaque = self.rows.view(np.dtype((np.void, self.rows.dtype.itemsize)))
-
-    def gather(self, ids: np.ndarray) -> np.ndarray:
-        return self._opaque[ids].view(self.rows.dtype)
-
-    def ensure(self, shard: int) -> None:
-        if self.loaded[shard]:
-            return
-        start, stop = self.store.manifest.shard_range(shard)
-        self.store.read_shard(self.epoch, shard, out=self.rows[start:stop])
-        self.loaded[shard] = True
-        self.complete = bool(self.loaded.all())
-
-
 class ShardWriter:
     """Buffers records per shard; a shard is written and committed once it is whole.
 
@@ -337,8 +366,9 @@ class ShardWriter:
         """Add records (Records or Embeddings, as the store's kind) for `ids`; returns the
         shards this call completed and committed.
 
-        labels (optional, -1 for unknown) and kl (KL(full || rebuilt) per record) only feed
-        the statistics of a logits store.
+        labels (optional, -1 for unknown) and kl only feed the statistics of a logits store:
+        kl is KL(full || rebuilt) per record, [n] at T = 1 or [n, 3] at T = 1, 2, 4
+        (`KL_TEMPERATURES`, as `sparsify` gives it).
         """
         m = self.manifest
         expected = self.store._batch
@@ -356,17 +386,10 @@ class ShardWriter:
             raise StoreInputError("ids hold duplicates")
         if len(records) != len(ids):
             raise StoreInputError(f"{len(ids)} ids but {len(records)} records")
-        if isinstance(records, Embeddings):
-            checked: Records | Embeddings = validate_embeddings(records, embed_dim=m.embed_dim)
-        else:
-            checked = validate_records(
-                records, k=m.k, num_classes=m.num_classes, mixing=m.mixing, num_samples=m.num_samples
-            )
-        rows = checked.to_rows(self.store.backend.row_dtype)
-        extras = {"labels": labels, "kl": kl}
-        for name, arr in extras.items():
-            if arr is not None and np.shape(arr) != ids.shape:
-                raise StoreInputError(f"'{name}' has shape {np.shape(arr)}, expected {ids.shape}")
+        rows = self._encode(records)
+        extras = {"labels": labels, "kl": _kl_columns(kl, len(ids))}
+        if labels is not None and np.shape(labels) != ids.shape:
+            raise StoreInputError(f"'labels' has shape {np.shape(labels)}, expected {ids.shape}")
         shard_of = ids // m.shard_records
         unclaimed = sorted(set(np.unique(shard_of).tolist()) - set(self.locks))
         if unclaimed:
@@ -384,6 +407,16 @@ class ShardWriter:
                 self.commit_rows(shard, buf.rows, self.buffers.pop(shard).stats)
                 completed.append(shard)
         return completed
+
+    def _encode(self, records: Records | Embeddings) -> np.ndarray:
+        """Checked records as packed rows of the store's format."""
+        m, dtype = self.manifest, self.store.backend.row_dtype
+        if isinstance(records, Embeddings):
+            return validate_embeddings(records, embed_dim=m.embed_dim).to_rows(dtype)
+        checked = validate_records(
+            records, k=m.k, num_classes=m.num_classes, mixing=m.mixing, num_samples=m.num_samples
+        )
+        return codec.encode_rows(checked, dtype, no_tail=m.k == m.num_classes)
 
     def commit_rows(self, shard: int, rows: np.ndarray, statistics: dict[str, Any]) -> None:
         """Write one whole claimed shard of packed rows and commit it."""
@@ -434,14 +467,20 @@ class _NoLock:
 
 
 class _ShardBuffer:
-    """One shard's rows, plus the per-record labels and KL that feed its statistics."""
+    """One shard's rows, plus the per-record figures that feed its statistics: label, kept
+    probability mass and KL at each of KL_TEMPERATURES (NaN where the writer gave none)."""
 
     def __init__(self, manifest: Manifest, shard: int, dtype: np.dtype) -> None:
         self.start, stop = manifest.shard_range(shard)
-        self.rows = np.zeros(stop - self.start, dtype=dtype)
-        self.filled = np.zeros(stop - self.start, dtype=bool)
-        self.labels = np.full(stop - self.start, -1, dtype=np.int64)
-        self.kl = np.full(stop - self.start, np.nan, dtype=np.float64)
+        n = stop - self.start
+        self.rows = np.zeros(n, dtype=dtype)
+        # Rows are copied as opaque bytes: numpy moves fixed-size blobs far faster than fields.
+        self._opaque = self.rows.view(np.dtype((np.void, dtype.itemsize)))
+        self.filled = np.zeros(n, dtype=bool)
+        self.logits = "values" in dtype.names
+        self.labels = np.full(n, -1, dtype=np.int64)
+        self.mass = np.zeros(n, dtype=np.float64)
+        self.kl = np.full((n, len(KL_TEMPERATURES)), np.nan, dtype=np.float64)
 
     @property
     def full(self) -> bool:
@@ -452,8 +491,11 @@ class _ShardBuffer:
         if self.filled[offsets].any():
             dup = int(ids[self.filled[offsets]][0])
             raise StoreInputError(f"id {dup} was already written in this epoch; records are never overwritten")
-        self.rows[offsets] = rows
+        self._opaque[offsets] = rows.view(self._opaque.dtype)
         self.filled[offsets] = True
+        if not self.logits:
+            return
+        self.mass[offsets] = codec.kept_mass(rows, CODED_VERSION)
         if labels is not None:
             self.labels[offsets] = labels
         if kl is not None:
@@ -463,21 +505,42 @@ class _ShardBuffer:
     def stats(self) -> dict[str, Any]:
         """Sums in id order, so a resumed save commits the same bytes as an uninterrupted one.
         Embeddings have no top-k: their statistics are the record count only."""
-        if "values" not in self.rows.dtype.names:
+        if not self.logits:
             return {"records": len(self.rows)}
-        known, has_kl = self.labels >= 0, ~np.isnan(self.kl)
-        return {
+        known = self.labels >= 0
+        stats = {
             "records": len(self.rows),
-            "topk_mass_sum": float(topk_mass(self.rows["values"], self.rows["tail_lse"]).sum()),
-            "kl_sum": float(self.kl[has_kl].sum()),
-            "kl_records": int(has_kl.sum()),
+            "topk_mass_sum": float(self.mass.sum()),
             "labeled": int(known.sum()),
             "top1_agree": int((self.rows["indices"][:, 0][known] == self.labels[known]).sum()),
         }
+        for column, temperature in enumerate(KL_TEMPERATURES):
+            kl = self.kl[:, column]
+            has = ~np.isnan(kl)
+            suffix = kl_suffix(temperature)
+            stats |= {f"kl_sum{suffix}": float(kl[has].sum()), f"kl_records{suffix}": int(has.sum())}
+        return stats
+
+
+def kl_suffix(temperature: float) -> str:
+    """'' at T = 1 (the key of versions 1-2), '_t2', '_t4' at the others."""
+    return "" if temperature == 1 else f"_t{temperature:g}"
+
+
+def _kl_columns(kl: np.ndarray | None, n: int) -> np.ndarray | None:
+    """kl as [n, len(KL_TEMPERATURES)] float64, NaN where unknown; accepts [n] (T = 1 only)."""
+    if kl is None:
+        return None
+    kl = np.asarray(kl, dtype=np.float64)
+    if kl.shape == (n,):
+        return np.column_stack([kl, np.full((n, len(KL_TEMPERATURES) - 1), np.nan)])
+    if kl.shape != (n, len(KL_TEMPERATURES)):
+        raise StoreInputError(f"'kl' has shape {kl.shape}, expected ({n},) or ({n}, {len(KL_TEMPERATURES)})")
+    return kl
 
 
 def topk_mass(values: np.ndarray, tail_lse: np.ndarray) -> np.ndarray:
-    """Probability mass of the kept classes, exact from the logits and the tail log-sum-exp."""
+    """Probability mass of the kept classes, exact from float logits (any shift) and the tail log-sum-exp."""
     v = values.astype(np.float64)
     top = np.max(v, axis=1, keepdims=True)
     kept = np.exp(v - top).sum(axis=1)
@@ -496,10 +559,14 @@ def aggregate_statistics(markers: Any) -> dict[str, Any]:
     def mean(key: str, count: str) -> float | None:
         return total[key] / total[count] if key in total and total.get(count) else None
 
+    kl = {
+        f"mean_kl_full_to_rebuilt{kl_suffix(t)}": mean(f"kl_sum{kl_suffix(t)}", f"kl_records{kl_suffix(t)}")
+        for t in KL_TEMPERATURES
+    }
     return {
         "records": total["records"],
         "mean_topk_mass": mean("topk_mass_sum", "records"),
-        "mean_kl_full_to_rebuilt": mean("kl_sum", "kl_records"),
+        **kl,
         "teacher_top1_agreement": mean("top1_agree", "labeled"),
     }
 
@@ -531,10 +598,28 @@ def _read_manifest(location: StoreLocation) -> Manifest:
     return Manifest.from_dict(data, source=f"{location}/{MANIFEST_KEY}")
 
 
-def open_store(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> LogitStore:
-    """Open an existing store."""
+def open_store(
+    url: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    cache_bytes: int | None = None,
+    cache_dir: str | None = None,
+    cache_epochs: int = 2,
+) -> LogitStore:
+    """Open an existing store. cache_bytes bounds the decoded rows a reader keeps in its own
+    memory (default: LOGIT_STORE_CACHE_BYTES, else 256 MiB); larger planes are shared by the
+    node's readers through files under cache_dir (default: LOGIT_STORE_CACHE_DIR, else a
+    per-user directory under the system temporary directory)."""
     location = StoreLocation(url, storage_options)
-    return LogitStore(location, _read_manifest(location))
+    return LogitStore(location, _read_manifest(location), cache_epochs, cache_bytes, cache_dir)
+
+
+def old_version_message(where: str, version: int) -> str:
+    return (
+        f"{where} is a format-version-{version} logits store: this toolkit reads it as it is but writes "
+        f"version {FORMAT_VERSION} only; to add to it, convert it first: "
+        f"distill-store convert {where} NEW_STORE --upgrade"
+    )
 
 
 def create_store(
@@ -576,18 +661,31 @@ def create_store(
 
 def _reopen(location: StoreLocation, manifest: Manifest) -> LogitStore:
     existing = _read_manifest(location)
+    if existing.kind == "logits" and existing.format_version < CODED_VERSION <= manifest.format_version:
+        raise StoreError(old_version_message(str(location), existing.format_version))
     existing.check_same(manifest, where=str(location))
     return LogitStore(location, existing)
 
 
 def convert_store(
-    src: LogitStore, dst_url: str | os.PathLike[str], backend: str, storage_options: dict[str, Any] | None = None
+    src: LogitStore,
+    dst_url: str | os.PathLike[str],
+    backend: str,
+    storage_options: dict[str, Any] | None = None,
+    upgrade: bool = False,
 ) -> LogitStore:
     """Copy every committed record and its commit marker into a store of another backend.
 
-    Records are checked against their digests on the way; re-running resumes.
+    Records are checked against their digests on the way; re-running resumes. With
+    `upgrade`, the copy is of the current format version: records of a version-1/2 logits
+    store are re-encoded (their float16 precision stays what it was) and their markers get
+    fresh digests and kept-mass sums; otherwise the version and every byte are kept.
     """
-    manifest = Manifest.from_dict(src.manifest.to_dict() | {"backend": backend})
+    fields = {"backend": backend}
+    if upgrade:
+        fields |= {"format_version": FORMAT_VERSION, "created_at": "", "toolkit_version": ""}
+    manifest = Manifest.from_dict(src.manifest.to_dict() | fields)
+    recode = upgrade and src.manifest.kind == "logits" and src.manifest.format_version < CODED_VERSION
     dst = create_store(dst_url, manifest, storage_options)
     done = {key for key, marker in dst.commits().items() if marker}
     commits = src.commits()
@@ -599,8 +697,13 @@ def convert_store(
     for (epoch, shard), marker in sorted(commits.items()):
         if (epoch, shard) in done:
             continue
-        rows = src.read_shard(epoch, shard, marker)
-        with dst.writer(epoch, [shard]) as writer:
-            writer.commit_rows(shard, rows, marker["statistics"])
+        rows, statistics = src.read_shard(epoch, shard, marker), marker["statistics"]
+        if recode:
+            rows = codec.encode_rows(
+                src.decode(rows), dst.backend.row_dtype, no_tail=manifest.k == manifest.num_classes
+            )
+            statistics = statistics | {"topk_mass_sum": float(codec.kept_mass(rows, CODED_VERSION).sum())}
+        with ShardWriter(dst, epoch, [shard]) as writer:  # rows as stored: any version may be copied
+            writer.commit_rows(shard, rows, statistics)
     dst.refresh_statistics()
     return dst

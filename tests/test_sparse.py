@@ -25,15 +25,26 @@ def logits():
     return x
 
 
+STEP = 2.0**-11  # the format's code step (docs/STORE_FORMAT.md)
+
+
 def test_topk_sorted_and_exact(logits):
     sp = sparsify(logits, 10)
-    assert sp.values.dtype == torch.float16 and sp.tail_lse.dtype == torch.float16
-    assert (sp.values[:, :-1] >= sp.values[:, 1:]).all()
-    ref_v, ref_i = logits.topk(10, dim=1)
-    torch.testing.assert_close(sp.values.float(), ref_v, atol=1e-2, rtol=1e-3)
+    assert sp.values.dtype == torch.float32 and sp.tail_lse.dtype == torch.float32
+    assert (sp.values[:, :-1] >= sp.values[:, 1:]).all() and (sp.values[:, 0] == 0).all()
+    ref_v, ref_i = logits.double().topk(10, dim=1)
+    below = ref_v - ref_v[:, :1]  # the logits relative to the top one, rounded to whole steps
+    torch.testing.assert_close(sp.values.double(), (below / STEP).round() * STEP, atol=0, rtol=0)
+    assert (sp.values.double() - below).abs().max() <= STEP / 2
     assert torch.equal(sp.indices, ref_i)
-    rest = logits.scatter(1, ref_i, float("-inf")).logsumexp(dim=1)
-    torch.testing.assert_close(sp.tail_lse.float(), rest, atol=1e-2, rtol=1e-3)
+    rest = logits.double().scatter(1, ref_i, float("-inf")).logsumexp(dim=1) - ref_v[:, 0]
+    torch.testing.assert_close(sp.tail_lse.double(), rest, atol=1e-5, rtol=1e-6)
+
+
+def test_far_logits_are_clamped_32_nats_below_the_top():
+    x = torch.tensor([[50.0, 49.0, 10.0, -5.0, -6.0]])
+    sp = sparsify(x, 3)
+    assert sp.values[0].tolist() == [0.0, -1.0, -65535 * STEP]
 
 
 def test_rebuild_at_t1_equals_tinyvit(logits):
@@ -63,16 +74,21 @@ def test_rebuild_temperature(logits):
 
 def test_statistics(logits):
     sp = sparsify(logits, 10)
+    assert sp.kl.shape == (64, 3)
     full = logits.softmax(dim=1)
     kept = full.gather(1, sp.indices).sum(dim=1)
     mass = topk_mass(sp.values.numpy(), sp.tail_lse.numpy())
-    np.testing.assert_allclose(mass, kept.numpy(), atol=5e-3)
-    z = torch.cat([sp.values.double(), sp.tail_lse.double()[:, None]], dim=1).softmax(dim=1)
-    q = tinyvit_rebuild(z[:, :10], sp.indices, 100)
-    p = logits.double().softmax(dim=1)
-    ref_kl = (p * (p.log() - q.log())).sum(dim=1)
-    torch.testing.assert_close(sp.kl.double(), ref_kl, atol=1e-4, rtol=1e-3)
-    assert sparsify(logits, 100).kl.max() < 1e-3
+    np.testing.assert_allclose(mass, kept.numpy(), rtol=1e-3)
+    for column, t in enumerate((1.0, 2.0, 4.0)):
+        # Rebuild at T written out: the kept logits, and each other class at tail - log(C - k).
+        z = torch.full((64, 100), 0.0, dtype=torch.float64)
+        z[:] = (sp.tail_lse.double() - math.log(90))[:, None]
+        z.scatter_(1, sp.indices, sp.values.double())
+        q = (z / t).softmax(dim=1)
+        p = (logits.double() / t).softmax(dim=1)
+        ref_kl = (p * (p.log() - q.log())).sum(dim=1)
+        torch.testing.assert_close(sp.kl[:, column].double(), ref_kl, atol=1e-4, rtol=1e-3)
+    assert sparsify(logits, 100).kl.max() < 1e-5
     assert sparsify(logits, 2).kl.mean() > sp.kl.mean()  # keeping less loses more
     assert math.isclose(
         float(topk_mass(sparsify(logits, 100).values.numpy(), sparsify(logits, 100).tail_lse.numpy()).min()), 1.0
@@ -88,5 +104,10 @@ def test_bad_logits(logits):
         sparsify(logits, 101)
     with pytest.raises(StoreInputError, match="must be \\[batch, classes\\]"):
         sparsify(logits[0], 5)
-    with pytest.raises(StoreInputError, match="float16 range"):
-        sparsify(logits * 1e4, 5)
+
+
+def test_large_logits_keep_their_precision(logits):
+    """Only differences to the top logit are kept, so a shift of 1e5 (beyond float16) changes nothing."""
+    near, far = sparsify(logits, 10), sparsify(logits.double() + 1e5, 10)
+    assert torch.equal(near.indices, far.indices)
+    assert (near.values - far.values).abs().max() <= STEP

@@ -60,13 +60,24 @@ def test_non_finite_values(store, bad):
     assert_first_shard_intact(store)
 
 
-def test_values_beyond_float16_range(store):
-    ids = first_ids()
+def test_logits_beyond_float16_range_are_kept_relative_to_the_top(store):
+    """Version 3 keeps logits relative to the top one: a shift past float16's range is fine."""
+    ids = np.arange(*store.manifest.shard_range(1))
     recs = good_records(store, ids)
-    recs.values = recs.values.astype(np.float32)
-    recs.values[0, 0] = 1e6
-    with pytest.raises(StoreInputError, match=r"'values' holds NaN or inf .* after casting to float16"):
-        write_one(store, ids, recs)
+    shift = 1e6  # float64 holds the shifted values exactly
+    shifted = Records(
+        recs.values.astype(np.float64) + shift, recs.indices, recs.tail_lse.astype(np.float64) + shift, recs.seed
+    )
+    with store.writer(1, [1]) as writer:
+        writer.write(ids, shifted)
+    got = open_store(store.location.url).read(1, ids)
+    np.testing.assert_array_equal(got.values, recs.values)
+    np.testing.assert_array_equal(got.tail_lse, recs.tail_lse)
+    bad_tail = Records(recs.values[:8], recs.indices[:8], np.full(8, 1e300), recs.seed[:8])
+    writer = store.writer(1, [2])
+    with pytest.raises(StoreInputError, match=r"'tail_lse' minus the top logit is not finite in float32 \(row 0\)"):
+        writer.write(ids[:8] + 512, bad_tail)
+    writer.release()
 
 
 def test_wrong_shapes(store):

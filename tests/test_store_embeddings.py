@@ -5,17 +5,15 @@ import json
 import numpy as np
 import pytest
 import zarr
-from store_helpers import manifest, records_for, write_epoch
+from store_helpers import manifest, records_for
 
 from logit_store import (
     KINDS,
     Embeddings,
     Manifest,
-    ManifestMismatchError,
     NotCommittedError,
     StoreError,
     StoreInputError,
-    convert_store,
     create_store,
     open_store,
     record_seeds,
@@ -70,7 +68,7 @@ def write_one(store, plane: int, ids: np.ndarray, batch) -> None:
 def test_round_trip_image_and_text_planes(tmp_path, backend):
     store = full_store(tmp_path / "s", backend)
     m = store.manifest
-    assert (m.kind, m.planes, store.text_plane, m.format_version) == ("embeddings", EPOCHS + 1, EPOCHS, 2)
+    assert (m.kind, m.planes, store.text_plane, m.format_version) == ("embeddings", EPOCHS + 1, EPOCHS, 3)
     assert m.dtypes == {"embedding": "float16", "seed": "uint32"}
     assert store.backend.row_dtype.itemsize == 2 * D + 4 == row_dtype(0, 0, False, "embeddings", D).itemsize
     rng = np.random.default_rng(1)
@@ -94,6 +92,8 @@ def test_round_trip_image_and_text_planes(tmp_path, backend):
         "records": (EPOCHS + 1) * N,
         "mean_topk_mass": None,
         "mean_kl_full_to_rebuilt": None,
+        "mean_kl_full_to_rebuilt_t2": None,
+        "mean_kl_full_to_rebuilt_t4": None,
         "teacher_top1_agreement": None,
     }
     assert store.verify() == []
@@ -115,8 +115,8 @@ def test_manifest_constraints():
         manifest(embed_dim=4)
     with pytest.raises(StoreInputError, match="kind 'audio' is not one of"):
         emb_manifest(kind="audio")
-    with pytest.raises(StoreInputError, match="format_version 3 is not supported"):
-        emb_manifest(format_version=3)
+    with pytest.raises(StoreInputError, match="format_version 4 is not supported"):
+        emb_manifest(format_version=4)
     with pytest.raises(StoreInputError, match="kind 'embeddings' needs format_version 2, got 1"):
         emb_manifest(format_version=1)
     big = emb_manifest(num_samples=1_000_000, embed_dim=512)
@@ -233,39 +233,19 @@ def test_cli_info_on_an_embeddings_store(tmp_path, capsys):
     assert "  text plane sha256 " in out and "  epoch    1 sha256 " in out
 
 
-def test_v1_logits_manifest_opens_reads_and_resumes(tmp_path):
-    path = tmp_path / "v1"
-    store = create_store(path, manifest())
-    write_epoch(store, 0)
-    hash0 = store.epoch_hash(0)
+def test_embeddings_store_of_version_2_resumes(tmp_path):
+    """Embeddings are laid out alike in versions 2 and 3: a version-2 store resumes as it is."""
+    path = tmp_path / "e2"
+    store = create_store(path, emb_manifest())
+    write_plane(store, 0)
     data = json.loads((path / "manifest.json").read_text())
-    assert data["format_version"] == 2 and data["kind"] == "logits" and data["embed_dim"] == 0
-    data["format_version"] = 1
-    del data["kind"], data["embed_dim"]
-    (path / "manifest.json").write_text(json.dumps(data))
-
-    old = open_store(path)
-    assert (old.manifest.format_version, old.manifest.kind, old.manifest.embed_dim) == (1, "logits", 0)
-    ids = np.array([2999, 0, 1234])
-    np.testing.assert_array_equal(old.read(0, ids).values, records_for(old.manifest, 0, ids).values)
-    with pytest.raises(StoreInputError, match="is a logits store: it has no text plane"):
-        _ = old.text_plane
-    with pytest.raises(ManifestMismatchError, match="k: store has 5, asked for 4") as err:
-        create_store(path, manifest(k=4))
-    assert "format_version" not in str(err.value) and "kind" not in str(err.value)
-
-    resumed = create_store(path, manifest())  # a manifest built by this version, same content
-    assert resumed.manifest.format_version == 1 and resumed.committed_shards(0) == set(range(6))
-    write_epoch(resumed, 1)
-    resumed.refresh_statistics()
-    on_disk = json.loads((path / "manifest.json").read_text())
-    assert on_disk["format_version"] == 1 and "kind" not in on_disk and "embed_dim" not in on_disk
-    reopened = open_store(path)
-    assert reopened.verify() == [] and reopened.manifest.format_version == 1
-    info = reopened.info()
-    assert info["content_hashes"]["0"] == hash0 and info["completed_epochs"] == [0, 1]
-    converted = convert_store(reopened, tmp_path / "v1.lmdb", "lmdb")
-    assert converted.info()["content_hashes"] == info["content_hashes"]
+    (path / "manifest.json").write_text(json.dumps(data | {"format_version": 2}))
+    resumed = create_store(path, emb_manifest())
+    assert resumed.manifest.format_version == 2 and resumed.committed_shards(0) == set(range(8))
+    write_plane(resumed, 1)
+    assert json.loads((path / "manifest.json").read_text())["format_version"] == 2
+    ids = np.array([999, 0, 500])
+    np.testing.assert_array_equal(open_store(path).read(1, ids).embedding, unit_vectors(1, ids).astype(np.float16))
 
 
 def test_manifest_keys_stay_strict(tmp_path):
@@ -273,8 +253,8 @@ def test_manifest_keys_stay_strict(tmp_path):
     del data["kind"]
     with pytest.raises(StoreInputError, match=r"missing field\(s\) \['kind'\]"):
         Manifest.from_dict(data)
-    data = manifest().to_dict() | {"format_version": 3}
-    with pytest.raises(StoreInputError, match="format_version 3 is not supported"):
+    data = manifest().to_dict() | {"format_version": 4}
+    with pytest.raises(StoreInputError, match="format_version 4 is not supported"):
         Manifest.from_dict(data)
 
 

@@ -29,7 +29,7 @@ def test_round_trip_random_order(full_store):
         want = records_for(m, epoch, ids)
         for name in ("values", "indices", "tail_lse", "seed"):
             np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
-        assert got.indices.dtype == np.uint16 and got.values.dtype == np.float16
+        assert got.indices.dtype == np.uint16 and got.values.dtype == got.tail_lse.dtype == np.float32
         np.testing.assert_array_equal(got.seed, record_seeds(m.global_seed, epoch, ids))
 
 

@@ -18,7 +18,7 @@ class Backend(ABC):
         self.location = location
         self.manifest = manifest
         m = manifest
-        self.row_dtype = row_dtype(m.k, m.num_classes, m.mixing, m.kind, m.embed_dim)
+        self.row_dtype = row_dtype(m.k, m.num_classes, m.mixing, m.kind, m.embed_dim, m.format_version)
 
     @abstractmethod
     def create(self) -> None:

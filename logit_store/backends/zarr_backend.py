@@ -1,6 +1,8 @@
 """zarr v3: one group, one array per field shaped [planes, N(, width)], one shard per commit unit.
 
 planes = epochs (+ the text plane in an embeddings store); width = k, or embed_dim.
+In a version-3 logits store the `values` array holds each row's codes as differences
+(code_0, code_1 - code_0, ...): sorted codes differ by little, which is what compresses.
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from ..records import CODED_VERSION
 from .base import Backend
+
+# zstd level 1 with byte shuffle: within ~3% of level 5's size on coded top-k rows, and
+# ~4x faster to write (docs/BENCHMARKS.md); level 5 stays for the other kinds and versions.
+CODED_CLEVEL, CLEVEL = 1, 5
 
 
 class ZarrBackend(Backend):
@@ -34,9 +41,15 @@ class ZarrBackend(Backend):
         group = zarr.open_group(self._store, mode="r+", zarr_format=3)
         return {name: group[name] for name in self.row_dtype.names}
 
+    @cached_property
+    def _delta_values(self) -> bool:
+        m = self.manifest
+        return m.kind == "logits" and m.format_version >= CODED_VERSION
+
     def create(self) -> None:
         m = self.manifest
         group = zarr.open_group(self._store, mode="a", zarr_format=3)
+        clevel = CODED_CLEVEL if self._delta_values else CLEVEL
         for name in self.row_dtype.names:
             base, shape = self.row_dtype[name].base, self.row_dtype[name].shape
             group.create_array(
@@ -45,7 +58,7 @@ class ZarrBackend(Backend):
                 dtype=base,
                 shards=(1, m.shard_records, *shape),
                 chunks=(1, m.chunk_records, *shape),
-                compressors=[BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)],
+                compressors=[BloscCodec(cname="zstd", clevel=clevel, shuffle=BloscShuffle.shuffle)],
                 fill_value=0,
             )
 
@@ -57,7 +70,7 @@ class ZarrBackend(Backend):
             path = self._shard_path(name, array, epoch, start)
             if self.location.fs.exists(path):
                 self.location.fs.rm(path)
-            array[epoch, start:stop] = rows[name]
+            array[epoch, start:stop] = self._to_array(name, rows[name])
             # Durable before the commit marker is written. A shard of fill values only (the text
             # plane's seeds, all 0) has no file: zarr skips empty chunks and reads them as fill.
             if self.location.is_local and os.path.exists(path):
@@ -70,8 +83,19 @@ class ZarrBackend(Backend):
     def read_rows(self, epoch: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty(stop - start, dtype=self.row_dtype) if out is None else out
         for name, array in self.arrays.items():
-            out[name] = array[epoch, start:stop]
+            data = array[epoch, start:stop]
+            if name == "values" and self._delta_values:
+                data = np.cumsum(data, axis=1, dtype=data.dtype)  # uint16 wraps back exactly
+            out[name] = data
         return out
+
+    def _to_array(self, name: str, field: np.ndarray) -> np.ndarray:
+        if name != "values" or not self._delta_values:
+            return field
+        deltas = np.empty_like(field)
+        deltas[:, 0] = field[:, 0]
+        np.subtract(field[:, 1:], field[:, :-1], out=deltas[:, 1:])  # uint16: wraps if ever unsorted
+        return deltas
 
 
 def _fsync(path: str) -> None:
