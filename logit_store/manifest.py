@@ -31,13 +31,20 @@ def recipe_hash(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(recipe).encode()).hexdigest()
 
 
-def default_layout(num_samples: int, width: int) -> tuple[int, int]:
+# Bytes of the widest field (2 bytes per value) an inner chunk aims at. Version-3 logits
+# chunks are twice as large: zarr's cost per chunk is ~15% of a write at k = 100 with
+# 320 KB chunks, and the size on disk is the same (docs/BENCHMARKS.md).
+CHUNK_BYTES, CODED_CHUNK_BYTES = 327_680, 655_360
+
+
+def default_layout(num_samples: int, width: int, chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
     """(shard_records, chunk_records) for a store of this size; width = k, or embed_dim.
 
-    Inner chunks hold ~320 KB of fp16 values (16,384 records at k=10), shards up to 2^18
-    records, and small stores still get about 8 shards so several writers can share.
+    Inner chunks hold ~chunk_bytes of 2-byte values (640 KB: 4,096 records at k=100 for
+    version-3 logits; 320 KB otherwise), shards up to 2^18 records, and small stores still
+    get about 8 shards so several writers can share.
     """
-    chunk = _pow2(327_680 / (2 * width))
+    chunk = _pow2(chunk_bytes / (2 * width))
     chunk = max(64, min(chunk, 65_536, _pow2_ceil(math.ceil(num_samples / 8))))
     chunks_total = math.ceil(num_samples / chunk)
     per_shard = max(1, min(math.ceil(chunks_total / 8), (1 << 18) // chunk))
@@ -78,7 +85,9 @@ class Manifest:
         self._check()
         if not self.shard_records and not self.chunk_records:
             width = self.embed_dim if self.kind == "embeddings" else self.k
-            self.shard_records, self.chunk_records = default_layout(self.num_samples, width)
+            coded = self.kind == "logits" and self.format_version >= 3
+            chunk_bytes = CODED_CHUNK_BYTES if coded else CHUNK_BYTES
+            self.shard_records, self.chunk_records = default_layout(self.num_samples, width, chunk_bytes)
         for name in ("shard_records", "chunk_records"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -146,9 +146,9 @@ def record_seeds(global_seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
 
 def validate_records(records: Records, *, k: int, num_classes: int, mixing: bool, num_samples: int) -> Records:
     """Check shapes, dtypes and values; return the records with integer fields cast to the
-    store's dtypes and the logits (`values`, `tail_lse`) as float64, ready to encode."""
+    store's dtypes and the logits (`values`, `tail_lse`) in their own float dtype, ready to encode."""
     n = len(records.values)
-    dtypes = field_dtypes(num_classes, mixing) | {"values": np.dtype(np.float64), "tail_lse": np.dtype(np.float64)}
+    dtypes = field_dtypes(num_classes, mixing) | {"values": None, "tail_lse": None}
     for name in MIXING_FIELDS:
         given = getattr(records, name) is not None
         if given != mixing:
@@ -191,23 +191,30 @@ def validate_embeddings(emb: Embeddings, *, embed_dim: int) -> Embeddings:
 
 
 def _checked_field(
-    name: str, arr: np.ndarray, shape: tuple[int, ...], dtype: np.dtype, num_classes: int = 0, num_samples: int = 0
+    name: str,
+    arr: np.ndarray,
+    shape: tuple[int, ...],
+    dtype: np.dtype | None,
+    num_classes: int = 0,
+    num_samples: int = 0,
 ) -> np.ndarray:
-    """One field checked for shape, dtype kind, finiteness or range, and cast to `dtype`."""
+    """One field checked for shape, dtype kind, finiteness or range, and cast to `dtype`
+    (None: any float dtype, kept as it is)."""
     arr = np.asarray(arr)
     if arr.shape != shape:
         raise StoreInputError(f"field '{name}' has shape {arr.shape}, expected {shape}")
-    want_float = dtype.kind == "f"
+    want_float = dtype is None or dtype.kind == "f"
     if (arr.dtype.kind == "f") != want_float or arr.dtype.kind not in "fiu":
         kind = "a floating" if want_float else "an integer"
-        raise StoreInputError(f"field '{name}' has dtype {arr.dtype}, expected {kind} dtype ({dtype})")
+        raise StoreInputError(f"field '{name}' has dtype {arr.dtype}, expected {kind} dtype ({dtype or 'float'})")
     if not want_float:
         return _checked_int_cast(name, arr, dtype, num_classes, num_samples)
     with np.errstate(over="ignore"):  # overflow becomes inf, reported just below
-        cast = arr.astype(dtype)
+        cast = arr if dtype is None else arr.astype(dtype)
     if not np.isfinite(cast).all():
         bad = int(np.flatnonzero(~np.isfinite(cast).reshape(shape[0], -1).all(axis=1))[0])
-        raise StoreInputError(f"field '{name}' holds NaN or inf (row {bad}) after casting to {dtype}")
+        cast_note = "" if dtype is None else f" after casting to {dtype}"
+        raise StoreInputError(f"field '{name}' holds NaN or inf (row {bad}){cast_note}")
     return cast
 
 
@@ -219,7 +226,7 @@ def _checked_int_cast(name: str, arr: np.ndarray, dtype: np.dtype, num_classes: 
             raise StoreInputError(f"field '{name}' has values in [{lo}, {hi}], expected [0, {limits[name]})")
     if name == "seed" and arr.size and (int(arr.min()) < 0 or int(arr.max()) > 0xFFFFFFFF):
         raise StoreInputError("field 'seed' must fit in uint32")
-    return arr.astype(dtype)
+    return arr.astype(dtype, copy=False)
 
 
 def block_digest(rows: np.ndarray) -> str:

@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -329,12 +331,23 @@ class ShardWriter:
 
     Claims (locks) its shards on creation; a shard already committed is refused, so
     nothing committed is ever overwritten.
+
+    A whole shard is sealed (no more records) and committed on a background thread
+    (compression, checksums and fsync release the GIL), while the caller fills the next:
+    at most MAX_SEALED shards wait or run there. `flush()` waits for them and raises what
+    failed; leaving the `with` block flushes. Locks and buffers are touched by the
+    caller's thread only.
     """
+
+    MAX_SEALED = 2
 
     def __init__(self, store: LogitStore, epoch: int, shards: list[int]) -> None:
         self.store, self.epoch = store, epoch
         self.manifest = m = store.manifest
         self.locks: dict[int, RangeLock] = {}
+        self.buffers: dict[int, _ShardBuffer] = {}
+        self._sealed: dict[int, Future[None]] = {}  # shard -> its commit on the worker
+        self._worker: ThreadPoolExecutor | None = None
         try:
             for shard in sorted(set(shards)):
                 if not 0 <= shard < m.num_shards:
@@ -347,7 +360,6 @@ class ShardWriter:
         except BaseException:
             self.release()
             raise
-        self.buffers: dict[int, _ShardBuffer] = {}
 
     def _lock(self, shard: int) -> RangeLock:
         start, stop = self.manifest.shard_range(shard)
@@ -364,7 +376,8 @@ class ShardWriter:
         kl: np.ndarray | None = None,
     ) -> list[int]:
         """Add records (Records or Embeddings, as the store's kind) for `ids`; returns the
-        shards this call completed and committed.
+        shards this call completed (sealed: committed on the background thread, certainly
+        by the time `flush()` returns).
 
         labels (optional, -1 for unknown) and kl only feed the statistics of a logits store:
         kl is KL(full || rebuilt) per record, [n] at T = 1 or [n, 3] at T = 1, 2, 4
@@ -376,37 +389,96 @@ class ShardWriter:
             raise StoreInputError(
                 f"{self.store.location} is {_a(m.kind)} store: it takes {expected.__name__}, got {type(records).__name__}"
             )
+        self._reap(block=False)
+        ids = self._checked_ids(ids, len(records))
+        rows = self._encode(records)
+        figures = self._figures(rows, labels, kl)
+        completed = []
+        for shard, part in self._by_shard(ids):
+            buf = self.buffers.get(shard) or self.buffers.setdefault(
+                shard, _ShardBuffer(m, shard, self.store.backend.row_dtype)
+            )
+            buf.add(ids[part], rows[part], {name: value[part] for name, value in figures.items()})
+            if buf.full:
+                self._seal(shard, self.buffers.pop(shard))
+                completed.append(shard)
+        return completed
+
+    def _seal(self, shard: int, buf: _ShardBuffer) -> None:
+        """Hand a whole shard to the worker, once fewer than MAX_SEALED wait there (0: commit
+        it now, on this thread)."""
+        if self.MAX_SEALED == 0:
+            self.commit_rows(shard, buf.rows, buf.statistics())
+            return
+        while len(self._sealed) >= self.MAX_SEALED:
+            self._reap(block=True)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logit-store-commit")
+        self._sealed[shard] = self._worker.submit(self._write_and_mark, shard, buf.rows, buf.statistics)
+
+    def _reap(self, block: bool) -> None:
+        """Release the locks of finished commits (the oldest one waited for, if `block`);
+        a commit that failed raises here, its range left uncommitted and locked until release."""
+        for shard, future in list(self._sealed.items()):
+            if not (future.done() or block):
+                continue
+            del self._sealed[shard]
+            future.result()  # raises the commit's error
+            self.locks.pop(shard).release()
+            block = False
+
+    def flush(self) -> None:
+        """Wait until every sealed shard is committed; raise the first failure."""
+        while self._sealed:
+            self._reap(block=True)
+
+    def _checked_ids(self, ids: np.ndarray | list[int], count: int) -> np.ndarray:
+        m = self.manifest
         ids = np.asarray(ids)
         if ids.ndim != 1 or ids.dtype.kind not in "iu":
             raise StoreInputError(f"ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
         ids = ids.astype(np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= m.num_samples):
             raise StoreInputError(f"ids out of range: [{ids.min()}, {ids.max()}], expected [0, {m.num_samples})")
-        if len(np.unique(ids)) != len(ids):
+        if (np.diff(np.sort(ids)) == 0).any():
             raise StoreInputError("ids hold duplicates")
-        if len(records) != len(ids):
-            raise StoreInputError(f"{len(ids)} ids but {len(records)} records")
-        rows = self._encode(records)
-        extras = {"labels": labels, "kl": _kl_columns(kl, len(ids))}
-        if labels is not None and np.shape(labels) != ids.shape:
-            raise StoreInputError(f"'labels' has shape {np.shape(labels)}, expected {ids.shape}")
-        shard_of = ids // m.shard_records
-        unclaimed = sorted(set(np.unique(shard_of).tolist()) - set(self.locks))
+        if count != len(ids):
+            raise StoreInputError(f"{len(ids)} ids but {count} records")
+        return ids
+
+    def _figures(self, rows: np.ndarray, labels: np.ndarray | None, kl: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Per-record inputs of a logits shard's statistics, checked once per batch."""
+        if self.manifest.kind != "logits":
+            return {}
+        figures = {}
+        if labels is not None:
+            if np.shape(labels) != (len(rows),):
+                raise StoreInputError(f"'labels' has shape {np.shape(labels)}, expected {(len(rows),)}")
+            figures["labels"] = np.asarray(labels)
+        if kl is not None:
+            figures["kl"] = _kl_columns(kl, len(rows))
+        return figures
+
+    def _by_shard(self, ids: np.ndarray) -> list[tuple[int, slice | np.ndarray]]:
+        """(shard, positions in ids) per shard the batch touches; one slice when it touches one,
+        as every batch of the save CLI does."""
+        shard_of = ids // self.manifest.shard_records
+        if not len(ids):
+            return []
+        lo, hi = int(shard_of.min()), int(shard_of.max())
+        if lo == hi:
+            parts: list[tuple[int, slice | np.ndarray]] = [(lo, slice(None))]
+        else:
+            order = np.argsort(shard_of, kind="stable")
+            shards, starts = np.unique(shard_of[order], return_index=True)
+            bounds = [*starts.tolist(), len(ids)]
+            parts = [(int(s), order[bounds[i] : bounds[i + 1]]) for i, s in enumerate(shards)]
+        unclaimed = sorted({s for s, _ in parts} - (set(self.locks) - set(self._sealed)))
         if unclaimed:
             raise StoreInputError(
-                f"{plane_name(m, self.epoch)} shards {unclaimed} are not claimed by this writer (committed already, or another writer's)"
+                f"{plane_name(self.manifest, self.epoch)} shards {unclaimed} are not claimed by this writer (committed already, or another writer's)"
             )
-        completed = []
-        for shard in np.unique(shard_of).tolist():
-            sel = shard_of == shard
-            buf = self.buffers.get(shard) or self.buffers.setdefault(
-                shard, _ShardBuffer(m, shard, self.store.backend.row_dtype)
-            )
-            buf.add(ids[sel], rows[sel], *(None if a is None else np.asarray(a)[sel] for a in extras.values()))
-            if buf.full:
-                self.commit_rows(shard, buf.rows, self.buffers.pop(shard).stats)
-                completed.append(shard)
-        return completed
+        return parts
 
     def _encode(self, records: Records | Embeddings) -> np.ndarray:
         """Checked records as packed rows of the store's format."""
@@ -419,11 +491,18 @@ class ShardWriter:
         return codec.encode_rows(checked, dtype, no_tail=m.k == m.num_classes)
 
     def commit_rows(self, shard: int, rows: np.ndarray, statistics: dict[str, Any]) -> None:
-        """Write one whole claimed shard of packed rows and commit it."""
+        """Write one whole claimed shard of packed rows and commit it, now."""
+        start, stop = self.manifest.shard_range(shard)
+        if shard not in self.locks or shard in self._sealed or len(rows) != stop - start:
+            raise StoreInputError(f"shard {shard} is not claimed by this writer, or {len(rows)} != {stop - start} rows")
+        self._write_and_mark(shard, rows, statistics)
+        self.locks.pop(shard).release()
+
+    def _write_and_mark(self, shard: int, rows: np.ndarray, statistics: dict[str, Any] | Callable[[], dict]) -> None:
+        """The commit's I/O, on any thread: data, then its marker. `statistics` may be a
+        callable, so that their sums are computed here too."""
         m = self.manifest
         start, stop = m.shard_range(shard)
-        if shard not in self.locks or len(rows) != stop - start:
-            raise StoreInputError(f"shard {shard} is not claimed by this writer, or {len(rows)} != {stop - start} rows")
         self.store.backend.write_rows(self.epoch, start, rows)
         marker = {
             "epoch": self.epoch,
@@ -431,11 +510,10 @@ class ShardWriter:
             "start": start,
             "stop": stop,
             "digests": [block_digest(rows[i : i + m.chunk_records]) for i in range(0, len(rows), m.chunk_records)],
-            "statistics": statistics,
+            "statistics": statistics() if callable(statistics) else statistics,
         }
         # The marker is written last: a range is visible only once all its bytes are down.
         self.store.location.write_bytes(json.dumps(marker, sort_keys=True).encode(), *commit_key(self.epoch, shard))
-        self.locks.pop(shard).release()
 
     @property
     def incomplete(self) -> dict[int, int]:
@@ -443,6 +521,14 @@ class ShardWriter:
         return {s: int((~b.filled).sum()) for s, b in self.buffers.items()}
 
     def release(self) -> None:
+        """Let go of every claim, once the sealed shards are down (their errors are flush's to
+        report): a lock must outlive the writes of its range."""
+        for future in self._sealed.values():
+            future.exception()  # waits
+        self._sealed.clear()
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
         for lock in self.locks.values():
             lock.release()
         self.locks.clear()
@@ -451,8 +537,11 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:
-        incomplete = self.incomplete
-        self.release()
+        try:
+            self.flush()
+        finally:
+            incomplete = self.incomplete
+            self.release()
         if exc_type is None and incomplete:
             raise StoreError(
                 f"{plane_name(self.manifest, self.epoch)}: shards {incomplete} (shard: records missing) were not complete; nothing of them was committed"
@@ -467,8 +556,8 @@ class _NoLock:
 
 
 class _ShardBuffer:
-    """One shard's rows, plus the per-record figures that feed its statistics: label, kept
-    probability mass and KL at each of KL_TEMPERATURES (NaN where the writer gave none)."""
+    """One shard's rows, plus the per-record figures that feed its statistics: label and KL
+    at each of KL_TEMPERATURES (NaN where the writer gave none)."""
 
     def __init__(self, manifest: Manifest, shard: int, dtype: np.dtype) -> None:
         self.start, stop = manifest.shard_range(shard)
@@ -478,48 +567,50 @@ class _ShardBuffer:
         self._opaque = self.rows.view(np.dtype((np.void, dtype.itemsize)))
         self.filled = np.zeros(n, dtype=bool)
         self.logits = "values" in dtype.names
-        self.labels = np.full(n, -1, dtype=np.int64)
-        self.mass = np.zeros(n, dtype=np.float64)
-        self.kl = np.full((n, len(KL_TEMPERATURES)), np.nan, dtype=np.float64)
+        self.figures = {
+            "labels": np.full(n, -1, dtype=np.int64),
+            "kl": np.full((n, len(KL_TEMPERATURES)), np.nan, dtype=np.float64),
+        }
 
     @property
     def full(self) -> bool:
         return bool(self.filled.all())
 
-    def add(self, ids: np.ndarray, rows: np.ndarray, labels: np.ndarray | None, kl: np.ndarray | None) -> None:
+    def add(self, ids: np.ndarray, rows: np.ndarray, figures: dict[str, np.ndarray]) -> None:
         offsets = ids - self.start
         if self.filled[offsets].any():
             dup = int(ids[self.filled[offsets]][0])
             raise StoreInputError(f"id {dup} was already written in this epoch; records are never overwritten")
         self._opaque[offsets] = rows.view(self._opaque.dtype)
         self.filled[offsets] = True
-        if not self.logits:
-            return
-        self.mass[offsets] = codec.kept_mass(rows, CODED_VERSION)
-        if labels is not None:
-            self.labels[offsets] = labels
-        if kl is not None:
-            self.kl[offsets] = kl
+        for name, value in figures.items():
+            self.figures[name][offsets] = value
 
-    @property
-    def stats(self) -> dict[str, Any]:
+    def statistics(self) -> dict[str, Any]:
         """Sums in id order, so a resumed save commits the same bytes as an uninterrupted one.
-        Embeddings have no top-k: their statistics are the record count only."""
+        Embeddings have no top-k: their statistics are the record count only. Run by the
+        commit (on the worker), once the shard is whole."""
         if not self.logits:
             return {"records": len(self.rows)}
-        known = self.labels >= 0
+        labels, known = self.figures["labels"], self.figures["labels"] >= 0
+        mass = np.empty(len(self.rows))
+        for a in range(0, len(self.rows), _MASS_PIECE):  # bounded temporaries: [piece, k] float64
+            mass[a : a + _MASS_PIECE] = codec.kept_mass(self.rows[a : a + _MASS_PIECE], CODED_VERSION)
         stats = {
             "records": len(self.rows),
-            "topk_mass_sum": float(self.mass.sum()),
+            "topk_mass_sum": float(mass.sum()),
             "labeled": int(known.sum()),
-            "top1_agree": int((self.rows["indices"][:, 0][known] == self.labels[known]).sum()),
+            "top1_agree": int((self.rows["indices"][:, 0][known] == labels[known]).sum()),
         }
         for column, temperature in enumerate(KL_TEMPERATURES):
-            kl = self.kl[:, column]
+            kl = self.figures["kl"][:, column]
             has = ~np.isnan(kl)
             suffix = kl_suffix(temperature)
             stats |= {f"kl_sum{suffix}": float(kl[has].sum()), f"kl_records{suffix}": int(has.sum())}
         return stats
+
+
+_MASS_PIECE = 8192
 
 
 def kl_suffix(temperature: float) -> str:

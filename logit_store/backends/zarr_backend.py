@@ -20,6 +20,8 @@ from .base import Backend
 # zstd level 1 with byte shuffle: within ~3% of level 5's size on coded top-k rows, and
 # ~4x faster to write (docs/BENCHMARKS.md); level 5 stays for the other kinds and versions.
 CODED_CLEVEL, CLEVEL = 1, 5
+# Chunks per call of zarr's codec pipeline when writing (its default, 1, costs ~20% of a write).
+PIPELINE_BATCH = 128
 
 
 class ZarrBackend(Backend):
@@ -38,8 +40,12 @@ class ZarrBackend(Backend):
 
     @cached_property
     def arrays(self) -> dict[str, zarr.Array]:
-        group = zarr.open_group(self._store, mode="r+", zarr_format=3)
-        return {name: group[name] for name in self.row_dtype.names}
+        # Shards are written whole, so zarr's scan of every chunk for fill values only costs time.
+        config = {"write_empty_chunks": True}
+        return {
+            name: zarr.open_array(self._store, path=name, mode="r+", zarr_format=3, config=config)
+            for name in self.row_dtype.names
+        }
 
     @cached_property
     def _delta_values(self) -> bool:
@@ -70,9 +76,10 @@ class ZarrBackend(Backend):
             path = self._shard_path(name, array, epoch, start)
             if self.location.fs.exists(path):
                 self.location.fs.rm(path)
-            array[epoch, start:stop] = self._to_array(name, rows[name])
-            # Durable before the commit marker is written. A shard of fill values only (the text
-            # plane's seeds, all 0) has no file: zarr skips empty chunks and reads them as fill.
+            with zarr.config.set({"codec_pipeline.batch_size": PIPELINE_BATCH}):
+                array[epoch, start:stop] = self._to_array(name, rows[name])
+            # Durable before the commit marker is written. (Older stores may lack the file of a
+            # shard of fill values only, such as the text plane's seeds, all 0: zarr reads it as fill.)
             if self.location.is_local and os.path.exists(path):
                 _fsync(path)
 
