@@ -85,12 +85,13 @@ class MemoryPlane:
     def gather(self, ids: np.ndarray) -> np.ndarray:
         return self._opaque[ids].view(self.rows.dtype)
 
-    def ensure(self, shard: int) -> None:
-        if self.loaded[shard]:
-            return
-        start, stop = self.store.manifest.shard_range(shard)
-        self.store.read_shard(self.epoch, shard, out=self.rows[start:stop])
-        self.loaded[shard] = True
+    def ensure(self, shards: list[int]) -> None:
+        """Decode the shards not yet held."""
+        for shard in shards:
+            if not self.loaded[shard]:
+                start, stop = self.store.manifest.shard_range(shard)
+                self.store.read_shard(self.epoch, shard, out=self.rows[start:stop])
+                self.loaded[shard] = True
         self.complete = bool(self.loaded.all())
 
     def close(self) -> None:
@@ -134,13 +135,24 @@ class SharedPlane:
     def gather(self, ids: np.ndarray) -> np.ndarray:
         return self._opaque[ids].view(self.rows.dtype)
 
-    def ensure(self, shard: int) -> None:
-        if self.loaded[shard]:
-            return
+    def ensure(self, shards: list[int]) -> None:
+        """Make the shards valid in the file. Shards another process is filling are left for
+        last, so the processes of a node decode different shards at once instead of queueing."""
+        busy = [s for s in shards if not self.loaded[s] and not self._fill(s, wait=False)]
+        for shard in busy:
+            self._fill(shard, wait=True)
+        self.complete = bool(self.loaded.all())
+
+    def _fill(self, shard: int, wait: bool) -> bool:
+        """Fill one shard under its stamp's lock unless its stamp is current; False if the lock
+        is held elsewhere and not `wait`."""
         marker = self.store._marker(self.epoch, shard)
         stamp = np.frombuffer(marker_stamp(marker), dtype=np.uint8)
         where = self._stamps_at + shard * STAMP_BYTES
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, STAMP_BYTES, where)  # blocks while another process fills it
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), STAMP_BYTES, where)
+        except OSError:  # held by a process filling it: come back to it
+            return False
         try:
             if not np.array_equal(self.stamps[shard], stamp):
                 self.stamps[shard] = 0
@@ -150,7 +162,7 @@ class SharedPlane:
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, STAMP_BYTES, where)
         self.loaded[shard] = True
-        self.complete = bool(self.loaded.all())
+        return True
 
     def close(self) -> None:
         """Unmap, and delete the file if no other process uses it."""

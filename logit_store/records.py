@@ -231,4 +231,4 @@ def _checked_int_cast(name: str, arr: np.ndarray, dtype: np.dtype, num_classes: 
 
 def block_digest(rows: np.ndarray) -> str:
     """Checksum of a block of decoded records (packed little-endian rows)."""
-    return hashlib.blake2b(np.ascontiguousarray(rows).tobytes(), digest_size=16).hexdigest()
+    return hashlib.blake2b(np.ascontiguousarray(rows).view(np.uint8), digest_size=16).hexdigest()  # no copy

@@ -178,8 +178,7 @@ class LogitStore:
         if plane is None or not plane.complete:  # the hot path of a training epoch skips all this
             self._check_epoch(epoch)
             plane = self._cache.plane(epoch)
-            for shard in np.unique(ids // self.manifest.shard_records):
-                plane.ensure(int(shard))
+            plane.ensure(np.unique(ids // self.manifest.shard_records).tolist())
         return self.decode(plane.gather(ids))
 
     def decode(self, rows: np.ndarray) -> Records | Embeddings:
@@ -393,8 +392,15 @@ class ShardWriter:
         ids = self._checked_ids(ids, len(records))
         rows = self._encode(records)
         figures = self._figures(rows, labels, kl)
+        shard_of = ids // m.shard_records
+        if len(ids) and shard_of.min() != shard_of.max():
+            # Spread over shards: sort once by id (one gather of opaque rows), then cut slices.
+            order = np.argsort(ids, kind="stable")
+            ids, shard_of = ids[order], shard_of[order]
+            rows = rows.view(np.dtype((np.void, rows.itemsize)))[order].view(rows.dtype)
+            figures = {name: value[order] for name, value in figures.items()}
         completed = []
-        for shard, part in self._by_shard(ids):
+        for shard, part in self._by_shard(shard_of):
             buf = self.buffers.get(shard) or self.buffers.setdefault(
                 shard, _ShardBuffer(m, shard, self.store.backend.row_dtype)
             )
@@ -413,7 +419,7 @@ class ShardWriter:
         while len(self._sealed) >= self.MAX_SEALED:
             self._reap(block=True)
         if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logit-store-commit")
+            self._worker = ThreadPoolExecutor(max_workers=self.MAX_SEALED, thread_name_prefix="logit-store-commit")
         self._sealed[shard] = self._worker.submit(self._write_and_mark, shard, buf.rows, buf.statistics)
 
     def _reap(self, block: bool) -> None:
@@ -459,20 +465,13 @@ class ShardWriter:
             figures["kl"] = _kl_columns(kl, len(rows))
         return figures
 
-    def _by_shard(self, ids: np.ndarray) -> list[tuple[int, slice | np.ndarray]]:
-        """(shard, positions in ids) per shard the batch touches; one slice when it touches one,
-        as every batch of the save CLI does."""
-        shard_of = ids // self.manifest.shard_records
-        if not len(ids):
+    def _by_shard(self, shard_of: np.ndarray) -> list[tuple[int, slice]]:
+        """(shard, slice of the batch) for each shard of a batch sorted by shard (or all in one)."""
+        if not len(shard_of):
             return []
-        lo, hi = int(shard_of.min()), int(shard_of.max())
-        if lo == hi:
-            parts: list[tuple[int, slice | np.ndarray]] = [(lo, slice(None))]
-        else:
-            order = np.argsort(shard_of, kind="stable")
-            shards, starts = np.unique(shard_of[order], return_index=True)
-            bounds = [*starts.tolist(), len(ids)]
-            parts = [(int(s), order[bounds[i] : bounds[i + 1]]) for i, s in enumerate(shards)]
+        shards, starts = np.unique(shard_of, return_index=True)
+        bounds = [*starts.tolist(), len(shard_of)]
+        parts = [(int(s), slice(bounds[i], bounds[i + 1])) for i, s in enumerate(shards)]
         unclaimed = sorted({s for s, _ in parts} - (set(self.locks) - set(self._sealed)))
         if unclaimed:
             raise StoreInputError(

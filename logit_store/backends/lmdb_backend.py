@@ -6,6 +6,7 @@ A plane is an epoch, or an embeddings store's text plane (index = epochs).
 from __future__ import annotations
 
 import os
+import threading
 
 import lmdb
 import numpy as np
@@ -21,6 +22,10 @@ def block_key(epoch: int, block: int) -> bytes:
 
 # lmdb allows one open environment per path and process: share it, counting users.
 _OPEN: dict[tuple[int, str], list] = {}
+# lmdb takes one write transaction at a time, and py-lmdb crashes when two threads of a
+# process (a writer's commit threads) open theirs at once: they take turns here.
+_WRITE_LOCK = threading.Lock()
+_OPEN_LOCK = threading.Lock()
 
 
 def _acquire(path: str) -> lmdb.Environment:
@@ -48,12 +53,13 @@ class LmdbBackend(Backend):
 
     @property
     def env(self) -> lmdb.Environment:
-        if self._env is None or self._pid != os.getpid():
-            if not self.location.is_local:
-                raise ValueError(f"lmdb stores need a local path, got {self.location}")
-            self._env = _acquire(self.location.path("lmdb"))
-            self._pid = os.getpid()
-        return self._env
+        with _OPEN_LOCK:  # a writer's commit threads may be the first to ask
+            if self._env is None or self._pid != os.getpid():
+                if not self.location.is_local:
+                    raise ValueError(f"lmdb stores need a local path, got {self.location}")
+                self._env = _acquire(self.location.path("lmdb"))
+                self._pid = os.getpid()
+            return self._env
 
     def create(self) -> None:
         self.env.sync(True)
@@ -65,7 +71,7 @@ class LmdbBackend(Backend):
         items = [
             (block_key(epoch, (start + i) // size), rows[i : i + size].tobytes()) for i in range(0, len(rows), size)
         ]
-        with self.env.begin(write=True) as txn:
+        with _WRITE_LOCK, self.env.begin(write=True) as txn:
             txn.cursor().putmulti(items, dupdata=False, overwrite=True)
 
     def read_rows(self, epoch: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:

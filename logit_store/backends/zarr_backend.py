@@ -8,6 +8,7 @@ In a version-3 logits store the `values` array holds each row's codes as differe
 from __future__ import annotations
 
 import os
+import threading
 from functools import cached_property
 
 import numpy as np
@@ -20,8 +21,11 @@ from .base import Backend
 # zstd level 1 with byte shuffle: within ~3% of level 5's size on coded top-k rows, and
 # ~4x faster to write (docs/BENCHMARKS.md); level 5 stays for the other kinds and versions.
 CODED_CLEVEL, CLEVEL = 1, 5
-# Chunks per call of zarr's codec pipeline when writing (its default, 1, costs ~20% of a write).
+# Inner chunks per call of zarr's codec pipeline when writing (its default, 1, costs ~20% of
+# a write). zarr reads it from its global config when a shard is encoded: set it around our
+# writes only, one write at a time (a writer commits on two threads).
 PIPELINE_BATCH = 128
+_CONFIG_LOCK = threading.Lock()
 
 
 class ZarrBackend(Backend):
@@ -76,8 +80,9 @@ class ZarrBackend(Backend):
             path = self._shard_path(name, array, epoch, start)
             if self.location.fs.exists(path):
                 self.location.fs.rm(path)
-            with zarr.config.set({"codec_pipeline.batch_size": PIPELINE_BATCH}):
-                array[epoch, start:stop] = self._to_array(name, rows[name])
+            data = self._to_array(name, rows[name])
+            with _CONFIG_LOCK, zarr.config.set({"codec_pipeline.batch_size": PIPELINE_BATCH}):
+                array[epoch, start:stop] = data
             # Durable before the commit marker is written. (Older stores may lack the file of a
             # shard of fill values only, such as the text plane's seeds, all 0: zarr reads it as fill.)
             if self.location.is_local and os.path.exists(path):
