@@ -19,8 +19,8 @@ FIELDS = ("values", "indices", "tail_lse", "seed", "partner", "lam")
 MIXING_FIELDS = ("partner", "lam")
 EMBEDDING_FIELDS = ("embedding", "seed")
 NORM_TOLERANCE = 1e-2  # |L2 norm - 1| allowed for a stored embedding, after the fp16 cast
-# Version 3 keeps the top-k as uint16 codes of (top logit - logit) and a float32 tail
-# (docs/STORE_FORMAT.md); versions 1 and 2 kept float16 logits and a float16 tail.
+# Version 3 keeps the top-k as uint16 codes of (top logit - logit) and an int16 code of the
+# tail (docs/STORE_FORMAT.md); versions 1 and 2 kept float16 logits and a float16 tail.
 CODED_VERSION = 3
 # Temperatures at which a writer's KL(full || rebuilt) statistics are kept (columns of `kl`).
 KL_TEMPERATURES = (1.0, 2.0, 4.0)
@@ -41,7 +41,7 @@ def field_dtypes(
     dtypes = {
         "values": np.dtype(np.uint16 if coded else np.float16),
         "indices": index_dtype(num_classes),
-        "tail_lse": np.dtype(np.float32 if coded else np.float16),
+        "tail_lse": np.dtype(np.int16 if coded else np.float16),
         "seed": np.dtype(np.uint32),
     }
     if mixing:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .codec import MAX_CODE, NO_TAIL, STEP
+from .codec import MAX_CODE, NO_TAIL, STEP, TAIL_CLAMP
 from .errors import StoreInputError
 from .records import KL_TEMPERATURES, Records, index_dtype
 
@@ -22,7 +22,8 @@ class SparseLogits:
     values   [n, k] float32  the top-k logits minus the top one, rounded to the store's codes
                              (multiples of 2^-11, >= -32; values[:, 0] == 0), sorted descending
     indices  [n, k] int64    their class indices
-    tail_lse [n]    float32  log-sum-exp of the other logits minus the top one (NO_TAIL when k = C)
+    tail_lse [n]    float32  log-sum-exp of the other logits minus the top one, rounded to the
+                             store's tail code (a multiple of 2^-11 in [-16, 16]; NO_TAIL when k = C)
     kl       [n, 3] float32  KL(full || rebuilt from the above) at T = 1, 2, 4 (KL_TEMPERATURES)
     """
 
@@ -66,7 +67,8 @@ def sparsify(logits: torch.Tensor, k: int) -> SparseLogits:
     below = (top.double() - top_values.double()) / STEP
     values = (below.round_().clamp_(max=MAX_CODE) * -STEP).float()
     if k < num_classes:
-        tail_lse = full.scatter(1, indices, float("-inf")).logsumexp(dim=1) - top[:, 0]
+        tail = full.scatter(1, indices, float("-inf")).logsumexp(dim=1).double() - top[:, 0].double()
+        tail_lse = ((tail / STEP).round_().clamp_(-TAIL_CLAMP, TAIL_CLAMP) * STEP).to(full.dtype)
     else:
         tail_lse = full.new_full((n,), NO_TAIL)
     kl = torch.stack([_kl(full, values, indices, tail_lse, t) for t in KL_TEMPERATURES], dim=1)

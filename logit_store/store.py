@@ -487,7 +487,7 @@ class ShardWriter:
         checked = validate_records(
             records, k=m.k, num_classes=m.num_classes, mixing=m.mixing, num_samples=m.num_samples
         )
-        return codec.encode_rows(checked, dtype, no_tail=m.k == m.num_classes)
+        return codec.encode_rows(checked, dtype, m.num_classes)
 
     def commit_rows(self, shard: int, rows: np.ndarray, statistics: dict[str, Any]) -> None:
         """Write one whole claimed shard of packed rows and commit it, now."""
@@ -789,9 +789,7 @@ def convert_store(
             continue
         rows, statistics = src.read_shard(epoch, shard, marker), marker["statistics"]
         if recode:
-            rows = codec.encode_rows(
-                src.decode(rows), dst.backend.row_dtype, no_tail=manifest.k == manifest.num_classes
-            )
+            rows = codec.encode_rows(src.decode(rows), dst.backend.row_dtype, manifest.num_classes)
             statistics = statistics | {"topk_mass_sum": float(codec.kept_mass(rows, CODED_VERSION).sum())}
         with ShardWriter(dst, epoch, [shard]) as writer:  # rows as stored: any version may be copied
             writer.commit_rows(shard, rows, statistics)

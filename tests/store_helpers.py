@@ -18,8 +18,8 @@ import numpy as np
 from logit_store import Manifest, Records, create_store, record_seeds
 
 N, C, K, EPOCHS = 3000, 50, 5, 2
-# The version-3 code step, written out from docs/STORE_FORMAT.md (not imported from the store).
-STEP, MAX_CODE = 2.0**-11, 65_535
+# The version-3 code step and clamps, written out from docs/STORE_FORMAT.md (not imported from the store).
+STEP, MAX_CODE, TAIL_CLAMP = 2.0**-11, 65_535, 32_767
 
 
 def manifest(backend: str = "zarr", **overrides: object) -> Manifest:
@@ -52,11 +52,14 @@ def raw_records(logits: np.ndarray, k: int, seeds: np.ndarray) -> Records:
 
 def stored_form(records: Records) -> Records:
     """What a version-3 store gives back for these records, by the format's formula:
-    logits minus the top one, rounded to multiples of STEP (at most MAX_CODE steps), as
-    float32; the tail minus the top logit as float32."""
+    logits minus the top one, rounded to multiples of STEP (at most MAX_CODE steps), and the
+    tail minus the top logit rounded alike (within +-TAIL_CLAMP steps), as float32."""
     top = records.values[:, :1].astype(np.float64)
     codes = np.minimum(np.rint((top - records.values) / STEP), MAX_CODE)
-    tail = (np.asarray(records.tail_lse, np.float64) - top[:, 0]).astype(np.float32)
+    tail_codes = np.clip(
+        np.rint((np.asarray(records.tail_lse, np.float64) - top[:, 0]) / STEP), -TAIL_CLAMP, TAIL_CLAMP
+    )
+    tail = (tail_codes * STEP).astype(np.float32)
     return Records((codes * -STEP).astype(np.float32), records.indices, tail, records.seed)
 
 

@@ -38,13 +38,15 @@ def test_topk_sorted_and_exact(logits):
     assert (sp.values.double() - below).abs().max() <= STEP / 2
     assert torch.equal(sp.indices, ref_i)
     rest = logits.double().scatter(1, ref_i, float("-inf")).logsumexp(dim=1) - ref_v[:, 0]
-    torch.testing.assert_close(sp.tail_lse.double(), rest, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(sp.tail_lse.double(), (rest / STEP).round() * STEP, atol=1e-9, rtol=0)
 
 
-def test_far_logits_are_clamped_32_nats_below_the_top():
+def test_far_logits_are_clamped_32_nats_below_the_top_and_the_tail_16():
     x = torch.tensor([[50.0, 49.0, 10.0, -5.0, -6.0]])
     sp = sparsify(x, 3)
     assert sp.values[0].tolist() == [0.0, -1.0, -65535 * STEP]
+    assert sp.tail_lse[0].item() == -32767 * STEP  # log(e^-55 + e^-56) is below the tail's clamp
+    assert sparsify(x, 5).tail_lse[0].item() == -65504.0  # k = C: no tail
 
 
 def test_rebuild_at_t1_equals_tinyvit(logits):

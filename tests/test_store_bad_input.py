@@ -73,9 +73,11 @@ def test_logits_beyond_float16_range_are_kept_relative_to_the_top(store):
     got = open_store(store.location.url).read(1, ids)
     np.testing.assert_array_equal(got.values, recs.values)
     np.testing.assert_array_equal(got.tail_lse, recs.tail_lse)
-    bad_tail = Records(recs.values[:8], recs.indices[:8], np.full(8, 1e300), recs.seed[:8])
+    bad_tail = Records(recs.values[:8], recs.indices[:8], np.full(8, np.log(45) + 0.3), recs.seed[:8])
     writer = store.writer(1, [2])
-    with pytest.raises(StoreInputError, match=r"'tail_lse' minus the top logit is not finite in float32 \(row 0\)"):
+    with pytest.raises(
+        StoreInputError, match=r"'tail_lse' minus the top logit is 4.107 \(row 0\): more than log\(C - k\) = 3.807"
+    ):
         writer.write(ids[:8] + 512, bad_tail)
     writer.release()
 

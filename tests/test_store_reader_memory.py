@@ -14,7 +14,7 @@ from store_helpers import synthetic_records, write_in_order
 from logit_store import Manifest, create_store, open_store
 
 N, C, K = 160_000, 1000, 100
-ROW = 2 * K + 2 * K + 4 + 4  # bytes of a packed version-3 row: codes, uint16 indices, float32 tail, seed
+ROW = 2 * K + 2 * K + 2 + 4  # bytes of a packed version-3 row: codes, uint16 indices, tail code, seed
 BOUND = 8 << 20
 TESTS = Path(__file__).parent
 

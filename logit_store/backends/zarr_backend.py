@@ -18,9 +18,9 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from ..records import CODED_VERSION
 from .base import Backend
 
-# zstd level 1 with byte shuffle: within ~3% of level 5's size on coded top-k rows, and
-# ~4x faster to write (docs/BENCHMARKS.md); level 5 stays for the other kinds and versions.
-CODED_CLEVEL, CLEVEL = 1, 5
+# zstd with byte shuffle, level 5; level 1 for version-3 logits rows wider than k = 16: there
+# it is within ~3% of level 5's size and ~4x faster to write (docs/BENCHMARKS.md).
+FAST_CLEVEL, CLEVEL, FAST_FROM_K = 1, 5, 17
 # Inner chunks per call of zarr's codec pipeline when writing (its default, 1, costs ~20% of
 # a write). zarr reads it from its global config when a shard is encoded: set it around our
 # writes only, one write at a time (a writer commits on two threads).
@@ -59,7 +59,7 @@ class ZarrBackend(Backend):
     def create(self) -> None:
         m = self.manifest
         group = zarr.open_group(self._store, mode="a", zarr_format=3)
-        clevel = CODED_CLEVEL if self._delta_values else CLEVEL
+        clevel = FAST_CLEVEL if self._delta_values and m.k >= FAST_FROM_K else CLEVEL
         for name in self.row_dtype.names:
             base, shape = self.row_dtype[name].base, self.row_dtype[name].shape
             group.create_array(
