@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import ManifestMismatchError, StoreInputError
-from .records import field_dtypes
+from .records import CODED_VERSION, field_dtypes
 
 FORMAT_VERSION = 3
 # A version-1 manifest is a logits manifest without `kind` and `embed_dim`; versions 1-2
@@ -32,8 +32,8 @@ def recipe_hash(recipe: dict[str, Any]) -> str:
 
 
 # Bytes of the widest field (2 bytes per value) an inner chunk aims at. Version-3 logits
-# chunks are twice as large: zarr's cost per chunk is ~15% of a write at k = 100 with
-# 320 KB chunks, and the size on disk is the same (docs/BENCHMARKS.md).
+# chunks are twice as large: at k = 100 that writes ~13% faster (zarr's cost is per chunk)
+# for the same size on disk (docs/BENCHMARKS.md).
 CHUNK_BYTES, CODED_CHUNK_BYTES = 327_680, 655_360
 
 
@@ -85,7 +85,7 @@ class Manifest:
         self._check()
         if not self.shard_records and not self.chunk_records:
             width = self.embed_dim if self.kind == "embeddings" else self.k
-            coded = self.kind == "logits" and self.format_version >= 3
+            coded = self.kind == "logits" and self.format_version >= CODED_VERSION
             chunk_bytes = CODED_CHUNK_BYTES if coded else CHUNK_BYTES
             self.shard_records, self.chunk_records = default_layout(self.num_samples, width, chunk_bytes)
         for name in ("shard_records", "chunk_records"):

@@ -19,7 +19,7 @@ from ..records import CODED_VERSION
 from .base import Backend
 
 # zstd with byte shuffle, level 5; level 1 for version-3 logits rows wider than k = 16: there
-# it is within ~3% of level 5's size and ~4x faster to write (docs/BENCHMARKS.md).
+# it is within ~3% of level 5's size and compresses the codes ~4x faster (docs/BENCHMARKS.md).
 FAST_CLEVEL, CLEVEL, FAST_FROM_K = 1, 5, 17
 # Inner chunks per call of zarr's codec pipeline when writing (its default, 1, costs ~20% of
 # a write). zarr reads it from its global config when a shard is encoded: set it around our
