@@ -214,10 +214,10 @@ def bench_writes(args: argparse.Namespace, root: Path, data: dict, old: str) -> 
 
 
 def memmap_file(root: Path, data: dict) -> tuple[str, int]:
-    """Raw packed v3-sized rows (codes, indices, float32 tail, seed) of the same records."""
+    """Raw packed v3-sized rows (codes, indices, tail code, seed) of the same records."""
     values = np.load(data["values"], mmap_mode="r")
     n, k = values.shape
-    row = np.dtype([("values", "<u2", (k,)), ("indices", "<u2", (k,)), ("tail", "<f4"), ("seed", "<u4")])
+    row = np.dtype([("values", "<u2", (k,)), ("indices", "<u2", (k,)), ("tail", "<i2"), ("seed", "<u4")])
     mm = np.memmap(root / "raw.bin", dtype=row, mode="w+", shape=(n,))
     indices = np.load(data["indices"], mmap_mode="r")
     for a in range(0, n, 65536):
@@ -279,7 +279,12 @@ def mib(x: float) -> str:
 
 def report(args: argparse.Namespace, writes: dict, reads: dict, precision: dict) -> str:
     n, k = args.samples, args.k
-    lines = [f"{n:,} records, k={k} of {args.classes:,} classes, batches of {BATCH}; baseline: {args.baseline_rev}", ""]
+    load = ", ".join(f"{x:.1f}" for x in args.load)
+    lines = [
+        f"{n:,} records, k={k} of {args.classes:,} classes, batches of {BATCH}; baseline: {args.baseline_rev}; "
+        f"load average at start (1, 5, 15 min): {load} on {os.cpu_count()} cores",
+        "",
+    ]
     lines += [
         "### Writes (1 process)",
         "",
@@ -335,8 +340,10 @@ def report(args: argparse.Namespace, writes: dict, reads: dict, precision: dict)
 
 def extrapolate(args: argparse.Namespace, writes: dict, reads: dict) -> str:
     """Measured per-record figures scaled to ImageNet-21k: 14.2M images x 90 epochs at this k."""
+    from logit_store.records import row_dtype
+
     images, epochs, procs = IMAGENET21K["images"], IMAGENET21K["epochs"], IMAGENET21K["node_processes"]
-    row = 2 * args.k + 2 * args.k + 4 + 4
+    row = row_dtype(args.k, args.classes, False).itemsize
     epoch_decoded = images * row
     v3_bytes = writes[("new", "in order")]["bytes_per_record"]
     rate = writes[("new", "in order")]["records_per_s"]
@@ -356,8 +363,8 @@ def extrapolate(args: argparse.Namespace, writes: dict, reads: dict) -> str:
             f"page cache / local disk: {epoch_decoded / 1e9:.2f} GB per epoch held (<= {2 * epoch_decoded / 1e9:.1f} GB with the previous one)",
             f"- decoding an epoch once per node: {images / decode / 60:.1f} min of one process at the measured first-pass rate "
             f"({decode:,.0f} rec/s), shared by the node's processes as they race for shards",
-            f"- writing: {images * epochs / rate / 3600:,.0f} process-hours at {rate:,.0f} rec/s "
-            f"(v2: {images * epochs / old_rate / 3600:,.0f}); one epoch is {images / rate / 60:.0f} process-minutes",
+            f"- writing: {images * epochs / rate / 3600:,.1f} process-hours at {rate:,.0f} rec/s "
+            f"(v2: {images * epochs / old_rate / 3600:,.1f}); one epoch is {images / rate / 60:.1f} process-minutes",
         ]
     )
 
@@ -379,6 +386,7 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         sys.stdin.read()
         return
+    args.load = os.getloadavg()  # other work on the machine: the wall figures shrink with it, CPU us/rec does not
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-scale-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
