@@ -84,8 +84,10 @@ def decode_rows(rows: np.ndarray, version: int) -> Records:
     if version < CODED_VERSION:
         return Records.from_rows(rows)
     mixing = "lam" in rows.dtype.names
+    values = rows["values"].astype(np.float32)
+    values *= _DECODE  # exact: a code times 2^-11 fits float32's mantissa
     return Records(
-        rows["values"] * _DECODE,  # exact: a code times 2^-11 fits float32's mantissa
+        values,
         rows["indices"],
         decode_tail(rows["tail_lse"]),
         rows["seed"],

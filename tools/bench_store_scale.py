@@ -154,16 +154,20 @@ def worker_read(job: dict) -> dict:
 
     ids = np.array_split(np.random.default_rng(3).permutation(n), job["procs"])[job["rank"]]
     read(ids[:1])
-    base, peak, times = rss_anon(), 0, []
+    base, peak, times, cpu = rss_anon(), 0, [], []
     for _ in range(1 + STEADY_PASSES):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for a in range(0, len(ids), BATCH):
             read(ids[a : a + BATCH])
             if not times:
                 peak = max(peak, rss_anon() - base)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     held = 0 if job["impl"] != "new" else store.private_cache_bytes
-    return {"cold": len(ids) / times[0], "steady": len(ids) / min(times[1:]), "growth": peak, "held": held}
+    steady_cpu = min(cpu[1:]) / len(ids) * 1e6
+    return {"cold": len(ids) / times[0], "steady": len(ids) / min(times[1:]), "growth": peak, "held": held} | {
+        "steady_cpu_us": steady_cpu
+    }
 
 
 def run_workers(kind: str, jobs: list[dict], pythonpath: str | None = None) -> list[dict]:
@@ -203,13 +207,20 @@ def old_code(rev: str, root: Path) -> str:
 
 
 def bench_writes(args: argparse.Namespace, root: Path, data: dict, old: str) -> dict:
-    out = {}
+    """Each (store, order) written `repeats` times, old and new alternating; the best wall rate
+    and the least CPU time per record are kept (other work on the machine only slows a run)."""
+    out: dict = {}
     base = {"data": data, "classes": args.classes, "k": args.k}
-    for order in ("in order", "shuffled"):
-        for impl in ("old", "new"):
-            path = str(root / f"{impl}-{order.replace(' ', '-')}")
-            job = base | {"impl": impl, "order": order, "path": path}
-            out[(impl, order)] = run_workers("write", [job], old if impl == "old" else None)[0]
+    for _ in range(args.repeats):
+        for order in ("in order", "shuffled"):
+            for impl in ("old", "new"):
+                path = root / f"{impl}-{order.replace(' ', '-')}"
+                shutil.rmtree(path, ignore_errors=True)
+                job = base | {"impl": impl, "order": order, "path": str(path)}
+                got = run_workers("write", [job], old if impl == "old" else None)[0]
+                best = out.setdefault((impl, order), got)
+                best["records_per_s"] = max(best["records_per_s"], got["records_per_s"])
+                best["cpu_us"] = min(best["cpu_us"], got["cpu_us"])
     return out
 
 
@@ -286,7 +297,7 @@ def report(args: argparse.Namespace, writes: dict, reads: dict, precision: dict)
         "",
     ]
     lines += [
-        "### Writes (1 process)",
+        f"### Writes (1 process, best of {args.repeats})",
         "",
         "| order | v2 (baseline) rec/s | v3 rec/s | v3 / v2 | v2 CPU us/rec | v3 CPU us/rec |",
         "|---|---|---|---|---|---|",
@@ -307,8 +318,8 @@ def report(args: argparse.Namespace, writes: dict, reads: dict, precision: dict)
         "",
         "### Reads: whole epoch, random batches",
         "",
-        "| reader / processes | 1st pass rec/s (per process) | steady rec/s (per process) | steady vs memmap | private memory growth per process | decoded rows held (reader's count) |",
-        "|---|---|---|---|---|---|",
+        "| reader / processes | 1st pass rec/s (per process) | steady rec/s (per process) | steady vs memmap | steady CPU us/rec | private memory growth per process | decoded rows held (reader's count) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for procs in (1, 2):
         base = np.mean([r["steady"] for r in reads[("memmap", procs)]])
@@ -320,8 +331,10 @@ def report(args: argparse.Namespace, writes: dict, reads: dict, precision: dict)
             rs = reads[(impl, procs)]
             cold, steady = np.mean([r["cold"] for r in rs]), np.mean([r["steady"] for r in rs])
             growth, held = max(r["growth"] for r in rs), max(r["held"] for r in rs)
+            cpu = max(r["steady_cpu_us"] for r in rs)
             lines.append(
-                f"| {label} / {procs} | {cold:,.0f} | {steady:,.0f} | {steady / base:.2f}x | {mib(growth)} | {mib(held) if impl == 'new' else '-'} |"
+                f"| {label} / {procs} | {cold:,.0f} | {steady:,.0f} | {steady / base:.2f}x | {cpu:.3f} | {mib(growth)} "
+                f"| {mib(held) if impl == 'new' else '-'} |"
             )
     lines += ["", "### Precision of the kept probabilities (relative error against the float64 softmax)", ""]
     lines += ["| logits | format | max | median | mean kept mass |", "|---|---|---|---|---|"]
@@ -377,6 +390,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=8192, help="full-logit teacher rows the records are drawn from")
     parser.add_argument("--baseline-rev", default="5ca19f0", help="git revision of the baseline store (format v2)")
     parser.add_argument("--cache-mib", type=int, default=64, help="the v3 reader's cache_bytes, in MiB")
+    parser.add_argument("--repeats", type=int, default=2, help="writes of each kind; the best is kept")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
