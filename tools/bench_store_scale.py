@@ -314,7 +314,17 @@ def report(args: argparse.Namespace, writes: dict, reads: dict, precision: dict)
         "",
         f"bytes/record on disk: v2 {old_b:.1f}, v3 {new_b:.1f} ({new_b / old_b:.2f}x v2, {new_b / tinyvit:.2f}x TinyViT's {tinyvit})",
     ]
-    lines += [
+    if reads:
+        lines += read_lines(args, reads)
+    if precision:
+        lines += precision_lines(precision)
+    if reads:
+        lines += ["", extrapolate(args, writes, reads)]
+    return "\n".join(lines)
+
+
+def read_lines(args: argparse.Namespace, reads: dict) -> list[str]:
+    lines = [
         "",
         "### Reads: whole epoch, random batches",
         "",
@@ -336,7 +346,11 @@ def report(args: argparse.Namespace, writes: dict, reads: dict, precision: dict)
                 f"| {label} / {procs} | {cold:,.0f} | {steady:,.0f} | {steady / base:.2f}x | {cpu:.3f} | {mib(growth)} "
                 f"| {mib(held) if impl == 'new' else '-'} |"
             )
-    lines += ["", "### Precision of the kept probabilities (relative error against the float64 softmax)", ""]
+    return lines
+
+
+def precision_lines(precision: dict) -> list[str]:
+    lines = ["", "### Precision of the kept probabilities (relative error against the float64 softmax)", ""]
     lines += ["| logits | format | max | median | mean kept mass |", "|---|---|---|---|---|"]
     for name in ("teacher-like", "offset 15, spread 3"):
         for fmt in ("v2 float16 logits", "v3 codes"):
@@ -347,8 +361,7 @@ def report(args: argparse.Namespace, writes: dict, reads: dict, precision: dict)
     for name in ("teacher-like", "offset 15, spread 3"):
         kl = precision[(name, "kl")]
         lines.append(f"\nKL(full || rebuilt), {name}: T=1 {kl[0]:.4f}, T=2 {kl[1]:.4f}, T=4 {kl[2]:.4f} nats")
-    lines += ["", extrapolate(args, writes, reads)]
-    return "\n".join(lines)
+    return lines
 
 
 def extrapolate(args: argparse.Namespace, writes: dict, reads: dict) -> str:
@@ -391,6 +404,7 @@ def main() -> None:
     parser.add_argument("--baseline-rev", default="5ca19f0", help="git revision of the baseline store (format v2)")
     parser.add_argument("--cache-mib", type=int, default=64, help="the v3 reader's cache_bytes, in MiB")
     parser.add_argument("--repeats", type=int, default=2, help="writes of each kind; the best is kept")
+    parser.add_argument("--parts", default="writes,reads,precision", help="which of writes,reads,precision to run")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -404,12 +418,14 @@ def main() -> None:
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-scale-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
+        parts = set(args.parts.split(","))
         old = old_code(args.baseline_rev, root)
         data = make_records(args, root)
-        writes = bench_writes(args, root, data, old)
+        writes = bench_writes(args, root, data, old)  # the reads need its stores
         stores = {"old": str(root / "old-in-order"), "new": str(root / "new-in-order")}
-        reads = bench_reads(args, root, data, old, stores)
-        print(report(args, writes, reads, bench_precision(data, args.k)))
+        reads = bench_reads(args, root, data, old, stores) if "reads" in parts else {}
+        precision = bench_precision(data, args.k) if "precision" in parts else {}
+        print(report(args, writes, reads, precision))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
