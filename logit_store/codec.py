@@ -78,9 +78,10 @@ def encode_rows(records: Records, dtype: np.dtype, num_classes: int) -> np.ndarr
     return rows
 
 
-def decode_rows(rows: np.ndarray, version: int) -> Records:
+def decode_rows(rows: np.ndarray, version: int, no_tail: bool = False) -> Records:
     """Records from packed rows: version 3 gives float32 logits minus the top one; older
-    versions their float16 fields as stored (views, no copy)."""
+    versions their float16 fields as stored (views, no copy). `no_tail`: k = num_classes,
+    every tail code is NO_TAIL_CODE."""
     if version < CODED_VERSION:
         return Records.from_rows(rows)
     mixing = "lam" in rows.dtype.names
@@ -89,7 +90,7 @@ def decode_rows(rows: np.ndarray, version: int) -> Records:
     return Records(
         values,
         rows["indices"],
-        decode_tail(rows["tail_lse"]),
+        decode_tail(rows["tail_lse"]) if no_tail else rows["tail_lse"] * np.float32(STEP),
         rows["seed"],
         rows["partner"] if mixing else None,
         rows["lam"] if mixing else None,

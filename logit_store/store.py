@@ -185,7 +185,8 @@ class LogitStore:
         """Records (or Embeddings) from packed rows as stored (`logit_store.codec`)."""
         if self.manifest.kind == "embeddings":
             return Embeddings.from_rows(rows)
-        return codec.decode_rows(rows, self.manifest.format_version)
+        m = self.manifest
+        return codec.decode_rows(rows, m.format_version, no_tail=m.k == m.num_classes)
 
     def read_text(self, ids: np.ndarray | list[int]) -> Embeddings:
         """Text embeddings of `ids` (any order): a read of the text plane."""

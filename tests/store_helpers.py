@@ -19,7 +19,7 @@ from logit_store import Manifest, Records, create_store, record_seeds
 
 N, C, K, EPOCHS = 3000, 50, 5, 2
 # The version-3 code step and clamps, written out from docs/STORE_FORMAT.md (not imported from the store).
-STEP, MAX_CODE, TAIL_CLAMP = 2.0**-11, 65_535, 32_767
+STEP, MAX_CODE, TAIL_CLAMP, NO_TAIL = 2.0**-11, 65_535, 32_767, -65504.0
 
 
 def manifest(backend: str = "zarr", **overrides: object) -> Manifest:
@@ -43,6 +43,8 @@ def raw_records(logits: np.ndarray, k: int, seeds: np.ndarray) -> Records:
     logits = logits.astype(np.float64)
     order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
     values = np.take_along_axis(logits, order, axis=1)
+    if k == logits.shape[1]:  # nothing left out: the sentinel, as sparsify gives it
+        return Records(values, order.astype(np.uint16), np.full(len(values), NO_TAIL), seeds)
     rest = logits.copy()
     np.put_along_axis(rest, order, -np.inf, axis=1)
     top = rest.max(axis=1)
@@ -59,7 +61,7 @@ def stored_form(records: Records) -> Records:
     tail_codes = np.clip(
         np.rint((np.asarray(records.tail_lse, np.float64) - top[:, 0]) / STEP), -TAIL_CLAMP, TAIL_CLAMP
     )
-    tail = (tail_codes * STEP).astype(np.float32)
+    tail = np.where(np.asarray(records.tail_lse) == NO_TAIL, NO_TAIL, tail_codes * STEP).astype(np.float32)
     return Records((codes * -STEP).astype(np.float32), records.indices, tail, records.seed)
 
 

@@ -103,3 +103,13 @@ def test_index_dtype_widens_past_65536_classes(tmp_path):
     assert m.dtypes["indices"] == "int32"
     assert manifest(num_classes=65_536).dtypes["indices"] == "uint16"
     assert C < 65_536
+
+
+def test_k_equal_to_classes_has_no_tail(tmp_path):
+    """k = C: the tail code is the no-tail sentinel, read back as -65504 (the lowest float16)."""
+    store = create_store(tmp_path / "s", manifest(num_classes=5, k=5, num_samples=512, epochs=1))
+    write_epoch(store, 0)
+    got = open_store(tmp_path / "s").read(0, np.arange(0, 512, 5))
+    np.testing.assert_array_equal(got.tail_lse, np.full(len(got), -65504.0, np.float32))
+    assert (got.values[:, 0] == 0).all() and (np.diff(got.values, axis=1) <= 0).all()
+    assert open_store(tmp_path / "s").info()["statistics"]["mean_topk_mass"] == 1.0
