@@ -54,6 +54,10 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 from PIL import Image
 
+from logit_store.registry import Registry
+
+from .errors import DatasetError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SPEC_FORMS = (
@@ -79,10 +83,6 @@ _SPEC_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 _INTEGER = re.compile(r"[+-]?\d+")
 # webdataset's rule: the key is the member path up to the first dot of its base name.
 _WDS_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
-class DatasetError(ValueError):
-    """A dataset spec, file or sample that cannot be used; the message names it."""
 
 
 # ---------------------------------------------------------------- base class
@@ -796,38 +796,70 @@ def digit_caption_of_class(name: str) -> str:
     return digit_caption(int(name))
 
 
+DATASETS: Registry[Callable[..., ImageDataset]] = Registry("dataset spec prefix", DatasetError)
+
+
+@DATASETS.register("digits")
+def _digits(body: str, spec: str, split: str, skip_unreadable: bool, cache_dir: str | None) -> ImageDataset:
+    return _digits_folder(spec, split, skip_unreadable, cache_dir)
+
+
+@DATASETS.register("digits-captions")
+def _digits_captions(body: str, spec: str, split: str, skip_unreadable: bool, cache_dir: str | None) -> ImageDataset:
+    return _digits_folder(spec, split, skip_unreadable, cache_dir, digit_caption_of_class)
+
+
+def _digits_folder(
+    spec: str, split: str, skip_unreadable: bool, cache_dir: str | None, captioned: Callable[[str], str] | None = None
+) -> ImageDataset:
+    if split not in DIGITS_SPLITS:
+        raise DatasetError(f"{spec}: split must be one of {DIGITS_SPLITS}, got {split!r}")
+    root = prepare_digits(cache_dir) / split
+    return FolderDataset(root, spec=spec, skip_unreadable=skip_unreadable, caption_of_class=captioned)
+
+
+@DATASETS.register("csv")
+def _csv(body: str, spec: str, split: str, skip_unreadable: bool, cache_dir: str | None) -> ImageDataset:
+    return CsvDataset(_needs_path(body, "csv", "data/train.csv"), spec=spec, skip_unreadable=skip_unreadable)
+
+
+@DATASETS.register("pairs")
+def _pairs(body: str, spec: str, split: str, skip_unreadable: bool, cache_dir: str | None) -> ImageDataset:
+    return PairsDataset(_needs_path(body, "pairs", "data/captions.tsv"), spec=spec, skip_unreadable=skip_unreadable)
+
+
+@DATASETS.register("wds")
+def _wds(body: str, spec: str, split: str, skip_unreadable: bool, cache_dir: str | None) -> ImageDataset:
+    return TarDataset(body, spec=spec, skip_unreadable=skip_unreadable)
+
+
+def _needs_path(body: str, prefix: str, example: str) -> str:
+    if not body:
+        raise DatasetError(f"{prefix}: needs a file path, e.g. {prefix}:{example}; {_ACCEPTED}")
+    return body
+
+
+_ACCEPTED = f"accepted forms: {', '.join(SPEC_FORMS)}"
+
+
 def create_dataset(
     spec: str, split: str = "train", skip_unreadable: bool = False, cache_dir: str | None = None
 ) -> ImageDataset:
     """The dataset a spec names: ``digits``, a folder ``PATH``, ``csv:PATH``, ``wds:PATTERN``,
-    ``pairs:PATH`` or ``digits-captions`` (``has_captions`` tells the image-text ones).
+    ``pairs:PATH`` or ``digits-captions`` (``has_captions`` tells the image-text ones); the forms
+    are the entries of ``DATASETS`` ("PREFIX:BODY" or the bare name), any other spec is a folder.
 
     ``split`` ("train" or "val") only matters for ``digits`` and ``digits-captions``; ``cache_dir``
     is where digits are written (default $DISTILL_CACHE, else ~/.cache/distill). With
     ``skip_unreadable`` every image is verified once and the unreadable ones are dropped (listed
     in ``skipped``) before ids are assigned.
     """
-    accepted = f"accepted forms: {', '.join(SPEC_FORMS)}"
     if not isinstance(spec, str) or not spec.strip():
-        raise DatasetError(f"dataset spec must be a non-empty string, got {spec!r}; {accepted}")
-    if spec in ("digits", "digits-captions"):
-        if split not in DIGITS_SPLITS:
-            raise DatasetError(f"{spec}: split must be one of {DIGITS_SPLITS}, got {split!r}")
-        captioned = digit_caption_of_class if spec == "digits-captions" else None
-        return FolderDataset(
-            prepare_digits(cache_dir) / split, spec=spec, skip_unreadable=skip_unreadable, caption_of_class=captioned
-        )
-    if spec.startswith("csv:"):
-        if not spec[4:]:
-            raise DatasetError(f"csv: needs a file path, e.g. csv:data/train.csv; {accepted}")
-        return CsvDataset(spec[4:], spec=spec, skip_unreadable=skip_unreadable)
-    if spec.startswith("pairs:"):
-        if not spec[6:]:
-            raise DatasetError(f"pairs: needs a file path, e.g. pairs:data/captions.tsv; {accepted}")
-        return PairsDataset(spec[6:], spec=spec, skip_unreadable=skip_unreadable)
-    if spec.startswith("wds:"):
-        return TarDataset(spec[4:], spec=spec, skip_unreadable=skip_unreadable)
-    prefix = _SPEC_PREFIX.match(spec)
-    if prefix and not os.path.exists(os.path.expanduser(spec)):
-        raise DatasetError(f"unknown dataset spec prefix '{prefix.group(1)}:' in {spec!r}; {accepted}")
+        raise DatasetError(f"dataset spec must be a non-empty string, got {spec!r}; {_ACCEPTED}")
+    prefix, sep, body = spec.partition(":")
+    if spec in DATASETS or (sep and prefix in DATASETS and prefix not in ("digits", "digits-captions")):
+        return DATASETS.get(prefix)(body, spec, split, skip_unreadable, cache_dir)
+    named = _SPEC_PREFIX.match(spec)
+    if named and not os.path.exists(os.path.expanduser(spec)):
+        raise DatasetError(f"unknown dataset spec prefix '{named.group(1)}:' in {spec!r}; {_ACCEPTED}")
     return FolderDataset(spec, spec=spec, skip_unreadable=skip_unreadable)

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from .affinity import zero_shot_classifier
 from .loader import ReplayDataset, collate
 
 
@@ -74,3 +73,28 @@ def zero_shot_accuracy(
         return F.normalize(clip.encode_image(images).float(), dim=-1) @ classifier
 
     return _topk(scores, clip, data, batch_size, accelerator)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def zero_shot_classifier(
+    model: nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str | Callable[[str], str]],
+) -> torch.Tensor:
+    """[embed_dim, num_classes] class embeddings: the normalised mean of each class's normalised prompt embeddings.
+
+    ``tokenizer`` is open_clip's (``open_clip.get_tokenizer(name)``); a template is a format string with ``{}``
+    or a callable of the class name (as in ``open_clip.zero_shot_metadata``).
+    """
+    device = _device(model)
+    columns = []
+    for name in classnames:
+        texts = [t(name) if callable(t) else t.format(name) for t in templates]
+        embeddings = model.encode_text(tokenizer(texts).to(device), normalize=True)
+        columns.append(F.normalize(embeddings.mean(dim=0), dim=-1))
+    return torch.stack(columns, dim=1)

@@ -1,11 +1,11 @@
-"""Losses shared by the method recipes."""
+"""Losses shared by the methods: soft-target cross-entropy, Hinton KD, mixed hard labels."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["soft_target_cross_entropy", "soft_target_kd"]
+__all__ = ["mixed_targets", "soft_target_cross_entropy", "soft_target_kd"]
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -25,3 +25,11 @@ def soft_target_kd(
     """
     targets = F.softmax(teacher_logits.float() / temperature, dim=-1)
     return soft_target_cross_entropy(student_logits / temperature, targets) * temperature**2
+
+
+def mixed_targets(batch: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
+    """The mixed hard label of each view: lam * onehot(y) + (1 - lam) * onehot(y_partner)."""
+    lam = batch["lam"][:, None]
+    own = F.one_hot(batch["label"], num_classes).float()
+    other = F.one_hot(batch["partner_label"], num_classes).float()
+    return lam * own + (1 - lam) * other

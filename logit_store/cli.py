@@ -7,8 +7,8 @@ import json
 import sys
 from typing import Any
 
+from .backends import BACKENDS
 from .errors import StoreError
-from .manifest import BACKENDS
 from .store import convert_store, open_store
 
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="copy a store into another backend, record for record")
     convert.add_argument("src")
     convert.add_argument("dst")
-    convert.add_argument("--backend", choices=BACKENDS, help="target backend (default: the other one)")
+    convert.add_argument("--backend", choices=BACKENDS.names(), help="target backend (default: the other one)")
     convert.set_defaults(func=cmd_convert)
     return parser
 

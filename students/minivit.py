@@ -515,3 +515,17 @@ def mini_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -
     return _create_mini(
         "mini_swin_base_patch4_window7_224", "swin_base_patch4_window7_224", share, pretrained, **kwargs
     )
+
+
+# ---- the digits recipes' teacher ---------------------------------------------------------------------------
+
+
+def tiny_deit_kwargs() -> dict[str, Any]:
+    """A 32 px DeiT: 8 px patches (4 x 4 + 1 tokens), width 96, 6 blocks of 3 heads (0.69M params with 10 classes)."""
+    return {"img_size": 32, "patch_size": 8, "embed_dim": 96, "depth": 6, "num_heads": 3}
+
+
+def tiny_deit_teacher(num_classes: int = 10) -> VisionTransformer:
+    """The digits recipes' teacher, `module:students.minivit:tiny_deit_teacher`: the model that
+    `recipes/configs/minivit_digits_teacher.yaml` trains (`deit_tiny_patch16_224` with `tiny_deit_kwargs()`)."""
+    return timm.create_model("deit_tiny_patch16_224", num_classes=num_classes, **tiny_deit_kwargs())

@@ -58,6 +58,7 @@ __all__ = [
     "build_path_model",
     "config_from_dict",
     "cream_path",
+    "cream_supernet",
     "export",
     "normalize_path",
     "path_flops",
@@ -311,6 +312,31 @@ def config_from_dict(fields: dict[str, Any] | None = None, tiny: bool = False) -
     return dataclasses.replace(base, **values)
 
 
+def _no_timm_extras(name: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
+    """timm passes its own keywords (meaningless here); anything else is an error, as are pretrained weights."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    if kwargs:
+        raise TypeError(f"{name}: unexpected keyword argument(s) {sorted(kwargs)}")
+    if pretrained:
+        raise ValueError(f"{name} has no pretrained weights: load them from a checkpoint")
+
+
+@register_model
+def cream_supernet(
+    pretrained: bool = False,
+    *,
+    config: dict[str, Any] | None = None,
+    tiny: bool = False,
+    num_classes: int = 1000,
+    **kwargs: Any,
+) -> Supernet:
+    """timm entry point of the supernet: ``config`` holds ``SupernetConfig`` fields, over the defaults or over
+    ``SupernetConfig.tiny()`` with ``tiny=True``."""
+    _no_timm_extras("cream_supernet", pretrained, kwargs)
+    return Supernet(config_from_dict(config, tiny), num_classes)
+
+
 @register_model
 def cream_path(
     pretrained: bool = False,
@@ -325,12 +351,7 @@ def cream_path(
     """timm entry point of a standalone path model: ``path`` (flat or nested), ``config`` (``SupernetConfig``
     fields, over the defaults or over ``SupernetConfig.tiny()`` with ``tiny=True``). Weights come from a
     checkpoint (e.g. an ``export``ed path saved with safetensors); there are no pretrained ones."""
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's own, meaningless here
-        kwargs.pop(key, None)
-    if kwargs:
-        raise TypeError(f"cream_path: unexpected keyword argument(s) {sorted(kwargs)}")
-    if pretrained:
-        raise ValueError("cream_path has no pretrained weights: load an exported path's with a checkpoint")
+    _no_timm_extras("cream_path", pretrained, kwargs)
     cfg = config_from_dict(config, tiny)
     if drop_rate is not None:
         cfg = dataclasses.replace(cfg, drop_rate=drop_rate)

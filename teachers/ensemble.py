@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .base import Teacher, TeacherError
-from .registry import create_teacher, register_teacher
+from .registry import create_teacher
 
 __all__ = ["EnsembleTeacher", "create_ensemble_teacher", "parse_ensemble"]
 
@@ -29,6 +29,9 @@ class EnsembleTeacher(Teacher):
         members = list(members)
         if not members:
             raise TeacherError("an ensemble needs at least one member")
+        not_logits = [m.spec for m in members if m.outputs != "logits"]
+        if not_logits:
+            raise TeacherError(f"ensemble members must give logits; {', '.join(not_logits)} give embeddings")
         counts = {m.spec: m.num_classes for m in members}
         if len(set(counts.values())) > 1:
             listed = ", ".join(f"{spec}: {n}" for spec, n in counts.items())
@@ -63,7 +66,6 @@ def parse_ensemble(body: str, spec: str = "") -> list[tuple[str, str | None]]:
     return members
 
 
-@register_teacher("ensemble")
 def create_ensemble_teacher(
     spec: str,
     body: str,

@@ -13,7 +13,6 @@ from torch import nn
 
 from .base import TeacherError
 from .live import ModelTeacher
-from .registry import register_teacher
 
 __all__ = ["create_module_model", "create_module_teacher", "resolve_factory"]
 
@@ -55,7 +54,6 @@ def create_module_model(target: str, num_classes: int | None = None, spec: str =
     return model
 
 
-@register_teacher("module")
 def create_module_teacher(
     spec: str,
     body: str,

@@ -11,7 +11,7 @@ from torch import nn
 
 from .base import TeacherError
 from .live import ModelTeacher
-from .registry import parse_bool, parse_options, register_teacher
+from .registry import parse_bool, parse_options
 
 __all__ = ["create_timm_model", "create_timm_teacher"]
 
@@ -36,7 +36,6 @@ def create_timm_model(name: str, num_classes: int | None = None, pretrained: boo
         raise TeacherError(f"teacher {spec}: timm could not create '{name}': {err}") from err
 
 
-@register_teacher("timm")
 def create_timm_teacher(
     spec: str,
     body: str,

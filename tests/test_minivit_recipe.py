@@ -141,7 +141,7 @@ def test_trainer_refuses_a_store_for_relation_losses_before_writing(data, tmp_pa
 
 
 def test_layer_pairs_and_relation_heads_are_checked_against_the_models():
-    teacher = create_teacher("module:recipes.minivit:tiny_deit_teacher", 10)
+    teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
     method = create_method("minivit", {"layer_pairs": [[1, 6]]}, 10)
     with pytest.raises(RecipeError, match=r"loss\.layer_pairs\[0\]\[1\]: teacher block 6 does not exist .*6 trans"):
         method.check_teacher(teacher)
@@ -197,7 +197,7 @@ class Wrapper(torch.nn.Module):
 
 def test_loss_hooks_once_one_forward_each_and_keeps_nothing():
     torch.manual_seed(0)
-    teacher = create_teacher("module:recipes.minivit:tiny_deit_teacher", 10)
+    teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
     method = create_method("minivit", {}, 10)
     method.check_teacher(teacher)
     model = student(method)
@@ -236,7 +236,7 @@ def test_loss_hooks_once_one_forward_each_and_keeps_nothing():
 
 
 def test_prediction_only_needs_no_live_model_and_logs_only_weighted_parts():
-    teacher = create_teacher("module:recipes.minivit:tiny_deit_teacher", 10)
+    teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
     method = create_method("minivit", {"attention_weight": 0, "hidden_weight": 0, "label_weight": 0.5}, 10)
     out = method.loss(student(method), batch_of(), teacher)
     assert set(out) == {"loss", "prediction", "label"} and method._captures is None
@@ -324,7 +324,7 @@ def test_digits_teacher_recipe_builds_the_teacher_factorys_model(data):
     teacher_recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes/minivit_digits_teacher.yaml"), "")
     student_recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes/minivit_digits.yaml"), "")
     assert teacher_recipe.method == "supervised" and student_recipe.method == "minivit"
-    assert student_recipe.teacher.source == "module:recipes.minivit:tiny_deit_teacher"
+    assert student_recipe.teacher.source == "module:students.minivit:tiny_deit_teacher"
     assert student_recipe.teacher.checkpoint == student_recipe.student.kwargs["init_from"]
     assert student_recipe.teacher.checkpoint == f"{teacher_recipe.output_dir}/model.safetensors"
     trained = create_method("supervised", teacher_recipe.loss, 10).build_student(teacher_recipe.student, 32)
@@ -364,7 +364,7 @@ def test_digits_recipe_distills_a_mini_deit(data, teacher_ckpt):
     proc = run_module("distill.train", student_args(data, teacher_ckpt, out), data["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["teacher_source"] == "live:module:recipes.minivit:tiny_deit_teacher"
+    assert summary["teacher_source"] == "live:module:students.minivit:tiny_deit_teacher"
     assert summary["params"] < 0.55 * sum(p.numel() for p in tiny_deit_teacher(10).parameters())
     for name in ("prediction", "attention", "hidden"):
         values = losses(out, name)

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .losses import soft_target_cross_entropy
+from distill.losses import soft_target_cross_entropy
 
 __all__ = [
     "BoardEntry",

@@ -35,7 +35,6 @@ __all__ = [
     "RelationCapture",
     "attention_relation_loss",
     "hidden_relation_loss",
-    "relation_losses",
     "transformer_blocks",
 ]
 
@@ -162,17 +161,3 @@ def hidden_relation_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Ten
     student = F.normalize(student_tokens, dim=-1)
     teacher = F.normalize(teacher_tokens.detach(), dim=-1)
     return F.mse_loss(student @ student.transpose(-2, -1), teacher @ teacher.transpose(-2, -1))
-
-
-def relation_losses(
-    student: RelationCapture,
-    teacher: RelationCapture,
-    relation_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(attention-relation, hidden-relation) losses averaged over the captures' layers, paired in order."""
-    if len(student.layers) != len(teacher.layers):
-        raise ValueError(f"{len(student.layers)} student layers but {len(teacher.layers)} teacher layers")
-    pairs = list(zip(student.layers, teacher.layers, strict=True))
-    attention = [attention_relation_loss(student.qkv[s], teacher.qkv[t], relation_heads) for s, t in pairs]
-    hidden = [hidden_relation_loss(student.tokens[s], teacher.tokens[t]) for s, t in pairs]
-    return torch.stack(attention).mean(), torch.stack(hidden).mean()

@@ -1,28 +1,16 @@
-"""Plain supervised training (no teacher): cross-entropy on the (mixed) labels, e.g. to train a teacher."""
+"""Cross-entropy against the (mixed, optionally smoothed) labels."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from distill.loader import mixed_targets
-from distill.losses import soft_target_cross_entropy
-from distill.method import Method, register_method
+from distill.losses import mixed_targets, soft_target_cross_entropy
+from distill.method import Method
 from teachers import Teacher
 
 
-@dataclass
-class SupervisedLoss:
-    label_smoothing: float = 0.0
-
-
-@register_method("supervised")
 class Supervised(Method):
-    LossConfig = SupervisedLoss
-    needs_teacher = False
-
     def loss(
         self, student: nn.Module, batch: dict[str, torch.Tensor], teacher: Teacher | None
     ) -> dict[str, torch.Tensor]:

@@ -1,57 +1,28 @@
-"""MiniViT weight distillation: a weight-multiplexed student learns a live transformer teacher's predictions,
-attention relations and hidden-state relations (Zhang et al., CVPR 2022).
+"""The MiniViT method: hooks on the student and the live teacher, and the loss they feed (see `recipes.minivit`).
 
-    loss = prediction_weight * soft_ce(student logits, softmax(teacher logits / T)) * T^2
-         + attention_weight  * attention relation (Q/K/V self-relations, KL, over `layer_pairs`)
-         + hidden_weight     * hidden relation (MSE of token Gram matrices, over `layer_pairs`)
-
-The paper uses T = 1 and weights 1 / 1 / 0.1. The relation terms come from the very forward passes that produce
-the logits: `distill.relations.RelationCapture` hooks are put on the (unwrapped) student and on the live teacher's
-model at the first `loss` call and kept; they record only inside `loss` and their records are dropped at its end,
-so evaluation forwards record nothing and no activations outlive a step. Before training, `check_teacher` refuses
-a teacher without a model and `build_student` checks the layer pairs, relation heads and (with one zero image
-through both models) token counts, each error naming its `loss.` field. The student is any timm ViT/DeiT or Swin,
-usually a multiplexed `mini_deit_*` / `mini_swin_*` from `students.minivit`, whose shared weights can start from a
-trained unshared model with `student.kwargs.init_from: PATH`.
-
-Relation losses need the teacher's Q/K/V and tokens, so a logit store (or an ensemble) can only teach the
-prediction term: set `loss.attention_weight: 0` and `loss.hidden_weight: 0` to train from one.
-
-`tiny_deit_teacher` / `tiny_deit_kwargs` build the small 32 px DeiT of `recipes/minivit_digits.yaml`.
+Before training, `check_teacher` refuses a teacher without a model and `build_student` checks the layer pairs,
+relation heads and (with one zero image through both models) token counts, each error naming its `loss.` field.
+Hooks are put on the (unwrapped) student and the teacher's model at the first `loss` call and kept; they record
+only inside `loss` and their records are dropped at its end, so evaluation forwards record nothing and no
+activations outlive a step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
-from distill.loader import mixed_targets
-from distill.losses import soft_target_cross_entropy, soft_target_kd
-from distill.method import Method, register_method
-from distill.recipe import RecipeError, StudentConfig
-from distill.relations import RelationCapture, attention_relation_loss, hidden_relation_loss, transformer_blocks
+from distill.errors import RecipeError
+from distill.losses import mixed_targets, soft_target_cross_entropy, soft_target_kd
+from distill.method import Method
+from distill.recipe import StudentConfig
 from teachers import Teacher
 
-__all__ = ["MiniVit", "MiniVitLoss", "tiny_deit_kwargs", "tiny_deit_teacher"]
+from .relations import RelationCapture, attention_relation_loss, hidden_relation_loss, transformer_blocks
 
-
-@dataclass
-class MiniVitLoss:
-    temperature: float = 1.0  # T of the prediction term (the loss is scaled by T^2)
-    prediction_weight: float = 1.0  # soft cross-entropy against the teacher's distribution
-    attention_weight: float = 1.0  # attention-relation loss (needs a live teacher)
-    hidden_weight: float = 0.1  # hidden-relation loss (needs a live teacher)
-    label_weight: float = 0.0  # optional cross-entropy on the (mixed) labels; MiniViT uses none
-    # Q/K/V widths are split into this many relation heads on both sides; 0: the student's attention head count
-    # at each matched layer. It must divide the student's and the teacher's qkv widths.
-    relation_heads: int = 0
-    # [student block, teacher block] index pairs into the models' transformer blocks (negative: from the end).
-    # Paired layers must have the same number of tokens. Default: the last blocks.
-    layer_pairs: list[list[int]] = field(default_factory=lambda: [[-1, -1]])
+__all__ = ["MiniVit"]
 
 
 class _Capture(RelationCapture):
@@ -68,19 +39,15 @@ class _Capture(RelationCapture):
             super()._store_tokens(name, module, args, output)
 
 
-@register_method("minivit")
 class MiniVit(Method):
-    LossConfig = MiniVitLoss
-
-    def __init__(self, loss: MiniVitLoss, num_classes: int) -> None:
-        super().__init__(loss, num_classes)
-        _validate(loss)
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self._captures: tuple[nn.Module, nn.Module, _Capture, _Capture] | None = None
         self._teacher_checked: tuple[nn.Module, list[nn.Module]] | None = None
 
     @property
     def uses_relations(self) -> bool:
-        return self.cfg.attention_weight > 0 or self.cfg.hidden_weight > 0
+        return self.cfg.uses_relations
 
     def _relation_fields(self) -> str:
         return " and ".join(
@@ -259,36 +226,3 @@ class MiniVit(Method):
             torch.stack(attention).mean() if attention else zero,
             torch.stack(hidden).mean() if hidden else zero,
         )
-
-
-def _validate(cfg: MiniVitLoss) -> None:
-    if cfg.temperature <= 0:
-        raise RecipeError(f"loss.temperature: expected a number > 0, got {cfg.temperature}")
-    for name in ("prediction_weight", "attention_weight", "hidden_weight", "label_weight"):
-        if getattr(cfg, name) < 0:
-            raise RecipeError(f"loss.{name}: expected a number >= 0, got {getattr(cfg, name)}")
-    if not (cfg.prediction_weight or cfg.attention_weight or cfg.hidden_weight or cfg.label_weight):
-        raise RecipeError("loss: every weight is 0, so there is nothing to train on")
-    if cfg.relation_heads < 0:
-        raise RecipeError(
-            f"loss.relation_heads: expected an integer >= 0 (0: the student's heads), got {cfg.relation_heads}"
-        )
-    if (cfg.attention_weight or cfg.hidden_weight) and not cfg.layer_pairs:
-        raise RecipeError("loss.layer_pairs: relation losses need at least one [student block, teacher block] pair")
-    for i, pair in enumerate(cfg.layer_pairs):
-        if len(pair) != 2:
-            raise RecipeError(f"loss.layer_pairs[{i}]: expected [student block, teacher block], got {pair}")
-
-
-# ---- the digits recipe's teacher ---------------------------------------------------------------------------
-
-
-def tiny_deit_kwargs() -> dict[str, Any]:
-    """A 32 px DeiT: 8 px patches (4 x 4 + 1 tokens), width 96, 6 blocks of 3 heads (0.69M params with 10 classes)."""
-    return {"img_size": 32, "patch_size": 8, "embed_dim": 96, "depth": 6, "num_heads": 3}
-
-
-def tiny_deit_teacher(num_classes: int = 10) -> nn.Module:
-    """The digits recipe's teacher, `module:recipes.minivit:tiny_deit_teacher`: the model that
-    `recipes/minivit_digits_teacher.yaml` trains (`deit_tiny_patch16_224` with `tiny_deit_kwargs()`)."""
-    return timm.create_model("deit_tiny_patch16_224", num_classes=num_classes, **tiny_deit_kwargs())

@@ -1,33 +1,16 @@
-"""TinyViT pretraining distillation: soft-target cross-entropy against the teacher's (sparse) distribution.
-
-The teacher is a logit store or a live model; either way its distribution at temperature
-T is softmax(teacher logits / T). TinyViT uses T = 1 and no label term (label_weight 0).
-"""
+"""TinyViT's loss: soft CE against softmax(teacher / T) x T^2, plus an optional label term."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from distill.loader import mixed_targets
-from distill.losses import soft_target_cross_entropy, soft_target_kd
-from distill.method import Method, register_method
+from distill.losses import mixed_targets, soft_target_cross_entropy, soft_target_kd
+from distill.method import Method
 from teachers import Teacher
 
 
-@dataclass
-class TinyVitLoss:
-    temperature: float = 1.0
-    distill_weight: float = 1.0
-    label_weight: float = 0.0
-
-
-@register_method("tinyvit")
 class TinyVit(Method):
-    LossConfig = TinyVitLoss
-
     def loss(
         self, student: nn.Module, batch: dict[str, torch.Tensor], teacher: Teacher | None
     ) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""TinyCLIP affinity mimicking, the CLIP contrastive loss, and zero-shot evaluation helpers.
+"""TinyCLIP affinity mimicking and the CLIP contrastive loss.
 
 Affinity mimicking: with L2-normalised image features I and text features T of a batch and a fixed scale s,
 the student's image-to-text affinities s I T^T (and text-to-image s T I^T) are trained toward the softmax of the
@@ -14,13 +14,11 @@ open_clip's default); ``gather_with_grad=True`` adds it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 
 def _distributed() -> bool:
@@ -103,71 +101,3 @@ def clip_contrastive_loss(
     return 0.5 * (
         F.cross_entropy(logit_scale * img @ all_txt.T, labels) + F.cross_entropy(logit_scale * txt @ all_img.T, labels)
     )
-
-
-def tinyclip_loss(
-    student_img: torch.Tensor,
-    student_txt: torch.Tensor,
-    teacher_img: torch.Tensor,
-    teacher_txt: torch.Tensor,
-    alpha: float = 1.0,
-    affinity_scale: float = 50.0,
-    contrastive_scale: float | torch.Tensor | None = None,
-    gather_with_grad: bool = False,
-) -> torch.Tensor:
-    """``alpha * affinity + (1 - alpha) * contrastive`` (the contrastive term on the student's own features).
-
-    ``contrastive_scale`` is the student's logit scale (exponentiated); it defaults to ``affinity_scale``.
-    """
-    loss = affinity_loss(student_img, student_txt, teacher_img, teacher_txt, affinity_scale, gather_with_grad)
-    if alpha == 1.0:
-        return loss
-    scale = affinity_scale if contrastive_scale is None else contrastive_scale
-    contrastive = clip_contrastive_loss(student_img, student_txt, scale, gather_with_grad)
-    return alpha * loss + (1 - alpha) * contrastive
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def zero_shot_classifier(
-    model: nn.Module,
-    tokenizer: Callable[[list[str]], torch.Tensor],
-    classnames: Sequence[str],
-    templates: Sequence[str | Callable[[str], str]],
-) -> torch.Tensor:
-    """[embed_dim, num_classes] class embeddings: the normalised mean of each class's normalised prompt embeddings.
-
-    ``tokenizer`` is open_clip's (``open_clip.get_tokenizer(name)``); a template is a format string with ``{}``
-    or a callable of the class name (as in ``open_clip.zero_shot_metadata``).
-    """
-    device = _device(model)
-    columns = []
-    for name in classnames:
-        texts = [t(name) if callable(t) else t.format(name) for t in templates]
-        embeddings = model.encode_text(tokenizer(texts).to(device), normalize=True)
-        columns.append(F.normalize(embeddings.mean(dim=0), dim=-1))
-    return torch.stack(columns, dim=1)
-
-
-@torch.no_grad()
-def zero_shot_accuracy(
-    model: nn.Module,
-    classifier: torch.Tensor,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    topk: Sequence[int] = (1, 5),
-) -> dict[int, float]:
-    """Top-k accuracy (fraction) of ``model``'s images against a ``zero_shot_classifier``, per k in ``topk``."""
-    device = _device(model)
-    correct = dict.fromkeys(topk, 0)
-    total = 0
-    for images, labels in batches:
-        logits = model.encode_image(images.to(device), normalize=True) @ classifier.to(device)
-        labels = labels.to(device)
-        ranked = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
-        for k in topk:
-            correct[k] += int((ranked[:, :k] == labels[:, None]).any(dim=1).sum())
-        total += labels.numel()
-    return {k: correct[k] / max(total, 1) for k in topk}

@@ -1,0 +1,89 @@
+"""`tinyclip`: distils a CLIP teacher into a student by affinity mimicking (Wu et al., ICCV 2023), and `clip`,
+contrastive CLIP training (a teacher, or a baseline).
+
+Affinity mimicking: the student's image-to-text and text-to-image affinities inside the batch, s I T^T and
+s T I^T at a fixed scale s, are trained toward the teacher's. The teacher's embeddings come from a live
+open_clip model or from an embeddings store, whose stored embeddings rebuild the teacher's affinities for any
+student batch size. An optional contrastive term on the student's own features takes weight 1 - alpha.
+
+The student is an open_clip config (e.g. TinyCLIP-ViT-8M-16-Text-3M, registered by `students.tinyclip`) or a
+pruned model's config JSON. Weight inheritance:
+
+- manual (`loss.inherit`): the student starts from a bigger CLIP's weights, layers at a uniform stride and the
+  leading widths and heads (`inheritance.py`);
+- automatic (`loss.prune`): the student (usually the teacher itself, or the previous stage's pruned model) gets
+  hard-concrete masks over hidden dims, heads and MLP units (`masks.py`), and the loss adds the Lagrangian
+  sparsity penalty, its target ramped linearly from the masks' initial expected sparsity (~0) to
+  `target_sparsity` over `ramp_steps` training batches, then held. At the end the deterministic masks are
+  applied and the model physically pruned into `output_dir/pruned_model.json` + `pruned_model.safetensors`,
+  which a follow-up run (`then`) trains: the next stage, or the final distillation. model.safetensors holds
+  the masked model (keys `model.*`, `masks.*`, `lagrangian.*`, `step`). Masks and multipliers train in the
+  recipe's one optimizer at its learning rate and schedule: the multipliers ascend through a reversed
+  gradient, and both are stored divided by `mask_lr_scale` / `lagrangian_lr_scale`, so that Adam moves them
+  that many times faster than the weights.
+
+Validation is zero-shot classification with class-name prompts.
+"""
+
+from dataclasses import dataclass, field
+
+from distill.errors import RecipeError
+from distill.recipe import MethodSpec
+
+TOWERS = ("image", "text")
+
+
+@dataclass
+class ZeroShotConfig:
+    templates: list[str] = field(default_factory=lambda: ["a photo of the number {}"])
+    class_names: list[str] | None = None  # default: the validation set's class names
+
+
+@dataclass
+class ClipLoss:
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+
+
+@dataclass
+class InheritConfig:
+    model: str  # the open_clip config of the weights' source (usually the teacher)
+    checkpoint: str
+
+
+@dataclass
+class PruneConfig:
+    """One automatic-inheritance stage (see the package docstring)."""
+
+    target_sparsity: float  # fraction of the masked towers' parameters (no token embedding) to remove
+    ramp_steps: int  # training batches (micro-batches under grad_accum) of the ramp to the target (0: none)
+    mask_lr_scale: float = 100.0  # masks learn this many times faster than the weights (Adam-type optimizers)
+    lagrangian_lr_scale: float = 100.0  # the multipliers, likewise (100: 0.01 / step at lr 1e-4, as in CoFi)
+    init_drop: float = 0.05  # the masks' initial drop rate (small: start from the inherited model)
+    towers: list[str] = field(default_factory=lambda: list(TOWERS))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.target_sparsity < 1:
+            raise RecipeError(f"target_sparsity: expected a fraction in [0, 1), got {self.target_sparsity}")
+        if self.ramp_steps < 0:
+            raise RecipeError(f"ramp_steps: expected an integer >= 0, got {self.ramp_steps}")
+        for name in ("mask_lr_scale", "lagrangian_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise RecipeError(f"{name}: expected a number > 0, got {getattr(self, name)}")
+        if not 0 < self.init_drop < 1:
+            raise RecipeError(f"init_drop: expected a fraction in (0, 1), got {self.init_drop}")
+        if not self.towers or len(set(self.towers)) != len(self.towers) or not set(self.towers) <= set(TOWERS):
+            raise RecipeError(f"towers: expected distinct towers among {list(TOWERS)}, got {self.towers}")
+
+
+@dataclass
+class TinyClipLoss:
+    alpha: float = 1.0  # affinity weight; the contrastive term gets 1 - alpha
+    affinity_scale: float = 50.0
+    gather_with_grad: bool = False
+    inherit: InheritConfig | None = None
+    prune: PruneConfig | None = None
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+
+
+CLIP_SPEC = MethodSpec(method="recipes.tinyclip.method:Clip", loss=ClipLoss, teacher="none")
+SPEC = MethodSpec(method="recipes.tinyclip.method:TinyClip", loss=TinyClipLoss, outputs="embeddings")

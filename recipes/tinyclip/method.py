@@ -1,0 +1,191 @@
+"""The CLIP methods: `ClipMethod` (student building, caption tokens, zero-shot evaluation), `Clip` (contrastive
+training) and `TinyClip` (affinity mimicking, manual and automatic inheritance). See `recipes.tinyclip`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from distill.checkpoint import save_weights
+from distill.errors import RecipeError
+from distill.evaluate import zero_shot_accuracy
+from distill.loader import ReplayDataset
+from distill.method import Method
+from distill.recipe import StudentConfig
+from students.clip_pruned import create_pruned_model
+from students.tinyclip import tower_param_counts
+from teachers import Teacher, TeacherError
+from teachers.checkpoint import load_checkpoint
+from teachers.clip_teacher import create_open_clip_model
+
+from .affinity import affinity_loss, clip_contrastive_loss
+from .inheritance import inherit_weights
+from .masks import CLIPPruningMasks, MaskedCLIP, SparsityLagrangian
+
+__all__ = ["Clip", "ClipMethod", "TinyClip", "create_clip_student"]
+
+MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature here
+
+
+def create_clip_student(cfg: StudentConfig) -> tuple[nn.Module, str]:
+    """(model, tokenizer name): an open_clip config by name, or a pruned model from its config JSON
+    ({"tokenizer": open_clip name, "pruned_cfg": the pruned model's config}, as the pruning stage writes it)."""
+    if cfg.model.endswith(".json"):
+        try:
+            spec = json.loads(Path(cfg.model).read_text())
+            model = create_pruned_model(spec["pruned_cfg"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise RecipeError(f"student.model: {cfg.model} is not a readable pruned model config: {err!r}") from None
+        model.pruned_cfg = spec["pruned_cfg"]
+        return model, spec["tokenizer"]
+    try:
+        model = create_open_clip_model(cfg.model, spec=f"student.model {cfg.model}")
+    except TeacherError as err:
+        raise RecipeError(str(err)) from None
+    return model, cfg.model
+
+
+class ClipMethod(Method):
+    """Student building, caption tokenization and zero-shot evaluation shared by the CLIP methods."""
+
+    def build_student(self, cfg: StudentConfig, img_size: int) -> nn.Module:
+        if cfg.kwargs:
+            raise RecipeError("student.kwargs: CLIP students take their shape from the open_clip config; none allowed")
+        model, tokenizer_name = create_clip_student(cfg)
+        grid = model.visual.image_size
+        if tuple(grid if isinstance(grid, tuple) else (grid, grid)) != (img_size, img_size):
+            raise RecipeError(f"data.img_size: {img_size}, but student {cfg.model} takes {grid} px images")
+        self.inherit(model)
+        if cfg.checkpoint:
+            load_checkpoint(model, cfg.checkpoint)
+        self.tokenizer_name = tokenizer_name  # a pruned student written by `finish` names it again
+        self.tokenizer = open_clip.get_tokenizer(tokenizer_name)
+        self.context_length = int(model.context_length)
+        return model
+
+    def inherit(self, model: nn.Module) -> None:
+        """Initialise `model` from other weights before training (none by default)."""
+
+    def features(self, student: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(image features, text features, clamped logit scale), through the (possibly wrapped) module's forward."""
+        image, text, scale = student(image=batch["image"], text=batch["text"])[:3]
+        return image, text, scale.clamp(max=MAX_LOGIT_SCALE)
+
+    def evaluate(
+        self, model: nn.Module, data: ReplayDataset, batch_size: int, accelerator: Accelerator
+    ) -> dict[str, float]:
+        zs = self.cfg.zero_shot
+        if not data.images.has_labels:
+            raise RecipeError(
+                f"data.val: zero-shot evaluation needs labelled images; {data.images.spec} has no classes"
+            )
+        names = zs.class_names or data.images.classes
+        if len(names) != data.images.num_classes:
+            raise RecipeError(
+                f"loss.zero_shot.class_names: {len(names)} names for {data.images.num_classes} classes in data.val"
+            )
+        return zero_shot_accuracy(model, data, batch_size, accelerator, self.tokenizer, names, zs.templates)
+
+
+class Clip(ClipMethod):
+    """CLIP's contrastive loss on image-caption pairs; no teacher."""
+
+    def loss(self, student: nn.Module, batch: dict[str, torch.Tensor], teacher: None) -> dict[str, torch.Tensor]:
+        image, text, scale = self.features(student, batch)
+        return {"loss": clip_contrastive_loss(image, text, scale), "logit_scale": scale.detach()}
+
+
+class TinyClip(ClipMethod):
+    """Affinity mimicking (with manual or automatic inheritance: see `recipes.tinyclip`)."""
+
+    def check_teacher(self, teacher: Teacher | None) -> None:
+        self.teacher_context = getattr(teacher, "context_length", None)
+
+    def build_student(self, cfg: StudentConfig, img_size: int) -> nn.Module:
+        model = super().build_student(cfg, img_size)
+        live_context = getattr(self, "teacher_context", None)
+        if live_context is not None and live_context != self.context_length:
+            raise RecipeError(
+                f"student.model: its context length {self.context_length} differs from the live teacher's "
+                f"{live_context}; the teacher reads the student's caption tokens (a store has no such limit)"
+            )
+        spec = self.cfg.prune
+        if spec is None:
+            return model
+        # The checkpoint is in the plain model by now; the masks start near 1 on top of it.
+        try:
+            masks = CLIPPruningMasks(model, spec.towers, init_drop=spec.init_drop, lr_scale=spec.mask_lr_scale)
+        except ValueError as err:
+            raise RecipeError(f"loss.prune.towers: {err}") from None
+        with torch.no_grad():  # the ramp starts where the masks start, so the multipliers start at rest
+            start = float(masks.expected_sparsity())
+        lagrangian = SparsityLagrangian(spec.target_sparsity, spec.ramp_steps, start, spec.lagrangian_lr_scale)
+        return MaskedCLIP(model, masks, lagrangian, getattr(model, "pruned_cfg", None) or cfg.model)
+
+    def inherit(self, model: nn.Module) -> None:
+        spec = self.cfg.inherit
+        if spec is None:
+            return
+        try:
+            source = create_open_clip_model(spec.model, spec=f"loss.inherit.model {spec.model}")
+            load_checkpoint(source, spec.checkpoint, what=f"loss.inherit.checkpoint {spec.checkpoint}")
+            inherit_weights(source, model)
+        except (TeacherError, ValueError) as err:
+            raise RecipeError(f"loss.inherit: {err}") from None
+
+    def loss(
+        self, student: nn.Module, batch: dict[str, torch.Tensor], teacher: Teacher
+    ) -> dict[str, torch.Tensor]:
+        outputs = student(image=batch["image"], text=batch["text"])  # MaskedCLIP adds a sparsity dict
+        image, text, scale = outputs[0], outputs[1], outputs[2].clamp(max=MAX_LOGIT_SCALE)
+        with torch.no_grad():
+            t_image = teacher.image_embeddings(batch["image"], int(batch["epoch"][0]), batch["id"])
+            t_text = teacher.text_embeddings(batch["text"], batch["id"])
+        cfg = self.cfg
+        affinity = affinity_loss(image, text, t_image, t_text, cfg.affinity_scale, cfg.gather_with_grad)
+        losses = {"loss": affinity, "affinity": affinity}
+        if cfg.alpha != 1.0:
+            contrastive = clip_contrastive_loss(image, text, scale, cfg.gather_with_grad)
+            losses |= {"loss": cfg.alpha * affinity + (1 - cfg.alpha) * contrastive, "contrastive": contrastive}
+        if cfg.prune is not None:
+            sparsity = outputs[-1]
+            losses["loss"] = losses["loss"] + sparsity["penalty"]
+            losses |= {
+                "lagrangian": sparsity["penalty"].detach(),
+                "sparsity_expected": sparsity["expected_sparsity"].detach(),
+                "sparsity_target": sparsity["target_sparsity"],
+            }
+        return losses
+
+    def finish(self, model: nn.Module, output_dir: Path) -> dict[str, Any]:
+        """With loss.prune: the physically pruned model, as pruned_model.json + pruned_model.safetensors."""
+        if self.cfg.prune is None:
+            return {}
+        pruned = model.pruned()
+        spec = output_dir / "pruned_model.json"
+        spec.write_text(json.dumps({"tokenizer": self.tokenizer_name, "pruned_cfg": pruned.pruned_cfg}, indent=2))
+        save_weights(pruned, output_dir / "pruned_model.safetensors")
+        return {
+            "pruned_params": sum(p.numel() for p in pruned.parameters()),
+            "pruned_sparsity": model.masks.pruned_sparsity(),
+            "pruned_model": str(spec),
+            # (image, text without the token embedding) before and after: what the sparsity counts
+            "tower_params": list(tower_param_counts(model.model)),
+            "pruned_tower_params": list(tower_param_counts(pruned)),
+        }
+
+    def result_student(self, output_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+        """With loss.prune the pruned model; otherwise the trained student."""
+        if self.cfg.prune is None:
+            return super().result_student(output_dir, summary)
+        return {
+            "model": str(output_dir / "pruned_model.json"),
+            "kwargs": {},
+            "checkpoint": str(output_dir / "pruned_model.safetensors"),
+        }
