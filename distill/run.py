@@ -27,8 +27,10 @@ from .trainer import Trainer
 __all__ = ["run_recipe"]
 
 
-def run_recipe(recipe: Recipe) -> list[dict[str, Any]]:
-    """Train `recipe` and its follow-ups; the summary of each run, in order."""
+def run_recipe(raw: dict[str, Any] | Recipe) -> list[dict[str, Any]]:
+    """Train a recipe (a mapping as in a recipe file, or a parsed Recipe) and its follow-ups; the summary of
+    each run, in order. A recipe that cannot run is a RecipeError (or another DistillError) naming its key."""
+    recipe = raw if isinstance(raw, Recipe) else parse_recipe(raw)
     runs: list[tuple[str | None, Recipe, dict[str, Any]]] = [(None, recipe, {})]
     runs += [(f.name, parse_recipe(f.recipe), f.student_changes) for f in follow_ups(recipe)]
     state = PartialState(cpu=not torch.cuda.is_available())

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from .backends import BACKENDS
-from .errors import StoreError
+from .errors import DistillError
 from .store import convert_store, open_store
 
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except StoreError as err:
+    except DistillError as err:
         print(f"distill-store {args.command}: error: {err}", file=sys.stderr)
         return 2
 

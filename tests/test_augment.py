@@ -7,9 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.augment import PRESETS, AugRecipe, ReplayAugment, draw_mix, draw_view, load_recipe
+from distill.augment import PRESETS, AugRecipe, draw_mix, draw_view, load_recipe
 from distill.data import create_dataset
-from distill.loader import ReplayDataset, ShardBatchSampler, collate, mixed_targets, replay_loader
+from distill.errors import RecipeError
+from distill.loader import ReplayDataset, ShardBatchSampler, collate, replay_loader
+from distill.losses import mixed_targets
+from distill.views import ReplayAugment
 
 FULL = AugRecipe(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, re_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0)
 
@@ -120,12 +123,23 @@ def test_recipe_canonical_form_and_hash(tmp_path):
     path.write_text("auto_augment: rand-m9-mstd0.5-inc1\nre_prob: 0.25\n")
     assert load_recipe(str(path)).hash() == PRESETS["tinyvit"].hash()
     path.write_text("flip: 0.5\n")
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['flip'\]"):
+    with pytest.raises(RecipeError, match=r"aug\.yaml: flip: unknown key"):
         load_recipe(str(path))
-    with pytest.raises(ValueError, match="neither a preset"):
+    with pytest.raises(RecipeError, match="neither a preset"):
         load_recipe("no-such-preset")
-    with pytest.raises(ValueError, match="'hflip' must be a probability"):
+    with pytest.raises(RecipeError, match=r"hflip: expected a probability in \[0, 1\], got 2\.0"):
         AugRecipe(hflip=2.0)
+    with pytest.raises(RecipeError, match=r"scale: expected a list of 2 \(a number, a number\)"):
+        load_recipe({"scale": [0.5]})
+    with pytest.raises(RecipeError, match="auto_augment: expected a timm RandAugment string"):
+        load_recipe({"auto_augment": "rand-m9-everything"})
+
+
+def test_imagenet_constants_are_timms():
+    # distill.augment writes them out to stay light; they must be timm's own
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    assert (AugRecipe().mean, AugRecipe().std) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
 
 def test_shard_batches_do_not_cross_shards():

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from train_helpers import ROOT, env_for
 
 from distill.affinity import zero_shot_classifier
-from distill.augment import PRESETS, ReplayAugment, load_recipe
+from distill.augment import PRESETS, load_recipe
+from distill.views import ReplayAugment
 from distill.data import DIGIT_NAMES, create_dataset
 from distill.loader import ReplayDataset, collate
 from distill.method import create_method

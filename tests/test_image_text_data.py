@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.augment import AugRecipe, ReplayAugment
+from distill.augment import AugRecipe
+from distill.views import ReplayAugment
 from distill.data import (
     DIGIT_CAPTION_TEMPLATE,
     DIGIT_NAMES,

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from train_helpers import make_method
 
 from distill.losses import soft_target_cross_entropy, soft_target_kd
 from logit_store.sparse import rebuild_log_probs, rebuild_probs, sparsify
-from recipes.tinyvit import TinyVit, TinyVitLoss
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
@@ -58,9 +58,9 @@ def test_tinyvit_method_asks_the_teacher_by_epoch_and_ids_and_weights_the_label_
         "lam": torch.ones(4),
     }
     teacher = _Teacher(torch.randn(4, 10))
-    plain = TinyVit(TinyVitLoss(), 10).loss(student, batch, teacher)
+    plain = make_method("tinyvit").loss(student, batch, teacher)
     assert set(plain) == {"loss", "kd"} and teacher.calls == [(3, [5, 1, 7, 2])]
-    mixed = TinyVit(TinyVitLoss(temperature=2.0, label_weight=0.5), 10).loss(student, batch, teacher)
+    mixed = make_method("tinyvit", {"temperature": 2.0, "label_weight": 0.5}).loss(student, batch, teacher)
     logits = student(batch["image"])
     label = soft_target_cross_entropy(logits, F.one_hot(batch["label"], 10).float())
     torch.testing.assert_close(mixed["label"], label)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from train_helpers import ROOT, env_for, run_module, small_digits
 
-from distill.augment import PRESETS, ReplayAugment
+from distill.augment import PRESETS
+from distill.views import ReplayAugment
 from distill.data import create_dataset
 from distill.loader import ReplayDataset, collate
 from distill.method import create_method

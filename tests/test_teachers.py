@@ -11,15 +11,11 @@ from store_helpers import manifest, records_for, write_epoch
 
 from logit_store import create_store
 from logit_store.sparse import rebuild_log_probs, rebuild_probs
-from teachers import (
-    EnsembleTeacher,
-    ModelTeacher,
-    StoreTeacher,
-    TeacherError,
-    create_teacher,
-    file_sha256,
-    state_dict_sha256,
-)
+from teachers import TeacherError, create_teacher
+from teachers.checkpoint import CheckpointError, file_sha256, state_dict_sha256
+from teachers.ensemble import EnsembleTeacher
+from teachers.live import ModelTeacher
+from teachers.store_teacher import StoreTeacher
 
 SPEC = "timm:test_resnet"
 NC = 10
@@ -132,7 +128,7 @@ def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
     state.pop("layer1.0.conv1.weight")
     state["extra.weight"] = torch.zeros(3)
     path = save(state, tmp_path / "five.pth")
-    with pytest.raises(TeacherError) as err:
+    with pytest.raises(CheckpointError) as err:
         teacher(checkpoint=path)
     msg = str(err.value)
     assert "five.pth" in msg
@@ -154,20 +150,20 @@ class Payload:
 def test_pickled_object_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": teacher().model.state_dict(), "extra": Payload()}, path)
-    with pytest.raises(TeacherError, match=r"evil\.pth.*weights_only=True") as err:
+    with pytest.raises(CheckpointError, match=r"evil\.pth.*weights_only=True") as err:
         teacher(checkpoint=path)
     assert "Payload" in str(err.value)
     assert not Payload.ran
 
 
 def test_bad_checkpoint_files(tmp_path):
-    with pytest.raises(TeacherError, match=r"missing\.pth does not exist"):
+    with pytest.raises(CheckpointError, match=r"missing\.pth does not exist"):
         teacher(checkpoint=tmp_path / "missing.pth")
     (tmp_path / "w.npz").write_bytes(b"")
-    with pytest.raises(TeacherError, match=r"w\.npz: unknown file type '\.npz'"):
+    with pytest.raises(CheckpointError, match=r"w\.npz: unknown file type '\.npz'"):
         teacher(checkpoint=tmp_path / "w.npz")
     torch.save({"state_dict": {"fc.weight": 3}}, tmp_path / "notensor.pth")
-    with pytest.raises(TeacherError, match=r"notensor\.pth is not a state dict: fc\.weight"):
+    with pytest.raises(CheckpointError, match=r"notensor\.pth is not a state dict: fc\.weight"):
         teacher(checkpoint=tmp_path / "notensor.pth")
 
 
@@ -297,9 +293,9 @@ def test_store_teacher_errors_name_epoch_and_ids(store):
         t.logits(images, 9, torch.tensor([3, 4]))
     with pytest.raises(TeacherError, match=rf"epoch 0, ids \[3, {STORE_N}\].*out of range"):
         t.logits(images, 0, torch.tensor([3, STORE_N]))
-    with pytest.raises(TeacherError, match="needs the epoch and the sample ids"):
+    with pytest.raises(TeacherError, match="need the epoch and the sample ids"):
         t.logits(images, None, torch.tensor([3, 4]))
-    with pytest.raises(TeacherError, match="needs the epoch and the sample ids"):
+    with pytest.raises(TeacherError, match="need the epoch and the sample ids"):
         t.logits(images, 0)
     with pytest.raises(TeacherError, match="2 images but 3 ids"):
         t.logits(images, 0, torch.tensor([3, 4, 5]))

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 
 import distill.train
-from distill.augment import PRESETS, ReplayAugment
+from distill.augment import PRESETS
+from distill.views import ReplayAugment
 from distill.data import DIGIT_NAMES, create_dataset, digit_caption, prepare_digits
 from distill.evaluate import zero_shot_accuracy
 from distill.loader import ReplayDataset

@@ -1,22 +1,22 @@
 """distill-train: recipe validation, outputs, store checks, 2-process runs, kill and resume."""
 
 import json
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import ROOT, base_recipe, env_for, run_module, small_digits, write_recipe
+from train_helpers import base_recipe, make_method, run_cli, small_digits, write_recipe
 
-from distill.augment import ReplayAugment, load_recipe, recipe_manifest_entry
+from distill.augment import load_recipe, recipe_manifest_entry
+from distill.cli import train as main
 from distill.data import create_dataset
 from distill.loader import ReplayDataset, TrainBatchSampler, collate
-from distill.recipe import Recipe, RecipeError, apply_overrides, parse_section
-from distill.train import build_teacher, main, train
-from recipes.tinyvit import TinyVit, TinyVitLoss
+from distill.plan import build_teacher
+from distill.recipe import Recipe, RecipeError, apply_overrides, parse_recipe, parse_section
+from distill.run import run_recipe
+from distill.trainer import FAULT_AFTER_STEPS
+from distill.views import ReplayAugment
 from teachers import create_teacher
 
 TEACHER = "test_convnext"
@@ -33,7 +33,7 @@ def teacher_run(data):
     """A supervised run of a tiny teacher: its outputs are checked below and it teaches the students."""
     out = data["root"] / "teacher"
     recipe = write_recipe(data["root"] / "teacher.yaml", base_recipe(data, out, epochs=6, student={"model": TEACHER}))
-    proc = run_module("distill.train", [str(recipe)], data["root"])
+    proc = run_cli("distill-train", [str(recipe)], data["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, recipe, proc
 
@@ -44,7 +44,7 @@ def store(data, teacher_run):
     args = ["--teacher", f"timm:{TEACHER}", "--checkpoint", str(teacher_run[0] / "model.safetensors"),
             "--data", data["train"], "--out", str(out), "--epochs", "2", "--k", "3", "--aug", "basic",
             "--img-size", "32", "--batch-size", "32"]  # fmt: skip
-    proc = run_module("distill.save", args, data["root"])
+    proc = run_cli("distill-save-logits", args, data["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -65,16 +65,21 @@ def store(data, teacher_run):
         ({"teacher": {"epochs": "loop"}}, r"teacher\.epochs: expected one of \['strict', 'cycle'\]"),
         ({"ema": {"decay": "high"}}, r"ema\.decay: expected a number, got str 'high'"),
         ({"student": "resnet18"}, r"student: expected a mapping, got str 'resnet18'"),
-        ({"method": "nonexistent"}, r"method: no module 'recipes\.nonexistent'"),
+        ({"method": "tinyvt"}, r"method: unknown method 'tinyvt'; installed: .*supervised.*; did you mean 'tinyvit'"),
         ({"method": "tinyvit", "loss": {"temprature": 2}}, r"loss\.temprature: unknown key; expected one of"),
         ({"loss": {"label_smoothing": "a"}}, r"loss\.label_smoothing: expected a number"),
-        ({"augmentation": "rand-everything"}, r"augmentation: augmentation 'rand-everything' is neither a preset"),
+        ({"augmentation": "rand-everything"}, r"augmentation: 'rand-everything' is neither a preset"),
+        ({"augmentation": {"hflip": 2}}, r"augmentation: hflip: expected a probability in \[0, 1\], got 2\.0"),
+        ({"teacher": {"source": "timm:test_vit"}}, r"teacher\.source: method 'supervised' trains on labels only"),
+        ({"method": "tinyvit"}, r"teacher\.source: method 'tinyvit' needs a teacher"),
+        ({"then": [{"name": "ft", "epochs": 0}]}, r"then\[0\]\.epochs: expected an integer >= 1, got 0"),
+        ({"then": [{"output_dir": "x"}]}, r"then\[0\]\.output_dir: set by the main recipe"),
     ],
 )
 def test_recipe_errors_name_the_key(data, tmp_path, change, message):
     recipe = base_recipe(data, tmp_path / "run") | change
     with pytest.raises(RecipeError, match=message):
-        train(recipe)
+        run_recipe(recipe)
     assert not (tmp_path / "run").exists()  # nothing written for a recipe that cannot run
 
 
@@ -99,8 +104,10 @@ def test_train_batches_are_the_same_for_any_process_count():
     one = [b for b in TrainBatchSampler(100, 16, epoch=3, view_epoch=3, seed=7, accum=2)]
     two = [list(TrainBatchSampler(100, 16, epoch=3, view_epoch=3, seed=7, rank=r, world=2, accum=2)) for r in range(2)]
     # optimizer step s: micro-batch a of the single process = rank 0's then rank 1's share
+    # optimizer step s = micro-batches 2s and 2s + 1 on one process (8 ids each); on two, each process's 4
+    assert len(one) == len(two[0]) == len(two[1]) == 12
     for m, batch in enumerate(one):
-        assert batch == two[0][m] + two[1][m] or len(batch) == 8
+        assert len(batch) == 8 and batch == two[0][m] + two[1][m]
     flat_one = [i for b in one for i in b]
     flat_two = [i for m in range(len(two[0])) for r in range(2) for i in two[r][m]]
     assert sorted(flat_one) == sorted(flat_two) and len(set(flat_one)) == 96  # 6 steps of 16, last 4 dropped
@@ -129,7 +136,7 @@ def test_run_writes_weights_summary_logs_and_plot(data, teacher_run):
     teacher = create_teacher(f"timm:{TEACHER}", 10, str(out / "model.safetensors"))
     assert teacher.weights_sha256
     # a finished run is never overwritten
-    again = run_module("distill.train", [str(recipe_path)], data["root"])
+    again = run_cli("distill-train", [str(recipe_path)], data["root"])
     assert again.returncode == 2 and "holds a finished run" in again.stderr
 
 
@@ -142,7 +149,7 @@ def _check(data, store, **changes):
         Recipe, base_recipe(data, "unused", method="tinyvit", teacher={"source": f"store:{store}"}) | changes, ""
     )
     train_set = create_dataset(recipe.data.train)
-    method = TinyVit(TinyVitLoss(), 10)
+    method = make_method("tinyvit")
     entry = recipe_manifest_entry(load_recipe(recipe.augmentation))
     return build_teacher(recipe, method, train_set, entry, torch.device("cpu"))
 
@@ -161,10 +168,7 @@ def test_store_mismatch_is_refused_naming_the_field(data, store):
         _check(data, store, epochs=3)
     _check(data, store, epochs=3, teacher={"source": f"store:{store}", "epochs": "cycle"})
     with pytest.raises(RecipeError, match=r"teacher\.source: method 'supervised' trains on labels only"):
-        recipe = parse_section(Recipe, base_recipe(data, "u", teacher={"source": f"store:{store}"}), "")
-        from recipes.supervised import Supervised, SupervisedLoss
-
-        build_teacher(recipe, Supervised(SupervisedLoss(), 10), create_dataset(data["train"]), {}, torch.device("cpu"))
+        parse_recipe(base_recipe(data, "u", teacher={"source": f"store:{store}"}))
 
 
 def test_training_views_replay_the_stored_ones(data, store, teacher_run):
@@ -188,7 +192,7 @@ def test_student_trains_from_the_store(data, store):
     recipe = base_recipe(
         data, out, method="tinyvit", teacher={"source": f"store:{store}"}, student={"model": "test_vit2"}
     )
-    proc = run_module("distill.train", [str(write_recipe(data["root"] / "student.yaml", recipe))], data["root"])
+    proc = run_cli("distill-train", [str(write_recipe(data["root"] / "student.yaml", recipe))], data["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_source"] == f"store:{store}" and summary["student"] == "test_vit2"
@@ -199,7 +203,7 @@ def test_student_trains_from_the_store(data, store):
 def test_cli_refuses_a_store_saved_with_other_augmentation(data, store, tmp_path):
     recipe = base_recipe(data, tmp_path / "run", method="tinyvit", teacher={"source": f"store:{store}"})
     recipe["augmentation"] = "none"
-    proc = run_module("distill.train", [str(write_recipe(tmp_path / "r.yaml", recipe))], data["root"])
+    proc = run_cli("distill-train", [str(write_recipe(tmp_path / "r.yaml", recipe))], data["root"])
     assert proc.returncode == 2 and "store field augmentation.hash" in proc.stderr
     assert not (tmp_path / "run").exists()
 
@@ -213,8 +217,8 @@ def test_two_processes_train_like_one(data, tmp_path):
     results = {}
     for n in (1, 2):
         recipe = write_recipe(tmp_path / f"r{n}.yaml", base_recipe(data, tmp_path / f"p{n}", epochs=1))
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m"]
-        proc = run_module("distill.train", [str(recipe)], data["root"], launcher=launcher, timeout=300)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+        proc = run_cli("distill-train", [str(recipe)], data["root"], launcher=launcher, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         summary = json.loads((tmp_path / f"p{n}" / "summary.json").read_text())
         assert summary["processes"] == n
@@ -232,19 +236,14 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(data, tmp_path):
         "student": {"model": "test_vit", "kwargs": {"drop_path_rate": 0.2}},
     }
     reference = write_recipe(tmp_path / "ref.yaml", base_recipe(data, tmp_path / "ref", **changes))
-    assert run_module("distill.train", [str(reference)], data["root"]).returncode == 0
+    assert run_cli("distill-train", [str(reference)], data["root"]).returncode == 0
     killed = tmp_path / "killed"
     recipe = write_recipe(tmp_path / "killed.yaml", base_recipe(data, killed, **changes))
-    proc = subprocess.Popen([sys.executable, "-m", "distill.train", str(recipe)], env=env_for(data["root"]), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not (killed / "checkpoints" / "step_00000007").exists():  # mid epoch 2 (5 steps per epoch)
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "summary.json").exists()
-    resumed = run_module("distill.train", [str(recipe)], data["root"])
+    # killed by the trainer's fault hook right after step 7, mid epoch 2 (5 steps per epoch)
+    proc = run_cli("distill-train", [str(recipe)], data["root"], env_extra={FAULT_AFTER_STEPS: "7"})
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert not (killed / "summary.json").exists() and (killed / "checkpoints" / "step_00000007").exists()
+    resumed = run_cli("distill-train", [str(recipe)], data["root"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
     a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(killed / "model.safetensors"))

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from distill.augment import ReplayAugment, load_recipe
+from distill.augment import load_recipe
+from distill.views import ReplayAugment
 from distill.data import create_dataset
 from distill.loader import ReplayDataset, ShardBatchSampler, replay_loader
 from distill.save import SaveConfig, run
