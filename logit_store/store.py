@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -392,6 +393,7 @@ class ShardWriter:
         if shard not in self.locks or len(rows) != stop - start:
             raise StoreInputError(f"shard {shard} is not claimed by this writer, or {len(rows)} != {stop - start} rows")
         self.store.backend.write_rows(self.epoch, start, rows)
+        _fault_point("before")
         marker = {
             "epoch": self.epoch,
             "shard": shard,
@@ -403,6 +405,7 @@ class ShardWriter:
         # The marker is written last: a range is visible only once all its bytes are down.
         self.store.location.write_bytes(json.dumps(marker, sort_keys=True).encode(), *commit_key(self.epoch, shard))
         self.locks.pop(shard).release()
+        _fault_point("after")
 
     @property
     def incomplete(self) -> dict[int, int]:
@@ -424,6 +427,18 @@ class ShardWriter:
             raise StoreError(
                 f"{plane_name(self.manifest, self.epoch)}: shards {incomplete} (shard: records missing) were not complete; nothing of them was committed"
             )
+
+
+# A deterministic fault for the kill-and-resume tests: "before:N" kills the process after the rows of its N-th
+# commit are written but before their marker; "after:N" right after the N-th marker (counted per process).
+FAULT_COMMIT = "DISTILL_FAULT_COMMIT"
+_commits = {"before": 0, "after": 0}
+
+
+def _fault_point(when: str) -> None:
+    _commits[when] += 1
+    if os.environ.get(FAULT_COMMIT) == f"{when}:{_commits[when]}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _NoLock:

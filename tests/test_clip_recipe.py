@@ -14,12 +14,12 @@ import open_clip
 import pytest
 import torch
 from accelerate import Accelerator
+from distill.affinity import zero_shot_classifier
+from distill.train import train
 from safetensors.torch import save_file
 from train_helpers import ROOT, env_for
 
-from distill.affinity import zero_shot_classifier
 from distill.augment import PRESETS, load_recipe
-from distill.views import ReplayAugment
 from distill.data import DIGIT_NAMES, create_dataset
 from distill.loader import ReplayDataset, collate
 from distill.method import create_method
@@ -27,7 +27,7 @@ from distill.recipe import RecipeError, StudentConfig
 from distill.save import SaveConfig
 from distill.save import main as save_main
 from distill.save import run as save_run
-from distill.train import train
+from distill.views import ReplayAugment
 from logit_store import open_store
 from teachers import EmbeddingStoreTeacher, OpenCLIPTeacher, TeacherError, create_teacher
 

@@ -8,9 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch.utils.flop_counter import FlopCounterMode
-
 from distill.prioritized_board import (
     MetaMatchingNetwork,
     PrioritizedBoard,
@@ -21,6 +18,9 @@ from distill.prioritized_board import (
     select_teacher,
     update_board,
 )
+from safetensors.torch import load_file, save_file
+from torch.utils.flop_counter import FlopCounterMode
+
 from students.supernet import (
     ChoiceLayer,
     Supernet,

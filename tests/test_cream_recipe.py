@@ -12,13 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from distill.prioritized_board import MetaMatchingNetwork, PrioritizedBoard, evaluate_path, update_board
 from safetensors.torch import load_file
 from store_helpers import manifest, write_epoch
 from train_helpers import run_module, small_digits, write_recipe
 
 from distill.augment import PRESETS, recipe_manifest_entry
 from distill.data import create_dataset
-from distill.prioritized_board import MetaMatchingNetwork, PrioritizedBoard, evaluate_path, update_board
 from distill.recipe import RecipeError, parse_section
 from logit_store import create_store
 from recipes.cream import CreamRecipe, PathTrainer, build_outer_teacher, run

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from distill.augment import AugRecipe
-from distill.views import ReplayAugment
 from distill.data import (
     DIGIT_CAPTION_TEMPLATE,
     DIGIT_NAMES,
@@ -25,6 +24,7 @@ from distill.data import (
     digit_caption,
 )
 from distill.loader import ReplayDataset, collate
+from distill.views import ReplayAugment
 
 # (relative path, colour, caption); "cat/a.png" has two captions, so two rows (two samples).
 PAIRS = [

@@ -11,8 +11,6 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from distill.relations import (
     RelationCapture,
     attention_relation_loss,
@@ -20,6 +18,8 @@ from distill.relations import (
     relation_losses,
     transformer_blocks,
 )
+from torch import nn
+
 from students.minivit import (
     AttentionHeadMix,
     DepthwiseConvTransform,

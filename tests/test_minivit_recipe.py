@@ -11,16 +11,16 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from distill.train import train
 from safetensors.torch import load_file, save_file
 from train_helpers import ROOT, env_for, run_module, small_digits
 
 from distill.augment import PRESETS
-from distill.views import ReplayAugment
 from distill.data import create_dataset
 from distill.loader import ReplayDataset, collate
 from distill.method import create_method
 from distill.recipe import Recipe, RecipeError, StudentConfig, load_recipe_file, parse_section
-from distill.train import train
+from distill.views import ReplayAugment
 from logit_store import Manifest, create_store
 from recipes.minivit import MiniVit, MiniVitLoss, tiny_deit_kwargs, tiny_deit_teacher
 from teachers import ModelTeacher, create_teacher, load_checkpoint

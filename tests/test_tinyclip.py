@@ -13,8 +13,6 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIP
-
 from distill.affinity import (
     affinity_loss,
     clip_contrastive_loss,
@@ -22,6 +20,7 @@ from distill.affinity import (
     zero_shot_accuracy,
     zero_shot_classifier,
 )
+from open_clip.model import CLIP
 from students.clip_inheritance import inherit_weights, uniform_layer_indices
 from students.clip_pruning import (
     CLIPPruningMasks,
@@ -31,6 +30,7 @@ from students.clip_pruning import (
     prune,
     stage_target_sparsities,
 )
+
 from students.tinyclip import TINYCLIP_CONFIGS, TINYCLIP_NOMINAL_SIZES, tower_param_counts
 
 logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random init on every create_model

@@ -7,25 +7,25 @@ import csv
 import json
 from pathlib import Path
 
+import distill.train
 import open_clip
 import pytest
 import torch
 from accelerate import Accelerator
+from distill.train import train
+from recipes.clip import create_clip_student
 from safetensors.torch import load_file
+from students.clip_pruning import CLIPPruningMasks, MaskedCLIP, SparsityLagrangian
 from timm.optim import create_optimizer_v2
 
-import distill.train
 from distill.augment import PRESETS
-from distill.views import ReplayAugment
 from distill.data import DIGIT_NAMES, create_dataset, digit_caption, prepare_digits
 from distill.evaluate import zero_shot_accuracy
 from distill.loader import ReplayDataset
 from distill.method import create_method
 from distill.recipe import RecipeError, StudentConfig
-from distill.train import train
+from distill.views import ReplayAugment
 from recipes import tinyclip_prune
-from recipes.clip import create_clip_student
-from students.clip_pruning import CLIPPruningMasks, MaskedCLIP, SparsityLagrangian
 from students.tinyclip import tower_param_counts
 from teachers import load_checkpoint
 
