@@ -1,4 +1,4 @@
-"""MiniViT: weight-multiplexed students (students.minivit) and relation losses (distill.relations)."""
+"""MiniViT: weight-multiplexed students (students.minivit) and relation losses (recipes.minivit.relations)."""
 
 import copy
 import itertools
@@ -11,15 +11,14 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
-from distill.relations import (
+from torch import nn
+
+from recipes.minivit.relations import (
     RelationCapture,
     attention_relation_loss,
     hidden_relation_loss,
-    relation_losses,
     transformer_blocks,
 )
-from torch import nn
-
 from students.minivit import (
     AttentionHeadMix,
     DepthwiseConvTransform,
@@ -29,6 +28,15 @@ from students.minivit import (
     save_minivit,
     shared_module_names,
 )
+
+
+def relation_losses(student: RelationCapture, teacher: RelationCapture, relation_heads: int):
+    """(attention, hidden) relation losses averaged over the captures' layers, paired in order."""
+    pairs = list(zip(student.layers, teacher.layers, strict=True))
+    attention = [attention_relation_loss(student.qkv[s], teacher.qkv[t], relation_heads) for s, t in pairs]
+    hidden = [hidden_relation_loss(student.tokens[s], teacher.tokens[t]) for s, t in pairs]
+    return torch.stack(attention).mean(), torch.stack(hidden).mean()
+
 
 PAPER_PARAMS_M = {
     "mini_deit_tiny_patch16_224": 3,

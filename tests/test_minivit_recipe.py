@@ -1,29 +1,30 @@
-"""The MiniViT recipe (recipes/minivit.py): loss section, teacher checks, hooks, checkpoints, end-to-end runs."""
+"""The MiniViT method (recipes/minivit/): loss section, teacher checks, hooks, checkpoints, end-to-end runs."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from distill.train import train
 from safetensors.torch import load_file, save_file
-from train_helpers import ROOT, env_for, run_module, small_digits
+from train_helpers import ROOT, make_method, run_cli, small_digits
 
 from distill.augment import PRESETS
 from distill.data import create_dataset
 from distill.loader import ReplayDataset, collate
 from distill.method import create_method
 from distill.recipe import Recipe, RecipeError, StudentConfig, load_recipe_file, parse_section
+from distill.run import run_recipe
+from distill.trainer import FAULT_AFTER_STEPS
 from distill.views import ReplayAugment
 from logit_store import Manifest, create_store
-from recipes.minivit import MiniVit, MiniVitLoss, tiny_deit_kwargs, tiny_deit_teacher
-from teachers import ModelTeacher, create_teacher, load_checkpoint
+from recipes.minivit import MiniVitLoss
+from recipes.minivit.method import MiniVit
+from students.minivit import tiny_deit_kwargs, tiny_deit_teacher
+from teachers import create_teacher
+from teachers.checkpoint import load_checkpoint
+from teachers.live import ModelTeacher
 from teachers.store_teacher import StoreTeacher
 
 TINY = tiny_deit_kwargs()
@@ -65,9 +66,9 @@ def student(method: MiniVit, **kwargs) -> torch.nn.Module:
 
 
 def test_loss_defaults_are_the_papers():
-    cfg = create_method("minivit", {}, 10).cfg
+    cfg = make_method("minivit", {}).cfg
     assert cfg == MiniVitLoss(1.0, 1.0, 1.0, 0.1, 0.0, 0, [[-1, -1]])
-    cfg = create_method("minivit", {"layer_pairs": [[1, 3], [-1, -1]], "relation_heads": 12}, 10).cfg
+    cfg = make_method("minivit", {"layer_pairs": [[1, 3], [-1, -1]], "relation_heads": 12}).cfg
     assert cfg.layer_pairs == [[1, 3], [-1, -1]] and cfg.relation_heads == 12
 
 
@@ -91,14 +92,14 @@ def test_loss_defaults_are_the_papers():
 )
 def test_loss_section_errors_name_the_key(loss, message):
     with pytest.raises(RecipeError, match=message):
-        create_method("minivit", loss, 10)
-    create_method("minivit", {"layer_pairs": [], "attention_weight": 0, "hidden_weight": 0}, 10)  # logits only
+        make_method("minivit", loss)
+    make_method("minivit", {"layer_pairs": [], "attention_weight": 0, "hidden_weight": 0})  # logits only
 
 
 @pytest.mark.parametrize("name", ["minivit_digits", "minivit_deit_b_in1k"])
 def test_shipped_recipes_validate(name):
-    recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes" / f"{name}.yaml"), "")
-    cfg = create_method(recipe.method, recipe.loss, 10).cfg
+    recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes" / "configs" / f"{name}.yaml"), "")
+    cfg = create_method(recipe, 10).cfg
     assert (cfg.prediction_weight, cfg.attention_weight, cfg.hidden_weight, cfg.temperature) == (1.0, 1.0, 0.1, 1.0)
     assert recipe.student.model.startswith("mini_deit_") and "init_from" in recipe.student.kwargs
 
@@ -117,12 +118,12 @@ def test_store_teacher_is_refused_naming_the_fields(tmp_path):
         match=r"^loss\.attention_weight is 1\.0 and loss\.hidden_weight is 0\.1, but relation losses need a live "
         r"teacher .*store:.*a logit store holds only logits.*Set loss\.attention_weight and loss\.hidden_weight to 0",
     ):
-        create_method("minivit", {}, 10).check_teacher(teacher)
+        make_method("minivit", {}).check_teacher(teacher)
     with pytest.raises(RecipeError, match=r"^loss\.hidden_weight is 0\.5, but"):
-        create_method("minivit", {"attention_weight": 0, "hidden_weight": 0.5}, 10).check_teacher(teacher)
-    create_method("minivit", {"attention_weight": 0, "hidden_weight": 0}, 10).check_teacher(teacher)
+        make_method("minivit", {"attention_weight": 0, "hidden_weight": 0.5}).check_teacher(teacher)
+    make_method("minivit", {"attention_weight": 0, "hidden_weight": 0}).check_teacher(teacher)
     with pytest.raises(RecipeError, match=r"teacher\.source: method 'minivit' needs a teacher"):
-        create_method("minivit", {}, 10).check_teacher(None)
+        make_method("minivit", {}).check_teacher(None)
 
 
 def test_trainer_refuses_a_store_for_relation_losses_before_writing(data, tmp_path):
@@ -137,26 +138,26 @@ def test_trainer_refuses_a_store_for_relation_losses_before_writing(data, tmp_pa
         "output_dir": str(tmp_path / "run"),
     }
     with pytest.raises(RecipeError, match=r"loss\.attention_weight is 1\.0 and loss\.hidden_weight is 0\.1"):
-        train(recipe)
+        run_recipe(recipe)
     assert not (tmp_path / "run").exists()
 
 
 def test_layer_pairs_and_relation_heads_are_checked_against_the_models():
     teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
-    method = create_method("minivit", {"layer_pairs": [[1, 6]]}, 10)
+    method = make_method("minivit", {"layer_pairs": [[1, 6]]})
     with pytest.raises(RecipeError, match=r"loss\.layer_pairs\[0\]\[1\]: teacher block 6 does not exist .*6 trans"):
         method.check_teacher(teacher)
-    method = create_method("minivit", {"layer_pairs": [[-7, 0]]}, 10)
+    method = make_method("minivit", {"layer_pairs": [[-7, 0]]})
     method.check_teacher(teacher)
     with pytest.raises(RecipeError, match=r"loss\.layer_pairs\[0\]\[0\]: student block -7 does not exist"):
         student(method)
-    method = create_method("minivit", {"relation_heads": 5}, 10)
+    method = make_method("minivit", {"relation_heads": 5})
     method.check_teacher(teacher)
     with pytest.raises(
         RecipeError, match=r"loss\.relation_heads is 5: that does not divide the student's qkv width 96"
     ):
         student(method)
-    method = create_method("minivit", {}, 10)
+    method = make_method("minivit", {})
     method.check_teacher(teacher)
     with pytest.raises(RecipeError, match=r"relation_heads is 0, so the student's 5 heads: .* teacher's qkv width 96"):
         student(method, embed_dim=80, num_heads=5)
@@ -172,7 +173,7 @@ def test_init_from_in_student_kwargs_starts_from_the_trained_model(tmp_path):
     trained = tiny_deit_teacher(10)
     path = tmp_path / "deit.safetensors"
     save_file(trained.state_dict(), str(path))
-    model = student(create_method("minivit", {}, 10), init_from=str(path))
+    model = student(make_method("minivit", {}), init_from=str(path))
     assert model.blocks[1].attn.qkv is model.blocks[0].attn.qkv and model.blocks[1].mlp is not model.blocks[0].mlp
     assert model.blocks[3].mlp.fc1 is model.blocks[2].mlp.fc1
     for i in range(6):
@@ -199,7 +200,7 @@ class Wrapper(torch.nn.Module):
 def test_loss_hooks_once_one_forward_each_and_keeps_nothing():
     torch.manual_seed(0)
     teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
-    method = create_method("minivit", {}, 10)
+    method = make_method("minivit", {})
     method.check_teacher(teacher)
     model = student(method)
     wrapped = Wrapper(model)
@@ -238,11 +239,11 @@ def test_loss_hooks_once_one_forward_each_and_keeps_nothing():
 
 def test_prediction_only_needs_no_live_model_and_logs_only_weighted_parts():
     teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
-    method = create_method("minivit", {"attention_weight": 0, "hidden_weight": 0, "label_weight": 0.5}, 10)
+    method = make_method("minivit", {"attention_weight": 0, "hidden_weight": 0, "label_weight": 0.5})
     out = method.loss(student(method), batch_of(), teacher)
     assert set(out) == {"loss", "prediction", "label"} and method._captures is None
     torch.testing.assert_close(out["loss"], out["prediction"] + 0.5 * out["label"])
-    method = create_method("minivit", {"prediction_weight": 0, "hidden_weight": 0}, 10)
+    method = make_method("minivit", {"prediction_weight": 0, "hidden_weight": 0})
     method.check_teacher(teacher)
     assert set(method.loss(student(method), batch_of(), teacher)) == {"loss", "attention"}
 
@@ -256,7 +257,7 @@ class Bf16Teacher(ModelTeacher):
 
 def test_loss_under_bf16_autocast_with_a_bf16_inference_mode_teacher():
     teacher = Bf16Teacher(tiny_deit_teacher(10), "bf16")
-    method = create_method("minivit", {}, 10)
+    method = make_method("minivit", {})
     method.check_teacher(teacher)
     model = student(method)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's accelerator.autocast() with bf16
@@ -272,7 +273,7 @@ def test_accelerate_checkpoint_keeps_shared_weights_shared(tmp_path):
     from accelerate.state import AcceleratorState, GradientState
 
     torch.manual_seed(0)
-    model = student(create_method("minivit", {}, 10))
+    model = student(make_method("minivit", {}))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     accelerator = Accelerator(cpu=True)
     try:
@@ -322,18 +323,18 @@ def teacher_ckpt(data):
 
 def test_digits_teacher_recipe_builds_the_teacher_factorys_model(data):
     """recipes/minivit_digits_teacher.yaml trains the model that the teacher spec of minivit_digits.yaml rebuilds."""
-    teacher_recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes/minivit_digits_teacher.yaml"), "")
-    student_recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes/minivit_digits.yaml"), "")
+    teacher_recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes/configs/minivit_digits_teacher.yaml"), "")
+    student_recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes/configs/minivit_digits.yaml"), "")
     assert teacher_recipe.method == "supervised" and student_recipe.method == "minivit"
     assert student_recipe.teacher.source == "module:students.minivit:tiny_deit_teacher"
     assert student_recipe.teacher.checkpoint == student_recipe.student.kwargs["init_from"]
     assert student_recipe.teacher.checkpoint == f"{teacher_recipe.output_dir}/model.safetensors"
-    trained = create_method("supervised", teacher_recipe.loss, 10).build_student(teacher_recipe.student, 32)
+    trained = create_method(teacher_recipe, 10).build_student(teacher_recipe.student, 32)
     assert trained.state_dict().keys() == tiny_deit_teacher(10).state_dict().keys()
     assert {k: v.shape for k, v in trained.state_dict().items()} == {
         k: v.shape for k, v in tiny_deit_teacher(10).state_dict().items()
     }
-    assert create_method("minivit", student_recipe.loss, 10).cfg == MiniVitLoss()
+    assert make_method("minivit", student_recipe.loss).cfg == MiniVitLoss()
     assert {k: v for k, v in student_recipe.student.kwargs.items() if k != "init_from"} == TINY
 
 
@@ -352,7 +353,7 @@ def student_args(data, teacher_ckpt, out, **more) -> list[str]:
         "output_dir": out,
         **more,
     }
-    return ["recipes/minivit_digits.yaml", *[arg for k, v in more.items() for arg in ("--set", f"{k}={v}")]]
+    return ["recipes/configs/minivit_digits.yaml", *[arg for k, v in more.items() for arg in ("--set", f"{k}={v}")]]
 
 
 def losses(out, name: str) -> list[float]:
@@ -362,7 +363,7 @@ def losses(out, name: str) -> list[float]:
 
 def test_digits_recipe_distills_a_mini_deit(data, teacher_ckpt):
     out = data["root"] / "student"
-    proc = run_module("distill.train", student_args(data, teacher_ckpt, out), data["root"])
+    proc = run_cli("distill-train", student_args(data, teacher_ckpt, out), data["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_source"] == "live:module:students.minivit:tiny_deit_teacher"
@@ -380,7 +381,7 @@ def test_digits_recipe_distills_a_mini_deit(data, teacher_ckpt):
     fresh = timm.create_model(STUDENT, num_classes=10, **TINY)
     load_checkpoint(fresh, out / "model.safetensors")
     assert fresh.blocks[1].attn.qkv is fresh.blocks[0].attn.qkv
-    again = create_method("minivit", {}, 10).build_student(
+    again = make_method("minivit", {}).build_student(
         StudentConfig(STUDENT, dict(TINY), checkpoint=str(out / "model.safetensors")), 32
     )
     val = ReplayDataset(create_dataset(data["val"], "val"), ReplayAugment(PRESETS["none"], 32, 0))
@@ -390,7 +391,7 @@ def test_digits_recipe_distills_a_mini_deit(data, teacher_ckpt):
         assert torch.equal(logits, again.eval()(batch["image"]))
     top1 = 100 * (logits.argmax(-1) == batch["label"]).sum().item() / len(val)
     assert top1 == pytest.approx(summary["top1"])
-    assert top1 > 20  # 8 short epochs from scratch, above chance (10%)
+    assert top1 > 15  # 8 short epochs from scratch on 160 images: above chance (10%, i.e. 6 of 60)
 
 
 @pytest.mark.slow
@@ -398,20 +399,14 @@ def test_killed_and_resumed_minivit_run_equals_uninterrupted(data, teacher_ckpt,
     """Mid-epoch checkpoints of a multiplexed student (shared Parameters, safetensors) resume exactly."""
     more = {"epochs": 3, "checkpoint_every": 1}
     ref = tmp_path / "ref"
-    proc = run_module("distill.train", student_args(data, teacher_ckpt, ref, **more), data["root"])
+    proc = run_cli("distill-train", student_args(data, teacher_ckpt, ref, **more), data["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "distill.train", *student_args(data, teacher_ckpt, killed, **more)]
-    proc = subprocess.Popen(cmd, env=env_for(data["root"]), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not (killed / "checkpoints" / "step_00000007").exists():  # mid epoch 2 (5 steps per epoch)
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    args = student_args(data, teacher_ckpt, killed, **more)
+    proc = run_cli("distill-train", args, data["root"], env_extra={FAULT_AFTER_STEPS: "7"})  # mid epoch 2 of 5 steps
+    assert proc.returncode == -9, proc.stderr[-3000:]
     assert not (killed / "summary.json").exists()
-    resumed = run_module("distill.train", student_args(data, teacher_ckpt, killed, **more), data["root"])
+    resumed = run_cli("distill-train", student_args(data, teacher_ckpt, killed, **more), data["root"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
     assert "Removed shared tensor" not in resumed.stderr  # the tied weights are expected, not warned about
