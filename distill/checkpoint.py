@@ -37,7 +37,7 @@ def check_output_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
     saved = out / RECIPE_FILE
     if saved.exists():
         previous = yaml.safe_load(saved.read_text())
-        if previous != resolved:
+        if not same_run(previous, resolved):
             key = _first_difference(previous, resolved)
             raise RecipeError(
                 f"output_dir {out} holds a run of another recipe ({key} differs): choose another output_dir"
@@ -46,6 +46,14 @@ def check_output_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
         raise RecipeError(f"output_dir {out} is not empty and holds no run of this toolkit (no {RECIPE_FILE})")
     checkpoints = sorted((out / "checkpoints").glob("step_*[0-9]"))
     return checkpoints[-1] if checkpoints else None
+
+
+def same_run(saved: Any, resolved: dict[str, Any]) -> bool:
+    """Whether a run's saved recipe is this recipe's run: equal but for the follow-ups under `then`, which
+    do not change this run (they are runs of their own, in folders of their own)."""
+    return isinstance(saved, dict) and {k: v for k, v in saved.items() if k != "then"} == {
+        k: v for k, v in resolved.items() if k != "then"
+    }
 
 
 def write_recipe(out: Path, resolved: dict[str, Any]) -> None:

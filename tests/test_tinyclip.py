@@ -13,24 +13,13 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from distill.affinity import (
-    affinity_loss,
-    clip_contrastive_loss,
-    tinyclip_loss,
-    zero_shot_accuracy,
-    zero_shot_classifier,
-)
 from open_clip.model import CLIP
-from students.clip_inheritance import inherit_weights, uniform_layer_indices
-from students.clip_pruning import (
-    CLIPPruningMasks,
-    SparsityLagrangian,
-    create_pruned_model,
-    lagrangian_optimizer,
-    prune,
-    stage_target_sparsities,
-)
 
+from distill.evaluate import zero_shot_classifier
+from recipes.tinyclip.affinity import affinity_loss, clip_contrastive_loss
+from recipes.tinyclip.inheritance import inherit_weights, uniform_layer_indices
+from recipes.tinyclip.masks import CLIPPruningMasks, SparsityLagrangian, prune
+from students.clip_pruned import create_pruned_model
 from students.tinyclip import TINYCLIP_CONFIGS, TINYCLIP_NOMINAL_SIZES, tower_param_counts
 
 logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random init on every create_model
@@ -118,12 +107,7 @@ def test_affinity_loss_is_soft_cross_entropy_minus_teacher_entropy():
     assert s_img.grad.abs().sum() > 0 and t_img.grad is None  # the teacher is a target only
 
 
-def test_tinyclip_loss_mixes_affinity_and_contrastive():
-    g = torch.Generator().manual_seed(2)
-    s_img, s_txt, t_img, t_txt = (torch.randn(5, 8, generator=g) for _ in range(4))
-    mixed = tinyclip_loss(s_img, s_txt, t_img, t_txt, alpha=0.3, contrastive_scale=20.0)
-    expected = 0.3 * affinity_loss(s_img, s_txt, t_img, t_txt) + 0.7 * clip_contrastive_loss(s_img, s_txt, 20.0)
-    torch.testing.assert_close(mixed, expected)
+def test_contrastive_loss_of_aligned_pairs_is_near_zero():
     # Perfectly aligned pairs at a large scale: contrastive loss near zero.
     eye = torch.eye(5, 8)
     assert clip_contrastive_loss(eye, eye, 100.0) < 1e-6
@@ -131,7 +115,7 @@ def test_tinyclip_loss_mixes_affinity_and_contrastive():
 
 _DISTRIBUTED_WORKER = """
 import json, sys, torch, torch.distributed as dist
-from distill.affinity import affinity_loss
+from recipes.tinyclip.affinity import affinity_loss
 rank, init_file, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=2)
 g = torch.Generator().manual_seed(0)
@@ -156,7 +140,7 @@ def test_affinity_loss_under_torch_distributed(tmp_path):
     full = affinity_loss(s_img, s_txt, t_img, t_txt)
     full.backward()
 
-    # Plain subprocesses importing only torch and distill.affinity: spawning workers from this module would
+    # Plain subprocesses importing only torch and recipes.tinyclip.affinity: spawning workers from this module would
     # re-import open_clip and timm in each of them.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     outs = [tmp_path / f"rank{r}.json" for r in range(2)]
@@ -329,7 +313,6 @@ def test_progressive_pruning_stage(masked):
     for got, expected in zip(features(stage_2, images, texts), want, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert sum(tower_param_counts(stage_2)) < sum(tower_param_counts(stage_1)) < sum(tower_param_counts(model))
-    assert stage_target_sparsities((1.0, 0.75, 0.5)) == pytest.approx([0.25, 1 / 3])
 
 
 def test_masks_sample_in_train_mode_and_are_deterministic_in_eval():
@@ -376,7 +359,7 @@ def test_lagrangian_penalty_drives_expected_sparsity_to_the_target(init_drop, ta
     lagrangian = SparsityLagrangian(target, ramp_steps=10)
     assert lagrangian.target(0) == 0 and lagrangian.target(5) == pytest.approx(target / 2)
     mask_opt = torch.optim.Adam(masks.parameters(), lr=0.1)
-    lambda_opt = lagrangian_optimizer(lagrangian, lr=0.1)
+    lambda_opt = torch.optim.AdamW(lagrangian.parameters(), lr=0.1, weight_decay=0.0, maximize=True)  # ascent
     gaps = []
     for step in range(50):
         sparsity = masks.expected_sparsity()
@@ -393,7 +376,7 @@ def test_lagrangian_penalty_drives_expected_sparsity_to_the_target(init_drop, ta
 # -- zero-shot helpers -----------------------------------------------------------------------------------------
 
 
-def test_zero_shot_classifier_and_accuracy():
+def test_zero_shot_classifier():
     torch.manual_seed(0)
     model = open_clip.create_model(TEST).eval()
     tokenizer = open_clip.get_tokenizer(TEST)
@@ -401,10 +384,7 @@ def test_zero_shot_classifier_and_accuracy():
     classifier = zero_shot_classifier(model, tokenizer, ["cat", "dog", "car"], templates)
     assert classifier.shape == (16, 3)
     torch.testing.assert_close(classifier.norm(dim=0), torch.ones(3))
-    images = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
-        predicted = (model.encode_image(images, normalize=True) @ classifier).argmax(dim=1)
-    accuracy = zero_shot_accuracy(model, classifier, [(images[:4], predicted[:4]), (images[4:], predicted[4:])], (1, 3))
-    assert accuracy == {1: 1.0, 3: 1.0}
-    wrong = zero_shot_accuracy(model, classifier, [(images, (predicted + 1) % 3)], (1,))
-    assert wrong == {1: 0.0}
+        prompts = model.encode_text(tokenizer(["a photo of a dog.", "a drawing of a dog."]), normalize=True)
+    dog = F.normalize(prompts.mean(0), dim=0)  # the mean of the normalised prompt embeddings, normalised
+    torch.testing.assert_close(classifier[:, 1], dog)

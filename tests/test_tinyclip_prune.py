@@ -7,27 +7,26 @@ import csv
 import json
 from pathlib import Path
 
-import distill.train
 import open_clip
 import pytest
 import torch
 from accelerate import Accelerator
-from distill.train import train
-from recipes.clip import create_clip_student
 from safetensors.torch import load_file
-from students.clip_pruning import CLIPPruningMasks, MaskedCLIP, SparsityLagrangian
 from timm.optim import create_optimizer_v2
+from train_helpers import make_method
 
+import distill.trainer
 from distill.augment import PRESETS
 from distill.data import DIGIT_NAMES, create_dataset, digit_caption, prepare_digits
 from distill.evaluate import zero_shot_accuracy
 from distill.loader import ReplayDataset
-from distill.method import create_method
 from distill.recipe import RecipeError, StudentConfig
+from distill.run import run_recipe
 from distill.views import ReplayAugment
-from recipes import tinyclip_prune
+from recipes.tinyclip.masks import CLIPPruningMasks, MaskedCLIP, SparsityLagrangian
+from recipes.tinyclip.method import create_clip_student
 from students.tinyclip import tower_param_counts
-from teachers import load_checkpoint
+from teachers.checkpoint import load_checkpoint
 
 TEACHER = "TinyCLIP-test-teacher"
 
@@ -46,7 +45,7 @@ def data(tmp_path_factory):
         with open(root / f"{name}.csv", "w", newline="") as f:
             csv.writer(f).writerows(rows)
         files[name] = f"pairs:{root / f'{name}.csv'}"
-    teacher = train({
+    [teacher] = run_recipe({
         "method": "clip", "student": {"model": TEACHER}, "output_dir": str(root / "teacher"),
         "data": {"train": files["teacher"], "val": files["val"], "img_size": 32}, "augmentation": "none",
         "epochs": 4, "batch_size": 64, "schedule": {"name": "cosine", "warmup_epochs": 1}, "log_every": 10,
@@ -87,7 +86,7 @@ def metric(out: Path, name: str) -> list[float]:
 @pytest.fixture(scope="module")
 def pruned_run(data):
     out = data["root"] / "run"
-    return out, train(stage_recipe(data, out))
+    return out, run_recipe(stage_recipe(data, out))[0]
 
 
 # ---- MaskedCLIP on its own -------------------------------------------------------------------------------
@@ -143,7 +142,7 @@ def test_masked_clip_penalty_ascends_on_the_multipliers_and_counts_steps():
 )
 def test_bad_prune_config_names_the_field(prune, message):
     with pytest.raises(RecipeError, match=message):
-        create_method("tinyclip", {"prune": prune}, 10)
+        make_method("tinyclip", {"prune": prune})
 
 
 # ---- through the trainer ---------------------------------------------------------------------------------
@@ -169,7 +168,7 @@ def test_finish_writes_a_pruned_student_that_computes_what_the_masked_model_comp
     assert sum(p.numel() for p in pruned.parameters()) == summary["pruned_params"]
 
     # The masked model, as training left it (masks attached to the teacher, the run's weights loaded).
-    method = create_method("tinyclip", stage_recipe(data, out)["loss"], 10)
+    method = make_method("tinyclip", stage_recipe(data, out)["loss"])
     masked = method.build_student(StudentConfig(TEACHER, checkpoint=data["teacher"]), 32)
     masked.load_state_dict(load_file(str(out / "model.safetensors")))
     image, text = masked.masks.towers["image"], masked.masks.towers["text"]
@@ -196,7 +195,7 @@ def test_finish_writes_a_pruned_student_that_computes_what_the_masked_model_comp
 def test_resume_restores_masks_multipliers_and_the_ramp(data, pruned_run, monkeypatch):
     """Interrupted after epoch 1 and resumed from its checkpoint, the run ends where the uninterrupted one does."""
     out = data["root"] / "resumed"
-    save = distill.train.save_checkpoint
+    save = distill.trainer.save_checkpoint
 
     class Stop(Exception):
         pass
@@ -206,41 +205,38 @@ def test_resume_restores_masks_multipliers_and_the_ramp(data, pruned_run, monkey
         raise Stop  # stands in for the process dying right after the checkpoint
 
     with monkeypatch.context() as patch:
-        patch.setattr(distill.train, "save_checkpoint", save_then_stop)
+        patch.setattr(distill.trainer, "save_checkpoint", save_then_stop)
         with pytest.raises(Stop):
-            train(stage_recipe(data, out))
+            run_recipe(stage_recipe(data, out))
     checkpoint = load_file(str(out / "checkpoints" / "step_00000005" / "model.safetensors"))
     assert checkpoint["step"].item() == 5 and checkpoint["lagrangian.lambda_2"] != 0
-    train(stage_recipe(data, out))
+    run_recipe(stage_recipe(data, out))
     reference, resumed = load_file(str(pruned_run[0] / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert reference.keys() == resumed.keys()
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0, msg=key)
 
 
-# ---- stages chained --------------------------------------------------------------------------------------
+# ---- stages chained ----------------------------------------------------------------------------------------
 
 
 def chain_recipe(data: dict, out: Path) -> dict:
-    stage = stage_recipe(data, out)
-    del stage["student"], stage["output_dir"], stage["loss"]["prune"]["target_sparsity"]
-    final = copy.deepcopy(stage) | {"epochs": 1}
-    del final["loss"]["prune"]
-    return {"output_dir": str(out), "student": stage_recipe(data, out)["student"], "keep": [0.75, 0.5],
-            "stage": stage, "final": final}  # fmt: skip
+    """Stage 1 prunes the teacher to 75%, stage 2 (`then`) a third of what is left, then a final distillation."""
+    stage_2 = {"name": "stage_2", "loss": copy.deepcopy(stage_recipe(data, out)["loss"])}
+    stage_2["loss"]["prune"]["target_sparsity"] = 1 / 3
+    final = {"name": "final", "epochs": 1, "loss": {"zero_shot": {"class_names": list(DIGIT_NAMES)}}}
+    return stage_recipe(data, out, target_sparsity=0.25) | {"then": [stage_2, final]}
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"keep": [0.5, 0.75]}, r"keep\[1\]: expected a fraction in \(0, 0\.5\) \(decreasing\), got 0\.75"),
-        ({"keep": []}, r"keep: expected at least one fraction"),
-        ({"stage.student": {"model": TEACHER}}, r"stage\.student: set by the tinyclip_prune recipe"),
-        ({"final.output_dir": "x"}, r"final\.output_dir: set by the tinyclip_prune recipe"),
-        ({"stage.loss.prune.target_sparsity": 0.5}, r"stage\.loss\.prune\.target_sparsity: set from keep"),
-        ({"stage.loss.prune.ramp_steps": -2}, r"stage\.loss\.prune\.ramp_steps: expected an integer >= 0"),
-        ({"stage.method": "clip"}, r"stage\.method: the pruning stages run method tinyclip"),
-        ({"final.epochs": 0}, r"final\.epochs: expected an integer >= 1"),
+        ({"then.0.loss.prune.target_sparsity": 1.5}, r"then\[0\]\.loss\.prune\.target_sparsity: expected a fraction"),
+        ({"then.0.loss.prune.ramp_steps": -2}, r"then\[0\]\.loss\.prune\.ramp_steps: expected an integer >= 0"),
+        ({"then.1.output_dir": "x"}, r"then\[1\]\.output_dir: set by the main recipe"),
+        ({"then.1.name": "stage_2"}, r"then\[1\]\.name: expected a distinct folder name"),
+        ({"then.1.epochs": 0}, r"then\[1\]\.epochs: expected an integer >= 1"),
+        ({"then.1.student": {"size": 3}}, r"then\[1\]\.student: expected a mapping of student fields"),
     ],
 )
 def test_chain_recipe_errors_name_the_key(data, tmp_path, change, message):
@@ -249,28 +245,32 @@ def test_chain_recipe_errors_name_the_key(data, tmp_path, change, message):
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:
-        node = node[part]
+        node = node[int(part)] if isinstance(node, list) else node[part]
     node[leaf] = value
     with pytest.raises(RecipeError, match=message):
-        tinyclip_prune.run(raw)
+        run_recipe(raw)
     assert not (tmp_path / "chain").exists()  # refused before anything ran
 
 
 def test_two_stages_and_a_final_run_end_to_end_and_a_rerun_skips_finished_runs(data, tmp_path, monkeypatch):
     out = tmp_path / "chain"
-    summary = tinyclip_prune.run(chain_recipe(data, out))
-    first, second = summary["stages"]
-    assert [s["target_sparsity"] for s in summary["stages"]] == pytest.approx([0.25, 1 / 3])
-    assert sum(second["tower_params"]) < sum(first["tower_params"]) < sum(first["tower_params_before"])
-    assert second["tower_params_before"] == first["tower_params"]  # stage 2 starts from stage 1's pruned model
-    assert second["params"] < first["params"]
-    assert summary["kept"] == pytest.approx(sum(second["tower_params"]) / sum(first["tower_params_before"]))
-    assert summary["final"]["params"] == second["params"] and summary["top1"] == summary["final"]["top1"]
-    assert json.loads((out / "summary.json").read_text()) == summary
+    first, second, final = run_recipe(chain_recipe(data, out))
+    assert (first["pruned_sparsity"] > 0.1) and (second["pruned_sparsity"] > 0.1)
+    assert sum(second["pruned_tower_params"]) < sum(first["pruned_tower_params"]) < sum(first["tower_params"])
+    assert second["tower_params"] == first["pruned_tower_params"]  # stage 2 starts from stage 1's pruned model
+    assert final["params"] == second["pruned_params"]  # the final run trains stage 2's pruned model
+    for run_dir, student in (
+        (out / "stage_2", out / "pruned_model"),
+        (out / "final", out / "stage_2" / "pruned_model"),
+    ):
+        assert f"model: {student}.json" in (run_dir / "recipe.yaml").read_text()
     assert (out / "final" / "model.safetensors").exists()
 
-    # A re-run finds every run finished and trains nothing.
-    monkeypatch.setattr(tinyclip_prune, "train_run", lambda raw: pytest.fail(f"re-trained {raw['output_dir']}"))
-    assert tinyclip_prune.run(chain_recipe(data, out)) == summary
-    with pytest.raises(RecipeError, match="holds a run of another tinyclip_prune recipe"):
-        tinyclip_prune.run(chain_recipe(data, out) | {"keep": [0.75, 0.4]})
+    # A re-run finds every run finished and trains nothing; another recipe in the same folder is refused.
+    monkeypatch.setattr(distill.trainer.Trainer, "fit", lambda self: pytest.fail(f"re-trained {self.plan.out}"))
+    with pytest.raises(RecipeError, match="holds a finished run"):
+        run_recipe(chain_recipe(data, out))
+    changed = chain_recipe(data, out)
+    changed["then"][0]["loss"]["prune"]["target_sparsity"] = 0.4
+    with pytest.raises(RecipeError, match=r"then\.stage_2: output_dir .* holds a finished run"):
+        run_recipe(changed)
