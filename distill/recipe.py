@@ -201,7 +201,7 @@ class FollowUp:
     """A run under `then`: it trains the previous run's result in `output_dir/name`.
 
     `recipe` holds the main recipe's sections with the item's over them (a section the item gives
-    replaces the main one whole; a changed `method` drops the main `loss`), and as its student the
+    replaces the main one whole; another `method` drops the main `loss` and `teacher`), and as its student the
     main student with the item's `student` fields over it, a placeholder until the previous run
     has finished: then the student is that run's result with `student_changes` over it.
     """
@@ -231,7 +231,8 @@ def follow_ups(recipe: Recipe) -> list[FollowUp]:
         changes = item.pop("student", {})
         if not isinstance(changes, dict) or not set(changes) <= {f.name for f in dataclasses.fields(StudentConfig)}:
             raise RecipeError(f"{where}.student: expected a mapping of student fields to change in the result")
-        base = {k: v for k, v in main.items() if not (k == "loss" and item.get("method", recipe.method) != recipe.method)}
+        other_method = item.get("method", recipe.method) != recipe.method
+        base = {k: v for k, v in main.items() if not (other_method and k in ("loss", "teacher"))}
         raw = base | item | {"output_dir": str(Path(recipe.output_dir) / name), "student": main["student"] | changes}
         runs.append(FollowUp(i, name, raw, changes))
     return runs
