@@ -83,7 +83,9 @@ class Registry(Generic[T]):
             try:
                 entry = import_path(entry)
             except ModuleNotFoundError as err:
-                if err.name and not entry.startswith(err.name.split(".")[0] + "."):
+                module = entry.partition(":")[0]
+                if err.name and err.name != module and not module.startswith(err.name + "."):
+                    # a dependency of the entry's module (an optional package), not the module itself
                     raise self.error(
                         f"{self.kind} {name!r} needs the package {err.name!r}, which is not installed"
                     ) from None

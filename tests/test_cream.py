@@ -8,7 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from distill.prioritized_board import (
+from safetensors.torch import load_file, save_file
+from torch.utils.flop_counter import FlopCounterMode
+
+from recipes.cream.board import (
     MetaMatchingNetwork,
     PrioritizedBoard,
     evaluate_path,
@@ -18,9 +21,6 @@ from distill.prioritized_board import (
     select_teacher,
     update_board,
 )
-from safetensors.torch import load_file, save_file
-from torch.utils.flop_counter import FlopCounterMode
-
 from students.supernet import (
     ChoiceLayer,
     Supernet,

@@ -103,3 +103,16 @@ def test_index_dtype_widens_past_65536_classes(tmp_path):
     assert m.dtypes["indices"] == "int32"
     assert manifest(num_classes=65_536).dtypes["indices"] == "uint16"
     assert C < 65_536
+
+
+@pytest.mark.parametrize(
+    ("global_seed", "epoch", "ids", "seeds"),
+    [
+        (0, 0, [0, 1, 2, 1436], [0, 3012780747, 4227272529, 2534152765]),
+        (7, 3, [0, 5, 999_999], [936413989, 938761439, 912878844]),
+        (2**31, 89, [14_197_102], [395248846]),
+    ],
+)
+def test_record_seeds_are_the_formats_constants(global_seed, epoch, ids, seeds):
+    """record_seeds is part of the store format (docs/STORE_FORMAT.md): pinned values, so a changed constant fails."""
+    assert record_seeds(global_seed, epoch, np.array(ids)).tolist() == seeds
