@@ -127,7 +127,12 @@ def check_store(teacher: Teacher, recipe: Recipe, dataset: ImageDataset, aug_ent
     m, where = store.manifest, f"teacher.source {teacher.source}"
     checks = [
         *([("num_classes", m.num_classes, dataset.num_classes, "data.train's class count")] if m.k else []),
-        ("dataset.fingerprint", m.dataset.get("fingerprint"), dataset.fingerprint(), f"data.train ({recipe.data.train})"),
+        (
+            "dataset.fingerprint",
+            m.dataset.get("fingerprint"),
+            dataset.fingerprint(),
+            f"data.train ({recipe.data.train})",
+        ),
         ("augmentation.hash", m.augmentation.get("hash"), aug_entry["hash"], "the recipe's augmentation"),
         ("global_seed", m.global_seed, recipe.seed, "the recipe's seed (the replayed views would differ)"),
     ]

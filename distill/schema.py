@@ -109,7 +109,6 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-
 def to_dict(obj: Any) -> Any:
     """A recipe (or section) back to plain YAML-able data."""
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

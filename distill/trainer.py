@@ -105,7 +105,9 @@ class Trainer:
         self.method.setup(self)
         if self.plan.resume_from:
             acc.load_state(str(self.plan.resume_from))
-            acc.print(f"resuming from {self.plan.resume_from} (epoch {self.state.epoch}, step {self.state.global_step})")
+            acc.print(
+                f"resuming from {self.plan.resume_from} (epoch {self.state.epoch}, step {self.state.global_step})"
+            )
         self.csv_tracker.resume_step = self.state.global_step  # drops rows logged after the checkpoint
         acc.init_trackers("tensorboard", config=_flat(to_dict(recipe)))
 

@@ -133,4 +133,3 @@ def _describe(obj: Any) -> str:
     if isinstance(obj, str):
         return obj
     return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__name__)}"
-

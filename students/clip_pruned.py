@@ -24,8 +24,16 @@ from torch import nn
 
 from .tinyclip import text_prefix, text_tower
 
-__all__ = ["TOWERS", "PrunedAttention", "TowerParts", "attention_shape", "create_pruned_model",
-           "multihead_self_attention", "owner_param", "tower_parts"]
+__all__ = [
+    "TOWERS",
+    "PrunedAttention",
+    "TowerParts",
+    "attention_shape",
+    "create_pruned_model",
+    "multihead_self_attention",
+    "owner_param",
+    "tower_parts",
+]
 
 TOWERS = ("image", "text")
 
@@ -47,7 +55,6 @@ _BLOCK_PARAMS = {
     "mlp.c_proj.bias",
     "ls_2.gamma",
 }
-
 
 
 def multihead_self_attention(

@@ -152,7 +152,10 @@ def test_tinyclip_recipe_errors_name_the_field(env, tmp_path):
         "epochs": 1, "batch_size": 64, "output_dir": str(tmp_path / "out"),
     }  # fmt: skip
     cases = [
-        ({"teacher": {"source": "timm:test_vit"}}, "teacher.source: method 'tinyclip' learns from a teacher's embeddings; timm:test_vit gives logits"),
+        (
+            {"teacher": {"source": "timm:test_vit"}},
+            "teacher.source: method 'tinyclip' learns from a teacher's embeddings; timm:test_vit gives logits",
+        ),
         (
             {"teacher": {"source": "open_clip:TinyCLIP-ViT-8M-16-Text-3M"}},
             "student.model: its context length 16 differs from the live teacher's 77",

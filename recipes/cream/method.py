@@ -56,7 +56,9 @@ class Cream(Method):
         if cfg.board_start_epoch >= recipe.epochs:
             raise RecipeError(f"loss.board_start_epoch: expected 0 .. {recipe.epochs - 1}, got {cfg.board_start_epoch}")
         if recipe.mixed_precision != "no":
-            raise RecipeError("mixed_precision: the search runs in float32 (the meta update differentiates an SGD step)")
+            raise RecipeError(
+                "mixed_precision: the search runs in float32 (the meta update differentiates an SGD step)"
+            )
 
     # ---- the plan ------------------------------------------------------------------------------------------
 
@@ -73,7 +75,9 @@ class Cream(Method):
         config, weights = model.config, self.cfg.choice_weights
         if weights is not None and (len(weights) != config.num_choices or min(weights) < 0 or not sum(weights)):
             names = ", ".join(f"k{k}e{e:g}" for k, e in config.choices)
-            raise RecipeError(f"loss.choice_weights: expected {config.num_choices} weights >= 0, one per choice ({names})")
+            raise RecipeError(
+                f"loss.choice_weights: expected {config.num_choices} weights >= 0, one per choice ({names})"
+            )
         self.config, self.img_size = config, img_size
         return model
 
@@ -96,7 +100,9 @@ class Cream(Method):
         views = ReplayAugment(eval_views(trainer.plan.augmentation), self.img_size, 0)
         self.heldout_data = ReplayDataset(self.heldout_set, views)
         self.heldout_size = min(cfg.heldout_batch_size, len(self.heldout_ids))
-        chosen = np.sort(np.random.default_rng([self.recipe.seed, 1]).permutation(self.heldout_ids)[: self.heldout_size])
+        chosen = np.sort(
+            np.random.default_rng([self.recipe.seed, 1]).permutation(self.heldout_ids)[: self.heldout_size]
+        )
         self.heldout = self._batch(chosen)  # the board's batch: every entry's score and outputs are on it
         self.meta = MetaMatchingNetwork(self.num_classes, cfg.meta_hidden).to(self.device)
         self.meta_optimizer = torch.optim.Adam(self.meta.parameters(), lr=cfg.meta_lr)
@@ -227,7 +233,11 @@ class SearchState:
         self.generator = torch.Generator().manual_seed(seed)  # the path sequence is the recipe's alone
 
     def state_dict(self) -> dict[str, Any]:
-        return {"board": self.board.state_dict(), "generator": self.generator.get_state(), "meta_updates": self.meta_updates}
+        return {
+            "board": self.board.state_dict(),
+            "generator": self.generator.get_state(),
+            "meta_updates": self.meta_updates,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.board.load_state_dict(state["board"])

@@ -139,9 +139,7 @@ class TinyClip(ClipMethod):
         except (TeacherError, ValueError) as err:
             raise RecipeError(f"loss.inherit: {err}") from None
 
-    def loss(
-        self, student: nn.Module, batch: dict[str, torch.Tensor], teacher: Teacher
-    ) -> dict[str, torch.Tensor]:
+    def loss(self, student: nn.Module, batch: dict[str, torch.Tensor], teacher: Teacher) -> dict[str, torch.Tensor]:
         outputs = student(image=batch["image"], text=batch["text"])  # MaskedCLIP adds a sparsity dict
         image, text, scale = outputs[0], outputs[1], outputs[2].clamp(max=MAX_LOGIT_SCALE)
         with torch.no_grad():
