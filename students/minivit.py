@@ -63,7 +63,6 @@ __all__ = [
     "load_minivit",
     "multiplex",
     "save_minivit",
-    "shared_module_names",
 ]
 
 # Sub-modules of a block that the blocks of a group share (attn.gate only exists on gated timm attention).
@@ -422,14 +421,6 @@ def multiplex(model: nn.Module, share: ShareSpec, init_from: StateSource | None 
                 _tie(block, group[0])
     model.minivit_share = sizes
     return model
-
-
-def shared_module_names(model: nn.Module) -> dict[str, list[str]]:
-    """Map each shared module's first name to every name it appears under (modules used by >1 block only)."""
-    names: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-    return {group[0]: group for group in names.values() if len(group) > 1}
 
 
 def save_minivit(model: nn.Module, path: str | os.PathLike) -> None:

@@ -26,8 +26,15 @@ from students.minivit import (
     load_minivit,
     multiplex,
     save_minivit,
-    shared_module_names,
 )
+
+
+def shared_module_names(model: nn.Module) -> dict[str, list[str]]:
+    """Map each shared module's first name to every name it appears under (modules used by >1 block only)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return {group[0]: group for group in names.values() if len(group) > 1}
 
 
 def relation_losses(student: RelationCapture, teacher: RelationCapture, relation_heads: int):
