@@ -47,9 +47,14 @@ def train(argv: list[str] | None = None) -> int:
 
     def run() -> list[dict[str, Any]]:
         recipe = parse_recipe(load_recipe_file(args.recipe, args.set))
-        from .run import run_recipe  # torch, timm and accelerate load from here on
+        from accelerate import PartialState  # torch, timm and accelerate load from here on
 
-        return run_recipe(recipe)
+        from .run import run_recipe
+
+        try:
+            return run_recipe(recipe)
+        finally:
+            PartialState().destroy_process_group()  # the last run is over (a no-op on one process)
 
     ok, summaries = _guarded("distill-train", args.recipe, run)
     if not ok:
