@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from logit_store.errors import DistillError
+from logit_store.location import redact_text
 
 from .errors import RecipeError
 from .recipe import load_recipe_file, parse_recipe
@@ -179,8 +180,8 @@ def _guarded(prog: str, source: str | None, run: Callable[[], Any]) -> tuple[boo
     """(True, `run()`), or (False, None) after printing an input error as one line."""
     try:
         return True, run()
-    except DistillError as err:
-        print(f"{prog}: error: {source + ': ' if source else ''}{err}", file=sys.stderr)
+    except DistillError as err:  # credentials of any URL in the message are never printed
+        print(redact_text(f"{prog}: error: {source + ': ' if source else ''}{err}"), file=sys.stderr)
         return False, None
 
 

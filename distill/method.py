@@ -8,7 +8,8 @@ never asks whether its teacher is live or a store. Hooks with a default may be l
     check_run       refuse, before anything runs, a run the method cannot do (processes, views)
     check_teacher   refuse, before anything runs, a teacher the loss cannot use
     training_ids    the sample ids the run trains on (default: all)
-    setup           once the run's accelerator, model and optimizer exist (register extra state here)
+    setup           once the run's accelerator, model and optimizer exist
+    state_dict      what it carries between steps, checkpointed with the run (and load_state_dict)
     loss            the losses of one batch: "loss" is backpropagated, the others are logged
     after_step      after each optimizer step; returns values to log
     evaluate        validation metrics, top1/top5 among them
@@ -67,6 +68,12 @@ class Method:
             raise RecipeError(f"student.model: {err}") from None
         except (TypeError, ValueError) as err:  # a model's own refusal of its keyword arguments
             raise RecipeError(f"student.kwargs: {cfg.model}: {err}") from None
+        found = getattr(model, "num_classes", self.num_classes)
+        if found != self.num_classes:
+            raise RecipeError(
+                f"student.kwargs.num_classes: {cfg.model} would output {found} classes, "
+                f"but data.train (and so its teacher) has {self.num_classes}"
+            )
         if cfg.checkpoint:
             load_checkpoint(model, cfg.checkpoint, what=f"student.model {cfg.model}")
         return model
@@ -103,6 +110,14 @@ class Method:
     def finish(self, model: nn.Module, output_dir: Path) -> dict[str, Any]:
         """Called once on the main process with the final model after training; entries for the summary."""
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the method carries between steps beyond the student (checkpointed with the run): tensors and
+        plain data only, since checkpoints are read back with weights_only."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` on resume."""
 
     def result_student(self, output_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
         """The student a follow-up run starts from: this run's model with its trained weights."""

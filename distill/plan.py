@@ -9,6 +9,8 @@ will replay. A recipe that cannot run is refused here, naming its key; only then
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ class Plan:
     student: nn.Module | None
     train_data: ReplayDataset
     val_data: ReplayDataset
+    store_pin: dict[str, Any] | None  # what the run pins of a store teacher (see `pin_store`)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -89,9 +92,10 @@ def make_plan(recipe: Recipe, num_processes: int, device: torch.device, build_st
         train_set, ReplayAugment(augmentation, recipe.data.img_size, recipe.seed), method.tokenizer
     )
     val_data = ReplayDataset(val_set, ReplayAugment(eval_views(augmentation), recipe.data.img_size, 0))
+    pin = pin_store(teacher, recipe, out, resume_from) if teacher is not None and teacher.store is not None else None
     return Plan(
         recipe, out, resume_from, augmentation, train_set, val_set, train_ids, method, teacher, student,
-        train_data, val_data,
+        train_data, val_data, pin,
     )  # fmt: skip
 
 
@@ -138,8 +142,10 @@ def check_store(teacher: Teacher, recipe: Recipe, dataset: ImageDataset, aug_ent
     ]
     for name, stored, ours, what in checks:
         if stored != ours:
-            detail = _recipe_difference(m.augmentation.get("recipe", {}), aug_entry["recipe"]) if "aug" in name else ""
-            raise RecipeError(f"{where}: store field {name} is {stored!r} but {what} gives {ours!r}{detail}")
+            raise RecipeError(
+                f"{where}: store field {name} is {stored!r} but {what} gives {ours!r}"
+                f"{_difference(name, m, dataset, aug_entry)}"
+            )
     if recipe.epochs > m.epochs and recipe.teacher.epochs == "strict":
         raise RecipeError(
             f"epochs: {recipe.epochs} training epochs but the store {store.location} holds {m.epochs}; "
@@ -156,6 +162,55 @@ def check_store(teacher: Teacher, recipe: Recipe, dataset: ImageDataset, aug_ent
             )
 
 
-def _recipe_difference(stored: dict[str, Any], ours: dict[str, Any]) -> str:
+STORE_PIN = "teacher_store.json"
+
+
+def pin_store(teacher: Teacher, recipe: Recipe, out: Path, resume_from: Path | None) -> dict[str, Any]:
+    """The store's identity as this run reads it: its manifest's identity and a digest of the commits of every
+    plane the run replays. A resumed run must find the same (the run pinned it at its start, in STORE_PIN):
+    a store saved again at the same path by another teacher would mix two teachers in one run."""
+    m = teacher.store.manifest
+    planes = [*range(min(recipe.epochs, m.epochs)), *([m.epochs] if m.kind == "embeddings" else [])]
+    pin = {"manifest": m.identity(), "planes": {str(p): _commits_digest(teacher.store, p) for p in planes}}
+    pin = json.loads(json.dumps(pin))  # as it reads back from STORE_PIN
+    saved = out / STORE_PIN
+    if resume_from is not None and saved.exists():
+        before = json.loads(saved.read_text())
+        if before != pin:
+            raise RecipeError(f"teacher.source {teacher.source} changed since this run started in {out}: "
+                              f"{_pin_difference(before, pin)}; resume with the store it started with, or "
+                              "train in another output_dir")  # fmt: skip
+    return pin
+
+
+def _commits_digest(store: Any, plane: int) -> str:
+    markers = store.commits(plane)
+    text = json.dumps([markers[key].get("digests") for key in sorted(markers)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _pin_difference(before: dict[str, Any], now: dict[str, Any]) -> str:
+    old, new = before["manifest"], now["manifest"]
+    fields = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if fields:
+        return "its manifest differs in " + ", ".join(f"{k} (was {old.get(k)!r}, now {new.get(k)!r})" for k in fields)
+    planes = [p for p in sorted(set(before["planes"]) | set(now["planes"]), key=int)
+              if before["planes"].get(p) != now["planes"].get(p)]  # fmt: skip
+    return f"the records of epoch(s) {', '.join(planes)} were written again"
+
+
+def _difference(name: str, m: Any, dataset: ImageDataset, aug_entry: dict[str, Any]) -> str:
+    """What lies behind a differing hash: the augmentation fields, or the dataset's count, classes and spec."""
+    if name == "augmentation.hash":
+        stored, ours = m.augmentation.get("recipe", {}), aug_entry["recipe"]
+        where = "recipe"
+    elif name == "dataset.fingerprint":
+        stored = {k: m.dataset.get(k) for k in ("num_samples", "classes", "spec")}
+        ours = {"num_samples": len(dataset), "classes": dataset.classes, "spec": dataset.spec}
+        where = "data.train"
+        if stored == ours:
+            return " (same count, classes and spec: file names, sizes, labels or captions differ)"
+    else:
+        return ""
     keys = sorted(k for k in set(stored) | set(ours) if stored.get(k) != ours.get(k))
-    return f" (differs in {', '.join(f'{k}: store {stored.get(k)!r}, recipe {ours.get(k)!r}' for k in keys)})"
+    return f" (differs in {', '.join(f'{k}: store {stored.get(k)!r}, {where} {ours.get(k)!r}' for k in keys)})"

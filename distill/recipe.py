@@ -107,6 +107,13 @@ class OptimizerConfig:
     clip_grad: float | None = None  # max gradient norm
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.optim.create_optimizer_v2
 
+    def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise RecipeError(f"{name}: expected a number >= 0, got {getattr(self, name)}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise RecipeError(f"clip_grad: expected a number > 0 or null, got {self.clip_grad}")
+
 
 @dataclass
 class ScheduleConfig:

@@ -23,6 +23,7 @@ from logit_store.sparse import sparsify
 from teachers import Teacher, create_teacher
 
 from .augment import load_recipe, recipe_manifest_entry
+from .checkpoint import public
 from .cli import SaveConfig
 from .data import CAPTION_SPEC_FORMS, ImageDataset, create_dataset
 from .errors import RecipeError
@@ -66,7 +67,7 @@ def build_manifest(
         global_seed=cfg.seed,
         # Batches are part of the teacher's numerics: a resume with another batch size is refused.
         teacher=teacher.describe() | {"img_size": cfg.img_size, "batch_size": cfg.batch_size},
-        dataset=dataset.describe(),
+        dataset=public(dataset.describe()),  # a spec may be a URL: no credentials in the manifest
         augmentation=recipe_entry,
     )
 

@@ -26,9 +26,17 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
-from .checkpoint import remove_checkpoints, save_checkpoint, save_weights, write_recipe
+from .checkpoint import (
+    load_checkpoint,
+    lock_output_dir,
+    public,
+    remove_checkpoints,
+    save_checkpoint,
+    save_weights,
+    write_recipe,
+)
 from .loader import TrainBatchSampler, collate
-from .plan import Plan
+from .plan import STORE_PIN, Plan
 from .plots import plot_training_curves
 from .recipe import to_dict
 from .tracking import CsvTracker
@@ -52,6 +60,7 @@ class TrainState:
     global_step: int = 0
     images: int = 0  # training images seen, all processes
     train_seconds: float = 0.0  # time in training steps (not eval or checkpoints)
+    wall_seconds: float = 0.0  # the run's wall time up to its last checkpoint, over every process that ran it
     history: list[dict[str, float]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
@@ -84,8 +93,12 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Optimizer, schedule, EMA, trackers; the run's recipe written; a checkpoint loaded when resuming."""
+        """The output dir locked; optimizer, schedule, EMA, trackers; the run's recipe written; a checkpoint
+        loaded when resuming."""
         recipe, acc = self.recipe, self.accelerator
+        if acc.is_main_process:
+            self.plan.out.mkdir(parents=True, exist_ok=True)
+            self.lock = lock_output_dir(self.plan.out)  # held until the process ends
         opt, sched = recipe.optimizer, recipe.schedule
         optimizer = create_optimizer_v2(
             self.plan.student, opt=opt.name, lr=opt.lr, weight_decay=opt.weight_decay, momentum=opt.momentum,
@@ -99,23 +112,24 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             write_recipe(self.plan.out, to_dict(recipe))
+            if self.plan.store_pin is not None and not self.plan.resume_from:
+                (self.plan.out / STORE_PIN).write_text(json.dumps(self.plan.store_pin, indent=1))
         self.model, self.optimizer = acc.prepare(self.plan.student, optimizer)
         self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=recipe.ema.decay) if recipe.ema else None
-        acc.register_for_checkpointing(self.scheduler, self.state, *([self.ema] if self.ema else []))
         self.method.setup(self)
         if self.plan.resume_from:
-            acc.load_state(str(self.plan.resume_from))
+            load_checkpoint(self, self.plan.resume_from)
             acc.print(
                 f"resuming from {self.plan.resume_from} (epoch {self.state.epoch}, step {self.state.global_step})"
             )
+        self.started, self.wall_before = time.perf_counter(), self.state.wall_seconds
         self.csv_tracker.resume_step = self.state.global_step  # drops rows logged after the checkpoint
-        acc.init_trackers("tensorboard", config=_flat(to_dict(recipe)))
+        acc.init_trackers("tensorboard", config=_flat(public(to_dict(recipe))))
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
         """Train for the recipe's epochs (from where a resumed run stopped); returns the summary."""
-        started = time.perf_counter()
         self.setup()
         recipe, acc, state = self.recipe, self.accelerator, self.state
         steps = self.plan.steps_per_epoch
@@ -132,9 +146,9 @@ class Trainer:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             if state.epoch % recipe.eval.every == 0 or state.epoch == recipe.epochs:
                 self.evaluate()
-            save_checkpoint(acc, self.plan.out, state.global_step)
+            self.checkpoint()
         self.progress.close()
-        return self.finish(time.perf_counter() - started)
+        return self.finish()
 
     def batches(self, epoch: int) -> torch.utils.data.DataLoader:
         """This process's micro-batches of `epoch`, from the step a resumed run stopped at."""
@@ -179,10 +193,14 @@ class Trainer:
         self.progress.update(1)
         every = recipe.checkpoint_every
         if every and state.global_step % every == 0 and state.step_in_epoch < steps_per_epoch:
-            save_checkpoint(self.accelerator, self.plan.out, state.global_step)  # (epoch ends are saved anyway)
+            self.checkpoint()  # (epoch ends are saved anyway)
         if os.environ.get(FAULT_AFTER_STEPS) == str(state.global_step):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a kill at a known step
         self.tick = time.perf_counter()
+
+    def checkpoint(self) -> None:
+        self.state.wall_seconds = self.wall_before + time.perf_counter() - self.started
+        save_checkpoint(self, self.state.global_step)
 
     def _add(self, values: dict[str, Any], weight: float) -> None:
         """Add one micro-batch's (weight 1 / grad_accum) or one step's (weight 1) values to the sums."""
@@ -216,7 +234,7 @@ class Trainer:
 
     # ---- the end -------------------------------------------------------------------------------------------
 
-    def finish(self, wall_seconds: float) -> dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
         """Write the final weights, summary, curves; remove the checkpoints; end the trackers."""
         acc, recipe, state, out = self.accelerator, self.recipe, self.state, self.plan.out
         final = self.ema.module if self.ema else acc.unwrap_model(self.model)
@@ -230,7 +248,7 @@ class Trainer:
             "top5": state.history[-1]["top5"],
             "images_per_s": state.images / state.train_seconds,
             "train_seconds": state.train_seconds,
-            "wall_seconds": wall_seconds,
+            "wall_seconds": self.wall_before + time.perf_counter() - self.started,  # over every resume
             "steps": state.global_step,
             "batch_size": recipe.batch_size,
             "processes": acc.num_processes,
@@ -242,7 +260,7 @@ class Trainer:
             save_weights(final, out / "model.safetensors")
             title = f"{recipe.student.model} ({recipe.method})"
             plot_training_curves(state.history, out / "training_curves.png", title)
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (out / "summary.json").write_text(json.dumps(public(summary), indent=2) + "\n")
             remove_checkpoints(out)
         acc.wait_for_everyone()
         for tracker in acc.trackers:

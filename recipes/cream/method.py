@@ -94,7 +94,7 @@ class Cream(Method):
     # ---- the run -------------------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer) -> None:
-        """The held-out batches, the board, the meta network and its optimizer, all checkpointed with the run."""
+        """The held-out batches, the board, the meta network and its optimizer (checkpointed: `state_dict`)."""
         cfg, acc = self.cfg, trainer.accelerator
         self.trainer, self.device = trainer, acc.device
         views = ReplayAugment(eval_views(trainer.plan.augmentation), self.img_size, 0)
@@ -107,7 +107,18 @@ class Cream(Method):
         self.meta = MetaMatchingNetwork(self.num_classes, cfg.meta_hidden).to(self.device)
         self.meta_optimizer = torch.optim.Adam(self.meta.parameters(), lr=cfg.meta_lr)
         self.search = SearchState(self.recipe.seed, PrioritizedBoard(cfg.board_size, _flops(cfg.board_flops_limit)))
-        acc.register_for_checkpointing(self.meta, self.meta_optimizer, self.search)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "meta": self.meta.state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "search": self.search.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.meta.load_state_dict(state["meta"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.search.load_state_dict(state["search"])
 
     def loss(self, student: nn.Module, batch: dict[str, torch.Tensor], teacher: Teacher | None) -> dict[str, Any]:
         """Sample this step's path; with the board on, a meta update every few steps and the prioritized loss."""
