@@ -96,6 +96,7 @@ def save_store(data, out: Path, checkpoint: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_store_saved_again_by_another_teacher(data, teachers, tmp_path):
     store, out = tmp_path / "teacher.zarr", tmp_path / "run"
     save_store(data, store, teachers[0])
@@ -123,6 +124,7 @@ def test_plan_refuses_a_student_with_another_class_count_and_a_negative_lr(data,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_wall_seconds_count_every_process_of_a_resumed_run(data, tmp_path):
     out = tmp_path / "run"
     recipe = base_recipe(data, out, epochs=3, checkpoint_every=1)
