@@ -103,6 +103,11 @@ class SaveConfig:
     workers: int = _option("DataLoader worker processes", 0)
     seed: int = _option("global seed of the views (a student's recipe must use the same)", 0)
     skip_unreadable: bool = _option("drop images that cannot be decoded instead of failing", False)
+    fingerprint: str = _option(
+        "dataset fingerprint: content (every image's bytes hashed, cached) or fast (names, sizes, labels only: "
+        "for datasets too large to read once)",
+        "content",
+    )
     check_replay: int = _option("after saving, recompute this many stored records and compare", 0)
 
     def __post_init__(self) -> None:
@@ -113,6 +118,8 @@ class SaveConfig:
         for name in ("epochs", "k", "img_size", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise RecipeError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.fingerprint not in ("content", "fast"):
+            raise RecipeError(f"option 'fingerprint' must be content or fast, got {self.fingerprint!r}")
 
 
 _TYPES = {"str": str, "int": int, "bool": bool, "str | None": str, "int | None": int}

@@ -49,7 +49,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -74,6 +74,7 @@ DIGITS_SIZE = 32
 DIGITS_TRAIN_FRACTION = 0.8
 DIGITS_SEED = 0
 FINGERPRINT_VERSION = "distill-dataset-v1"
+FingerprintMode = Literal["fast", "content"]
 MAX_OPEN_SHARDS = 64  # per process; the least recently used shard file is closed past this
 NO_LABEL = -1  # the label of every sample of an image-text dataset that has no labels
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -135,7 +136,7 @@ class ImageDataset(ABC):
         self._captions = None if captions is None else _Strings(captions)
         if self._captions is not None and len(self._captions) != len(self._names):
             raise ValueError(f"{spec}: {len(self._captions)} captions for {len(self._names)} samples")
-        self._fingerprint: str | None = None
+        self._fingerprints: dict[str, str] = {}
         if skip_unreadable:
             self._drop_unreadable()
         if len(self) == 0:
@@ -194,21 +195,50 @@ class ImageDataset(ABC):
         except Exception as err:
             raise DatasetError(f"{self._where(i)}: not a readable image ({type(err).__name__}: {err})") from err
 
-    def fingerprint(self) -> str:
-        """sha256 hex over count, class names, and per id: label, size and relative path, and the caption
-        of an image-text dataset (computed once). A dataset without captions hashes as it always has."""
-        if self._fingerprint is None:
-            self._fingerprint = _fingerprint(self.classes, self.labels, self._sizes, self._names, self._captions)
-        return self._fingerprint
+    def fingerprint(self, mode: FingerprintMode = "fast") -> str:
+        """sha256 hex of the dataset (computed once per mode).
 
-    def describe(self) -> dict[str, Any]:
-        """spec, num_samples, num_classes, classes, fingerprint, skipped; and has_captions: True for image-text."""
+        "fast": over count, class names, and per id: label, size and relative path, and the caption of an
+        image-text dataset (a dataset without captions hashes as it always has). "content" also hashes every
+        sample's bytes, so two equal-size images swapped between classes change it; the bytes' hashes are
+        cached under `<cache>/fingerprints/`, keyed by each file's name, size, mtime and inode, so a dataset
+        is read once, and again only where a file changed.
+        """
+        if mode not in self._fingerprints:
+            fast = _fingerprint(self.classes, self.labels, self._sizes, self._names, self._captions)
+            self._fingerprints[mode] = fast if mode == "fast" else self._content_fingerprint(fast)
+        return self._fingerprints[mode]
+
+    def _content_fingerprint(self, fast: str) -> str:
+        cache_file = cache_root() / "fingerprints" / f"{hashlib.sha256(self.spec.encode()).hexdigest()[:32]}.json"
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        digest, fresh = hashlib.sha256(f"{fast}\ncontent\n".encode()), {}
+        for i in range(len(self)):
+            key = self._stat_key(i)
+            sample = cache.get(key) or hashlib.sha256(self._read_bytes(i)).hexdigest()
+            fresh[key] = sample
+            digest.update(sample.encode())
+        if fresh != cache:
+            with contextlib.suppress(OSError):  # a cache that cannot be written costs time, nothing else
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_file.with_suffix(f".tmp-{os.getpid()}")
+                tmp.write_text(json.dumps(fresh))
+                os.replace(tmp, cache_file)
+        return digest.hexdigest()
+
+    def describe(self, fingerprint: FingerprintMode = "fast") -> dict[str, Any]:
+        """spec, num_samples, num_classes, classes, fingerprint (and its mode), skipped; and has_captions: True
+        for image-text."""
         described = {
             "spec": self.spec,
             "num_samples": len(self),
             "num_classes": self.num_classes,
             "classes": list(self.classes),
-            "fingerprint": self.fingerprint(),
+            "fingerprint": self.fingerprint(fingerprint),
+            "fingerprint_mode": fingerprint,
             "skipped": list(self.skipped),
         }
         if self.has_captions:
@@ -218,6 +248,10 @@ class ImageDataset(ABC):
     @abstractmethod
     def _read_bytes(self, i: int) -> bytes:
         """The encoded image of sample i; DatasetError naming it when it cannot be read."""
+
+    @abstractmethod
+    def _stat_key(self, i: int) -> str:
+        """What identifies sample i's bytes without reading them: file name, size, mtime and inode."""
 
     @abstractmethod
     def _where(self, i: int) -> str:
@@ -265,6 +299,14 @@ def _verifies(data: bytes) -> bool:
     return True
 
 
+def _stat_key(path: Path) -> str:
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the file ({err.strerror or err})") from err
+    return f"{path}|{info.st_size}|{info.st_mtime_ns}|{info.st_ino}"
+
+
 def _fingerprint(
     classes: list[str], labels: np.ndarray, sizes: np.ndarray, names: _Strings, captions: _Strings | None = None
 ) -> str:
@@ -302,6 +344,9 @@ class _FileDataset(ImageDataset):
 
     def _where(self, i: int) -> str:
         return str(self._path(i))
+
+    def _stat_key(self, i: int) -> str:
+        return _stat_key(self._path(i))
 
     def _read_bytes(self, i: int) -> bytes:
         path = self._path(i)
@@ -602,6 +647,9 @@ class TarDataset(ImageDataset):
     def _where(self, i: int) -> str:
         member = self._names[i].split("/", 1)[1]
         return f"{self.shards[self._shard_of[i]]}:{member}"
+
+    def _stat_key(self, i: int) -> str:
+        return f"{_stat_key(self.shards[self._shard_of[i]])}@{self._offsets[i]}"
 
     def _take(self, keep: np.ndarray) -> None:
         self._shard_of = self._shard_of[keep]

@@ -134,7 +134,7 @@ def check_store(teacher: Teacher, recipe: Recipe, dataset: ImageDataset, aug_ent
         (
             "dataset.fingerprint",
             m.dataset.get("fingerprint"),
-            dataset.fingerprint(),
+            dataset.fingerprint(m.dataset.get("fingerprint_mode", "fast")),  # older stores: the fast mode
             f"data.train ({recipe.data.train})",
         ),
         ("augmentation.hash", m.augmentation.get("hash"), aug_entry["hash"], "the recipe's augmentation"),

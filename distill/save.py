@@ -67,7 +67,7 @@ def build_manifest(
         global_seed=cfg.seed,
         # Batches are part of the teacher's numerics: a resume with another batch size is refused.
         teacher=teacher.describe() | {"img_size": cfg.img_size, "batch_size": cfg.batch_size},
-        dataset=public(dataset.describe()),  # a spec may be a URL: no credentials in the manifest
+        dataset=public(dataset.describe(cfg.fingerprint)),  # a spec may be a URL: no credentials in it
         augmentation=recipe_entry,
     )
 

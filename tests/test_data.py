@@ -524,3 +524,25 @@ def test_skip_unreadable_in_csv_and_wds(tmp_path, noise_folder):
     for new_id, old_id in enumerate((0, 2, 3)):
         np.testing.assert_array_equal(np.asarray(ds.load(new_id)), np.asarray(folder.load(old_id)))
     ds.close()
+
+
+def test_content_fingerprint_sees_swapped_images_and_caches_the_bytes_hashes(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "imgs"
+    for cls, shade in (("cat", 30), ("dog", 200)):
+        (root / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (shade, 0, 0)).save(root / cls / "a.png", compress_level=0)  # equal sizes
+    first = create_dataset(str(root))
+    fast, content = first.fingerprint(), first.fingerprint("content")
+    assert first.describe("content")["fingerprint_mode"] == "content" and fast != content
+    # The same bytes again: the cache answers, no image is read.
+    monkeypatch.setattr(data.FolderDataset, "_read_bytes", lambda self, i: pytest.fail("read an image"))
+    assert create_dataset(str(root)).fingerprint("content") == content
+    monkeypatch.undo()
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    # Two equal-size images swapped between classes: the fast fingerprint cannot tell, the content one does.
+    (root / "cat" / "a.png").rename(tmp_path / "swap.png")
+    (root / "dog" / "a.png").rename(root / "cat" / "a.png")
+    (tmp_path / "swap.png").rename(root / "dog" / "a.png")
+    swapped = create_dataset(str(root))
+    assert swapped.fingerprint() == fast and swapped.fingerprint("content") != content
