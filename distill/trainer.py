@@ -47,7 +47,8 @@ __all__ = ["TrainState", "Trainer"]
 # load_state (tested); accelerate would warn about it at every checkpoint.
 logging.getLogger("accelerate.utils.other").addFilter(lambda r: "Removed shared tensor" not in r.getMessage())
 
-# A deterministic fault for the kill-and-resume tests: stop the process hard right after this many steps.
+# A deterministic fault for the kill-and-resume tests: "N" kills the process right after step N of a run,
+# "NAME:N" after step N of the run whose output_dir is named NAME (a follow-up under `then`).
 FAULT_AFTER_STEPS = "DISTILL_FAULT_AFTER_STEPS"
 
 
@@ -194,7 +195,8 @@ class Trainer:
         every = recipe.checkpoint_every
         if every and state.global_step % every == 0 and state.step_in_epoch < steps_per_epoch:
             self.checkpoint()  # (epoch ends are saved anyway)
-        if os.environ.get(FAULT_AFTER_STEPS) == str(state.global_step):
+        run, _, step = os.environ.get(FAULT_AFTER_STEPS, "").rpartition(":")
+        if step == str(state.global_step) and run in ("", self.plan.out.name):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a kill at a known step
         self.tick = time.perf_counter()
 

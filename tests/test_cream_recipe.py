@@ -23,6 +23,7 @@ from distill.augment import PRESETS, recipe_manifest_entry
 from distill.data import create_dataset
 from distill.recipe import RecipeError
 from distill.run import run_recipe
+from distill.trainer import FAULT_AFTER_STEPS
 from logit_store import create_store
 from recipes.cream.board import MetaMatchingNetwork, PrioritizedBoard, evaluate_path, update_board
 from recipes.cream.method import SearchState
@@ -316,3 +317,19 @@ def test_retrain_store_is_checked_before_the_search(data, store, tmp_path):
     ):
         run_recipe(recipe)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_its_retraining_resumes_the_retraining(data, tmp_path):
+    out = tmp_path / "run"
+    recipe = cream_recipe(data, out, then__0__checkpoint_every=1, then__0__epochs=2)
+    path = write_recipe(tmp_path / "cream.yaml", recipe)
+    killed = run_cli("distill-train", [str(path)], data["root"], env_extra={FAULT_AFTER_STEPS: "retrain:3"})
+    assert killed.returncode == -9 and (out / "summary.json").exists()  # the search finished, then the kill
+    assert (out / "retrain" / "checkpoints" / "step_00000003").exists()
+    searched = (out / "summary.json").read_text()
+    resumed = run_cli("distill-train", [str(path)], data["root"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Cream board" not in resumed.stdout and (out / "summary.json").read_text() == searched  # no new search
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert json.loads((out / "retrain" / "summary.json").read_text())["steps"] == 20  # 2 epochs of 160 / 16
