@@ -65,7 +65,8 @@ class ModelTeacher(LiveTeacher):
     """A live teacher around an `nn.Module` that maps [B, ...] images to [B, num_classes] logits.
 
     `num_classes` is taken from `model.num_classes`, or from one forward pass when the model has no
-    such attribute; a given `num_classes` must agree with it.
+    such attribute; a given `num_classes` must agree with it. With `class_indices` the teacher answers
+    only those columns of the model's logits, in that order (a pretrained head mapped onto the data's classes).
     """
 
     def __init__(
@@ -75,9 +76,19 @@ class ModelTeacher(LiveTeacher):
         num_classes: int | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
         device: str | torch.device = "cpu",
+        class_indices: list[int] | None = None,
     ) -> None:
         super().__init__(model, spec, checkpoint, device)
-        self.num_classes = self._resolve_num_classes(num_classes)
+        self.class_indices = class_indices
+        if class_indices is None:
+            self.num_classes = self._resolve_num_classes(num_classes)
+        else:
+            self.num_classes = len(class_indices)
+            self._columns = torch.tensor(class_indices, device=self.device)
+
+    def describe(self) -> dict[str, Any]:
+        mapped = {"class_indices": self.class_indices} if self.class_indices is not None else {}
+        return super().describe() | mapped
 
     def _resolve_num_classes(self, asked: int | None) -> int:
         found = getattr(self.model, "num_classes", None)
@@ -101,6 +112,8 @@ class ModelTeacher(LiveTeacher):
         out = self._run(self.model, images)
         if not isinstance(out, torch.Tensor):
             raise TeacherError(f"teacher {self.spec}: the model returned a {type(out).__name__}, expected a tensor")
+        if self.class_indices is not None:
+            out = out.index_select(1, self._columns)
         if out.shape != (images.shape[0], self.num_classes):
             raise TeacherError(
                 f"teacher {self.spec}: the model returned shape {list(out.shape)}, "

@@ -8,7 +8,9 @@ prefixes through the `distill.teachers` entry points. Every builder has the sign
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+import yaml
 
 from logit_store.registry import Registry
 
@@ -17,7 +19,7 @@ from .base import Teacher, TeacherError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TEACHERS", "create_teacher", "parse_bool", "parse_options"]
+__all__ = ["TEACHERS", "create_teacher", "parse_bool", "parse_options", "yaml_value"]
 
 
 class TeacherBuilder(Protocol):
@@ -72,17 +74,26 @@ def _hint(spec: str, sep: str) -> str:
     return f" (did you mean 'timm:{spec}'?)"
 
 
-def parse_options(body: str, allowed: tuple[str, ...], spec: str) -> tuple[str, dict[str, str]]:
-    """Split "NAME?key=value&key2=value2" into NAME and its options; unknown keys are an error."""
+def parse_options(body: str, allowed: tuple[str, ...], spec: str, extra: bool = False) -> tuple[str, dict[str, str]]:
+    """Split "NAME?key=value&key2=value2" into NAME and its options; a key not in `allowed` is an error,
+    unless `extra` (the builder passes such keys to the model)."""
     name, _, query = body.partition("?")
     options: dict[str, str] = {}
     for item in filter(None, query.split("&")):
         key, eq, value = item.partition("=")
-        if not eq or key not in allowed:
+        if not eq or not key or (key not in allowed and not extra):
             expected = ", ".join(f"{k}=VALUE" for k in allowed) or "none"
             raise TeacherError(f"teacher spec '{spec}': unknown option '{item}'; accepted options: {expected}")
         options[key] = value
     return name, options
+
+
+def yaml_value(text: str) -> Any:
+    """A keyword's value in a spec, read as YAML (`0.1`, `[8,4,2,1]`, `true`); other text stays a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def parse_bool(value: str, key: str, spec: str) -> bool:
