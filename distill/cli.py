@@ -48,20 +48,23 @@ def train(argv: list[str] | None = None) -> int:
 
     def run() -> list[dict[str, Any]]:
         recipe = parse_recipe(load_recipe_file(args.recipe, args.set))
-        from accelerate import PartialState  # torch, timm and accelerate load from here on
+        from .run import run_recipe  # torch, timm and accelerate load from here on
 
-        from .run import run_recipe
-
-        try:
-            return run_recipe(recipe)
-        finally:
-            PartialState().destroy_process_group()  # the last run is over (a no-op on one process)
+        return run_recipe(recipe)
 
     ok, summaries = _guarded("distill-train", args.recipe, run)
-    if not ok:
-        return 2
-    for summary in summaries:
-        print(json.dumps({k: _rounded(v) for k, v in summary.items() if isinstance(v, int | float | str)}))
+    return _report(summaries) if ok else 2
+
+
+def _report(summaries: list[dict[str, Any]]) -> int:
+    """One JSON line of figures per run, from the main process only; then the process group ends."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        for summary in summaries:
+            print(json.dumps({k: _rounded(v) for k, v in summary.items() if isinstance(v, int | float | str)}))
+    state.destroy_process_group()  # the last run is over (a no-op on one process)
     return 0
 
 

@@ -151,7 +151,9 @@ class Recipe:
     loss: dict[str, Any] = field(default_factory=dict)  # the method's section: its MethodSpec.loss fields
     seed: int = 0  # init, sampling order, and the replay seed (must equal a store's global seed)
     grad_accum: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # null: the launcher's (accelerate config, env)
+    sync_bn: bool | None = None  # BatchNorm over all processes; null: on when there are several and BatchNorm
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate's log_with names; CSV always
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (0: end of epoch only)
     log_every: int = 10  # optimizer steps between logged training metrics
     then: list[dict[str, Any]] = field(default_factory=list)  # follow-up runs on this run's result

@@ -39,7 +39,8 @@ from .loader import TrainBatchSampler, collate
 from .plan import STORE_PIN, Plan
 from .plots import plot_training_curves
 from .recipe import to_dict
-from .tracking import CsvTracker
+from .syncbn import convert_sync_batchnorm, has_batchnorm
+from .tracking import CsvTracker, RunLog
 
 __all__ = ["TrainState", "Trainer"]
 
@@ -80,11 +81,12 @@ class Trainer:
         self.plan = plan
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # gloo for several CPU processes is set up only when asked
-            mixed_precision=recipe.mixed_precision,
+            mixed_precision=recipe.mixed_precision,  # None: the launcher's setting (accelerate config, env)
             gradient_accumulation_steps=recipe.grad_accum,
-            log_with=["tensorboard", self.csv_tracker],
+            log_with=[*recipe.trackers, self.csv_tracker],
             project_dir=str(plan.out),
         )
+        self.log = RunLog(plan.out, self.accelerator.is_main_process)
         self.recipe, self.method, self.teacher = plan.recipe, plan.method, plan.teacher
         self.state = TrainState()
         # Sums and counts of the logged values since the last log, on the device: no sync per step.
@@ -100,6 +102,12 @@ class Trainer:
         if acc.is_main_process:
             self.plan.out.mkdir(parents=True, exist_ok=True)
             self.lock = lock_output_dir(self.plan.out)  # held until the process ends
+        student = self.plan.student
+        self.sync_bn = bool(recipe.sync_bn) or (recipe.sync_bn is None and acc.num_processes > 1)
+        if self.sync_bn and has_batchnorm(student):
+            student = self.plan.student = convert_sync_batchnorm(student, acc.device)
+        else:
+            self.sync_bn = False
         opt, sched = recipe.optimizer, recipe.schedule
         optimizer = create_optimizer_v2(
             self.plan.student, opt=opt.name, lr=opt.lr, weight_decay=opt.weight_decay, momentum=opt.momentum,
@@ -118,14 +126,34 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(self.plan.student, optimizer)
         self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=recipe.ema.decay) if recipe.ema else None
         self.method.setup(self)
+        self.banner()
         if self.plan.resume_from:
             load_checkpoint(self, self.plan.resume_from)
-            acc.print(
-                f"resuming from {self.plan.resume_from} (epoch {self.state.epoch}, step {self.state.global_step})"
-            )
+            self.log(f"resuming from {self.plan.resume_from} (epoch {self.state.epoch}, step {self.state.global_step})")
         self.started, self.wall_before = time.perf_counter(), self.state.wall_seconds
-        self.csv_tracker.resume_step = self.state.global_step  # drops rows logged after the checkpoint
-        acc.init_trackers("tensorboard", config=_flat(public(to_dict(recipe))))
+        step = self.state.global_step
+        self.csv_tracker.resume_step = step  # drops rows logged after the checkpoint
+        purge = {"tensorboard": {"purge_step": step + 1}} if step and "tensorboard" in recipe.trackers else {}
+        acc.init_trackers(
+            "tensorboard", config=_flat(public(to_dict(recipe))), init_kwargs=purge
+        )  # no step logged twice
+
+    def banner(self) -> None:
+        """What this run is: device, processes, precision, data, steps, parameters, output dir."""
+        acc, plan, recipe = self.accelerator, self.plan, self.recipe
+        source = "the recipe" if recipe.mixed_precision is not None else "the launcher"
+        sizes = f"train {len(plan.train_ids)} (of {len(plan.train_set)}), val {len(plan.val_set)}"
+        dropped = len(plan.train_ids) - plan.steps_per_epoch * recipe.batch_size
+        params = sum(p.numel() for p in plan.student.parameters())
+        self.log(f"run {plan.out}: method {recipe.method}, student {recipe.student.model} ({params:,} parameters), "
+                 f"teacher {self.teacher.source if self.teacher else 'none'}")  # fmt: skip
+        self.log(f"  {acc.device.type} x {acc.num_processes} process(es), precision {acc.mixed_precision} "
+                 f"(from {source}){', SyncBatchNorm' if self.sync_bn else ''}; images {sizes}; "
+                 f"{plan.steps_per_epoch} steps of {recipe.batch_size} per epoch, {recipe.epochs} epochs")  # fmt: skip
+        if dropped / max(len(plan.train_ids), 1) > 0.05:
+            self.log(f"  warning: the last partial batch drops {dropped} of {len(plan.train_ids)} training images "
+                     f"every epoch ({100 * dropped / len(plan.train_ids):.0f}%): a batch_size dividing the data "
+                     "uses them all")  # fmt: skip
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
@@ -223,6 +251,10 @@ class Trainer:
         acc.log({**{f"train/{n}": v for n, v in values.items()}, "train/lr": lr, "train/images_per_s": img_s},
                 step=state.global_step)  # fmt: skip
         self.progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{img_s:.0f}")
+        if self.log.enabled:
+            with self.log.path.open("a") as f:  # the progress bar shows these; the file keeps them
+                parts = " ".join(f"{n} {v:.4g}" for n, v in values.items())
+                f.write(f"epoch {state.epoch} step {state.global_step}: {parts} lr {lr:.3g} img/s {img_s:.0f}\n")
         self.running, self.counts = {}, {}
 
     def evaluate(self) -> dict[str, float]:
@@ -232,6 +264,7 @@ class Trainer:
         state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
         self.accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.global_step)
         self.progress.set_postfix(top1=f"{metrics['top1']:.2f}", img_s=f"{state.images / state.train_seconds:.0f}")
+        self.log(f"epoch {state.epoch}: " + ", ".join(f"val {k} {v:.4g}" for k, v in metrics.items()))
         return metrics
 
     # ---- the end -------------------------------------------------------------------------------------------
@@ -263,6 +296,8 @@ class Trainer:
             title = f"{recipe.student.model} ({recipe.method})"
             plot_training_curves(state.history, out / "training_curves.png", title)
             (out / "summary.json").write_text(json.dumps(public(summary), indent=2) + "\n")
+            self.log(f"finished: top-1 {summary['top1']:.2f}, top-5 {summary['top5']:.2f}, "
+                     f"{summary['images_per_s']:.0f} images/s, {summary['wall_seconds']:.0f} s; weights {out / 'model.safetensors'}")  # fmt: skip
             remove_checkpoints(out)
         acc.wait_for_everyone()
         for tracker in acc.trackers:

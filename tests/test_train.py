@@ -61,7 +61,10 @@ def store(data, teacher_run):
         ({"epochs": 2.5}, r"epochs: expected an integer, got float 2\.5"),
         ({"epochs": 0}, r"epochs: expected an integer >= 1, got 0"),
         ({"data": {"train": "digits"}}, r"data\.val: missing required field \(a string\)"),
-        ({"mixed_precision": "fp8"}, r"mixed_precision: expected one of \['no', 'fp16', 'bf16'\], got str 'fp8'"),
+        (
+            {"mixed_precision": "fp8"},
+            r"mixed_precision: expected one of \['no', 'fp16', 'bf16'\] or null, got str 'fp8'",
+        ),
         ({"teacher": {"epochs": "loop"}}, r"teacher\.epochs: expected one of \['strict', 'cycle'\]"),
         ({"ema": {"decay": "high"}}, r"ema\.decay: expected a number, got str 'high'"),
         ({"student": "resnet18"}, r"student: expected a mapping, got str 'resnet18'"),
@@ -211,20 +214,45 @@ def test_cli_refuses_a_store_saved_with_other_augmentation(data, store, tmp_path
 # ---- processes, kill and resume --------------------------------------------------------------------------
 
 
+def two_process_weights(data, out, **changes) -> dict[str, torch.Tensor]:
+    recipe = write_recipe(out.with_suffix(".yaml"), base_recipe(data, out, **changes))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = run_cli("distill-train", [str(recipe)], data["root"], launcher=launcher, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2 and proc.stdout.count('"method"') == 1
+    return load_file(str(out / "model.safetensors"))
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one(data, tmp_path):
     """batch_size is global: 2 processes take the same steps as 1 (up to float reduction order)."""
-    results = {}
-    for n in (1, 2):
-        recipe = write_recipe(tmp_path / f"r{n}.yaml", base_recipe(data, tmp_path / f"p{n}", epochs=1))
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-        proc = run_cli("distill-train", [str(recipe)], data["root"], launcher=launcher, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        summary = json.loads((tmp_path / f"p{n}" / "summary.json").read_text())
-        assert summary["processes"] == n
-        results[n] = load_file(str(tmp_path / f"p{n}" / "model.safetensors"))
-    moved = max((results[1][k] - results[2][k]).abs().max().item() for k in results[1])
-    assert moved < 1e-4, moved
+    one = base_recipe(data, tmp_path / "one", epochs=1)
+    assert run_cli("distill-train", [str(write_recipe(tmp_path / "one.yaml", one))], data["root"]).returncode == 0
+    two = two_process_weights(data, tmp_path / "two", epochs=1)
+    assert max_difference(load_file(str(tmp_path / "one" / "model.safetensors")), two) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_batchnorm_student_on_two_processes_trains_like_one(tmp_path):
+    """SyncBatchNorm (on by default with several processes) normalises by the whole batch's statistics, as one
+    process does; `sync_bn: true` on one process gives the very same arithmetic (float64 statistics; plain
+    float32 BatchNorm differs by its own rounding on near-constant channels). Two SGD steps on 40 digits: BatchNorm over the near-constant channels of digits turns float
+    rounding (which differs with the process count) into visible changes over more steps, and Adam's first steps
+    move every parameter by about lr whatever its gradient's size, so rounding noise on a near-zero gradient
+    would show as an lr-sized difference."""
+    data = {"root": tmp_path, **small_digits(tmp_path, per_class_train=4, per_class_val=2)}
+    changes = {"epochs": 2, "student": {"model": "test_resnet"}, "optimizer": {"name": "sgd", "lr": 0.05}}
+    one = write_recipe(tmp_path / "one.yaml", base_recipe(data, tmp_path / "one", sync_bn=True, **changes))
+    assert run_cli("distill-train", [str(one)], data["root"]).returncode == 0
+    single = load_file(str(tmp_path / "one" / "model.safetensors"))
+    synced = two_process_weights(data, tmp_path / "synced", **changes)
+    assert "SyncBatchNorm" in (tmp_path / "synced" / "train.log").read_text()
+    per_process = two_process_weights(data, tmp_path / "per_process", sync_bn=False, **changes)
+    assert max_difference(single, synced) < 1e-4 < 1e-3 < max_difference(single, per_process)
 
 
 @pytest.mark.slow
@@ -254,3 +282,16 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(data, tmp_path):
         json.loads((killed / "summary.json").read_text())["top1"]
         == json.loads((tmp_path / "ref" / "summary.json").read_text())["top1"]
     )
+
+
+def test_precision_follows_the_launcher_unless_the_recipe_sets_it(data, tmp_path):
+    """accelerate launch --mixed_precision bf16 sets ACCELERATE_MIXED_PRECISION: a recipe silent on precision
+    follows it; a recipe that sets it wins; the run says which it used."""
+    silent = write_recipe(tmp_path / "silent.yaml", base_recipe(data, tmp_path / "silent", epochs=1))
+    proc = run_cli("distill-train", [str(silent)], data["root"], env_extra={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "precision bf16 (from the launcher)" in (tmp_path / "silent" / "train.log").read_text()
+    loud = write_recipe(tmp_path / "loud.yaml", base_recipe(data, tmp_path / "loud", epochs=1, mixed_precision="no"))
+    proc = run_cli("distill-train", [str(loud)], data["root"], env_extra={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "precision no (from the recipe)" in (tmp_path / "loud" / "train.log").read_text()

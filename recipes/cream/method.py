@@ -55,7 +55,7 @@ class Cream(Method):
         cfg, recipe = self.cfg, self.recipe
         if cfg.board_start_epoch >= recipe.epochs:
             raise RecipeError(f"loss.board_start_epoch: expected 0 .. {recipe.epochs - 1}, got {cfg.board_start_epoch}")
-        if recipe.mixed_precision != "no":
+        if recipe.mixed_precision not in (None, "no"):
             raise RecipeError(
                 "mixed_precision: the search runs in float32 (the meta update differentiates an SGD step)"
             )
@@ -96,6 +96,8 @@ class Cream(Method):
     def setup(self, trainer: Trainer) -> None:
         """The held-out batches, the board, the meta network and its optimizer (checkpointed: `state_dict`)."""
         cfg, acc = self.cfg, trainer.accelerator
+        if acc.mixed_precision != "no":  # the launcher's: the recipe said nothing
+            raise RecipeError("mixed_precision: the search runs in float32; set mixed_precision: 'no' in the recipe")
         self.trainer, self.device = trainer, acc.device
         views = ReplayAugment(eval_views(trainer.plan.augmentation), self.img_size, 0)
         self.heldout_data = ReplayDataset(self.heldout_set, views)
