@@ -193,7 +193,10 @@ class ImageDataset(ABC):
             with Image.open(io.BytesIO(data)) as image:
                 return image.convert("RGB")
         except Exception as err:
-            raise DatasetError(f"{self._where(i)}: not a readable image ({type(err).__name__}: {err})") from err
+            raise DatasetError(
+                f"{self._where(i)}: not a readable image ({type(err).__name__}: {err}); "
+                "--skip-unreadable (data.skip_unreadable in a recipe) drops such files"
+            ) from err
 
     def fingerprint(self, mode: FingerprintMode = "fast") -> str:
         """sha256 hex of the dataset (computed once per mode).

@@ -19,6 +19,7 @@ never asks whether its teacher is live or a store. Hooks with a default may be l
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,7 +66,9 @@ class Method:
         try:
             model = timm.create_model(cfg.model, **kwargs)
         except RuntimeError as err:  # timm's "Unknown model"
-            raise RecipeError(f"student.model: {err}") from None
+            close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else "; see timm.list_models()"
+            raise RecipeError(f"student.model: {err}{hint}") from None
         except (TypeError, ValueError) as err:  # a model's own refusal of its keyword arguments
             raise RecipeError(f"student.kwargs: {cfg.model}: {err}") from None
         found = getattr(model, "num_classes", self.num_classes)

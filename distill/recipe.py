@@ -72,6 +72,10 @@ class MethodSpec:
     outputs: Literal["logits", "embeddings"] = "logits"
 
 
+# accelerate's log_with names (accelerate.tracking.LOGGER_TYPE_TO_CLASS, written out so recipes validate without it);
+# each needs its package installed, which accelerate checks when the run starts.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
 METHODS: Registry[MethodSpec] = Registry("method", RecipeError, group="distill.methods", duplicates="warn")
 
 
@@ -166,6 +170,9 @@ class Recipe:
         _positive(self.eval, "batch_size", "eval.")
         if self.checkpoint_every < 0:
             raise RecipeError(f"checkpoint_every: expected >= 0, got {self.checkpoint_every}")
+        unknown = sorted(set(self.trackers) - set(TRACKERS))
+        if unknown:
+            raise RecipeError(f"trackers: unknown {unknown}; accelerate's are {list(TRACKERS)} (CSV is always kept)")
 
 
 def parse_recipe(raw: dict[str, Any]) -> Recipe:

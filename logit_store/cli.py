@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except DistillError as err:
         print(f"distill-store {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `distill-store info STORE | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -171,3 +171,11 @@ def test_cli_answers_help_and_recipe_errors_without_importing_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert "imported: []" in proc.stdout, proc.stdout + proc.stderr
     assert "usage: distill-train" in proc.stdout and "loss.temprature: unknown key" in proc.stderr
+
+
+def test_trackers_written_out_are_accelerates():
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    from distill.recipe import TRACKERS
+
+    assert set(TRACKERS) == set(LOGGER_TYPE_TO_CLASS)
