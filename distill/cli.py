@@ -100,7 +100,10 @@ class SaveConfig:
     k: int | None = _option("classes kept per record (logits teachers; a CLIP teacher stores embeddings)", None)
     backend: str = _option("zarr or lmdb", "zarr")
     checkpoint: str | None = _option("the teacher's weights (.safetensors, or .pth read with weights_only)", None)
-    aug: str = _option("augmentation preset or YAML file: the views students will replay", "basic")
+    aug: str | dict = field(  # a mapping of AugRecipe fields only through --from-recipe or --config
+        default="basic",
+        metadata={"help": "augmentation preset or YAML file: the views students will replay (default: basic)"},
+    )
     img_size: int = _option("the teacher's input size", 224)
     batch_size: int = _option("teacher batch (part of the store's identity: a resume must keep it)", 64)
     workers: int = _option("DataLoader worker processes", 0)
@@ -117,7 +120,7 @@ class SaveConfig:
         for f in fields(self):
             value, kind = getattr(self, f.name), _TYPES[str(f.type)]
             if value is not None and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
-                raise RecipeError(f"option '{f.name}' must be {kind.__name__}, got {value!r}")
+                raise RecipeError(f"option '{f.name}' must be {f.type.replace(' | None', '')}, got {value!r}")
         for name in ("epochs", "k", "img_size", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise RecipeError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
@@ -125,7 +128,7 @@ class SaveConfig:
             raise RecipeError(f"option 'fingerprint' must be content or fast, got {self.fingerprint!r}")
 
 
-_TYPES = {"str": str, "int": int, "bool": bool, "str | None": str, "int | None": int}
+_TYPES = {"str": str, "int": int, "bool": bool, "str | None": str, "int | None": int, "str | dict": (str, dict)}
 _REQUIRED = [f.name for f in fields(SaveConfig) if f.default is MISSING]
 
 
@@ -135,16 +138,26 @@ def parse_save_config(argv: list[str] | None = None) -> SaveConfig:
         prog="distill-save-logits", description=SAVE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", help="YAML file with the same keys as the options (underscores or dashes)")
+    parser.add_argument(
+        "--from-recipe",
+        metavar="RECIPE.yaml",
+        help="take data, augmentation, image size, seed and epochs (and the store from teacher.source: store:PATH) "
+        "from the training recipe the students will use, so they cannot disagree",
+    )
     for f in fields(SaveConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=_TYPES[str(f.type)], default=None, help=f.metadata["help"])
+            parser.add_argument(
+                flag, type=_TYPES[str(f.type).replace(" | dict", "")], default=None, help=f.metadata["help"]
+            )
     args = vars(parser.parse_args(argv))
-    config_path = args.pop("config")
+    config_path, recipe_path = args.pop("config"), args.pop("from_recipe")
     values = _read_options(config_path, parser) if config_path else {}
     values |= {key: value for key, value in args.items() if value is not None}
+    if recipe_path:
+        values = _from_recipe(recipe_path, values, parser)
     missing = [name for name in _REQUIRED if name not in values]
     if missing:
         parser.error(f"missing required option(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
@@ -168,6 +181,31 @@ def _read_options(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     if unknown:
         parser.error(f"--config {path}: unknown key(s) {unknown}; known: {sorted(known)}")
     return values
+
+
+# The options a training recipe decides, by the recipe's own key.
+RECIPE_KEYS = {"data": "data.train", "aug": "augmentation", "img_size": "data.img_size", "seed": "seed",
+               "skip_unreadable": "data.skip_unreadable", "epochs": "epochs", "out": "teacher.source"}  # fmt: skip
+
+
+def _from_recipe(path: str, values: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The options RECIPE_KEYS names, read from a training recipe; giving them too is refused."""
+    try:
+        recipe = parse_recipe(load_recipe_file(path))
+    except DistillError as err:
+        parser.error(f"--from-recipe {path}: {err}")
+    source = recipe.teacher.source or ""
+    taken = {"data": recipe.data.train, "aug": recipe.augmentation, "img_size": recipe.data.img_size,
+             "seed": recipe.seed, "skip_unreadable": recipe.data.skip_unreadable, "epochs": recipe.epochs}  # fmt: skip
+    if source.startswith("store:"):
+        taken["out"] = source.removeprefix("store:")
+    both = sorted(set(taken) & set(values))
+    if both:
+        parser.error(
+            f"--from-recipe {path} sets {', '.join(f'--{k.replace(chr(95), chr(45))} ({RECIPE_KEYS[k]})' for k in both)}; "
+            "give them in the recipe only"
+        )
+    return values | taken
 
 
 def save_logits(argv: list[str] | None = None) -> int:

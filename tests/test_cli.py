@@ -41,3 +41,19 @@ def test_an_unknown_tracker_is_named(tmp_path):
     recipe = base_recipe({"train": "a", "val": "b"}, tmp_path, trackers=["tensorboard", "wandbb"])
     with pytest.raises(RecipeError, match=r"trackers: unknown \['wandbb'\]; accelerate's are"):
         parse_recipe(recipe)
+
+
+def test_save_from_a_training_recipe_takes_its_data_views_size_seed_and_store(tmp_path):
+    from train_helpers import write_recipe
+
+    from distill.cli import parse_save_config
+
+    recipe = base_recipe({"train": "digits", "val": "digits"}, tmp_path / "run", method="tinyvit", epochs=3,
+                         seed=5, teacher={"source": f"store:{tmp_path / 't.zarr'}"},
+                         augmentation={"hflip": 0.0, "scale": [0.5, 1.0]})  # fmt: skip
+    path = write_recipe(tmp_path / "student.yaml", recipe)
+    cfg = parse_save_config(["--from-recipe", str(path), "--teacher", "timm:test_vit", "--k", "3"])
+    assert (cfg.data, cfg.img_size, cfg.seed, cfg.epochs, cfg.out) == ("digits", 32, 5, 3, str(tmp_path / "t.zarr"))
+    assert cfg.aug == {"hflip": 0.0, "scale": [0.5, 1.0]}
+    with pytest.raises(SystemExit):
+        parse_save_config(["--from-recipe", str(path), "--teacher", "timm:test_vit", "--k", "3", "--img-size", "64"])
