@@ -36,10 +36,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "check_output_dir",
+    "extends",
+    "keep_last_checkpoint",
     "load_checkpoint",
     "lock_output_dir",
     "public",
-    "remove_checkpoints",
     "same_run",
     "save_checkpoint",
     "save_weights",
@@ -49,17 +50,24 @@ __all__ = [
 RECIPE_FILE = "recipe.yaml"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
+LAST, BEST = "last", "best"  # a finished run's final state, and its state at the best validation top-1
 
 
 # ---- the output dir ----------------------------------------------------------------------------------------
 
 
 def check_output_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
-    """Check `out` can take this run (reads only); the checkpoint to resume from, if any."""
+    """Check `out` can take this run (reads only); the checkpoint to resume from, if any: the last step's,
+    or a finished run's `checkpoints/last` when this recipe only asks for more epochs (an extension)."""
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output_dir {out} is a file, not a folder")
     if (out / SUMMARY_FILE).exists():
-        raise RecipeError(f"output_dir {out} holds a finished run ({SUMMARY_FILE}): choose another output_dir")
+        if extends(out, resolved):
+            return out / CHECKPOINTS / LAST
+        raise RecipeError(
+            f"output_dir {out} holds a finished run ({SUMMARY_FILE}): choose another output_dir, or ask for more "
+            "epochs to extend it"
+        )
     checkpoints = sorted((out / CHECKPOINTS).glob("step_*[0-9]"))
     saved = out / RECIPE_FILE
     if saved.exists() and checkpoints:
@@ -92,14 +100,23 @@ def same_run(saved: Any, resolved: dict[str, Any]) -> bool:
     }
 
 
+def extends(out: Path, resolved: dict[str, Any]) -> bool:
+    """Whether this recipe continues the finished run in `out`: the same recipe with more epochs."""
+    saved = yaml.safe_load((out / RECIPE_FILE).read_text()) if (out / RECIPE_FILE).exists() else None
+    if not isinstance(saved, dict) or not (out / CHECKPOINTS / LAST).is_dir():
+        return False
+    more = isinstance(saved.get("epochs"), int) and resolved["epochs"] > saved["epochs"]
+    return more and same_run(saved | {"epochs": resolved["epochs"]}, resolved)
+
+
 def lock_output_dir(out: Path) -> RangeLock:
     """Hold `out` for this run; a second run there is refused while the first lives."""
     return RangeLock(str(out), ".lock", f"output_dir {out}")
 
 
-def write_recipe(out: Path, resolved: dict[str, Any]) -> None:
-    """The run's recipe, credentials redacted; a run that never checkpointed leaves nothing else behind."""
-    if not list((out / CHECKPOINTS).glob("step_*[0-9]")):  # a fresh start: logs of a failed try go
+def write_recipe(out: Path, resolved: dict[str, Any], fresh: bool) -> None:
+    """The run's recipe, credentials redacted; a fresh start clears what a try that never checkpointed left."""
+    if fresh:
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         (out / "metrics.csv").unlink(missing_ok=True)
@@ -117,10 +134,11 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
 # ---- checkpoints -------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(trainer: Trainer, step: int) -> None:
-    """The run's state into checkpoints/step_N, made visible by one rename; older ones removed after."""
+def save_checkpoint(trainer: Trainer, step: int | None = None) -> None:
+    """The run's state into checkpoints/step_N (older step_* removed after), or into checkpoints/best with no
+    step; made visible by one rename, so a kill at any moment leaves the previous one whole."""
     acc, out = trainer.accelerator, trainer.plan.out
-    final = out / CHECKPOINTS / f"step_{step:08d}"
+    final = out / CHECKPOINTS / (BEST if step is None else f"step_{step:08d}")
     partial = final.with_name(final.name + ".partial")
     if acc.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
@@ -132,8 +150,12 @@ def save_checkpoint(trainer: Trainer, step: int) -> None:
     torch.save(_rng_state(), partial / f"rng_{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
+        replaced = final.with_name(final.name + ".old")
+        if final.exists():
+            final.rename(replaced)
         partial.rename(final)
-        for old in (out / CHECKPOINTS).glob("step_*"):
+        shutil.rmtree(replaced, ignore_errors=True)
+        for old in (out / CHECKPOINTS).glob("step_*") if step is not None else ():
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
@@ -145,7 +167,8 @@ def load_checkpoint(trainer: Trainer, path: Path) -> None:
     acc.unwrap_model(trainer.model).load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"))
     state = torch.load(path / "state.pt", map_location=acc.device, weights_only=True)
     trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
+    if not trainer.plan.extends:  # an extension runs the schedule made for its new length
+        trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.state.load_state_dict(state["train"])
     if trainer.ema is not None:
         trainer.ema.load_state_dict(state["ema"])
@@ -186,9 +209,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def remove_checkpoints(out: Path) -> None:
-    """A finished run's result is its weights: its resumable state goes."""
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+def keep_last_checkpoint(out: Path) -> None:
+    """A finished run keeps its final state as checkpoints/last (to extend or fine-tune it) beside best."""
+    steps = sorted((out / CHECKPOINTS).glob("step_*[0-9]"))
+    if steps:
+        shutil.rmtree(out / CHECKPOINTS / LAST, ignore_errors=True)
+        steps[-1].rename(out / CHECKPOINTS / LAST)
 
 
 def save_weights(model: nn.Module, path: Path) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from teachers import Teacher, create_teacher
 
 from .augment import PRESETS, AugRecipe, load_recipe, recipe_manifest_entry
-from .checkpoint import check_output_dir
+from .checkpoint import LAST, check_output_dir
 from .data import ImageDataset, create_dataset
 from .errors import RecipeError
 from .loader import ReplayDataset
@@ -51,6 +51,7 @@ class Plan:
     train_data: ReplayDataset
     val_data: ReplayDataset
     store_pin: dict[str, Any] | None  # what the run pins of a store teacher (see `pin_store`)
+    extends: bool  # the run continues a finished run of fewer epochs (from its checkpoints/last)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -95,7 +96,7 @@ def make_plan(recipe: Recipe, num_processes: int, device: torch.device, build_st
     pin = pin_store(teacher, recipe, out, resume_from) if teacher is not None and teacher.store is not None else None
     return Plan(
         recipe, out, resume_from, augmentation, train_set, val_set, train_ids, method, teacher, student,
-        train_data, val_data, pin,
+        train_data, val_data, pin, resume_from is not None and resume_from.name == LAST,
     )  # fmt: skip
 
 

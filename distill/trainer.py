@@ -26,11 +26,14 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
+from logit_store.locks import RangeLock
+
 from .checkpoint import (
+    SUMMARY_FILE,
+    keep_last_checkpoint,
     load_checkpoint,
     lock_output_dir,
     public,
-    remove_checkpoints,
     save_checkpoint,
     save_weights,
     write_recipe,
@@ -63,6 +66,8 @@ class TrainState:
     images: int = 0  # training images seen, all processes
     train_seconds: float = 0.0  # time in training steps (not eval or checkpoints)
     wall_seconds: float = 0.0  # the run's wall time up to its last checkpoint, over every process that ran it
+    best_top1: float = -1.0  # the best validation top-1 so far (checkpoints/best holds that state)
+    best_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
@@ -89,6 +94,7 @@ class Trainer:
         self.log = RunLog(plan.out, self.accelerator.is_main_process)
         self.recipe, self.method, self.teacher = plan.recipe, plan.method, plan.teacher
         self.state = TrainState()
+        self.lock: RangeLock | None = None
         # Sums and counts of the logged values since the last log, on the device: no sync per step.
         self.running: dict[str, torch.Tensor] = {}
         self.counts: dict[str, float] = {}
@@ -101,7 +107,7 @@ class Trainer:
         recipe, acc = self.recipe, self.accelerator
         if acc.is_main_process:
             self.plan.out.mkdir(parents=True, exist_ok=True)
-            self.lock = lock_output_dir(self.plan.out)  # held until the process ends
+            self.lock = lock_output_dir(self.plan.out)
         student = self.plan.student
         self.sync_bn = bool(recipe.sync_bn) or (recipe.sync_bn is None and acc.num_processes > 1)
         if self.sync_bn and has_batchnorm(student):
@@ -120,16 +126,21 @@ class Trainer:
         )  # fmt: skip
         acc.wait_for_everyone()
         if acc.is_main_process:
-            write_recipe(self.plan.out, to_dict(recipe))
+            write_recipe(self.plan.out, to_dict(recipe), fresh=self.plan.resume_from is None)
             if self.plan.store_pin is not None and not self.plan.resume_from:
                 (self.plan.out / STORE_PIN).write_text(json.dumps(self.plan.store_pin, indent=1))
         self.model, self.optimizer = acc.prepare(self.plan.student, optimizer)
         self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=recipe.ema.decay) if recipe.ema else None
         self.method.setup(self)
         self.banner()
+        if self.plan.extends and acc.is_main_process:  # the finished run's summary stays, under its epochs
+            previous = json.loads((self.plan.out / SUMMARY_FILE).read_text())
+            (self.plan.out / SUMMARY_FILE).rename(self.plan.out / f"summary.epochs_{previous['epochs']}.json")
         if self.plan.resume_from:
             load_checkpoint(self, self.plan.resume_from)
-            self.log(f"resuming from {self.plan.resume_from} (epoch {self.state.epoch}, step {self.state.global_step})")
+            self.scheduler.step_update(self.state.global_step)  # (an extension's new schedule, where it stands)
+            what = "extending" if self.plan.extends else "resuming"
+            self.log(f"{what} from {self.plan.resume_from} (epoch {self.state.epoch}, step {self.state.global_step})")
         self.started, self.wall_before = time.perf_counter(), self.state.wall_seconds
         step = self.state.global_step
         self.csv_tracker.resume_step = step  # drops rows logged after the checkpoint
@@ -158,7 +169,15 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        """Train for the recipe's epochs (from where a resumed run stopped); returns the summary."""
+        """Train for the recipe's epochs (from where a resumed run stopped); returns the summary. The output
+        dir is held from setup to the end (released here too, when the run fails, for a caller that goes on)."""
+        try:
+            return self._fit()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self) -> dict[str, Any]:
         self.setup()
         recipe, acc, state = self.recipe, self.accelerator, self.state
         steps = self.plan.steps_per_epoch
@@ -265,6 +284,9 @@ class Trainer:
         self.accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.global_step)
         self.progress.set_postfix(top1=f"{metrics['top1']:.2f}", img_s=f"{state.images / state.train_seconds:.0f}")
         self.log(f"epoch {state.epoch}: " + ", ".join(f"val {k} {v:.4g}" for k, v in metrics.items()))
+        if metrics["top1"] > state.best_top1:
+            state.best_top1, state.best_epoch = metrics["top1"], state.epoch
+            save_checkpoint(self)  # checkpoints/best: weights and state, to fine-tune or compare
         return metrics
 
     # ---- the end -------------------------------------------------------------------------------------------
@@ -288,6 +310,8 @@ class Trainer:
             "batch_size": recipe.batch_size,
             "processes": acc.num_processes,
             "ema": bool(self.ema),
+            "best_top1": state.best_top1,
+            "best_epoch": state.best_epoch,
         }
         if acc.is_main_process:
             summary |= self.method.finish(final, out)
@@ -298,7 +322,7 @@ class Trainer:
             (out / "summary.json").write_text(json.dumps(public(summary), indent=2) + "\n")
             self.log(f"finished: top-1 {summary['top1']:.2f}, top-5 {summary['top5']:.2f}, "
                      f"{summary['images_per_s']:.0f} images/s, {summary['wall_seconds']:.0f} s; weights {out / 'model.safetensors'}")  # fmt: skip
-            remove_checkpoints(out)
+            keep_last_checkpoint(out)
         acc.wait_for_everyone()
         for tracker in acc.trackers:
             tracker.finish()

@@ -295,3 +295,22 @@ def test_precision_follows_the_launcher_unless_the_recipe_sets_it(data, tmp_path
     proc = run_cli("distill-train", [str(loud)], data["root"], env_extra={"ACCELERATE_MIXED_PRECISION": "bf16"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "precision no (from the recipe)" in (tmp_path / "loud" / "train.log").read_text()
+
+
+def test_a_finished_run_keeps_its_last_and_best_state_and_is_extended_by_more_epochs(data, tmp_path):
+    out = tmp_path / "run"
+    first = run_recipe(base_recipe(data, out, epochs=1))[0]
+    last, best = out / "checkpoints" / "last", out / "checkpoints" / "best"
+    final = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(final[k], v) for k, v in load_file(str(last / "model.safetensors")).items())
+    assert torch.load(best / "state.pt", weights_only=True)["train"]["best_top1"] == first["best_top1"] == first["top1"]
+    with pytest.raises(RecipeError, match="holds a finished run"):
+        run_recipe(base_recipe(data, out, epochs=1, optimizer={"lr": 0.001}))  # another recipe: refused
+    extended = run_recipe(base_recipe(data, out, epochs=3))[0]
+    assert extended["epochs"] == 3 and extended["steps"] == 3 * first["steps"]
+    assert json.loads((out / "summary.epochs_1.json").read_text()) == json.loads(json.dumps(first))
+    assert "extending from" in (out / "train.log").read_text()
+    steps = [int(r.split(",")[0]) for r in (out / "metrics.csv").read_text().splitlines()[1:] if ",train/loss," in r]
+    assert steps == list(range(1, 3 * first["steps"] + 1))  # the first epoch's rows kept, none twice
+    tops = [float(r.split(",")[2]) for r in (out / "metrics.csv").read_text().splitlines()[1:] if ",val/top1," in r]
+    assert extended["best_top1"] == max(tops) and len(tops) == 3
