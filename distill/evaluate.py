@@ -7,6 +7,7 @@ against the embeddings of class-name prompts. Both give top-1 / top-5 in percent
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ def _topk(
     batch_size: int,
     accelerator: Accelerator,
 ) -> dict[str, float]:
+    """Top-1 / top-5 (%) of `scores_of(images)` over the dataset, `model` in eval mode meanwhile."""
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for batch in _batches(data, batch_size, accelerator):
@@ -50,6 +52,12 @@ def classification_accuracy(
 ) -> dict[str, float]:
     """Top-1 / top-5 (%) of the model's logits."""
     return _topk(model, model, data, batch_size, accelerator)
+
+
+@torch.no_grad()
+def teacher_accuracy(teacher: Any, data: ReplayDataset, batch_size: int, accelerator: Accelerator) -> dict[str, float]:
+    """Top-1 / top-5 (%) of a live logits teacher on the same views as the student's evaluation."""
+    return _topk(teacher.logits, teacher.model, data, batch_size, accelerator)
 
 
 @torch.no_grad()

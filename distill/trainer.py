@@ -38,6 +38,7 @@ from .checkpoint import (
     save_weights,
     write_recipe,
 )
+from .evaluate import teacher_accuracy
 from .loader import TrainBatchSampler, collate
 from .plan import STORE_PIN, Plan
 from .plots import plot_training_curves
@@ -67,6 +68,7 @@ class TrainState:
     train_seconds: float = 0.0  # time in training steps (not eval or checkpoints)
     wall_seconds: float = 0.0  # the run's wall time up to its last checkpoint, over every process that ran it
     best_top1: float = -1.0  # the best validation top-1 so far (checkpoints/best holds that state)
+    teacher_top1: float | None = None  # a live classifier teacher's validation top-1 (measured once)
     best_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -141,6 +143,8 @@ class Trainer:
             self.scheduler.step_update(self.state.global_step)  # (an extension's new schedule, where it stands)
             what = "extending" if self.plan.extends else "resuming"
             self.log(f"{what} from {self.plan.resume_from} (epoch {self.state.epoch}, step {self.state.global_step})")
+        if not self.plan.resume_from:
+            self.state.teacher_top1 = self.teacher_top1()
         self.started, self.wall_before = time.perf_counter(), self.state.wall_seconds
         step = self.state.global_step
         self.csv_tracker.resume_step = step  # drops rows logged after the checkpoint
@@ -148,6 +152,18 @@ class Trainer:
         acc.init_trackers(
             "tensorboard", config=_flat(public(to_dict(recipe))), init_kwargs=purge
         )  # no step logged twice
+
+    def teacher_top1(self) -> float | None:
+        """A live teacher that classifies the data's classes, scored once on the evaluation views (for the
+        curves' reference line); None for a store (its views are the training ones) or an embeddings teacher."""
+        teacher = self.teacher
+        if teacher is None or teacher.store is not None or teacher.outputs != "logits":
+            return None
+        if not self.plan.val_set.has_labels or getattr(teacher, "model", None) is None:
+            return None
+        top1 = teacher_accuracy(teacher, self.plan.val_data, self.recipe.eval.batch_size, self.accelerator)["top1"]
+        self.log(f"teacher {teacher.spec}: validation top-1 {top1:.2f}")
+        return top1
 
     def banner(self) -> None:
         """What this run is: device, processes, precision, data, steps, parameters, output dir."""
@@ -300,6 +316,7 @@ class Trainer:
             "student": recipe.student.model,
             "params": sum(p.numel() for p in final.parameters()),
             "teacher_source": self.teacher.source if self.teacher else "none",
+            "teacher_top1": state.teacher_top1,
             "epochs": recipe.epochs,
             "top1": state.history[-1]["top1"],
             "top5": state.history[-1]["top5"],
@@ -318,7 +335,8 @@ class Trainer:
             summary["result_student"] = self.method.result_student(out, summary)
             save_weights(final, out / "model.safetensors")
             title = f"{recipe.student.model} ({recipe.method})"
-            plot_training_curves(state.history, out / "training_curves.png", title)
+            plot_training_curves(state.history, out / "training_curves.png", title, self.plan.train_set.num_classes,
+                                 state.teacher_top1)  # fmt: skip
             (out / "summary.json").write_text(json.dumps(public(summary), indent=2) + "\n")
             self.log(f"finished: top-1 {summary['top1']:.2f}, top-5 {summary['top5']:.2f}, "
                      f"{summary['images_per_s']:.0f} images/s, {summary['wall_seconds']:.0f} s; weights {out / 'model.safetensors'}")  # fmt: skip

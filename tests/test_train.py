@@ -134,7 +134,7 @@ def test_run_writes_weights_summary_logs_and_plot(data, teacher_run):
     )
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert not (out / "checkpoints").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "last"]  # no step_* left
     # the weights load as a teacher with --checkpoint and give the reported accuracy
     teacher = create_teacher(f"timm:{TEACHER}", 10, str(out / "model.safetensors"))
     assert teacher.weights_sha256
