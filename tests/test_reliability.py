@@ -125,13 +125,19 @@ def test_plan_refuses_a_student_with_another_class_count_and_a_negative_lr(data,
 
 
 @pytest.mark.slow
-def test_wall_seconds_count_every_process_of_a_resumed_run(data, tmp_path):
+def test_a_resumed_run_counts_its_whole_wall_time_and_logs_no_step_twice(data, tmp_path):
+    """Killed after step 12, two steps past its last checkpoint (epoch 2's end, step 10): the resumed run logs
+    steps 11 and 12 again, and neither metrics.csv nor TensorBoard may hold them twice."""
     out = tmp_path / "run"
-    recipe = base_recipe(data, out, epochs=3, checkpoint_every=1)
-    path = write_recipe(tmp_path / "r.yaml", recipe)
-    proc = run_cli("distill-train", [str(path)], data["root"], env_extra={FAULT_AFTER_STEPS: "14"})
+    path = write_recipe(tmp_path / "r.yaml", base_recipe(data, out, epochs=3))
+    proc = run_cli("distill-train", [str(path)], data["root"], env_extra={FAULT_AFTER_STEPS: "12"})
     assert proc.returncode == -9
-    state = torch.load(out / "checkpoints" / "step_00000014" / "state.pt", weights_only=True)
+    state = torch.load(out / "checkpoints" / "step_00000010" / "state.pt", weights_only=True)
     assert run_cli("distill-train", [str(path)], data["root"]).returncode == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["wall_seconds"] > state["train"]["wall_seconds"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = sorted(e.step for e in EventAccumulator(str(out / "tensorboard")).Reload().Scalars("train/loss"))
+    rows = [int(r.split(",")[0]) for r in (out / "metrics.csv").read_text().splitlines()[1:] if ",train/loss," in r]
+    assert logged == rows == list(range(1, 16))

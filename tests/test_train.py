@@ -278,6 +278,11 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [int(r.split(",")[0]) for r in (killed / "metrics.csv").read_text().splitlines()[1:] if ",train/loss," in r]
     assert steps == sorted(set(steps)) == list(range(1, 16))  # no step logged twice after the resume
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(killed / "tensorboard")).Reload()  # every event file of the run's folder
+    logged = sorted(e.step for e in scalars.Scalars("train/loss"))
+    assert logged == list(range(1, 16))  # TensorBoard too: the killed process's steps past the checkpoint purged
     assert (
         json.loads((killed / "summary.json").read_text())["top1"]
         == json.loads((tmp_path / "ref" / "summary.json").read_text())["top1"]
