@@ -1,6 +1,7 @@
 """Image (and image-text) datasets with stable sample ids, labels and a fingerprint.
 
-Every sample has an integer id in [0, N) and a label. ``fingerprint()`` is a sha256 over
+Every sample has an integer id in [0, N) and a label, ``NO_LABEL`` (-1) for an unlabelled image:
+a teacher needs no labels, so a store can cover images nobody labelled. ``fingerprint()`` is a sha256 over
 the count, the class names and, per id, the label, the file (or tar member) size and the
 relative path, so a logit store can check that training reads the data it was saved from.
 Moving the data elsewhere keeps the fingerprint; renaming, resizing or relabelling a file
@@ -18,9 +19,11 @@ Specs accepted by ``create_dataset``:
 
 - ``digits``: scikit-learn's 8x8 handwritten digits, written once as 32x32 PNGs to
   ``<cache>/digits/{train,val}/<class>/<index>.png`` (fixed 80/20 split)
-- ``PATH``: an image folder, one sub-folder per class, images found recursively;
+- ``PATH``: an image folder, one sub-folder per class, images found recursively (a folder of
+  images with no class sub-folders is unlabelled; ``unlabeled:PATH`` ignores class folders);
   ids sorted by (class name, relative path)
-- ``csv:PATH``: a CSV/TSV with ``path`` and ``label`` columns; ids = row order
+- ``csv:PATH``: a CSV/TSV with a ``path`` and an optional ``label`` column (an empty label: an
+  unlabelled image); ids = row order
 - ``wds:PATTERN``: webdataset tar shards (glob, folder or one ``.tar``), labels from ``.cls``
   members and, when the shards have them, captions from ``.txt`` members (then every sample
   needs a ``.txt``; ``.cls`` becomes optional, but all or none); ids follow shard order then
@@ -62,7 +65,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SPEC_FORMS = (
     "digits",
-    "PATH (a folder with one sub-folder per class)",
+    "PATH (a folder with one sub-folder per class, or of unlabelled images)",
+    "unlabeled:PATH",
     "csv:PATH",
     "wds:PATTERN",
     "pairs:PATH",
@@ -361,6 +365,8 @@ class _FileDataset(ImageDataset):
 
 class FolderDataset(_FileDataset):
     """``root/<class>/**/<image>``: classes = sorted sub-folder names; ids sorted by (class, relative path).
+    A folder of images with no class sub-folders, or any folder with ``labeled=False`` (spec
+    ``unlabeled:PATH``), is unlabelled: every image under it, ids sorted by relative path.
 
     Hidden entries (names starting with '.') are ignored, as are files without an image extension.
     With ``caption_of_class`` (class folder name -> text) it is an image-text dataset whose every
@@ -373,9 +379,17 @@ class FolderDataset(_FileDataset):
         spec: str | None = None,
         skip_unreadable: bool = False,
         caption_of_class: Callable[[str], str] | None = None,
+        labeled: bool = True,
     ) -> None:
         root = Path(root).expanduser().absolute()
-        classes = _class_folders(root)
+        classes = _class_folders(root) if labeled else []
+        if not classes:  # unlabelled: every image under root, by relative path
+            files = _images_in(root)
+            if not files:
+                raise DatasetError(f"{root}: holds no images (looked for {' '.join(IMAGE_EXTENSIONS)} in it)")
+            sizes = [_file_size(root / f) for f in files]
+            super().__init__(spec or str(root), root, [], files, [NO_LABEL] * len(files), sizes, skip_unreadable)
+            return
         names: list[str] = []
         labels: list[int] = []
         sizes: list[int] = []
@@ -406,8 +420,11 @@ def _class_folders(root: Path) -> list[str]:
         classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and e.is_dir())
     except OSError as err:
         raise DatasetError(f"{root}: cannot list the folder ({err.strerror or err})") from err
-    if not classes:
-        raise DatasetError(f"{root}: no class sub-folders (expected one sub-folder per class: {root}/<class>/<image>)")
+    if not classes and not any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(root)):
+        raise DatasetError(
+            f"{root}: no class sub-folders and no images (expected {root}/<class>/<image>, or images for "
+            "an unlabelled dataset)"
+        )
     return classes
 
 
@@ -444,10 +461,12 @@ class _Row(NamedTuple):
 
 
 class CsvDataset(_FileDataset):
-    """A CSV (or TSV) with ``path`` and ``label`` columns; ids = row order.
+    """A CSV (or TSV) with a ``path`` column and an optional ``label`` column; ids = row order.
 
     Relative paths are relative to the CSV's folder. Labels are class names (classes = sorted
-    unique names) or, when every label is an integer, indices (classes = "0" .. str(max)).
+    unique names) or, when every label is an integer, indices (classes = "0" .. str(max)). A row
+    with an empty label, or every row without a label column, is an unlabelled image (``NO_LABEL``):
+    a teacher can still teach it.
     """
 
     def __init__(self, csv_path: str | os.PathLike, spec: str | None = None, skip_unreadable: bool = False) -> None:
@@ -573,14 +592,14 @@ def _read_table(path: Path, required: tuple[str, ...], optional: tuple[str, ...]
 
 
 def _read_rows(path: Path) -> list[_Row]:
-    table = _read_table(path, ("path", "label"))
-    at_path, at_label = table.columns["path"], table.columns["label"]
+    """Rows with a path and a label ("" where the label column is missing or empty: an unlabelled image)."""
+    table = _read_table(path, ("path",), optional=("label",))
+    at_path, at_label = table.columns["path"], table.columns.get("label")
     rows: list[_Row] = []
     for number, line, cells in table.rows:
-        file, label = cells[at_path].strip(), cells[at_label].strip()
-        if not file or not label:
-            missing = "path" if not file else "label"
-            raise DatasetError(f"{path}: row {number} (line {line}): empty '{missing}'")
+        file, label = cells[at_path].strip(), "" if at_label is None else cells[at_label].strip()
+        if not file:
+            raise DatasetError(f"{path}: row {number} (line {line}): empty 'path'")
         rows.append(_Row(number, line, file, label))
     return rows
 
@@ -595,16 +614,19 @@ def _delimiter(path: Path, header_line: str) -> str:
 
 
 def _csv_labels(path: Path, rows: list[_Row]) -> tuple[list[str], list[int]]:
-    texts = [row.label for row in rows]
+    """(classes, labels) of the labelled rows, NO_LABEL for the others (empty label: an unlabelled image)."""
+    texts = [row.label for row in rows if row.label]
+    if not texts:
+        return [], [NO_LABEL] * len(rows)
     if all(_INTEGER.fullmatch(text) for text in texts):
-        values = [int(text) for text in texts]
-        for row, value in zip(rows, values, strict=True):
-            if value < 0:
+        for row in rows:
+            if row.label and int(row.label) < 0:
                 raise DatasetError(f"{path}: row {row.number} (line {row.line}): label {row.label} is negative")
-        return [str(i) for i in range(max(values) + 1)], values
+        classes = [str(i) for i in range(max(int(t) for t in texts) + 1)]
+        return classes, [int(row.label) if row.label else NO_LABEL for row in rows]
     classes = sorted(set(texts))
     index = {name: i for i, name in enumerate(classes)}
-    return classes, [index[text] for text in texts]
+    return classes, [index[row.label] if row.label else NO_LABEL for row in rows]
 
 
 # ---------------------------------------------------------------- webdataset tar shards
@@ -617,9 +639,9 @@ class TarDataset(ImageDataset):
 
     A sample is an image member plus a ``.cls`` label and/or a ``.txt`` caption (UTF-8, stripped,
     not empty) under the same key. When any sample of the shard set has a ``.txt``, the dataset is
-    an image-text dataset and every sample needs one; ``.cls`` is then optional, but all samples
-    or none carry it (none: no classes, every label ``NO_LABEL``). Otherwise every sample needs a
-    ``.cls``. Captions are read once, when the shards are indexed.
+    an image-text dataset and every sample needs one. ``.cls`` labels are on all samples or none
+    (none: an unlabelled dataset, no classes, every label ``NO_LABEL``). Captions are read once,
+    when the shards are indexed.
     """
 
     def __init__(self, pattern: str, spec: str | None = None, skip_unreadable: bool = False) -> None:
@@ -631,10 +653,8 @@ class TarDataset(ImageDataset):
             where = f"{self.shards[s]}: sample '{sample.key}' ({sample.member})"
             if with_captions and sample.caption is None:
                 raise DatasetError(f"{where} has no .txt caption member (other samples of these shards have one)")
-            if sample.label is None and with_labels and with_captions:
+            if sample.label is None and with_labels:
                 raise DatasetError(f"{where} has no .cls label member (other samples of these shards have one)")
-            if sample.label is None and not with_captions:
-                raise DatasetError(f"{where} has no .cls label member (nor a .txt caption)")
         names = [f"{self.shards[s].name}/{sample.member}" for s, sample in samples]
         labels = [NO_LABEL if sample.label is None else sample.label for _, sample in samples]
         sizes = [sample.size for _, sample in samples]
@@ -877,6 +897,11 @@ def _csv(body: str, spec: str, split: str, skip_unreadable: bool, cache_dir: str
 @DATASETS.register("pairs")
 def _pairs(body: str, spec: str, split: str, skip_unreadable: bool, cache_dir: str | None) -> ImageDataset:
     return PairsDataset(_needs_path(body, "pairs", "data/captions.tsv"), spec=spec, skip_unreadable=skip_unreadable)
+
+
+@DATASETS.register("unlabeled")
+def _unlabeled(body: str, spec: str, split: str, skip_unreadable: bool, cache_dir: str | None) -> ImageDataset:
+    return FolderDataset(_needs_path(body, "unlabeled", "data/images"), spec, skip_unreadable, labeled=False)
 
 
 @DATASETS.register("wds")

@@ -1,11 +1,11 @@
-"""Losses shared by the methods: soft-target cross-entropy, Hinton KD, mixed hard labels."""
+"""Losses shared by the methods: soft-target cross-entropy, Hinton KD, the label term on (mixed) hard labels."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mixed_targets", "soft_target_cross_entropy", "soft_target_kd"]
+__all__ = ["label_loss", "mixed_targets", "soft_target_cross_entropy", "soft_target_kd"]
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -31,5 +31,19 @@ def mixed_targets(batch: dict[str, torch.Tensor], num_classes: int) -> torch.Ten
     """The mixed hard label of each view: lam * onehot(y) + (1 - lam) * onehot(y_partner)."""
     lam = batch["lam"][:, None]
     own = F.one_hot(batch["label"], num_classes).float()
-    other = F.one_hot(batch["partner_label"], num_classes).float()
+    other = F.one_hot(batch["partner_label"].clamp(min=0), num_classes).float()  # (unmixed rows: lam 1)
     return lam * own + (1 - lam) * other
+
+
+def label_loss(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], num_classes: int, smoothing: float = 0.0
+) -> torch.Tensor:
+    """Cross-entropy against the (mixed, smoothed) labels, averaged over the rows whose labels are known: an
+    unlabelled image (label NO_LABEL, -1), or one mixed with an unlabelled partner, has no label term. A batch
+    with no labelled row gives 0 (with a gradient of zeros, so every process backpropagates alike)."""
+    known = (batch["label"] >= 0) & ((batch["partner_label"] >= 0) | (batch["lam"] >= 1))
+    if not bool(known.any()):
+        return logits.sum() * 0.0
+    rows = {k: v[known] for k, v in batch.items() if k in ("label", "partner_label", "lam")}
+    targets = mixed_targets(rows, num_classes) * (1 - smoothing) + smoothing / num_classes
+    return soft_target_cross_entropy(logits[known], targets)

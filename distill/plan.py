@@ -77,9 +77,11 @@ def make_plan(recipe: Recipe, num_processes: int, device: torch.device, build_st
     augmentation = load_recipe(recipe.augmentation)
     train_set = create_dataset(recipe.data.train, "train", recipe.data.skip_unreadable)
     val_set = create_dataset(recipe.data.val, "val", recipe.data.skip_unreadable)
-    if val_set.classes != train_set.classes:
+    if train_set.has_labels and val_set.has_labels and val_set.classes != train_set.classes:
         raise RecipeError(f"data.val: its classes {val_set.classes} differ from data.train's {train_set.classes}")
-    method = create_method(recipe, train_set.num_classes)
+    if not val_set.has_labels and not val_set.has_captions:
+        raise RecipeError(f"data.val: evaluation needs labelled images; {recipe.data.val} has none")
+    method = create_method(recipe, num_classes(train_set, val_set))
     method.check_run(num_processes, augmentation)
     with torch.random.fork_rng(devices=[]):  # a live teacher's init must not shift the student's
         teacher = build_teacher(recipe, method, train_set, recipe_manifest_entry(augmentation), device)
@@ -100,6 +102,11 @@ def make_plan(recipe: Recipe, num_processes: int, device: torch.device, build_st
     )  # fmt: skip
 
 
+def num_classes(train_set: ImageDataset, val_set: ImageDataset) -> int:
+    """The classes a student outputs: data.train's, or data.val's when data.train is unlabelled."""
+    return train_set.num_classes or val_set.num_classes
+
+
 def eval_views(augmentation: AugRecipe) -> AugRecipe:
     """Evaluation views: the whole image, normalised as in training."""
     return dataclasses.replace(PRESETS["none"], mean=augmentation.mean, std=augmentation.std)
@@ -112,7 +119,7 @@ def build_teacher(
     source = recipe.teacher.source
     if not source:
         return None
-    teacher = create_teacher(source, train_set.num_classes or None, recipe.teacher.checkpoint, device)
+    teacher = create_teacher(source, method.num_classes or None, recipe.teacher.checkpoint, device)
     if teacher.outputs != method.spec.outputs:
         raise RecipeError(
             f"teacher.source: method {recipe.method!r} learns from a teacher's {method.spec.outputs}; "
@@ -120,18 +127,20 @@ def build_teacher(
         )
     method.check_teacher(teacher)
     if teacher.store is not None:
-        check_store(teacher, recipe, train_set, aug_entry)
+        check_store(teacher, recipe, train_set, aug_entry, method.num_classes)
     elif recipe.teacher.epochs != "strict":
         raise RecipeError("teacher.epochs: cycle maps epochs onto a store's; a live teacher takes none")
     return teacher
 
 
-def check_store(teacher: Teacher, recipe: Recipe, dataset: ImageDataset, aug_entry: dict[str, Any]) -> None:
+def check_store(
+    teacher: Teacher, recipe: Recipe, dataset: ImageDataset, aug_entry: dict[str, Any], classes: int
+) -> None:
     """Refuse a store that was not saved for this data, augmentation, seed and epoch count; name the field."""
     store = teacher.store
     m, where = store.manifest, f"teacher.source {teacher.source}"
     checks = [
-        *([("num_classes", m.num_classes, dataset.num_classes, "data.train's class count")] if m.k else []),
+        *([("num_classes", m.num_classes, classes, "the data's class count")] if m.k and classes else []),
         (
             "dataset.fingerprint",
             m.dataset.get("fingerprint"),

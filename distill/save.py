@@ -55,9 +55,10 @@ def build_manifest(
     else:
         if cfg.k is None:
             raise StoreError(f"--k: teacher {cfg.teacher} gives logits; say how many to keep per record")
-        if cfg.k > dataset.num_classes:
-            raise StoreError(f"--k {cfg.k} is larger than the dataset's {dataset.num_classes} classes ({cfg.data})")
-        shape = {"num_classes": dataset.num_classes, "k": cfg.k}
+        classes = dataset.num_classes or teacher.num_classes  # unlabelled data: the teacher's classes
+        if cfg.k > classes:
+            raise StoreError(f"--k {cfg.k} is larger than the {classes} classes of {cfg.data} and the teacher")
+        shape = {"num_classes": classes, "k": cfg.k}
     return Manifest(
         num_samples=len(dataset),
         **shape,

@@ -65,3 +65,23 @@ def test_tinyvit_method_asks_the_teacher_by_epoch_and_ids_and_weights_the_label_
     label = soft_target_cross_entropy(logits, F.one_hot(batch["label"], 10).float())
     torch.testing.assert_close(mixed["label"], label)
     torch.testing.assert_close(mixed["loss"], soft_target_kd(logits, teacher.value, 2.0) + 0.5 * label)
+
+
+def test_label_loss_counts_the_labelled_rows_only():
+    from distill.losses import label_loss
+
+    torch.manual_seed(3)
+    logits = torch.randn(5, 4, requires_grad=True)
+    batch = {
+        "label": torch.tensor([2, -1, 0, 3, 1]),
+        "partner_label": torch.tensor([2, -1, 1, -1, 1]),  # row 3 mixed with an unlabelled partner
+        "lam": torch.tensor([1.0, 1.0, 0.7, 0.6, 1.0]),
+    }
+    loss = label_loss(logits, batch, 4, smoothing=0.1)
+    rows = [0, 2, 4]  # known labels (row 1 unlabelled, row 3's partner unlabelled)
+    targets = torch.tensor([[0, 0, 1, 0], [0.7, 0.3, 0, 0], [0, 1, 0, 0]]) * 0.9 + 0.1 / 4
+    expected = -(targets * F.log_softmax(logits[rows], -1)).sum(-1).mean()
+    torch.testing.assert_close(loss, expected)
+    none = label_loss(logits, {k: v.clone().fill_(-1) if k != "lam" else v for k, v in batch.items()}, 4)
+    none.backward()
+    assert none.item() == 0.0 and logits.grad.abs().sum() == 0

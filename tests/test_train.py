@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,3 +320,34 @@ def test_a_finished_run_keeps_its_last_and_best_state_and_is_extended_by_more_ep
     assert steps == list(range(1, 3 * first["steps"] + 1))  # the first epoch's rows kept, none twice
     tops = [float(r.split(",")[2]) for r in (out / "metrics.csv").read_text().splitlines()[1:] if ",val/top1," in r]
     assert extended["best_top1"] == max(tops) and len(tops) == 3
+
+
+def test_a_store_of_unlabelled_images_teaches_a_student(data, teacher_run, tmp_path):
+    """A teacher needs no labels: a store over unlabelled images (a partly labelled CSV here) has agreement
+    statistics over its labelled images only, and a student learns from it, evaluated on labelled data.val."""
+    import csv
+
+    import numpy as np
+
+    from logit_store import open_store
+
+    images = sorted(Path(data["train"]).rglob("*.png"))
+    rows = [(str(p), p.parent.name if i % 4 == 0 else "") for i, p in enumerate(images)]  # a quarter labelled
+    with open(tmp_path / "part.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label"), *rows])
+    spec, store = f"csv:{tmp_path / 'part.csv'}", tmp_path / "part.zarr"
+    args = ["--teacher", f"timm:{TEACHER}", "--checkpoint", str(teacher_run[0] / "model.safetensors"),
+            "--data", spec, "--out", str(store), "--epochs", "1", "--k", "3", "--aug", "basic",
+            "--img-size", "32", "--batch-size", "32"]  # fmt: skip
+    assert run_cli("distill-save-logits", args, data["root"]).returncode == 0
+    opened = open_store(store)
+    top1 = opened.read(0, np.arange(len(rows))).indices[:, 0].astype(int)
+    labelled = [(i, int(label)) for i, (_, label) in enumerate(rows) if label]
+    expected = sum(top1[i] == label for i, label in labelled) / len(labelled)
+    assert opened.info()["statistics"]["teacher_top1_agreement"] == pytest.approx(expected)
+    recipe = base_recipe(data, tmp_path / "student", method="tinyvit", epochs=1, teacher={"source": f"store:{store}"},
+                         data__train=spec, loss={"label_weight": 0.5})  # fmt: skip
+    summary = run_recipe(recipe)[0]
+    assert summary["steps"] == len(rows) // 32 and 0 <= summary["top1"] <= 100
+    rows_logged = (tmp_path / "student" / "metrics.csv").read_text()
+    assert ",train/label," in rows_logged and ",train/kd," in rows_logged

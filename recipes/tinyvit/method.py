@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distill.losses import mixed_targets, soft_target_cross_entropy, soft_target_kd
+from distill.losses import label_loss, soft_target_kd
 from distill.method import Method
 from teachers import Teacher
 
@@ -21,6 +21,6 @@ class TinyVit(Method):
         parts = {"kd": kd}
         total = self.cfg.distill_weight * kd
         if self.cfg.label_weight:
-            parts["label"] = soft_target_cross_entropy(logits, mixed_targets(batch, self.num_classes))
+            parts["label"] = label_loss(logits, batch, self.num_classes)  # the labelled images only
             total = total + self.cfg.label_weight * parts["label"]
         return {"loss": total} | parts
