@@ -233,6 +233,12 @@ def test_ensemble_is_log_mean_softmax(tmp_path, images):
     c = save(teacher(seed=3, spec="module:teacher_factories:tiny_net").model.state_dict(), tmp_path / "c.pth")
     other = create_teacher(f"ensemble:{SPEC}@{a},module:teacher_factories:tiny_net@{c}", num_classes=NC)
     assert other.describe()["spec"] == desc["spec"] and other.weights_sha256 != ens.weights_sha256
+    weighted = create_teacher(f"ensemble:{SPEC}@{a}*3,module:teacher_factories:tiny_net@{b}", num_classes=NC)
+    probs = [m.logits(images).softmax(-1) for m in members]
+    torch.testing.assert_close(weighted.logits(images).exp(), 0.75 * probs[0] + 0.25 * probs[1], rtol=1e-5, atol=1e-7)
+    assert [m["weight"] for m in weighted.describe()["members"]] == [0.75, 0.25]
+    assert weighted.describe()["spec"] == f"ensemble:{SPEC}*3,module:teacher_factories:tiny_net*1"
+    assert weighted.weights_sha256 != ens.weights_sha256
 
 
 def test_ensemble_errors(tmp_path):
