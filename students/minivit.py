@@ -44,8 +44,9 @@ Mini-Swin-T shares whole stages (the reference's SEPARATE_LAYERNUM_LIST [1, 1, 1
 in every stage ([1, 1, 9, 1]: one group for each 2-block stage, nine pairs in the 18-block stage).
 
 Where this differs from the reference, on purpose: the reference also applies the shifted-window attention mask
-to the unshifted blocks of a group (it passes the block's mask whatever the shift); here, as in Swin, only shifted
-blocks are masked.
+to the unshifted blocks of a group (it passes the group's mask whatever the shift); here, as Swin defines it, only
+shifted blocks are masked by default, and `mask_unshifted=True` reproduces the reference (e.g. for its released
+weights).
 """
 
 from __future__ import annotations
@@ -309,10 +310,32 @@ class MultiplexedSwinBlock(SwinTransformerBlock):
     """
 
     mlp_transform: DepthwiseConvTransform
+    # The reference's quirk, off by default: an unshifted block gets the shifted layout's attention mask too.
+    mask_unshifted: bool = False
 
     def __init__(self, *args: Any, transform_init: TransformInit = "reference", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._add_transformations(transform_init)
+
+    def get_attn_mask(
+        self, x: torch.Tensor | None = None, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor | None:
+        """timm's shift mask; with `mask_unshifted`, an unshifted block in a stage that shifts gets the mask of
+        the shifted layout, as the reference passes its group's mask to every repeat (see `set_mask_unshifted`)."""
+        if not self.mask_unshifted or any(self.shift_size):
+            return super().get_attn_mask(x, device, dtype)
+        own = self.shift_size
+        res, win = self.input_resolution, self.window_size
+        self.shift_size = tuple(w // 2 if r > w else 0 for r, w in zip(res, win, strict=True))
+        try:
+            return super().get_attn_mask(x, device, dtype)
+        finally:
+            self.shift_size = own
+
+    def set_mask_unshifted(self, enabled: bool) -> None:
+        """Reproduce (True) or not (False, Swin's definition) the reference's mask on unshifted blocks."""
+        self.mask_unshifted = enabled
+        self._init_buffers()
 
     @classmethod
     def from_block(
@@ -408,6 +431,7 @@ def multiplex(
     *,
     rpe: IRPEConfig | None = None,
     transform_init: TransformInit = "reference",
+    mask_unshifted: bool = False,
 ) -> nn.Module:
     """Turn a timm ViT/DeiT or Swin into its weight-multiplexed MiniViT form, in place, and return it.
 
@@ -422,6 +446,8 @@ def multiplex(
         rpe: ViT only: give each block iRPE attention with this setting (`skip` becomes the model's prefix-token
             count); the tables are per block, like the head mixes.
         transform_init: "reference" (truncated-normal head mixes, default-initialised conv) or "identity".
+        mask_unshifted: Swin only: also mask the unshifted blocks with the shifted layout's mask, as the reference
+            does (a quirk of its code, off by default: Swin masks shifted windows only).
     """
     if transform_init not in TRANSFORM_INITS:
         raise ValueError(f"transform_init must be one of {TRANSFORM_INITS}, got {transform_init!r}")
@@ -438,6 +464,8 @@ def multiplex(
     for blocks, size in zip(stages, sizes, strict=True):
         for block in blocks:
             _convert_block(block, rpe, transform_init)
+            if mask_unshifted and isinstance(block, MultiplexedSwinBlock):
+                block.set_mask_unshifted(True)
         for start in range(0, len(blocks), size):
             group = blocks[start : start + size]
             for block in group[1:]:
@@ -494,15 +522,15 @@ def _create_mini(
     finetune_from: StateSource | None = None,
     transform_init: TransformInit = "reference",
     rpe: IRPEConfig | None = None,
+    mask_unshifted: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     # timm.create_model passes pretrained cfgs for the *mini* name, which has none; the base model resolves its own.
     kwargs.pop("pretrained_cfg", None)
     kwargs.pop("pretrained_cfg_overlay", None)
     model = timm.create_model(base, pretrained=pretrained, **kwargs)
-    model = multiplex(
-        model, default_share if share is None else share, init_from, rpe=rpe, transform_init=transform_init
-    )
+    share = default_share if share is None else share
+    model = multiplex(model, share, init_from, rpe=rpe, transform_init=transform_init, mask_unshifted=mask_unshifted)
     if finetune_from is not None:
         load_finetune(model, finetune_from)
     if isinstance(getattr(model, "pretrained_cfg", None), dict):
@@ -525,8 +553,8 @@ def _create_mini_deit(variant: str, base: str, pretrained: bool = False, **kwarg
 
 # Keyword args of the entrypoints below: `share` overrides the group sizes, `transform_init` the transformations'
 # initialisation, `init_from` loads trained unshared weights before multiplexing, `finetune_from` a trained Mini
-# model of another input size after it (Mini-DeiT: also `rpe`, an IRPEConfig, or False for none); everything else goes to the
-# timm base model. For Mini-Swin, pretrained=True loads the unshared Swin's ImageNet weights and multiplexes them
+# model of another input size after it (Mini-DeiT: also `rpe`, an IRPEConfig, or False for none; Mini-Swin:
+# `mask_unshifted`); everything else goes to the timm base model. For Mini-Swin, pretrained=True loads the unshared Swin's ImageNet weights and multiplexes them
 # (a toolkit option, not a trained MiniViT).
 
 

@@ -217,9 +217,13 @@ def test_create_model_passes_kwargs_to_timm() -> None:
         num_heads=(2, 4),
         num_classes=10,
         share=SWIN_SHARE,
+        mask_unshifted=True,
     )
     assert swin(images()).shape == (2, 10)
     assert all(isinstance(block, MultiplexedSwinBlock) for stage in stages(swin) for block in stage)
+    stage0, stage1 = stages(swin)  # the unshifted blocks of the shifting stage are masked; the 1-window stage not
+    assert all(block.attn_mask is not None for block in stage0) and all(b.attn_mask is None for b in stage1)
+    torch.testing.assert_close(stage0[0].attn_mask, stage0[1].attn_mask)
     deit = timm.create_model("mini_deit_tiny_patch16_224", rpe=False, transform_init="identity", **TINY_DEIT_KW)
     assert all(block.attn.rpe_k is None for block in deit.blocks)
     assert torch.equal(deit.blocks[0].attn.logit_mix.weight, torch.eye(3))
@@ -306,9 +310,10 @@ def test_identity_init_multiplex_of_equal_blocks_computes_the_original_deit() ->
 # --- the Swin block against the reference's order of operations -------------------------------------------------
 
 
-def reference_swin_block(block: nn.Module, x: torch.Tensor, shift: int) -> torch.Tensor:
+def reference_swin_block(block: nn.Module, x: torch.Tensor, shift: int, mask_shift: int) -> torch.Tensor:
     """The reference's Mini-Swin block (swin_transformer_minivit.SwinTransformerBlock.forward_feature) written out
-    with `block`'s weights, on (B, H, W, C) maps; the shift mask on shifted blocks only."""
+    with `block`'s weights, on (B, H, W, C) maps: the map rolled by `shift`, the mask of the layout rolled by
+    `mask_shift` (the reference masks unshifted repeats too: shift 0, mask_shift window // 2)."""
     B, H, W, C = x.shape
     attn, ws, heads = block.attn, block.window_size[0], block.attn.num_heads
     n, d = ws * ws, C // heads
@@ -333,8 +338,8 @@ def reference_swin_block(block: nn.Module, x: torch.Tensor, shift: int) -> torch
         dy, dx = i // ws - j // ws, i % ws - j % ws
         bias[:, i, j] = attn.relative_position_bias_table[(dy + ws - 1) * (2 * ws - 1) + dx + ws - 1]
     logits = head_linear(q * d**-0.5 @ k.transpose(-1, -2) + bias, attn.logit_mix)
-    if shift:  # regions of the rolled map: tokens of different regions must not attend to each other
-        edges = [0] * (H - ws) + [1] * (ws - shift) + [2] * shift
+    if mask_shift:  # regions of the rolled map: tokens of different regions must not attend to each other
+        edges = [0] * (H - ws) + [1] * (ws - mask_shift) + [2] * mask_shift
         region = torch.tensor([3 * r + c for r in edges for c in edges], dtype=torch.float).view(1, H, W, 1)
         region = region.view(1, H // ws, ws, W // ws, ws, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1, n)
         mask = (region[:, :, None] != region[:, None, :]).float() * -100.0
@@ -362,7 +367,12 @@ def test_swin_blocks_compute_the_references_order_on_the_same_weights() -> None:
     with torch.no_grad():
         for block, shift in ((stage[0], 0), (stage[1], 2), (stage[2], 0)):
             assert block.shift_size == (shift, shift)
-            torch.testing.assert_close(block(x), reference_swin_block(block, x, shift), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(block(x), reference_swin_block(block, x, shift, shift), rtol=1e-4, atol=1e-5)
+        # mask_unshifted: the reference's quirk, its mask on the unshifted repeats too
+        stage[0].set_mask_unshifted(True)
+        torch.testing.assert_close(stage[0](x), reference_swin_block(stage[0], x, 0, 2), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(stage[0](x), reference_swin_block(stage[0], x, 0, 0), atol=1e-3)
+        stage[0].set_mask_unshifted(False)
         # the check has teeth: the previous placement x + DWConv(LN(x)) gives another function
         transform = stage[0].mlp_transform
         h = x + stage[0].drop_path1(stage[0]._attn(stage[0].norm1(x)))
