@@ -11,16 +11,18 @@ from safetensors.torch import load_file, save_file
 from train_helpers import ROOT, make_method, run_cli, small_digits
 
 from distill.augment import PRESETS
+from distill.augment import load_recipe as load_aug
 from distill.data import create_dataset
 from distill.loader import ReplayDataset, collate
 from distill.method import create_method
-from distill.recipe import Recipe, RecipeError, StudentConfig, load_recipe_file, parse_section
+from distill.recipe import Recipe, RecipeError, StudentConfig, follow_ups, load_recipe_file, parse_recipe, parse_section
 from distill.run import run_recipe
 from distill.trainer import FAULT_AFTER_STEPS
 from distill.views import ReplayAugment
 from logit_store import Manifest, create_store
 from recipes.minivit import MiniVitLoss
-from recipes.minivit.method import MiniVit
+from recipes.minivit.method import MiniVit, deit_kl_prediction, soft_ce_prediction
+from recipes.minivit.relations import reference_layer_pairs
 from students.minivit import tiny_deit_kwargs, tiny_deit_teacher
 from teachers import create_teacher
 from teachers.checkpoint import load_checkpoint
@@ -65,9 +67,11 @@ def student(method: MiniVit, **kwargs) -> torch.nn.Module:
 # ---- the loss section ------------------------------------------------------------------------------------
 
 
-def test_loss_defaults_are_the_papers():
+def test_loss_defaults_are_the_references():
+    # Mini-Swin README / main.py: soft CE, T 1, --alpha 0 (no label term), qkv 1.0, --hidden_weight 0.1, --ar 1,
+    # six layer pairs ([]: resolved against the models by the reference's rule)
     cfg = make_method("minivit", {}).cfg
-    assert cfg == MiniVitLoss(1.0, 1.0, 1.0, 0.1, 0.0, 0, [[-1, -1]])
+    assert cfg == MiniVitLoss(1.0, "soft_ce", 1.0, 1.0, 0.1, 0.0, 1, [])
     cfg = make_method("minivit", {"layer_pairs": [[1, 3], [-1, -1]], "relation_heads": 12}).cfg
     assert cfg.layer_pairs == [[1, 3], [-1, -1]] and cfg.relation_heads == 12
 
@@ -80,8 +84,8 @@ def test_loss_defaults_are_the_papers():
         ({"layer_pairs": [-1, -1]}, r"loss\.layer_pairs\[0\]: expected a list, got int -1"),
         ({"layer_pairs": [[-1]]}, r"loss\.layer_pairs\[0\]: expected \[student block, teacher block\], got \[-1\]"),
         ({"layer_pairs": [[0, 1.5]]}, r"loss\.layer_pairs\[0\]\[1\]: expected an integer, got float 1\.5"),
-        ({"layer_pairs": []}, r"loss\.layer_pairs: relation losses need at least one"),
         ({"relation_heads": -1}, r"loss\.relation_heads: expected an integer >= 0"),
+        ({"prediction_form": "kl"}, r"loss\.prediction_form: expected one of \['soft_ce', 'deit_kl'\], got str 'kl'"),
         ({"temperature": 0}, r"loss\.temperature: expected a number > 0, got 0"),
         ({"hidden_weight": -0.1}, r"loss\.hidden_weight: expected a number >= 0, got -0\.1"),
         (
@@ -96,12 +100,67 @@ def test_loss_section_errors_name_the_key(loss, message):
     make_method("minivit", {"layer_pairs": [], "attention_weight": 0, "hidden_weight": 0})  # logits only
 
 
-@pytest.mark.parametrize("name", ["minivit_digits", "minivit_deit_b_in1k"])
-def test_shipped_recipes_validate(name):
-    recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes" / "configs" / f"{name}.yaml"), "")
-    cfg = create_method(recipe, 10).cfg
-    assert (cfg.prediction_weight, cfg.attention_weight, cfg.hidden_weight, cfg.temperature) == (1.0, 1.0, 0.1, 1.0)
-    assert recipe.student.model.startswith("mini_deit_") and "init_from" in recipe.student.kwargs
+def recipe_of(name: str) -> Recipe:
+    return parse_recipe(load_recipe_file(ROOT / "recipes" / "configs" / f"{name}.yaml"))
+
+
+def meta_model(name: str, **kwargs) -> torch.nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(name, **kwargs)
+
+
+@pytest.mark.parametrize(("size", "drop_path"), [("ti", 0.0), ("s", 0.0), ("b", 0.1)])
+def test_mini_deit_recipes_are_the_references_setting(size, drop_path):
+    """Mini-DeiT README: regnety_160 teacher, --distillation-type soft --distillation-alpha 1.0, from scratch, DeiT's
+    300-epoch schedule (lr 5e-4 x 1024 / 512, 5 warmup epochs, no clipping) and views."""
+    recipe = recipe_of(f"minivit_deit_{size}_in1k")
+    cfg = create_method(recipe, 1000).cfg
+    assert (cfg.prediction_form, cfg.prediction_weight, cfg.temperature) == ("deit_kl", 1.0, 1.0)
+    assert cfg.attention_weight == cfg.hidden_weight == cfg.label_weight == 0
+    assert recipe.teacher.source == "timm:regnety_160" and recipe.student.checkpoint is None
+    assert recipe.student.model.startswith("mini_deit_") and recipe.student.kwargs == {"drop_path_rate": drop_path}
+    assert (recipe.epochs, recipe.batch_size, recipe.optimizer.lr, recipe.optimizer.clip_grad) == (
+        300,
+        1024,
+        1e-3,
+        None,
+    )
+    assert (recipe.schedule.warmup_epochs, recipe.schedule.min_lr, recipe.ema) == (5, 1e-5, None)
+    views = load_aug(recipe.augmentation)
+    assert (views.auto_augment, views.re_prob, views.mixup_alpha, views.cutmix_alpha) == (
+        "rand-m9-mstd0.5-inc1",
+        0.25,
+        0.8,
+        1.0,
+    )
+    assert views.interpolation == "bicubic"
+    if size == "b":  # then the 384 px fine-tune: labels only, from the 224 px result, 30 epochs
+        (finetune,) = follow_ups(recipe)
+        run = parse_recipe(finetune.recipe)
+        assert run.method == "supervised" and run.data.img_size == 384 and run.epochs == 30
+        assert finetune.student_changes["model"] == "mini_deit_base_patch16_384"
+        assert finetune.student_changes["kwargs"]["finetune_from"] == f"{recipe.output_dir}/model.safetensors"
+        assert (run.optimizer.lr, run.optimizer.weight_decay, run.batch_size) == (2.5e-6, 1e-8, 256)
+
+
+@pytest.mark.parametrize(("size", "drop_path"), [("t", 0.0), ("s", 0.1), ("b", 0.2)])
+def test_mini_swin_recipes_are_the_references_setting(size, drop_path):
+    """Mini-Swin README: 1 / 1 / 0.1 over six layer pairs, --ar 1, --alpha 0, its config's drop path and schedule."""
+    recipe = recipe_of(f"minivit_swin_{size}_in1k")
+    cfg = create_method(recipe, 1000).cfg
+    assert cfg == MiniVitLoss(1.0, "soft_ce", 1.0, 1.0, 0.1, 0.0, 1, cfg.layer_pairs)
+    student = meta_model(recipe.student.model, embed_dim=8, num_heads=(1, 1, 1, 1))
+    teacher = meta_model(recipe.teacher.source.removeprefix("timm:"), embed_dim=8, num_heads=(1, 1, 1, 1))
+    assert cfg.layer_pairs == reference_layer_pairs(student, teacher) and len(cfg.layer_pairs) == 6
+    assert recipe.student.kwargs == {"drop_path_rate": drop_path} and recipe.student.checkpoint is None
+    assert (recipe.epochs, recipe.batch_size, recipe.optimizer.lr, recipe.optimizer.clip_grad) == (300, 1024, 1e-3, 5.0)
+    assert (recipe.schedule.warmup_epochs, recipe.schedule.warmup_lr, recipe.schedule.min_lr) == (20, 1e-6, 1e-5)
+
+
+def test_digits_recipe_uses_the_loss_defaults_from_scratch():
+    recipe = recipe_of("minivit_digits")
+    assert create_method(recipe, 10).cfg == MiniVitLoss()
+    assert recipe.student.checkpoint is None and "init_from" not in recipe.student.kwargs
 
 
 # ---- teachers --------------------------------------------------------------------------------------------
@@ -157,16 +216,31 @@ def test_layer_pairs_and_relation_heads_are_checked_against_the_models():
         RecipeError, match=r"loss\.relation_heads is 5: that does not divide the student's qkv width 96"
     ):
         student(method)
-    method = make_method("minivit", {})
+    method = make_method("minivit", {"relation_heads": 0})
     method.check_teacher(teacher)
     with pytest.raises(RecipeError, match=r"relation_heads is 0, so the student's 5 heads: .* teacher's qkv width 96"):
         student(method, embed_dim=80, num_heads=5)
-    distilled = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, **TINY)
+    method = make_method("minivit", {})
+    shape = {k: TINY[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, **shape)
     method.check_teacher(ModelTeacher(distilled, "distilled"))
-    with pytest.raises(RecipeError, match=r"loss\.layer_pairs\[0\]: student block blocks\.5 and teacher block blo"):
-        student(method)  # 16 + 1 tokens against the distilled DeiT's 16 + 2
+    with pytest.raises(RecipeError, match=r"loss\.layer_pairs\[0\]: student block blocks\.1 and teacher block blo"):
+        student(method)  # 16 tokens against the distilled DeiT's 16 + 2
     with pytest.raises(RecipeError, match=r"relation losses need a transformer student"):
         method.build_student(StudentConfig("test_resnet"), 32)
+
+
+def test_null_layer_pairs_become_the_references_for_the_two_models():
+    teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
+    method = make_method("minivit", {})
+    method.check_teacher(teacher)
+    student(method)
+    assert method._pairs == [[1, 1], [3, 3], [5, 5]]  # 6 blocks on both sides: 3 evenly spaced, ending at the last
+    method = make_method("minivit", {})
+    method.check_teacher(teacher)
+    swin = StudentConfig("mini_swin_tiny_patch4_window7_224", {"img_size": 32, "window_size": 4, "embed_dim": 16})
+    with pytest.raises(RecipeError, match=r"loss\.layer_pairs is empty .* stage to stage.*; set it"):
+        method.build_student(swin, 32)
 
 
 def test_init_from_in_student_kwargs_starts_from_the_trained_model(tmp_path):
@@ -248,6 +322,28 @@ def test_prediction_only_needs_no_live_model_and_logs_only_weighted_parts():
     assert set(method.loss(student(method), batch_of(), teacher)) == {"loss", "attention"}
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_prediction_forms_are_mini_swins_and_deits(temperature):
+    gen = torch.Generator().manual_seed(0)
+    s, t, T = torch.randn(4, 10, generator=gen), 3 * torch.randn(4, 10, generator=gen), temperature
+    p_t = torch.exp(t / T) / torch.exp(t / T).sum(-1, keepdim=True)
+    log_p_s = s / T - torch.log(torch.exp(s / T).sum(-1, keepdim=True))
+    # Mini-Swin main.py: soft_cross_entropy(outputs / T, teacher / T), the batch mean, no T^2
+    torch.testing.assert_close(soft_ce_prediction(s, t, T), -(p_t * log_p_s).sum() / 4)
+    # DeiT losses.py, soft: KL summed over batch and classes, x T^2, / outputs.numel() (4 x 10)
+    torch.testing.assert_close(deit_kl_prediction(s, t, T), (p_t * (p_t.log() - log_p_s)).sum() * T**2 / 40)
+
+    teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
+    for form, prediction in (("soft_ce", soft_ce_prediction), ("deit_kl", deit_kl_prediction)):
+        loss = {"prediction_form": form, "temperature": T, "attention_weight": 0, "hidden_weight": 0}
+        method = make_method("minivit", loss)
+        model, batch = student(method), batch_of()
+        out = method.loss(model, batch, teacher)
+        with torch.no_grad():
+            expected = prediction(model(batch["image"]), teacher.logits(batch["image"], 0, batch["id"]), T)
+        torch.testing.assert_close(out["prediction"].detach(), expected)
+
+
 class Bf16Teacher(ModelTeacher):
     """A live teacher as on CUDA: inference mode and bfloat16 autocast, so the hooks record bf16 inference tensors."""
 
@@ -327,24 +423,28 @@ def test_digits_teacher_recipe_builds_the_teacher_factorys_model(data):
     student_recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes/configs/minivit_digits.yaml"), "")
     assert teacher_recipe.method == "supervised" and student_recipe.method == "minivit"
     assert student_recipe.teacher.source == "module:students.minivit:tiny_deit_teacher"
-    assert student_recipe.teacher.checkpoint == student_recipe.student.kwargs["init_from"]
     assert student_recipe.teacher.checkpoint == f"{teacher_recipe.output_dir}/model.safetensors"
     trained = create_method(teacher_recipe, 10).build_student(teacher_recipe.student, 32)
     assert trained.state_dict().keys() == tiny_deit_teacher(10).state_dict().keys()
     assert {k: v.shape for k, v in trained.state_dict().items()} == {
         k: v.shape for k, v in tiny_deit_teacher(10).state_dict().items()
     }
-    assert make_method("minivit", student_recipe.loss).cfg == MiniVitLoss()
-    assert {k: v for k, v in student_recipe.student.kwargs.items() if k != "init_from"} == TINY
+    assert teacher_recipe.student.kwargs == TINY
+    # the student has the teacher's shape; Mini-DeiT drops the class token itself
+    assert student_recipe.student.kwargs == {
+        k: v for k, v in TINY.items() if k in {"img_size", "patch_size", "embed_dim", "depth", "num_heads"}
+    }
 
 
 def student_args(data, teacher_ckpt, out, **more) -> list[str]:
-    """recipes/minivit_digits.yaml on the small digits, the student from scratch (so every loss starts high)."""
+    """recipes/minivit_digits.yaml on the small digits (the student from scratch, so every loss starts high), with
+    identity-initialised transformations: from the reference's init the attention starts near zero and the
+    prediction term only moves after ~100 steps, more than a test should take."""
     more = {
         "data.train": data["train"],
         "data.val": data["val"],
         "teacher.checkpoint": teacher_ckpt,
-        "student.kwargs.init_from": "null",
+        "student.kwargs.transform_init": "identity",
         "epochs": 8,
         "batch_size": 32,
         "optimizer.lr": 0.002,
@@ -368,11 +468,13 @@ def test_digits_recipe_distills_a_mini_deit(data, teacher_ckpt):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_source"] == "live:module:students.minivit:tiny_deit_teacher"
     assert summary["params"] < 0.55 * sum(p.numel() for p in tiny_deit_teacher(10).parameters())
-    for name in ("prediction", "attention", "hidden"):
+    # the relation terms fall fastest (the 49 x hidden term dominates the clipped gradient at first); the prediction
+    # term falls steadily but slower: measured 2.33 -> 2.22 (epoch means) against 0.75 -> 0.30 and 7.6 -> 1.4
+    for name, ratio in (("prediction", 0.97), ("attention", 0.9), ("hidden", 0.9)):
         values = losses(out, name)
         assert len(values) == 40, name  # 8 epochs of 5 steps, logged every step
         first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5  # first and last epoch
-        assert last < 0.9 * first, (name, values)
+        assert last < ratio * first, (name, values)
 
     # the written weights (every shared tensor under each of its names) reload into a fresh student and give
     # the accuracy the run measured; the reloaded student's shared weights stay shared

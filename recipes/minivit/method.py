@@ -1,7 +1,8 @@
 """The MiniViT method: hooks on the student and the live teacher, and the loss they feed (see `recipes.minivit`).
 
-Before training, `check_teacher` refuses a teacher without a model and `build_student` checks the layer pairs,
-relation heads and (with one zero image through both models) token counts, each error naming its `loss.` field.
+Before training, `check_teacher` refuses a teacher without a model and `build_student` resolves the layer pairs
+(the recipe's, or the reference's for the two models) and checks them, the relation heads and (with one zero image
+through both models) token counts, each error naming its `loss.` field.
 Hooks are put on the (unwrapped) student and the teacher's model at the first `loss` call and kept; they record
 only inside `loss` and their records are dropped at its end, so evaluation forwards record nothing and no
 activations outlive a step.
@@ -12,17 +13,45 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import RecipeError
-from distill.losses import mixed_targets, soft_target_cross_entropy, soft_target_kd
+from distill.losses import mixed_targets, soft_target_cross_entropy
 from distill.method import Method
 from distill.recipe import StudentConfig
 from teachers import Teacher
 
-from .relations import RelationCapture, attention_relation_loss, hidden_relation_loss, transformer_blocks
+from .relations import (
+    RelationCapture,
+    attention_relation_loss,
+    hidden_relation_loss,
+    reference_layer_pairs,
+    transformer_blocks,
+)
 
-__all__ = ["MiniVit"]
+__all__ = ["MiniVit", "deit_kl_prediction", "soft_ce_prediction"]
+
+
+def soft_ce_prediction(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mini-Swin's prediction term: the batch mean of CE(softmax(teacher / T), log_softmax(student / T)), no T^2.
+
+    Teacher logits may be log-probabilities (a store's rebuild): their softmax is the stored distribution.
+    """
+    targets = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    return soft_target_cross_entropy(student_logits / temperature, targets)
+
+
+def deit_kl_prediction(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mini-DeiT's prediction term, DeiT's soft distillation: KL(teacher / T || student / T) summed over batch and
+    classes, times T^2, over the logits' element count (batch x classes): 1 / classes of the batch-mean KL."""
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(log_student, log_teacher, reduction="sum", log_target=True)
+    return kl * temperature**2 / student_logits.numel()
+
+
+PREDICTION = {"soft_ce": soft_ce_prediction, "deit_kl": deit_kl_prediction}
 
 
 class _Capture(RelationCapture):
@@ -43,7 +72,8 @@ class MiniVit(Method):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._captures: tuple[nn.Module, nn.Module, _Capture, _Capture] | None = None
-        self._teacher_checked: tuple[nn.Module, list[nn.Module]] | None = None
+        self._teacher_model: nn.Module | None = None  # the checked teacher's model
+        self._pairs: list[list[int]] | None = self.cfg.layer_pairs or None  # resolved once both models are known
 
     @property
     def uses_relations(self) -> bool:
@@ -72,22 +102,33 @@ class MiniVit(Method):
                 "Set loss.attention_weight and loss.hidden_weight to 0 to train from it (prediction term only), "
                 "or use a live transformer teacher"
             )
-        self._teacher_checked = (model, self._check_layers(model, 1, "teacher"))
+        self._check_layers(model, 1, "teacher")  # explicit pairs only: the reference's need the student too
+        self._teacher_model = model
 
     def build_student(self, cfg: StudentConfig, img_size: int) -> nn.Module:
         model = super().build_student(cfg, img_size)
         if self.uses_relations:
-            student_blocks = self._check_layers(model, 0, "student")
-            if self._teacher_checked is not None:  # the trainer checks the teacher before building the student
-                teacher, teacher_blocks = self._teacher_checked
-                self._check_heads(student_blocks, teacher_blocks)
+            self._check_layers(model, 0, "student")  # a transformer, holding the recipe's paired blocks
+            teacher = self._teacher_model  # the trainer checks the teacher before building the student
+            if teacher is not None:
+                self._resolve_pairs(model, teacher)
+                self._check_heads(self._check_layers(model, 0, "student"), self._check_layers(teacher, 1, "teacher"))
                 self._check_tokens(model, teacher, img_size)
         return model
+
+    def _resolve_pairs(self, student: nn.Module, teacher: nn.Module) -> list[list[int]]:
+        """The layer pairs: the recipe's, or the reference's for these two models (`loss.layer_pairs: []`)."""
+        if self._pairs is None:
+            try:
+                self._pairs = reference_layer_pairs(student, teacher)
+            except (TypeError, ValueError) as err:
+                raise RecipeError(f"loss.layer_pairs is empty (the reference's pairs): {err}; set it") from None
+        return self._pairs
 
     def _check_tokens(self, student: nn.Module, teacher: nn.Module, img_size: int) -> None:
         """One zero image through both models: paired layers must have equal token counts (e.g. not a DeiT
         student against a distilled DeiT teacher with its extra token, or Swin layers of other window layouts)."""
-        pairs = self.cfg.layer_pairs
+        pairs = self._resolve_pairs(student, teacher)
         s_cap = RelationCapture(student, [pair[0] for pair in pairs])
         t_cap = RelationCapture(teacher, [pair[1] for pair in pairs])
         training = student.training
@@ -115,18 +156,19 @@ class MiniVit(Method):
                 )
 
     def _check_layers(self, model: nn.Module, side: int, what: str) -> list[nn.Module]:
-        """The paired blocks of `model` (side 0: student, 1: teacher); a RecipeError if any does not exist."""
+        """The paired blocks of `model` (side 0: student, 1: teacher), none while the pairs are not resolved; a
+        RecipeError if `model` has no transformer blocks or a paired block does not exist."""
         try:
             blocks = list(transformer_blocks(model).values())
         except TypeError as err:
             raise RecipeError(f"{self._relation_fields()}: relation losses need a transformer {what} ({err})") from None
-        for i, pair in enumerate(self.cfg.layer_pairs):
+        for i, pair in enumerate(self._pairs or []):
             if not -len(blocks) <= pair[side] < len(blocks):
                 raise RecipeError(
                     f"loss.layer_pairs[{i}][{side}]: {what} block {pair[side]} does not exist "
                     f"(the {what} has {len(blocks)} transformer blocks)"
                 )
-        return [blocks[pair[side]] for pair in self.cfg.layer_pairs]
+        return [blocks[pair[side]] for pair in self._pairs or []]
 
     def _check_heads(self, student_blocks: list[nn.Module], teacher_blocks: list[nn.Module]) -> None:
         for i, (s, t) in enumerate(zip(student_blocks, teacher_blocks, strict=True)):
@@ -163,7 +205,7 @@ class MiniVit(Method):
                 capture.recording = False
             parts: dict[str, torch.Tensor] = {}
             if cfg.prediction_weight > 0:
-                parts["prediction"] = soft_target_kd(logits, teacher_logits, cfg.temperature)
+                parts["prediction"] = PREDICTION[cfg.prediction_form](logits, teacher_logits, cfg.temperature)
             if captures:
                 attention, hidden = self._relation_losses(*captures)
                 if cfg.attention_weight > 0:
@@ -194,7 +236,7 @@ class MiniVit(Method):
             if self._captures is not None:
                 self._captures[2].remove()
                 self._captures[3].remove()
-            pairs = self.cfg.layer_pairs
+            pairs = self._resolve_pairs(student, model)
             self._captures = (
                 student,
                 model,

@@ -1,10 +1,10 @@
 """MiniViT weight-distillation losses: attention relations and hidden-state relations, captured with hooks.
 
-MiniViT distils a multiplexed student from a live teacher with
+MiniViT (the reference's Mini-Swin) distils a multiplexed student from a live teacher with
 
     loss = soft_ce(student_logits, teacher_probs) + 1.0 * attention_relation + 0.1 * hidden_relation
 
-over chosen (student layer, teacher layer) pairs, usually the last block of each matched stage.
+over chosen (student layer, teacher layer) pairs: six across all stages in the reference (`reference_layer_pairs`).
 
 `RelationCapture` hooks any timm model whose blocks have an `attn.qkv` Linear (ViT/DeiT, Swin, and the multiplexed
 students of `students.minivit`, where a per-block `attn.qkv_tap` is hooked instead because the shared `qkv` Linear
@@ -32,13 +32,18 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 __all__ = [
+    "HIDDEN_RELATION_SCALE",
     "RelationCapture",
     "attention_relation_loss",
     "hidden_relation_loss",
+    "reference_layer_pairs",
     "transformer_blocks",
 ]
 
 QKV = torch.Tensor | Sequence[torch.Tensor]
+# The reference multiplies the hidden-relation MSE by 49, "window size x window size" (Mini-Swin main.py), for
+# every model: the scale `hidden_weight` 0.1 was tuned with.
+HIDDEN_RELATION_SCALE = 49.0
 
 
 def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
@@ -154,10 +159,51 @@ def attention_relation_loss(student_qkv: QKV, teacher_qkv: QKV, relation_heads: 
     return torch.stack(losses).mean()
 
 
-def hidden_relation_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
-    """MSE between the token Gram matrices of L2-normalised (B, N, C) student and (detached) teacher tokens."""
+def hidden_relation_loss(
+    student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, scale: float = HIDDEN_RELATION_SCALE
+) -> torch.Tensor:
+    """`scale` x the MSE (mean over B, N, N) between the token Gram matrices of L2-normalised (B, N, C) student and
+    (detached) teacher tokens; the default scale is the reference's 49."""
     if student_tokens.shape[:-1] != teacher_tokens.shape[:-1]:
         raise ValueError(f"token shapes differ: {tuple(student_tokens.shape)} vs {tuple(teacher_tokens.shape)}")
     student = F.normalize(student_tokens, dim=-1)
     teacher = F.normalize(teacher_tokens.detach(), dim=-1)
-    return F.mse_loss(student @ student.transpose(-2, -1), teacher @ teacher.transpose(-2, -1))
+    return scale * F.mse_loss(student @ student.transpose(-2, -1), teacher @ teacher.transpose(-2, -1))
+
+
+def _stage_depths(model: nn.Module) -> list[int]:
+    """Blocks per stage, in forward order: a stage is the module holding consecutive blocks (`blocks`, `layers.i`)."""
+    stages: dict[str, int] = {}
+    for name in transformer_blocks(model):
+        stage = name.rsplit(".", 1)[0] if "." in name else ""
+        stages[stage] = stages.get(stage, 0) + 1
+    return list(stages.values())
+
+
+def _stage_picks(depth: int, count: int) -> list[int]:
+    """`count` blocks of a `depth`-block stage, evenly spaced and ending at its last block (first to last)."""
+    return sorted(depth - 1 - round(i * depth / count) for i in range(count))
+
+
+def reference_layer_pairs(student: nn.Module, teacher: nn.Module) -> list[list[int]]:
+    """The reference's [student block, teacher block] pairs, by the rule its six Mini-Swin pairs follow.
+
+    Stage by stage (the models must have as many stages): the last block of a stage where both models have at most
+    two blocks, else three blocks per side, evenly spaced and ending at the stage's last block. For Mini-Swin-T
+    (2, 2, 6, 2) against Swin-B/L (2, 2, 18, 2) that is student 1, 3, 5, 7, 9, 11 with teacher 1, 3, 9, 15, 21,
+    23, and for Mini-Swin-S/B 1, 3, 9, 15, 21, 23 on both sides: the reference's `--student_layer_list` and
+    `--teacher_layer_list` (Mini-Swin README). For a 12-block ViT it gives blocks 3, 7, 11.
+    """
+    s_depths, t_depths = _stage_depths(student), _stage_depths(teacher)
+    if len(s_depths) != len(t_depths):
+        raise ValueError(
+            f"the reference's layer pairs match stage to stage, but the student has {len(s_depths)} stages "
+            f"({s_depths} blocks) and the teacher {len(t_depths)} ({t_depths} blocks)"
+        )
+    pairs, s_start, t_start = [], 0, 0
+    for s_depth, t_depth in zip(s_depths, t_depths, strict=True):
+        count = 1 if max(s_depth, t_depth) <= 2 else min(3, s_depth, t_depth)
+        for s_pick, t_pick in zip(_stage_picks(s_depth, count), _stage_picks(t_depth, count), strict=True):
+            pairs.append([s_start + s_pick, t_start + t_pick])
+        s_start, t_start = s_start + s_depth, t_start + t_depth
+    return pairs
