@@ -57,7 +57,7 @@ def _coerce(kind: Any, value: Any, path: str) -> Any:
                 return _coerce(option, value, path)
             except RecipeError as err:
                 errors.append(err)
-        deeper = [e for e in errors if str(e).startswith(path + ".")]  # the value had the right shape
+        deeper = [e for e in errors if str(e).startswith((path + ".", path + "["))]  # the value had the right shape
         if deeper:
             raise deeper[0]
         raise RecipeError(f"{path}: expected {_describe(kind)}, got {_show(value)}")

@@ -179,3 +179,20 @@ def test_trackers_written_out_are_accelerates():
     from distill.recipe import TRACKERS
 
     assert set(TRACKERS) == set(LOGGER_TYPE_TO_CLASS)
+
+
+def test_optional_list_fields_keep_the_item_error():
+    """`list[int] | None`: a list with a bad item names the item, not the whole union."""
+    from dataclasses import dataclass
+
+    from distill.schema import parse_section
+
+    @dataclass
+    class Section:
+        pairs: list[list[int]] | None = None
+
+    assert parse_section(Section, {"pairs": None}, "loss").pairs is None
+    with pytest.raises(RecipeError, match=r"^loss\.pairs\[1\]\[0\]: expected an integer, got str 'a'$"):
+        parse_section(Section, {"pairs": [[1, 2], ["a", 3]]}, "loss")
+    with pytest.raises(RecipeError, match=r"^loss\.pairs: expected .*, got str 'x'$"):
+        parse_section(Section, {"pairs": "x"}, "loss")

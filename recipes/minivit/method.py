@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import RecipeError
-from distill.losses import mixed_targets, soft_target_cross_entropy
+from distill.losses import label_loss, soft_target_cross_entropy
 from distill.method import Method
 from distill.recipe import StudentConfig
 from teachers import Teacher
@@ -213,7 +213,7 @@ class MiniVit(Method):
                 if cfg.hidden_weight > 0:
                     parts["hidden"] = hidden
             if cfg.label_weight > 0:
-                parts["label"] = soft_target_cross_entropy(logits, mixed_targets(batch, self.num_classes))
+                parts["label"] = label_loss(logits, batch, self.num_classes)  # the labelled images only
         finally:
             for capture in captures:  # the student's records hold activations: none outlive the step
                 capture.recording = False
