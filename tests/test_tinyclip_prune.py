@@ -200,9 +200,10 @@ def test_resume_restores_masks_multipliers_and_the_ramp(data, pruned_run, monkey
     class Stop(Exception):
         pass
 
-    def save_then_stop(accelerator, path, step):
-        save(accelerator, path, step)
-        raise Stop  # stands in for the process dying right after the checkpoint
+    def save_then_stop(trainer, step=None):
+        save(trainer, step)
+        if step is not None:  # the step checkpoint, not checkpoints/best
+            raise Stop  # stands in for the process dying right after the checkpoint
 
     with monkeypatch.context() as patch:
         patch.setattr(distill.trainer, "save_checkpoint", save_then_stop)
