@@ -26,6 +26,7 @@ Validation is zero-shot classification with class-name prompts.
 """
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from distill.errors import RecipeError
 from distill.recipe import MethodSpec
@@ -35,8 +36,10 @@ TOWERS = ("image", "text")
 
 @dataclass
 class ZeroShotConfig:
-    templates: list[str] = field(default_factory=lambda: ["a photo of the number {}"])
-    class_names: list[str] | None = None  # default: the validation set's class names
+    # prompts with "{}" for the class name, or "openai_imagenet": CLIP's 80 ImageNet templates (open_clip's)
+    templates: list[str] | Literal["openai_imagenet"] = field(default_factory=lambda: ["a photo of the number {}"])
+    # class names in label order, or "imagenet": open_clip's 1,000 ImageNet names; default: data.val's classes
+    class_names: list[str] | Literal["imagenet"] | None = None
 
 
 @dataclass
@@ -52,13 +55,16 @@ class InheritConfig:
 
 @dataclass
 class PruneConfig:
-    """One automatic-inheritance stage (see the package docstring)."""
+    """The mask-learning run of one automatic-inheritance stage (see the package docstring); defaults are the
+    reference's (microsoft/Cream TinyCLIP: l0module.py, optimizer.py, params.py, train.py)."""
 
-    target_sparsity: float  # fraction of the masked towers' parameters (no token embedding) to remove
-    ramp_steps: int  # training batches (micro-batches under grad_accum) of the ramp to the target (0: none)
-    mask_lr_scale: float = 100.0  # masks learn this many times faster than the weights (Adam-type optimizers)
-    lagrangian_lr_scale: float = 100.0  # the multipliers, likewise (100: 0.01 / step at lr 1e-4, as in CoFi)
-    init_drop: float = 0.05  # the masks' initial drop rate (small: start from the inherited model)
+    target_sparsity: float  # fraction of the blocks' attention and MLP parameters (both towers) to remove
+    ramp_steps: int = 1000  # optimizer steps of the linear ramp from 0 to the target (--sparsity-warmup); 0: none
+    steps: int | None = None  # mask-learning steps, the reference's --prune-step (null: the run's whole length)
+    mask_lr: float = 0.02  # AdamW rate of log_alpha, constant (the reference's lr_l0)
+    lagrangian_lr: float = 0.02  # AdamW rate of the multipliers, by ascent (the reference's --l0lr -0.02)
+    init_log_alpha: float = 10.0  # every gate open; clamped to [ln 0.01, ln 100] after each step
+    init_lambda: float = 10.0  # both multipliers
     towers: list[str] = field(default_factory=lambda: list(TOWERS))
 
     def __post_init__(self) -> None:
@@ -66,11 +72,13 @@ class PruneConfig:
             raise RecipeError(f"target_sparsity: expected a fraction in [0, 1), got {self.target_sparsity}")
         if self.ramp_steps < 0:
             raise RecipeError(f"ramp_steps: expected an integer >= 0, got {self.ramp_steps}")
-        for name in ("mask_lr_scale", "lagrangian_lr_scale"):
+        if self.steps is not None and self.steps < 1:
+            raise RecipeError(f"steps: expected an integer >= 1 or null, got {self.steps}")
+        if self.steps is not None and self.ramp_steps > self.steps:
+            raise RecipeError(f"ramp_steps: {self.ramp_steps} steps of ramp do not fit in the {self.steps} steps")
+        for name in ("mask_lr", "lagrangian_lr"):
             if not getattr(self, name) > 0:
                 raise RecipeError(f"{name}: expected a number > 0, got {getattr(self, name)}")
-        if not 0 < self.init_drop < 1:
-            raise RecipeError(f"init_drop: expected a fraction in (0, 1), got {self.init_drop}")
         if not self.towers or len(set(self.towers)) != len(self.towers) or not set(self.towers) <= set(TOWERS):
             raise RecipeError(f"towers: expected distinct towers among {list(TOWERS)}, got {self.towers}")
 
@@ -79,7 +87,7 @@ class PruneConfig:
 class TinyClipLoss:
     alpha: float = 1.0  # affinity weight; the contrastive term gets 1 - alpha
     affinity_scale: float = 50.0
-    gather_with_grad: bool = False
+    gather_with_grad: bool = True  # full cross-process gradients (the reference's scripts); 1 process: no-op
     inherit: InheritConfig | None = None
     prune: PruneConfig | None = None
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
