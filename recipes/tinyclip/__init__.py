@@ -1,5 +1,6 @@
 """`tinyclip`: distils a CLIP teacher into a student by affinity mimicking (Wu et al., ICCV 2023), and `clip`,
-contrastive CLIP training (a teacher, or a baseline).
+contrastive CLIP training (a teacher, or a baseline). The method, its reference setting and every deviation kept:
+docs/methods/tinyclip.md.
 
 Affinity mimicking: the student's image-to-text and text-to-image affinities inside the batch, s I T^T and
 s T I^T at a fixed scale s, are trained toward the teacher's. The teacher's embeddings come from a live
@@ -9,18 +10,17 @@ student batch size. An optional contrastive term on the student's own features t
 The student is an open_clip config (e.g. TinyCLIP-ViT-8M-16-Text-3M, registered by `students.tinyclip`) or a
 pruned model's config JSON. Weight inheritance:
 
-- manual (`loss.inherit`): the student starts from a bigger CLIP's weights, layers at a uniform stride and the
-  leading widths and heads (`inheritance.py`);
-- automatic (`loss.prune`): the student (usually the teacher itself, or the previous stage's pruned model) gets
-  hard-concrete masks over hidden dims, heads and MLP units (`masks.py`), and the loss adds the Lagrangian
-  sparsity penalty, its target ramped linearly from the masks' initial expected sparsity (~0) to
-  `target_sparsity` over `ramp_steps` training batches, then held. At the end the deterministic masks are
-  applied and the model physically pruned into `output_dir/pruned_model.json` + `pruned_model.safetensors`,
-  which a follow-up run (`then`) trains: the next stage, or the final distillation. model.safetensors holds
-  the masked model (keys `model.*`, `masks.*`, `lagrangian.*`, `step`). Masks and multipliers train in the
-  recipe's one optimizer at its learning rate and schedule: the multipliers ascend through a reversed
-  gradient, and both are stored divided by `mask_lr_scale` / `lagrangian_lr_scale`, so that Adam moves them
-  that many times faster than the weights.
+- manual (`loss.inherit`): the student starts from a bigger CLIP's weights, blocks at a uniform stride and the
+  leading widths, channels and heads (ViT, ResNet and text towers; `inheritance.py`);
+- automatic (`loss.prune`): one stage of progressive pruning is two runs, as a recipe's `then` chains them. The
+  mask-learning run trains hard-concrete masks over hidden dims, heads and MLP units (`masks.py`) for the
+  stage's prune steps (`loss.prune.steps`, or the whole run), with the one-sided Lagrangian penalty toward a
+  target ramped from 0 over `ramp_steps`; the masks and multipliers have their own AdamW (constant rates, ascent
+  on the multipliers), stepped after the weights'. At its end the final masks are applied and the model
+  physically pruned into `output_dir/pruned_model.json` + `pruned_model.safetensors`, the run's result. The
+  follow-up run without `loss.prune` distils that pruned model with a fresh optimizer and schedule: the rest of
+  the stage. The next stage's mask-learning run starts from the distilled model. model.safetensors of a
+  mask-learning run holds the masked model (keys `model.*`, `masks.*`, `lagrangian.*`, `step`).
 
 Validation is zero-shot classification with class-name prompts.
 """
@@ -86,7 +86,7 @@ class PruneConfig:
 @dataclass
 class TinyClipLoss:
     alpha: float = 1.0  # affinity weight; the contrastive term gets 1 - alpha
-    affinity_scale: float = 50.0
+    affinity_scale: float = 50.0  # the fixed logit scale of the affinities and of the contrastive term
     gather_with_grad: bool = True  # full cross-process gradients (the reference's scripts); 1 process: no-op
     inherit: InheritConfig | None = None
     prune: PruneConfig | None = None

@@ -201,7 +201,7 @@ class TinyClip(ClipMethod):
 
     def loss(self, student: nn.Module, batch: dict[str, torch.Tensor], teacher: Teacher) -> dict[str, torch.Tensor]:
         outputs = student(image=batch["image"], text=batch["text"])  # MaskedCLIP adds a sparsity dict
-        image, text, scale = outputs[0], outputs[1], outputs[2].clamp(max=MAX_LOGIT_SCALE)
+        image, text = outputs[0], outputs[1]
         with torch.no_grad():
             t_image = teacher.image_embeddings(batch["image"], int(batch["epoch"][0]), batch["id"])
             t_text = teacher.text_embeddings(batch["text"], batch["id"])
@@ -209,7 +209,8 @@ class TinyClip(ClipMethod):
         affinity = affinity_loss(image, text, t_image, t_text, cfg.affinity_scale, cfg.gather_with_grad)
         losses = {"loss": affinity, "affinity": affinity}
         if cfg.alpha != 1.0:
-            contrastive = clip_contrastive_loss(image, text, scale, cfg.gather_with_grad)
+            # At the fixed scale too: the reference's --logit-scale 50 fixes the student's scale as well.
+            contrastive = clip_contrastive_loss(image, text, cfg.affinity_scale, cfg.gather_with_grad)
             losses |= {"loss": cfg.alpha * affinity + (1 - cfg.alpha) * contrastive, "contrastive": contrastive}
         if cfg.prune is not None:
             sparsity = outputs[-1]
