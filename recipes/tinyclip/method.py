@@ -237,7 +237,7 @@ class TinyClip(ClipMethod):
             "pruned_sparsity": model.masks.pruned_sparsity(),  # realised by the final-mask rule
             "expected_sparsity": expected,  # what the masks were trained to
             "pruned_model": str(spec),
-            # (image, text without the token embedding) before and after: what the sparsity counts
+            # tower sizes as the TinyCLIP names count them (image; text without the token embedding)
             "tower_params": list(tower_param_counts(model.model)),
             "pruned_tower_params": list(tower_param_counts(pruned)),
         }
