@@ -8,6 +8,7 @@ never asks whether its teacher is live or a store. Hooks with a default may be l
     check_run       refuse, before anything runs, a run the method cannot do (processes, views)
     check_teacher   refuse, before anything runs, a teacher the loss cannot use
     training_ids    the sample ids the run trains on (default: all)
+    optimized_module  the part of the student the trainer's optimizer trains (default: all of it)
     setup           once the run's accelerator, model and optimizer exist
     state_dict      what it carries between steps, checkpointed with the run (and load_state_dict)
     loss            the losses of one batch: "loss" is backpropagated, the others are logged
@@ -90,6 +91,15 @@ class Method:
     def training_ids(self, train_set: ImageDataset, val_set: ImageDataset) -> np.ndarray:
         """The ids of data.train the run trains on, in id order."""
         return np.arange(len(train_set))
+
+    def optimized_module(self, student: nn.Module) -> nn.Module:
+        """The module whose parameters the trainer's optimizer and schedule train: the whole student by default.
+
+        A method that trains some parameters with an optimizer of its own (built in `setup`, stepped in
+        `after_step`) returns the submodule holding the others; its own still get their gradients, are clipped
+        with the rest, averaged across processes and checkpointed with the model.
+        """
+        return student
 
     def setup(self, trainer: Trainer) -> None:
         """Called once the run's accelerator, model, optimizer and scheduler exist, before a resume is loaded."""

@@ -118,8 +118,8 @@ class Trainer:
             self.sync_bn = False
         opt, sched = recipe.optimizer, recipe.schedule
         optimizer = create_optimizer_v2(
-            self.plan.student, opt=opt.name, lr=opt.lr, weight_decay=opt.weight_decay, momentum=opt.momentum,
-            **opt.kwargs,
+            self.method.optimized_module(self.plan.student), opt=opt.name, lr=opt.lr,
+            weight_decay=opt.weight_decay, momentum=opt.momentum, **opt.kwargs,
         )  # fmt: skip
         self.scheduler, _ = create_scheduler_v2(
             optimizer, sched=sched.name, num_epochs=recipe.epochs, warmup_epochs=sched.warmup_epochs,

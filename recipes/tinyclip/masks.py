@@ -18,12 +18,15 @@ LayerNorm affine parameters (hidden), the attention output projection (heads) an
 
 The pruned model is a ``students.clip_pruned`` model (``create_pruned_model`` rebuilds it from its
 ``pruned_cfg``). Progressive stages (e.g. 1.0 -> 0.75 -> 0.5) repeat attach, train, prune on the pruned
-model, one run each (a recipe's `then`).
+model (a recipe's `then`: see ``recipes.tinyclip``).
 
-``MaskedCLIP`` packs a model with attached masks, its ``SparsityLagrangian`` and the ramp's step counter into one
-module for a trainer with a single optimizer: the penalty reaches the multipliers through a reversed gradient
-(so minimising the loss maximises over them), and ``lr_scale`` (masks, multipliers) stores a parameter divided
-by the scale, so that Adam moves it that many times faster than the weights.
+What follows the reference (microsoft/Cream, TinyCLIP/src/open_clip/l0module.py and training/train.py): the
+hard-concrete distribution (T = 2/3, stretch (-0.1, 1.1)), log_alpha starting at 10 and clamped to
+[ln 0.01, ln 100] after every step, the final-mask rule (``HardConcreteMask.deterministic``), the one-sided
+Lagrangian with both multipliers starting at 10 (``SparsityLagrangian``), the sparsity counted over the blocks'
+attention and MLP layers of both towers together (``TowerMasks.prunable_count``), and the masks' own AdamW
+(``MaskedCLIP.mask_optimizer``). ``MaskedCLIP`` packs a model with attached masks, its Lagrangian and the ramp's
+step counter into one module.
 """
 
 from __future__ import annotations
@@ -54,60 +57,77 @@ from students.clip_pruned import (
 # --------------------------------------------------------------------------------------------------------------
 # Hard-concrete masks
 
+EPSILON = 1e-6  # keeps uniform draws and probabilities off 0 and 1
+SOFT_MASK_FACTOR = 0.8  # eval-time soft mask sigmoid(log_alpha / T * 0.8), the reference's constant
+LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))  # the reference clamps log_alpha here after every step
+
 
 class HardConcreteMask(nn.Module):
-    """Hard-concrete gates (Louizos et al., 2018): a stretched, clamped binary-concrete per entry.
+    """Hard-concrete gates (Louizos et al., 2018) as TinyCLIP (after CoFi) trains and finalises them.
 
-    Training draws a sample (reparameterised, so log_alpha gets gradients); eval uses the deterministic
-    estimate ``clamp(sigmoid(log_alpha) * (r - l) + l, 0, 1)``. Entries at exactly 0 are pruned.
+    Training draws a sample, ``clamp(sigmoid((log(u / (1 - u)) + log_alpha) / T) * (r - l) + l, 0, 1)``, whose
+    reparameterisation gives log_alpha its gradient. Eval uses the *final-mask rule*: the soft mask
+    ``sigmoid(log_alpha / T * 0.8)`` with its ``round(expected number of zeros)`` smallest entries set to 0 (ties
+    broken by index), so that what is pruned is what the training expected: the count of zeros equals
+    ``round(size - sum P(z != 0))``. Entries at exactly 0 are pruned; the others keep their soft value, which
+    pruning folds into the weights. log_alpha starts at ``init_log_alpha`` (10: every gate open) and is kept in
+    ``LOG_ALPHA_RANGE`` by ``constrain`` after each optimizer step.
     """
 
     def __init__(
         self,
         size: int,
-        init_drop: float = 0.1,
+        init_log_alpha: float = 10.0,
         temperature: float = 2 / 3,
         limits: tuple[float, float] = (-0.1, 1.1),
-        lr_scale: float = 1.0,
     ):
         super().__init__()
         self.temperature = temperature
         self.limits = limits
-        # The parameter holds log_alpha / lr_scale: an Adam-type optimizer then moves log_alpha lr_scale times
-        # faster than the model's weights under the same learning rate.
-        self.lr_scale = lr_scale
-        # Louizos et al. init: log_alpha ~ N(log((1 - p) / p), 0.01), p the initial drop rate. A small p starts
-        # the masks near 1, i.e. from the inherited model.
-        mean = math.log(1 - init_drop) - math.log(init_drop)
-        self.log_alpha = nn.Parameter((mean + 1e-2 * torch.randn(size)) / lr_scale)
+        self.log_alpha = nn.Parameter(torch.full((size,), float(init_log_alpha)))
 
     @property
     def size(self) -> int:
         return self.log_alpha.numel()
-
-    def alpha(self) -> torch.Tensor:
-        """log_alpha (the parameter times ``lr_scale``)."""
-        return self.log_alpha * self.lr_scale if self.lr_scale != 1 else self.log_alpha
 
     def _stretch(self, s: torch.Tensor) -> torch.Tensor:
         low, high = self.limits
         return (s * (high - low) + low).clamp(0.0, 1.0)
 
     def sample(self) -> torch.Tensor:
-        eps = 1e-6
-        u = torch.rand_like(self.log_alpha).clamp(eps, 1 - eps)
-        return self._stretch(torch.sigmoid((u.log() - (-u).log1p() + self.alpha()) / self.temperature))
+        u = torch.rand_like(self.log_alpha).clamp(EPSILON, 1 - EPSILON)
+        return self._stretch(torch.sigmoid((u.log() - (-u).log1p() + self.log_alpha) / self.temperature))
+
+    def soft(self) -> torch.Tensor:
+        """The values the kept entries take at eval (0.8: Wang et al. 2020's constant, as in the reference)."""
+        return torch.sigmoid(self.log_alpha / self.temperature * SOFT_MASK_FACTOR)
+
+    def expected_zeros(self) -> int:
+        """round(size - expected L0 norm): how many entries the final-mask rule sets to 0."""
+        return round(self.size - float(self.prob_nonzero().detach().sum()))
 
     def deterministic(self) -> torch.Tensor:
-        return self._stretch(torch.sigmoid(self.alpha()))
+        """The final mask (see the class docstring)."""
+        soft = self.soft()
+        zeros = self.expected_zeros()
+        if zeros <= 0:
+            return soft
+        smallest = torch.sort(soft.detach(), stable=True).indices[:zeros]
+        return soft.index_fill(0, smallest, 0.0)
 
     def prob_nonzero(self) -> torch.Tensor:
-        """P(z != 0) per entry; its sum is the expected L0 norm."""
+        """P(z != 0) per entry, clamped to [eps, 1 - eps] as in the reference; its sum is the expected L0 norm."""
         low, high = self.limits
-        return torch.sigmoid(self.alpha() - self.temperature * math.log(-low / high))
+        p = torch.sigmoid(self.log_alpha - self.temperature * math.log(-low / high))
+        return p.clamp(EPSILON, 1 - EPSILON)
 
     def expected_l0(self) -> torch.Tensor:
         return self.prob_nonzero().sum()
+
+    @torch.no_grad()
+    def constrain(self) -> None:
+        """Clamp log_alpha into LOG_ALPHA_RANGE (after every optimizer step, as the reference does)."""
+        self.log_alpha.clamp_(*LOG_ALPHA_RANGE)
 
     def forward(self, stochastic: bool | None = None) -> torch.Tensor:
         stochastic = self.training if stochastic is None else stochastic
@@ -127,7 +147,7 @@ class MaskValues:
 class TowerMasks(nn.Module):
     """Hidden, per-layer head and per-layer MLP-unit masks of one tower, with its parameter-count formula."""
 
-    def __init__(self, parts: TowerParts, init_drop: float = 0.1, **mask_kwargs: Any):
+    def __init__(self, parts: TowerParts, **mask_kwargs: Any):
         super().__init__()
         self.tower = parts.name
         self.width = parts.width
@@ -138,9 +158,9 @@ class TowerMasks(nn.Module):
             head_dims.append(d)
             mlp.append(block.mlp.c_fc.out_features)
         self.head_dims = head_dims
-        self.hidden = HardConcreteMask(parts.width, init_drop, **mask_kwargs)
-        self.heads = nn.ModuleList(HardConcreteMask(h, init_drop, **mask_kwargs) for h in heads)
-        self.mlp = nn.ModuleList(HardConcreteMask(m, init_drop, **mask_kwargs) for m in mlp)
+        self.hidden = HardConcreteMask(parts.width, **mask_kwargs)
+        self.heads = nn.ModuleList(HardConcreteMask(h, **mask_kwargs) for h in heads)
+        self.mlp = nn.ModuleList(HardConcreteMask(m, **mask_kwargs) for m in mlp)
 
         # Parameter count as a function of (kept width w, kept heads h_i, kept units m_i):
         #   w * per_width + w * vocab (token embedding) + fixed
@@ -150,7 +170,7 @@ class TowerMasks(nn.Module):
         for name, dim, _ in parts.width_params:
             p = owner_param(parts, name)
             if name == "token_embedding.weight":
-                self.vocab = p.shape[0]  # kept apart: the sparsity target leaves the vocabulary table out
+                self.vocab = p.shape[0]  # kept apart: tower sizes (the TinyCLIP names) leave the vocabulary table out
             else:
                 self.per_width += p.numel() // p.shape[dim]
         self.fixed = sum(owner_param(parts, name).numel() for name in parts.fixed_params)
@@ -212,48 +232,74 @@ class TowerMasks(nn.Module):
             )
         )
 
-    def expected_param_count(self) -> torch.Tensor:
-        """Expected parameters after pruning: the masks are independent, so E[h * w] = E[h] * E[w]."""
-        return self.param_count(
+    @torch.no_grad()
+    def pruned_param_count(self, include_token_embedding: bool = False) -> int:
+        """Parameters this tower has after ``prune`` with the current deterministic masks."""
+        return int(self.param_count(*self._kept(), include_token_embedding))
+
+    # -- what the sparsity counts: the blocks' attention and MLP layers --------------------------------------------
+
+    def prunable_count(
+        self, width: torch.Tensor | float, heads: Sequence[torch.Tensor | float], mlp: Sequence[torch.Tensor | float]
+    ) -> torch.Tensor | float:
+        """Weights and biases of the blocks' attention (q/k/v and output projections) and MLP layers.
+
+        The denominator of the sparsity, as in the reference (which leaves out the patch embedding, the
+        positional and token embeddings, the projections and the norms). Per layer, with d the head width:
+        qkv 3dhw + 3dh, output projection dhw + w, MLP mw + m + mw + w.
+        """
+        total: torch.Tensor | float = 0.0
+        for h, d, m in zip(heads, self.head_dims, mlp, strict=True):
+            total = total + 4 * d * h * width + 3 * d * h + 2 * m * width + m + 2 * width
+        return total
+
+    def full_prunable_count(self) -> int:
+        return int(self.prunable_count(self.width, [m.size for m in self.heads], [m.size for m in self.mlp]))
+
+    def expected_prunable_count(self) -> torch.Tensor:
+        """Its expectation under the masks: they are independent, so E[h * w] = E[h] * E[w]."""
+        return self.prunable_count(
             self.hidden.expected_l0(), [m.expected_l0() for m in self.heads], [m.expected_l0() for m in self.mlp]
         )
 
     @torch.no_grad()
-    def pruned_param_count(self, include_token_embedding: bool = False) -> int:
-        """Parameters this tower has after ``prune`` with the current deterministic masks."""
+    def pruned_prunable_count(self) -> int:
+        """Its value after ``prune`` with the current deterministic masks."""
+        return int(self.prunable_count(*self._kept()))
+
+    def _kept(self) -> tuple[int, list[int], list[int]]:
+        """(kept width, kept heads per layer, kept MLP units per layer) of the deterministic masks."""
         v = self.deterministic()
-        count = self.param_count(
-            len(v.hidden_keep),
-            [int((z > 0).sum()) for z in v.heads],
-            [int((z > 0).sum()) for z in v.mlp],
-            include_token_embedding,
-        )
-        return int(count)
+        return len(v.hidden_keep), [int((z > 0).sum()) for z in v.heads], [int((z > 0).sum()) for z in v.mlp]
 
 
 class CLIPPruningMasks(nn.Module):
     """L0 masks over the towers of an open_clip CLIP model (built from the model's current shapes)."""
 
-    def __init__(self, model: nn.Module, towers: Sequence[str] = TOWERS, init_drop: float = 0.1, **mask_kwargs: Any):
+    def __init__(self, model: nn.Module, towers: Sequence[str] = TOWERS, **mask_kwargs: Any):
         super().__init__()
-        self.towers = nn.ModuleDict({t: TowerMasks(tower_parts(model, t), init_drop, **mask_kwargs) for t in towers})
+        self.towers = nn.ModuleDict({t: TowerMasks(tower_parts(model, t), **mask_kwargs) for t in towers})
         device = next(model.parameters()).device
         self.to(device)
 
     def expected_sparsity(self) -> torch.Tensor:
-        """1 - expected kept parameters / full parameters, over the masked towers.
-
-        The text token-embedding table is left out of both (as in the TinyCLIP size names).
-        """
-        full = sum(t.full_param_count() for t in self.towers.values())
-        expected = sum(t.expected_param_count() for t in self.towers.values())
+        """1 - expected kept / full parameters of the blocks' attention and MLP layers, all masked towers together
+        (the reference's denominator; see ``TowerMasks.prunable_count``)."""
+        full = sum(t.full_prunable_count() for t in self.towers.values())
+        expected = sum(t.expected_prunable_count() for t in self.towers.values())
         return 1 - expected / full
 
     @torch.no_grad()
     def pruned_sparsity(self) -> float:
         """The sparsity ``prune`` would give now (deterministic masks), counted like ``expected_sparsity``."""
-        full = sum(t.full_param_count() for t in self.towers.values())
-        return 1 - sum(t.pruned_param_count() for t in self.towers.values()) / full
+        full = sum(t.full_prunable_count() for t in self.towers.values())
+        return 1 - sum(t.pruned_prunable_count() for t in self.towers.values()) / full
+
+    def constrain(self) -> None:
+        """Clamp every log_alpha into its range (after each optimizer step)."""
+        for module in self.modules():
+            if isinstance(module, HardConcreteMask):
+                module.constrain()
 
     def attach(self, model: nn.Module) -> MaskHandle:
         """Make ``model`` run with these masks; ``handle.remove()`` restores it. State-dict keys do not change.
@@ -379,39 +425,23 @@ class _MaskedBlock(nn.Module):
 # Sparsity target and Lagrangian penalty
 
 
-class _ReverseGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return -grad
-
-
-def reverse_gradient(x: torch.Tensor) -> torch.Tensor:
-    """Identity whose backward negates the gradient: a minimising optimizer then *ascends* on ``x``."""
-    return _ReverseGradient.apply(x)
-
-
 class SparsityLagrangian(nn.Module):
-    """``lambda_1 (t - s) + lambda_2 (t - s)^2`` with t the expected sparsity and s a linearly ramped target.
+    """The reference's one-sided penalty ``lambda_1 max(t - s, 0) + lambda_2 max(t - s, 0)^2``.
 
-    Minimise it with the model and masks; *maximise* it with respect to the lambdas, which drives t to s:
-    lambda_1 moves against the sign of the gap and lambda_2 only grows. Either with a second optimizer
-    (``lagrangian_optimizer``), or with ``forward(..., reverse=True)``, which reverses the lambdas' gradients so
-    that the one optimizer minimising the loss ascends on them. The parameters hold lambda / ``lr_scale``, as in
-    ``HardConcreteMask``.
+    s is the expected sparsity, t the target, ramped linearly from ``start_sparsity`` to ``target_sparsity`` over
+    ``ramp_steps`` optimizer steps and then held. Once the masks are at least as sparse as the target there is
+    no penalty (and no gradient): only a shortfall is penalised. The masks descend on it; the multipliers
+    (both starting at ``init_lambda``, 10 in the reference) *ascend*, with an optimizer that maximises, so that
+    they grow while the masks fall short of the target.
     """
 
-    def __init__(self, target_sparsity: float, ramp_steps: int, start_sparsity: float = 0.0, lr_scale: float = 1.0):
+    def __init__(self, target_sparsity: float, ramp_steps: int, start_sparsity: float = 0.0, init_lambda: float = 10.0):
         super().__init__()
         self.target_sparsity = target_sparsity
         self.start_sparsity = start_sparsity
         self.ramp_steps = ramp_steps
-        self.lr_scale = lr_scale
-        self.lambda_1 = nn.Parameter(torch.zeros(()))
-        self.lambda_2 = nn.Parameter(torch.zeros(()))
+        self.lambda_1 = nn.Parameter(torch.tensor(float(init_lambda)))
+        self.lambda_2 = nn.Parameter(torch.tensor(float(init_lambda)))
 
     def target(self, step: int | torch.Tensor) -> float | torch.Tensor:
         """The target at ``step`` (an int, or a tensor: then the answer is a tensor, with no host sync)."""
@@ -423,15 +453,9 @@ class SparsityLagrangian(nn.Module):
             frac = min(1.0, step / self.ramp_steps)
         return self.start_sparsity + frac * (self.target_sparsity - self.start_sparsity)
 
-    def lambdas(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lambda_1 * self.lr_scale, self.lambda_2 * self.lr_scale
-
-    def forward(self, expected_sparsity: torch.Tensor, step: int | torch.Tensor, reverse: bool = False) -> torch.Tensor:
-        gap = expected_sparsity - self.target(step)
-        lambda_1, lambda_2 = self.lambdas()
-        if reverse:
-            lambda_1, lambda_2 = reverse_gradient(lambda_1), reverse_gradient(lambda_2)
-        return lambda_1 * gap + lambda_2 * gap * gap
+    def forward(self, expected_sparsity: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+        shortfall = (self.target(step) - expected_sparsity).clamp(min=0.0)
+        return self.lambda_1 * shortfall + self.lambda_2 * shortfall * shortfall
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -539,15 +563,18 @@ def prune(model: nn.Module, masks: CLIPPruningMasks, model_cfg: str | dict[str, 
 
 
 class MaskedCLIP(nn.Module):
-    """An open_clip CLIP model with masks attached, and its sparsity Lagrangian, as one trainable module.
+    """An open_clip CLIP model with masks attached, and its sparsity Lagrangian, as one module.
 
-    The model, the masks, the Lagrangian and a step counter (a buffer: the target's ramp) all sit in this module,
-    so one optimizer, a checkpoint and a resume cover them. ``forward(image=, text=)`` returns the CLIP outputs
-    (image features, text features, logit scale[, bias]) followed by a dict: ``penalty`` (add it to the loss: the
-    masks descend on it, the multipliers ascend through a reversed gradient), ``expected_sparsity`` and
-    ``target_sparsity``; each forward in train mode advances the step. ``encode_image``, ``encode_text``,
-    ``visual`` and ``context_length`` reach the CLIP model, which runs with deterministic masks in eval mode.
-    ``model_cfg`` is the open_clip config (name or dict) of ``model``, as ``prune`` takes it.
+    The model, the masks, the Lagrangian and the step counter of the target's ramp (a buffer) all sit in this
+    module, so that data parallelism averages the masks' gradients and a checkpoint and a resume cover them.
+    ``forward(image=, text=)`` returns the CLIP outputs (image features, text features, logit scale[, bias])
+    followed by a dict: ``penalty`` (add it to the loss), ``expected_sparsity`` and ``target_sparsity``.
+    ``encode_image``, ``encode_text``, ``visual`` and ``context_length`` reach the CLIP model, which runs with
+    deterministic masks in eval mode. ``model_cfg`` is the open_clip config (name or dict) of ``model``, as
+    ``prune`` takes it.
+
+    The masks and multipliers are not trained by the optimizer of ``model``'s weights: ``mask_optimizer`` builds
+    theirs, and whoever steps it calls ``after_mask_step`` (clamp log_alpha, advance the ramp).
     """
 
     def __init__(
@@ -573,10 +600,25 @@ class MaskedCLIP(nn.Module):
             raise TypeError("MaskedCLIP needs a CLIP model built with output_dict=False")
         expected = self.masks.expected_sparsity()
         target = torch.as_tensor(self.lagrangian.target(self.step), device=expected.device)
-        penalty = self.lagrangian(expected, self.step, reverse=True)
-        if self.training:
-            self.step += 1
+        penalty = self.lagrangian(expected, self.step)
         return (*out, {"penalty": penalty, "expected_sparsity": expected, "target_sparsity": target})
+
+    def mask_optimizer(self, mask_lr: float, lagrangian_lr: float) -> torch.optim.Optimizer:
+        """The reference's optimizer of the masks and multipliers: AdamW without weight decay, log_alpha at
+        ``mask_lr`` (descent), the multipliers at ``lagrangian_lr`` by ascent (the reference's negative rate)."""
+        return torch.optim.AdamW(
+            [
+                {"params": list(self.masks.parameters()), "lr": mask_lr},
+                {"params": list(self.lagrangian.parameters()), "lr": lagrangian_lr, "maximize": True},
+            ],
+            weight_decay=0.0,
+        )
+
+    @torch.no_grad()
+    def after_mask_step(self) -> None:
+        """After each step of the mask optimizer: log_alpha back into its range, one more step of the ramp."""
+        self.masks.constrain()
+        self.step += 1
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         return self.model.encode_image(image, normalize=normalize)
@@ -591,11 +633,6 @@ class MaskedCLIP(nn.Module):
     @property
     def context_length(self) -> int:
         return self.model.context_length
-
-    def no_weight_decay(self) -> set[str]:
-        """The CLIP model's exclusions under this module's names (timm's optimizer factory reads them)."""
-        inner = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
-        return {f"model.{name}" for name in inner} | {"masks.*", "lagrangian.*"}
 
     def pruned(self) -> nn.Module:
         """The physically pruned model (``prune`` with the current deterministic masks)."""
