@@ -94,7 +94,7 @@ class Trainer:
         self.scheduler, _ = create_scheduler_v2(
             optimizer, sched=sched.name, num_epochs=recipe.epochs, warmup_epochs=sched.warmup_epochs,
             warmup_lr=sched.warmup_lr, min_lr=sched.min_lr, step_on_epochs=False,
-            updates_per_epoch=self.plan.steps_per_epoch,
+            updates_per_epoch=self.plan.steps_per_epoch, **sched.kwargs,
         )  # fmt: skip
         acc.wait_for_everyone()
         if acc.is_main_process:
