@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
@@ -30,10 +31,10 @@ from .checkpoint import remove_checkpoints, save_checkpoint, save_weights, write
 from .loader import TrainBatchSampler, collate
 from .plan import Plan
 from .plots import plot_training_curves
-from .recipe import to_dict
+from .recipe import Recipe, to_dict
 from .tracking import CsvTracker
 
-__all__ = ["TrainState", "Trainer"]
+__all__ = ["TrainState", "Trainer", "create_schedule"]
 
 # Weights shared between modules (MiniViT) are written once per checkpoint by design and tied again by
 # load_state (tested); accelerate would warn about it at every checkpoint.
@@ -86,16 +87,12 @@ class Trainer:
     def setup(self) -> None:
         """Optimizer, schedule, EMA, trackers; the run's recipe written; a checkpoint loaded when resuming."""
         recipe, acc = self.recipe, self.accelerator
-        opt, sched = recipe.optimizer, recipe.schedule
+        opt = recipe.optimizer
         optimizer = create_optimizer_v2(
             self.plan.student, opt=opt.name, lr=opt.lr, weight_decay=opt.weight_decay, momentum=opt.momentum,
             **opt.kwargs,
         )  # fmt: skip
-        self.scheduler, _ = create_scheduler_v2(
-            optimizer, sched=sched.name, num_epochs=recipe.epochs, warmup_epochs=sched.warmup_epochs,
-            warmup_lr=sched.warmup_lr, min_lr=sched.min_lr, step_on_epochs=False,
-            updates_per_epoch=self.plan.steps_per_epoch, **sched.kwargs,
-        )  # fmt: skip
+        self.scheduler = create_schedule(optimizer, recipe, self.plan.steps_per_epoch)
         acc.wait_for_everyone()
         if acc.is_main_process:
             write_recipe(self.plan.out, to_dict(recipe))
@@ -248,6 +245,17 @@ class Trainer:
         for tracker in acc.trackers:
             tracker.finish()
         return summary
+
+
+def create_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, updates_per_epoch: int) -> Scheduler:
+    """The recipe's timm scheduler, stepped per optimizer update (`schedule.kwargs` go to timm as they are)."""
+    sched = recipe.schedule
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=sched.name, num_epochs=recipe.epochs, warmup_epochs=sched.warmup_epochs,
+        warmup_lr=sched.warmup_lr, min_lr=sched.min_lr, step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch, **sched.kwargs,
+    )  # fmt: skip
+    return scheduler
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

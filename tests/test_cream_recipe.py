@@ -280,6 +280,7 @@ def test_step_mixes_the_board_teacher_meta_update_and_store_kd():
         ({"then__0__loss": {"smoothing": 0.1}}, r"then\[0\]\.loss\.smoothing: unknown key"),
         ({"augmentation": "tinyvit-mix"}, r"augmentation: the search trains on hard labels"),
         ({"mixed_precision": "bf16"}, r"mixed_precision: the search runs in float32"),
+        ({"grad_accum": 2}, r"grad_accum: the search samples one path per optimizer step"),
     ],
 )
 def test_recipe_errors_name_the_key(data, tmp_path, change, message):

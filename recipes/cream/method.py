@@ -59,6 +59,8 @@ class Cream(Method):
                 f"loss.board_start_epoch: expected 0 .. {recipe.epochs - 1} (epochs of plain CE before the board; "
                 f"the default 21 is the reference's, for 120 epochs), got {cfg.board_start_epoch}"
             )
+        if recipe.grad_accum != 1:
+            raise RecipeError("grad_accum: the search samples one path per optimizer step; set batch_size instead")
         if recipe.mixed_precision != "no":
             raise RecipeError(
                 "mixed_precision: the search runs in float32 (the meta update differentiates an SGD step)"
