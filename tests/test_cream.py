@@ -163,6 +163,20 @@ def test_published_architectures_have_the_readmes_multiply_adds(name: str) -> No
     assert PUBLISHED[name].mmacs == mmacs and model(x).shape == (1, 1000)
 
 
+@pytest.mark.parametrize("name", ["cream_14", "cream_43", "cream_114", "cream_287"])
+def test_small_published_architectures_are_paths_of_the_supernet(name: str) -> None:
+    # Their stages are at most 4 deep: each is a path of the default supernet that skips the other layers.
+    stages = PUBLISHED[name].stages
+    path = tuple(c for stage in stages for c in (*stage, *[SKIP] * (4 - len(stage))))
+    assert normalize_path(SupernetConfig(), stages) == path
+    with torch.device("meta"):
+        published, exported = timm.create_model(name), build_path_model(SupernetConfig(), path)
+    assert exported.config == published.config and exported.path == published.path
+    assert [(k, v.shape) for k, v in exported.state_dict().items()] == [
+        (k, v.shape) for k, v in published.state_dict().items()
+    ]
+
+
 def test_published_architectures_load_their_own_weights_and_take_dropout(tmp_path) -> None:
     torch.manual_seed(0)
     model = timm.create_model("cream_14", num_classes=10, drop_rate=0.2)
@@ -265,6 +279,18 @@ def test_board_stores_the_candidates_own_outputs(tiny_supernet: Supernet) -> Non
     torch.testing.assert_close(entry.outputs, own)
     assert not torch.allclose(entry.outputs, teachers, atol=1e-3)
     assert entry.heldout_score == evaluate_path(tiny_supernet, student_path, *heldout)[0]
+
+
+def test_board_scores_in_eval_mode_and_leaves_bn_statistics_alone(tiny_supernet: Supernet) -> None:
+    supernet = copy.deepcopy(tiny_supernet).train()
+    before = {k: v.clone() for k, v in supernet.state_dict().items()}
+    heldout = (_images(8, seed=4), torch.arange(8) % NUM_CLASSES)
+    board = PrioritizedBoard(size=2)
+    assert update_board(board, supernet, (2,) * 6, heldout, flops=1)
+    assert supernet.training and all(torch.equal(v, before[k]) for k, v in supernet.state_dict().items())
+    with torch.no_grad():
+        expected = copy.deepcopy(supernet).eval()(heldout[0], (2,) * 6)  # running statistics, not the batch's
+    torch.testing.assert_close(board[0].outputs, expected, rtol=0, atol=0)
 
 
 def test_teacher_and_m_come_from_the_best_matching_entry() -> None:
