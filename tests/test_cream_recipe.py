@@ -331,3 +331,16 @@ def test_retrain_store_is_checked_before_the_search(data, store, tmp_path):
     ):
         run_recipe(recipe)
     assert not (tmp_path / "run").exists()
+
+
+def test_paths_are_drawn_with_the_reference_prior_by_default():
+    def weights(**loss):
+        method = make_method("cream", {"flops_budget": 1.0, "board_start_epoch": 0} | loss)
+        method.config = SupernetConfig.tiny()
+        return method._sampling_weights()
+
+    # The reference's PRE_PROB, for k3e4, k3e6, k5e4, k5e6, k7e4, k7e6 at every layer.
+    assert weights().tolist() == [0.05, 0.2, 0.05, 0.5, 0.05, 0.15]
+    assert weights(skip_weight=0.3).tolist() == [0.05, 0.2, 0.05, 0.5, 0.05, 0.15, 0.3]
+    assert weights(choice_weights=[1, 0, 0, 0, 0, 1]).tolist() == [1, 0, 0, 0, 0, 1]
+    assert weights(sampling="uniform") is None

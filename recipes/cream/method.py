@@ -132,7 +132,7 @@ class Cream(Method):
         )
         self.heldout = self._batch(chosen)  # the board's batch: every entry's score and outputs are on it
         self.meta = MetaMatchingNetwork(self.num_classes, cfg.meta_hidden, slice_size).to(self.device)
-        self.meta_images = self.heldout[0][:slice_size]  # the meta network's share of it (slice_size None: all)
+        self.meta_images = self.heldout[0][: self.meta.batch_needed]  # the meta network's share of it
         self.meta_optimizer = torch.optim.Adam(self.meta.parameters(), lr=cfg.meta_lr)
         board = PrioritizedBoard(cfg.board_size, _flops(cfg.board_flops_limit), cfg.admission_margin / 100)
         self.search = SearchState(self.recipe.seed, board)
