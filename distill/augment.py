@@ -42,7 +42,7 @@ class AugRecipe:
 
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    interpolation: str = "random"  # "bilinear", "bicubic" or "random" (one of the two per view)
+    interpolation: str = "random"  # of the crop and RandAugment: "bilinear", "bicubic" or "random" (per view, per op)
     hflip: float = 0.5
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 disables
     auto_augment: str | None = None  # timm RandAugment config string, e.g. "rand-m9-mstd0.5-inc1"
@@ -80,7 +80,13 @@ class AugRecipe:
         return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
     def canonical(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(asdict(self).items())}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(asdict(self).items())}
+        # RandAugment resamples with `interpolation` unless it is "random"; it used to resample at random
+        # whatever the crop did. The views of such recipes changed, so their hash does too: a store saved
+        # before is refused instead of replayed with other views. Other recipes keep their hash.
+        if self.auto_augment and self.interpolation != "random":
+            out["rand_augment_interpolation"] = self.interpolation
+        return out
 
     def hash(self) -> str:
         return recipe_hash(self.canonical())
@@ -91,11 +97,15 @@ class AugRecipe:
         return parse_section(cls, data, "")
 
 
+# tinyvit: the TinyViT reference's training views (its DATA.INTERPOLATION is bicubic, for the crop and for
+# RandAugment; colour jitter is off under RandAugment); tinyvit-mix adds its ImageNet-1k Mixup/CutMix.
 PRESETS: dict[str, AugRecipe] = {
     "none": AugRecipe(scale=(1.0, 1.0), ratio=(1.0, 1.0), interpolation="bilinear", hflip=0.0),
     "basic": AugRecipe(scale=(0.35, 1.0), interpolation="bilinear"),
-    "tinyvit": AugRecipe(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25),
-    "tinyvit-mix": AugRecipe(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0),
+    "tinyvit": AugRecipe(interpolation="bicubic", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25),
+    "tinyvit-mix": AugRecipe(
+        interpolation="bicubic", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0
+    ),
 }
 
 

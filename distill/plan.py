@@ -16,22 +16,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
 import torch
 from accelerate.utils import set_seed
+from timm.data import DEFAULT_CROP_PCT
 from torch import nn
 
 from teachers import Teacher, create_teacher
 
-from .augment import PRESETS, AugRecipe, load_recipe, recipe_manifest_entry
+from .augment import AugRecipe, load_recipe, recipe_manifest_entry
 from .checkpoint import LAST, check_output_dir
 from .data import ImageDataset, create_dataset
 from .errors import RecipeError
 from .loader import ReplayDataset
 from .method import Method, create_method
 from .recipe import Recipe, to_dict
-from .views import ReplayAugment
+from .views import EvalView, ReplayAugment
 
-__all__ = ["Plan", "check_store", "make_plan"]
+__all__ = ["Plan", "check_store", "eval_view", "make_plan"]
 
 
 @dataclass
@@ -94,7 +96,7 @@ def make_plan(recipe: Recipe, num_processes: int, device: torch.device, build_st
     train_data = ReplayDataset(
         train_set, ReplayAugment(augmentation, recipe.data.img_size, recipe.seed), method.tokenizer
     )
-    val_data = ReplayDataset(val_set, ReplayAugment(eval_views(augmentation), recipe.data.img_size, 0))
+    val_data = ReplayDataset(val_set, eval_view(recipe, augmentation))
     pin = pin_store(teacher, recipe, out, resume_from) if teacher is not None and teacher.store is not None else None
     return Plan(
         recipe, out, resume_from, augmentation, train_set, val_set, train_ids, method, teacher, student,
@@ -107,9 +109,16 @@ def num_classes(train_set: ImageDataset, val_set: ImageDataset) -> int:
     return train_set.num_classes or val_set.num_classes
 
 
-def eval_views(augmentation: AugRecipe) -> AugRecipe:
-    """Evaluation views: the whole image, normalised as in training."""
-    return dataclasses.replace(PRESETS["none"], mean=augmentation.mean, std=augmentation.std)
+def eval_view(recipe: Recipe, augmentation: AugRecipe) -> EvalView:
+    """The run's evaluation transform (`EvalConfig`): recipe.eval's crop_pct and interpolation, else the
+    student's timm defaults, else timm's (0.875, bicubic); normalised as the training views are."""
+    try:
+        defaults = timm.models.get_pretrained_cfg(recipe.student.model)
+    except RuntimeError:  # a name with a tag timm does not know: the student's build names the error
+        defaults = None
+    crop_pct = recipe.eval.crop_pct or (defaults and defaults.crop_pct) or DEFAULT_CROP_PCT
+    interpolation = recipe.eval.interpolation or (defaults and defaults.interpolation) or "bicubic"
+    return EvalView(recipe.data.img_size, crop_pct, interpolation, augmentation.mean, augmentation.std)
 
 
 def build_teacher(

@@ -125,6 +125,7 @@ class ScheduleConfig:
     warmup_epochs: int = 0
     warmup_lr: float = 1e-6
     min_lr: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.scheduler.create_scheduler_v2
 
 
 @dataclass
@@ -134,8 +135,19 @@ class EmaConfig:
 
 @dataclass
 class EvalConfig:
+    """Evaluation views: the shorter side resized to img_size / crop_pct, the centre img_size square cropped
+    (timm's and the references' evaluation). Unset, crop_pct and interpolation are the student's timm
+    defaults (its pretrained config), else timm's 0.875 and bicubic. crop_pct 1.0 keeps the whole of a square
+    image: for tiny images such as digits, where a crop would cut the object."""
+
     every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     batch_size: int = 256
+    crop_pct: float | None = None  # in (0, 1]
+    interpolation: Literal["bilinear", "bicubic"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise RecipeError(f"crop_pct: expected a fraction in (0, 1], got {self.crop_pct}")
 
 
 @dataclass

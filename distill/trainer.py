@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
@@ -42,11 +43,11 @@ from .evaluate import teacher_accuracy
 from .loader import TrainBatchSampler, collate
 from .plan import STORE_PIN, Plan
 from .plots import plot_training_curves
-from .recipe import to_dict
+from .recipe import Recipe, to_dict
 from .syncbn import convert_sync_batchnorm, has_batchnorm
 from .tracking import CsvTracker, RunLog
 
-__all__ = ["TrainState", "Trainer"]
+__all__ = ["TrainState", "Trainer", "create_schedule"]
 
 # Weights shared between modules (MiniViT) are written once per checkpoint by design and tied again by
 # load_state (tested); accelerate would warn about it at every checkpoint.
@@ -116,16 +117,12 @@ class Trainer:
             student = self.plan.student = convert_sync_batchnorm(student, acc.device)
         else:
             self.sync_bn = False
-        opt, sched = recipe.optimizer, recipe.schedule
+        opt = recipe.optimizer
         optimizer = create_optimizer_v2(
             self.method.optimized_module(self.plan.student), opt=opt.name, lr=opt.lr,
             weight_decay=opt.weight_decay, momentum=opt.momentum, **opt.kwargs,
         )  # fmt: skip
-        self.scheduler, _ = create_scheduler_v2(
-            optimizer, sched=sched.name, num_epochs=recipe.epochs, warmup_epochs=sched.warmup_epochs,
-            warmup_lr=sched.warmup_lr, min_lr=sched.min_lr, step_on_epochs=False,
-            updates_per_epoch=self.plan.steps_per_epoch,
-        )  # fmt: skip
+        self.scheduler = create_schedule(optimizer, recipe, self.plan.steps_per_epoch)
         acc.wait_for_everyone()
         if acc.is_main_process:
             write_recipe(self.plan.out, to_dict(recipe), fresh=self.plan.resume_from is None)
@@ -345,6 +342,17 @@ class Trainer:
         for tracker in acc.trackers:
             tracker.finish()
         return summary
+
+
+def create_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, updates_per_epoch: int) -> Scheduler:
+    """The recipe's timm scheduler, stepped per optimizer update (`schedule.kwargs` go to timm as they are)."""
+    sched = recipe.schedule
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=sched.name, num_epochs=recipe.epochs, warmup_epochs=sched.warmup_epochs,
+        warmup_lr=sched.warmup_lr, min_lr=sched.min_lr, step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch, **sched.kwargs,
+    )  # fmt: skip
+    return scheduler
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

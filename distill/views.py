@@ -1,12 +1,15 @@
-"""Views from draws: `ReplayAugment` applies the parameters drawn in `distill.augment` to an image.
+"""Views from draws: `ReplayAugment` applies the parameters drawn in `distill.augment` to an image;
+`EvalView` is the evaluation transform.
 
 The same (recipe, global seed, epoch, id) always gives the same tensor, whoever computes it:
 the teacher that saved a store, any student replaying it, at any batch size or worker count.
+Evaluation views draw nothing: they depend on the image alone, and are never stored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Callable, Iterator
 
@@ -15,12 +18,13 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
+from torchvision.transforms import InterpolationMode
 
 from logit_store import record_seeds
 
 from .augment import AugRecipe, MixParams, ViewParams, draw_mix, draw_view
 
-__all__ = ["ReplayAugment"]
+__all__ = ["EvalView", "ReplayAugment"]
 
 _RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -47,7 +51,10 @@ class ReplayAugment:
         self.rand_augment = None
         if recipe.auto_augment:
             fill = tuple(round(255 * m) for m in recipe.mean)
-            self.rand_augment = rand_augment_transform(recipe.auto_augment, {"img_mean": fill, "translate_pct": 0.45})
+            hparams: dict[str, object] = {"img_mean": fill, "translate_pct": 0.45}
+            if recipe.interpolation != "random":  # else timm's own: bilinear or bicubic at random, per op
+                hparams["interpolation"] = _RESAMPLING[recipe.interpolation]
+            self.rand_augment = rand_augment_transform(recipe.auto_augment, hparams)
 
     def seed(self, epoch: int, sample_id: int) -> int:
         return int(record_seeds(self.global_seed, epoch, np.array([sample_id]))[0])
@@ -90,6 +97,43 @@ class ReplayAugment:
         y0, y1, x0, x1 = _pixel_box(mix.box, self.img_size)
         x[:, y0:y1, x0:x1] = other[:, y0:y1, x0:x1]
         return x, mix
+
+
+class EvalView:
+    """The evaluation transform of timm's `create_transform(is_training=False)` and of the TinyViT and Cream
+    references: the shorter side resized to floor(img_size / crop_pct) (aspect kept), the centre img_size
+    square cropped, normalised. crop_pct 1.0 keeps the whole of a square image (for tiny images).
+    Called like `ReplayAugment`; the view depends on the image alone (never mixed)."""
+
+    def __init__(
+        self,
+        img_size: int,
+        crop_pct: float,
+        interpolation: str,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        self.img_size, self.crop_pct, self.mean, self.std = img_size, crop_pct, mean, std
+        self.interpolation = InterpolationMode(interpolation)
+        self.resize_to = math.floor(img_size / crop_pct)
+
+    def __repr__(self) -> str:
+        return (
+            f"EvalView(resize {self.resize_to} {self.interpolation.value}, centre crop {self.img_size}, "
+            f"crop_pct {self.crop_pct:g})"
+        )
+
+    def view(self, image: Image.Image) -> torch.Tensor:
+        """A normalised [3, S, S] tensor of an RGB PIL image."""
+        img = TF.center_crop(TF.resize(image, self.resize_to, self.interpolation), self.img_size)
+        return TF.normalize(TF.pil_to_tensor(img).float().div_(255), self.mean, self.std)
+
+    def __call__(
+        self, load: Callable[[int], Image.Image], sample_id: int, epoch: int, num_samples: int
+    ) -> tuple[torch.Tensor, MixParams]:
+        return self.view(load(sample_id)), MixParams(sample_id, 1.0)
 
 
 def _pixel_box(box: tuple[float, float, float, float], size: int) -> tuple[int, int, int, int]:

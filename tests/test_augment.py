@@ -120,7 +120,7 @@ def test_recipe_canonical_form_and_hash(tmp_path):
     assert AugRecipe(hflip=1, scale=[1, 1]).hash() == AugRecipe(hflip=1.0, scale=(1.0, 1.0)).hash()
     assert "img_size" not in AugRecipe().canonical()
     path = tmp_path / "aug.yaml"
-    path.write_text("auto_augment: rand-m9-mstd0.5-inc1\nre_prob: 0.25\n")
+    path.write_text("auto_augment: rand-m9-mstd0.5-inc1\nre_prob: 0.25\ninterpolation: bicubic\n")
     assert load_recipe(str(path)).hash() == PRESETS["tinyvit"].hash()
     path.write_text("flip: 0.5\n")
     with pytest.raises(RecipeError, match=r"aug\.yaml: flip: unknown key"):
@@ -133,6 +133,31 @@ def test_recipe_canonical_form_and_hash(tmp_path):
         load_recipe({"scale": [0.5]})
     with pytest.raises(RecipeError, match="auto_augment: expected a timm RandAugment string"):
         load_recipe({"auto_augment": "rand-m9-everything"})
+
+
+def test_tinyvit_presets_resample_bicubic_in_the_crop_and_rand_augment():
+    # The TinyViT reference: DATA.INTERPOLATION bicubic for RandomResizedCrop and for RandAugment's ops.
+    for name in ("tinyvit", "tinyvit-mix"):
+        recipe = PRESETS[name]
+        assert recipe.interpolation == "bicubic" and recipe.auto_augment == "rand-m9-mstd0.5-inc1"
+        assert all(draw_view(recipe, seed, 40, 30).interpolation == "bicubic" for seed in range(20))
+        ops = ReplayAugment(recipe, 32).rand_augment.ops
+        assert ops and all(op.kwargs["resample"] == Image.Resampling.BICUBIC for op in ops)
+    # interpolation: random stays an option: per view for the crop, per op (timm's own choice) for RandAugment.
+    random_recipe = AugRecipe(auto_augment="rand-m9-mstd0.5-inc1")
+    assert {draw_view(random_recipe, seed, 40, 30).interpolation for seed in range(20)} == {"bilinear", "bicubic"}
+    ops = ReplayAugment(random_recipe, 32).rand_augment.ops
+    assert all(set(op.kwargs["resample"]) == {Image.Resampling.BILINEAR, Image.Resampling.BICUBIC} for op in ops)
+
+
+def test_rand_augment_interpolation_enters_the_hash_only_where_views_changed():
+    # RandAugment used to resample at random whatever `interpolation` said: recipes whose views change with
+    # the fix hash differently (their old stores are refused); the others keep the hash they had.
+    fixed = AugRecipe(auto_augment="rand-m9-mstd0.5-inc1", interpolation="bilinear")
+    assert fixed.canonical()["rand_augment_interpolation"] == "bilinear"
+    for unchanged in (AugRecipe(auto_augment="rand-m9-mstd0.5-inc1"), PRESETS["basic"], PRESETS["none"]):
+        assert "rand_augment_interpolation" not in unchanged.canonical()
+    assert PRESETS["basic"].hash() == "e493679cfc3f819455da8644e211ff41e4f9c8a80e9252fc60eb39ce909a1d07"
 
 
 def test_imagenet_constants_are_timms():

@@ -66,8 +66,8 @@ def cream_recipe(data, output_dir, **changes) -> dict:
         "student": {"model": "cream_supernet", "kwargs": {"tiny": True}},
         "data": {"train": data["train"], "val": data["val"], "img_size": 32},
         "epochs": 2, "batch_size": 16, "optimizer": {"name": "adamw", "lr": 0.005}, "log_every": 1,
-        "loss": {"flops_budget": BUDGET, "board_size": 32, "meta_update_every": 4, "heldout_every": 5,
-                 "heldout_batch_size": 16},
+        "loss": {"flops_budget": BUDGET, "board_size": 32, "board_start_epoch": 0, "meta_update_every": 4,
+                 "heldout_every": 5, "heldout_batch_size": 16},
         "then": [{"name": "retrain", "method": "supervised", "epochs": 1, "batch_size": 16, "log_every": 2}],
         "output_dir": str(output_dir),
     }  # fmt: skip
@@ -90,7 +90,9 @@ def metric(out, name: str) -> list[float]:
 
 def test_search_select_retrain_end_to_end(data, store):
     out = data["root"] / "run"
-    recipe = cream_recipe(data, out, teacher={"source": f"store:{store}"}, loss__kd_weight=0.5)
+    recipe = cream_recipe(
+        data, out, teacher={"source": f"store:{store}"}, loss__kd_weight=0.5, loss__retrain_init="supernet"
+    )
     recipe["then"][0] |= {"method": "tinyvit", "teacher": {"source": f"store:{store}"}}  # retrained from the store
     proc = run_cli("distill-train", [str(write_recipe(data["root"] / "cream.yaml", recipe))], data["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -132,12 +134,20 @@ def test_search_select_retrain_end_to_end(data, store):
     assert student["student"]["checkpoint"] == str(out / "path.safetensors")
     assert student["student"]["kwargs"]["path"] == summary["path"]
 
-    # path.safetensors is the chosen path exported from the saved supernet, and loads into timm's cream_path.
+    # path.safetensors is the chosen path exported from the saved supernet (BN statistics recalibrated on all
+    # 128 training ids: 20 batches of 16 are more than there are), and loads into timm's cream_path.
     supernet = Supernet(config, NUM_CLASSES)
     supernet.load_state_dict(load_file(out / "model.safetensors"))
     exported = export(supernet, summary["path"]).state_dict()
     saved = load_file(out / "path.safetensors")
-    assert saved.keys() == exported.keys() and all(torch.equal(saved[k], exported[k]) for k in saved)
+    statistics = {k for k in saved if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert saved.keys() == exported.keys() and all(
+        torch.equal(saved[k], exported[k]) for k in saved.keys() - statistics
+    )
+    assert summary["bn_recalibration_images"] == 128 and not torch.equal(
+        saved["stem.0.bn.running_mean"], exported["stem.0.bn.running_mean"]
+    )
+    assert student["student"]["kwargs"]["drop_rate"] == 0.2  # the retrain configs' dropout
     model = timm.create_model("cream_path", num_classes=NUM_CLASSES, **student["student"]["kwargs"])
     model.load_state_dict(saved)
 
@@ -159,11 +169,13 @@ class _Memorizer(nn.Module):
 
 def _cream(model: nn.Module, board: PrioritizedBoard, heldout, epoch: int = 0, **loss):
     """The Cream method in the state its `setup` leaves it, on a stand-in trainer at `epoch`, step 0."""
-    method = make_method("cream", {"flops_budget": 10.0} | loss, epochs=2)
+    method = make_method("cream", {"flops_budget": 10.0, "board_start_epoch": 0} | loss, epochs=2)
     method.config, method.img_size, method.device = SupernetConfig.tiny(), 32, torch.device("cpu")
+    method.weights = method._sampling_weights()
     method.heldout, method.flops = heldout, lambda path: 1
     method._heldout_batch = lambda update: heldout  # the held-out stream: this batch every time
     method.meta = MetaMatchingNetwork(NUM_CLASSES)
+    method.meta_images = heldout[0][:4]
     method.meta_optimizer = torch.optim.Adam(method.meta.parameters())
     method.search = SearchState(0, board)
     state = SimpleNamespace(epoch=epoch, global_step=0)
@@ -253,10 +265,12 @@ def test_step_mixes_the_board_teacher_meta_update_and_store_kd():
     ("change", "message"),
     [
         ({"loss__flops_budget": "small"}, r"loss\.flops_budget: expected a number"),
-        ({"loss__sampling": "weighted"}, r"loss\.choice_weights: give them with sampling: weighted"),
-        ({"loss__sampling": "weighted", "loss__choice_weights": [1, 2]}, r"loss\.choice_weights: expected 6"),
+        ({"loss__sampling": "uniform", "loss__choice_weights": [1] * 6}, r"loss\.choice_weights: give them .*prior"),
+        ({"loss__choice_weights": [1, 2]}, r"loss\.choice_weights: expected 6"),
+        ({"loss__meta_slice": 17}, r"loss\.meta_slice: 17 images, but the held-out batch has 16"),
+        ({"loss__admission_margin": -1}, r"loss\.admission_margin: expected a value >= 0"),
         ({"loss__heldout": "test"}, r"loss\.heldout: expected one of \['train', 'val'\]"),
-        ({"loss__board_start_epoch": 2}, r"loss\.board_start_epoch: expected 0 \.\. 1, got 2"),
+        ({"loss__board_start_epoch": 2}, r"loss\.board_start_epoch: expected 0 \.\. 1 .*got 2"),
         (
             {"student__kwargs__config": {"stage_depths": [2, 0, 2]}},
             r"student\.kwargs: cream_supernet: every stage needs at least one layer",
@@ -267,6 +281,7 @@ def test_step_mixes_the_board_teacher_meta_update_and_store_kd():
         ({"then__0__loss": {"smoothing": 0.1}}, r"then\[0\]\.loss\.smoothing: unknown key"),
         ({"augmentation": "tinyvit-mix"}, r"augmentation: the search trains on hard labels"),
         ({"mixed_precision": "bf16"}, r"mixed_precision: the search runs in float32"),
+        ({"grad_accum": 2}, r"grad_accum: the search samples one path per optimizer step"),
     ],
 )
 def test_recipe_errors_name_the_key(data, tmp_path, change, message):
@@ -300,11 +315,11 @@ def test_outer_store_is_checked_naming_the_field(data, store, tmp_path, change, 
 
 def test_heldout_split_is_disjoint_and_deterministic(data):
     train_set, val_set = create_dataset(data["train"]), create_dataset(data["val"])
-    method = make_method("cream", {"flops_budget": 1.0, "heldout_every": 5})
+    method = make_method("cream", {"flops_budget": 1.0, "heldout_every": 5, "board_start_epoch": 0})
     train_ids = method.training_ids(train_set, val_set)
     assert method.heldout_set is train_set and set(train_ids).isdisjoint(method.heldout_ids)
     assert list(method.heldout_ids) == list(range(0, 160, 5)) and len(train_ids) == 128
-    method = make_method("cream", {"flops_budget": 1.0, "heldout": "val"})
+    method = make_method("cream", {"flops_budget": 1.0, "heldout": "val", "board_start_epoch": 0})
     train_ids = method.training_ids(train_set, val_set)
     assert method.heldout_set is val_set and len(train_ids) == 160 and len(method.heldout_ids) == 60
 
@@ -333,3 +348,16 @@ def test_a_run_killed_during_its_retraining_resumes_the_retraining(data, tmp_pat
     assert "Cream board" not in resumed.stdout and (out / "summary.json").read_text() == searched  # no new search
     assert "resuming from" in resumed.stdout + resumed.stderr
     assert json.loads((out / "retrain" / "summary.json").read_text())["steps"] == 20  # 2 epochs of 160 / 16
+
+
+def test_paths_are_drawn_with_the_reference_prior_by_default():
+    def weights(**loss):
+        method = make_method("cream", {"flops_budget": 1.0, "board_start_epoch": 0} | loss)
+        method.config = SupernetConfig.tiny()
+        return method._sampling_weights()
+
+    # The reference's PRE_PROB, for k3e4, k3e6, k5e4, k5e6, k7e4, k7e6 at every layer.
+    assert weights().tolist() == [0.05, 0.2, 0.05, 0.5, 0.05, 0.15]
+    assert weights(skip_weight=0.3).tolist() == [0.05, 0.2, 0.05, 0.5, 0.05, 0.15, 0.3]
+    assert weights(choice_weights=[1, 0, 0, 0, 0, 1]).tolist() == [1, 0, 0, 0, 0, 1]
+    assert weights(sampling="uniform") is None

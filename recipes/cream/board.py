@@ -10,6 +10,11 @@ Every few hundred steps ``meta_update`` trains the meta network through a one-st
 (bilevel) update: a virtual SGD step of the student on that loss, then the held-out CE at the
 virtual weights is backpropagated to the meta network.
 
+Admission follows the reference's rule: a path enters a full board when its held-out score beats the
+worst entry's by more than ``margin`` (5 points in the reference), or beats it at all with fewer FLOPs.
+Held-out scores and the outputs the board keeps are measured in eval mode (BN running statistics), so
+held-out images never move the supernet's statistics.
+
 Three bugs of the reference implementation are avoided on purpose:
 
 - a board entry holds the candidate path's *own* outputs, not its teacher's (``update_board``
@@ -37,6 +42,7 @@ __all__ = [
     "MetaMatchingNetwork",
     "MetaUpdateResult",
     "PrioritizedBoard",
+    "eval_logits",
     "evaluate_path",
     "kd_weight",
     "meta_update",
@@ -72,18 +78,22 @@ class BoardEntry:
 class PrioritizedBoard:
     """The best ``size`` paths, ordered best first.
 
-    Ordering: higher ``heldout_score`` is better; on equal scores fewer FLOPs is better; entries
-    equal in both keep their arrival order (the older ranks higher). A candidate is admitted when
-    the board is not full or it ranks strictly above the worst entry, which it then evicts.
-    Candidates over ``flops_limit`` are refused. Offering a path already on the board replaces its
-    old entry with the new measurement (the shared weights have moved since).
+    Ordering: higher ``heldout_score`` is better; on equal scores fewer FLOPs is better (the reference's
+    reversed tuple sort keeps the costlier one); entries equal in both keep their arrival order (the
+    older ranks higher). A candidate is admitted when the board is not full, or its score exceeds the
+    worst entry's by more than ``margin``, or exceeds it at all with fewer FLOPs; it then evicts the
+    worst. Candidates over ``flops_limit`` are refused. Offering a path already on the board replaces
+    its old entry with the new measurement (the shared weights have moved since).
     """
 
-    def __init__(self, size: int = 10, flops_limit: int | None = None) -> None:
+    def __init__(self, size: int = 10, flops_limit: int | None = None, margin: float = 0.0) -> None:
         if size < 1:
             raise ValueError(f"board size must be at least 1, got {size}")
+        if margin < 0:
+            raise ValueError(f"admission margin must be >= 0, got {margin}")
         self.size = size
         self.flops_limit = flops_limit
+        self.margin = margin  # in score units: 0.05 is the reference's 5 points of top-1
         self._entries: list[BoardEntry] = []
 
     def __len__(self) -> int:
@@ -119,7 +129,11 @@ class PrioritizedBoard:
         """Whether a new path with this held-out score and FLOPs would get on the board."""
         if self.flops_limit is not None and flops > self.flops_limit:
             return False
-        return not self.is_full or (heldout_score, -flops) > self._entries[-1].rank_key
+        if not self.is_full:
+            return True
+        worst = self._entries[-1]
+        better = heldout_score > worst.heldout_score
+        return heldout_score > worst.heldout_score + self.margin or (better and flops < worst.flops)
 
     def update(self, path: Sequence[Any], *, heldout_score: float, flops: int, outputs: torch.Tensor) -> bool:
         """Offer a candidate; return whether it was admitted.
@@ -141,6 +155,7 @@ class PrioritizedBoard:
         return {
             "size": self.size,
             "flops_limit": self.flops_limit,
+            "margin": self.margin,
             "entries": [
                 {"path": e.path, "heldout_score": e.heldout_score, "flops": e.flops, "outputs": e.outputs}
                 for e in self._entries
@@ -148,7 +163,7 @@ class PrioritizedBoard:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.size, self.flops_limit = int(state["size"]), state["flops_limit"]
+        self.size, self.flops_limit, self.margin = int(state["size"]), state["flops_limit"], float(state["margin"])
         self._entries = [
             BoardEntry(_path_key(e["path"]), float(e["heldout_score"]), int(e["flops"]), e["outputs"])
             for e in state["entries"]
@@ -156,15 +171,22 @@ class PrioritizedBoard:
 
 
 @torch.no_grad()
+def eval_logits(model: nn.Module, images: torch.Tensor, path: Sequence[Any]) -> torch.Tensor:
+    """``model(images, path)`` in eval mode (BN running statistics, which these images leave unchanged);
+    the model's mode is restored."""
+    training = model.training
+    model.eval()
+    try:
+        return model(images, path)
+    finally:
+        model.train(training)
+
+
 def evaluate_path(
     model: nn.Module, path: Sequence[Any], images: torch.Tensor, labels: torch.Tensor
 ) -> tuple[float, torch.Tensor]:
-    """Top-1 accuracy (0..1) of ``model(images, path)`` and those logits.
-
-    Runs in the model's current mode; in train mode BN uses the batch statistics (common for
-    supernets, whose running statistics mix all paths) but also updates the running ones.
-    """
-    logits = model(images, path)
+    """Top-1 accuracy (0..1) of ``model(images, path)`` in eval mode, and those logits."""
+    logits = eval_logits(model, images, path)
     return (logits.argmax(-1) == labels).float().mean().item(), logits
 
 
@@ -191,19 +213,31 @@ def update_board(
 class MetaMatchingNetwork(nn.Module):
     """Scores how well a board path suits the student from their outputs on the same batch.
 
-    Input per sample: softmax(student) - softmax(board path); a linear layer (or a small MLP with
-    ``hidden_dim``) maps it to a score, averaged over the batch. The last layer starts at zero, so
-    at first every entry scores 0: the best-ranked board path is picked and m = 0.5.
+    With ``slice_size`` (the reference's form, SLICE = 4): the differences softmax(student) -
+    softmax(board path) of the batch's first ``slice_size`` images, concatenated in order, go
+    through ``Linear(num_classes * slice_size, 1)``: each image position has its own weights.
+    With ``slice_size=None`` (per sample): ``Linear(num_classes, 1)`` on each image's difference,
+    averaged over the whole batch. ``hidden_dim`` puts a ReLU layer of that width first. The last
+    layer starts at zero, so at first every entry scores 0: the best-ranked path is picked, m = 0.5.
     """
 
-    def __init__(self, num_classes: int, hidden_dim: int = 0) -> None:
+    def __init__(self, num_classes: int, hidden_dim: int = 0, slice_size: int | None = 4) -> None:
         super().__init__()
+        if slice_size is not None and slice_size < 1:
+            raise ValueError(f"slice_size must be >= 1 (or None: per sample), got {slice_size}")
+        self.slice_size = slice_size
+        width = num_classes * (slice_size or 1)
         if hidden_dim:
-            self.net = nn.Sequential(nn.Linear(num_classes, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
+            self.net = nn.Sequential(nn.Linear(width, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
         else:
-            self.net = nn.Sequential(nn.Linear(num_classes, 1))
+            self.net = nn.Sequential(nn.Linear(width, 1))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
+
+    @property
+    def batch_needed(self) -> int | None:
+        """Images of the meta batch the score reads (None: all of them)."""
+        return self.slice_size
 
     def forward(self, student_logits: torch.Tensor, path_logits: torch.Tensor) -> torch.Tensor:
         if student_logits.shape != path_logits.shape:
@@ -212,7 +246,11 @@ class MetaMatchingNetwork(nn.Module):
                 "must come from the same meta batch"
             )
         diff = student_logits.softmax(-1) - path_logits.softmax(-1)
-        return self.net(diff).mean()
+        if self.slice_size is None:
+            return self.net(diff).mean()
+        if len(diff) < self.slice_size:
+            raise ValueError(f"the meta batch has {len(diff)} images; the meta network reads {self.slice_size}")
+        return self.net(diff[: self.slice_size].reshape(1, -1)).reshape(())
 
 
 def select_teacher(
@@ -220,14 +258,15 @@ def select_teacher(
 ) -> tuple[BoardEntry, torch.Tensor]:
     """The board entry with the highest matching score, and that score (differentiable w.r.t. ``meta``).
 
-    ``student_logits`` are the student's logits on the board's meta batch; they are detached because
-    m only weighs the losses: the student should not learn to move its own weight. Ties go to the
-    better-ranked entry.
+    ``student_logits`` are the student's logits on the first images of the board's meta batch (as many
+    as the entries hold, or the first ``meta.batch_needed``); they are detached because m only weighs the
+    losses: the student should not learn to move its own weight. Ties go to the better-ranked entry.
     """
     if not len(board):
         raise ValueError("select_teacher needs a non-empty board")
     student_logits = student_logits.detach()
-    scores = torch.stack([meta(student_logits, entry.outputs) for entry in board])
+    n = len(student_logits)
+    scores = torch.stack([meta(student_logits, entry.outputs[:n]) for entry in board])
     best = int(scores.argmax())
     return board[best], scores[best]
 
@@ -238,11 +277,16 @@ def kd_weight(score: torch.Tensor) -> torch.Tensor:
 
 
 def prioritized_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, m: torch.Tensor | float
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    m: torch.Tensor | float,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """(m * KD + (2 - m) * CE) / 2, KD being soft-target CE against the teacher's softmax (T = 1)."""
+    """(m * KD + (2 - m) * CE) / 2, KD being soft-target CE against the teacher's softmax (T = 1) and CE
+    the labels' cross-entropy (smoothed by ``label_smoothing``, 0.1 in the reference's search)."""
     kd = soft_target_cross_entropy(student_logits, teacher_logits.detach().softmax(-1))
-    ce = F.cross_entropy(student_logits, labels)
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     return (m * kd + (2 - m) * ce) / 2
 
 
@@ -272,7 +316,8 @@ def meta_update(
 ) -> MetaUpdateResult:
     """One-step unrolled update of ``meta``; ``model`` (the supernet, called ``model(x, path)``) is left unchanged.
 
-    1. pick the teacher and m for the student ``path`` (student logits on ``meta_images``, the board's batch);
+    1. pick the teacher and m for the student ``path`` (its logits in eval mode on ``meta_images``, the first
+       images of the board's batch);
     2. w' = w - lr * grad_w loss_fn(student, teacher, labels, m) on ``train_batch``, keeping the graph,
        so w' depends on the meta network through m (plain SGD: no momentum, no weight decay);
     3. held-out CE of ``model(·, path)`` at w' on ``heldout_batch``, backpropagated to the meta
@@ -288,9 +333,7 @@ def meta_update(
         # Weights missing from `weights` (frozen ones) fall back to the model's own.
         return functional_call(model, {**weights, **buffers}, (x, p))
 
-    with torch.no_grad():
-        student_meta_logits = run(params, meta_images, path)
-    teacher, score = select_teacher(meta, student_meta_logits, board)
+    teacher, score = select_teacher(meta, eval_logits(model, meta_images, path), board)
     m = kd_weight(score)
     with torch.no_grad():
         teacher_logits = run(params, images, teacher.path)

@@ -3,8 +3,8 @@ and at the end the pick within the FLOPs budget, exported for the retraining."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,27 +22,28 @@ from distill.evaluate import classification_accuracy
 from distill.loader import ReplayDataset, collate
 from distill.losses import soft_target_kd
 from distill.method import Method
-from distill.plan import eval_views
 from distill.recipe import StudentConfig
-from distill.views import ReplayAugment
-from students.supernet import PathModel, Supernet, build_path_model, export, path_flops, sample_path
+from students.supernet import SKIP, Supernet, path_flops, sample_path
 from teachers import Teacher
 
+from . import REFERENCE_PRIOR
 from .board import (
     BoardEntry,
     MetaMatchingNetwork,
     PrioritizedBoard,
+    eval_logits,
     kd_weight,
     meta_update,
     prioritized_loss,
     select_teacher,
     update_board,
 )
+from .export import board_rows, config_dict, export_path, format_board
 
 if TYPE_CHECKING:
     from distill.trainer import Trainer
 
-__all__ = ["Cream", "format_board"]
+__all__ = ["Cream", "SearchState"]
 
 PathKey = tuple[int, ...]
 
@@ -54,7 +55,12 @@ class Cream(Method):
         super().__init__(*args)
         cfg, recipe = self.cfg, self.recipe
         if cfg.board_start_epoch >= recipe.epochs:
-            raise RecipeError(f"loss.board_start_epoch: expected 0 .. {recipe.epochs - 1}, got {cfg.board_start_epoch}")
+            raise RecipeError(
+                f"loss.board_start_epoch: expected 0 .. {recipe.epochs - 1} (epochs of plain CE before the board; "
+                f"the default 21 is the reference's, for 120 epochs), got {cfg.board_start_epoch}"
+            )
+        if recipe.grad_accum != 1:
+            raise RecipeError("grad_accum: the search samples one path per optimizer step; set batch_size instead")
         if recipe.mixed_precision not in (None, "no"):
             raise RecipeError(
                 "mixed_precision: the search runs in float32 (the meta update differentiates an SGD step)"
@@ -72,24 +78,44 @@ class Cream(Method):
         model = super().build_student(cfg, img_size)
         if not isinstance(model, Supernet):
             raise RecipeError(f"student.model: method cream trains a supernet (cream_supernet), not {cfg.model}")
-        config, weights = model.config, self.cfg.choice_weights
-        if weights is not None and (len(weights) != config.num_choices or min(weights) < 0 or not sum(weights)):
-            names = ", ".join(f"k{k}e{e:g}" for k, e in config.choices)
+        self.config, self.img_size = model.config, img_size
+        self.weights = self._sampling_weights()
+        return model
+
+    def _sampling_weights(self) -> torch.Tensor | None:
+        """The per-layer draw of a path: None (uniform), or one weight per choice (and one for skipping)."""
+        cfg, config = self.cfg, self.config
+        if cfg.sampling == "uniform":
+            return None
+        names = ", ".join(f"k{k}e{e:g}" for k, e in config.choices)
+        weights = cfg.choice_weights
+        if weights is None and config.num_choices != len(REFERENCE_PRIOR):
+            raise RecipeError(
+                f"loss.choice_weights: this supernet has {config.num_choices} choices ({names}): give one weight each"
+            )
+        weights = list(REFERENCE_PRIOR if weights is None else weights)
+        if len(weights) != config.num_choices or min(weights) < 0 or not sum(weights):
             raise RecipeError(
                 f"loss.choice_weights: expected {config.num_choices} weights >= 0, one per choice ({names})"
             )
-        self.config, self.img_size = config, img_size
-        return model
+        return torch.tensor(weights + ([cfg.skip_weight] if cfg.skip_weight else []), dtype=torch.float64)
 
     def training_ids(self, train_set: ImageDataset, val_set: ImageDataset) -> np.ndarray:
         """All of data.train, or (heldout: train) all but every heldout_every-th id, held out for scores."""
         ids = np.arange(len(train_set))
         if self.cfg.heldout == "val":
             self.heldout_set, self.heldout_ids = val_set, np.arange(len(val_set))
+            self._check_meta_slice()
             return ids
         held = ids % self.cfg.heldout_every == 0
         self.heldout_set, self.heldout_ids = train_set, ids[held]
+        self._check_meta_slice()
         return ids[~held]
+
+    def _check_meta_slice(self) -> None:
+        available = min(self.cfg.heldout_batch_size, len(self.heldout_ids))
+        if self.cfg.meta_input == "slice" and self.cfg.meta_slice > available:
+            raise RecipeError(f"loss.meta_slice: {self.cfg.meta_slice} images, but the held-out batch has {available}")
 
     # ---- the run -------------------------------------------------------------------------------------------
 
@@ -99,16 +125,19 @@ class Cream(Method):
         if acc.mixed_precision != "no":  # the launcher's: the recipe said nothing
             raise RecipeError("mixed_precision: the search runs in float32; set mixed_precision: 'no' in the recipe")
         self.trainer, self.device = trainer, acc.device
-        views = ReplayAugment(eval_views(trainer.plan.augmentation), self.img_size, 0)
-        self.heldout_data = ReplayDataset(self.heldout_set, views)
+        # Held-out images are seen as validation images are: the recipe's evaluation transform.
+        self.heldout_data = ReplayDataset(self.heldout_set, trainer.plan.val_data.augment)
         self.heldout_size = min(cfg.heldout_batch_size, len(self.heldout_ids))
+        slice_size = cfg.meta_slice if cfg.meta_input == "slice" else None  # (checked by training_ids)
         chosen = np.sort(
             np.random.default_rng([self.recipe.seed, 1]).permutation(self.heldout_ids)[: self.heldout_size]
         )
         self.heldout = self._batch(chosen)  # the board's batch: every entry's score and outputs are on it
-        self.meta = MetaMatchingNetwork(self.num_classes, cfg.meta_hidden).to(self.device)
+        self.meta = MetaMatchingNetwork(self.num_classes, cfg.meta_hidden, slice_size).to(self.device)
+        self.meta_images = self.heldout[0][: self.meta.batch_needed]  # the meta network's share of it
         self.meta_optimizer = torch.optim.Adam(self.meta.parameters(), lr=cfg.meta_lr)
-        self.search = SearchState(self.recipe.seed, PrioritizedBoard(cfg.board_size, _flops(cfg.board_flops_limit)))
+        board = PrioritizedBoard(cfg.board_size, _flops(cfg.board_flops_limit), cfg.admission_margin / 100)
+        self.search = SearchState(self.recipe.seed, board)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -125,16 +154,16 @@ class Cream(Method):
     def loss(self, student: nn.Module, batch: dict[str, torch.Tensor], teacher: Teacher | None) -> dict[str, Any]:
         """Sample this step's path; with the board on, a meta update every few steps and the prioritized loss."""
         cfg, search, images, labels = self.cfg, self.search, batch["image"], batch["label"]
-        weights = torch.tensor(cfg.choice_weights) if cfg.sampling == "weighted" else None
-        self.path = sample_path(self.config, search.generator, weights)
+        self.path = sample_path(self.config, search.generator, self.weights)
         prioritized = self.board_on and len(search.board) > 0
         logs: dict[str, Any] = {}
         if prioritized and self.trainer.state.global_step % cfg.meta_update_every == 0:
             # Before the real step, on its batch: this step's m already follows the updated meta network.
             result = meta_update(
                 self.meta, student, self.path, (images, labels), self._heldout_batch(search.meta_updates),
-                search.board, self.heldout[0], lr=self.trainer.optimizer.param_groups[0]["lr"],
+                search.board, self.meta_images, lr=self.trainer.optimizer.param_groups[0]["lr"],
                 meta_optimizer=self.meta_optimizer,
+                loss_fn=partial(prioritized_loss, label_smoothing=cfg.label_smoothing),
             )  # fmt: skip
             search.meta_updates += 1
             logs["meta_heldout_loss"] = result.heldout_loss
@@ -143,10 +172,10 @@ class Cream(Method):
             entry, m = self.choose_teacher(student, self.path)
             with torch.no_grad():
                 teacher_logits = student(images, entry.path)
-            loss = prioritized_loss(logits, teacher_logits, labels, m)
+            loss = prioritized_loss(logits, teacher_logits, labels, m, cfg.label_smoothing)
             logs["m"] = m
         else:
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
         if teacher is not None:
             with torch.no_grad():
                 stored = teacher.logits(images, int(batch["epoch"][0]), batch["id"])
@@ -167,10 +196,9 @@ class Cream(Method):
         return self.trainer.state.epoch >= self.cfg.board_start_epoch
 
     def choose_teacher(self, student: nn.Module, path: PathKey) -> tuple[BoardEntry, torch.Tensor]:
-        """The best-matching board entry and its m = sigmoid(-score), detached: m only weighs the student's loss."""
-        with torch.no_grad():
-            student_on_meta_batch = student(self.heldout[0], path)
-        entry, score = select_teacher(self.meta, student_on_meta_batch, self.search.board)
+        """The best-matching board entry and its m = sigmoid(-score), detached: m only weighs the student's loss.
+        The student's outputs on the meta images are taken in eval mode, as the board's entries were."""
+        entry, score = select_teacher(self.meta, eval_logits(student, self.meta_images, path), self.search.board)
         return entry, kd_weight(score).detach()
 
     def flops(self, path: Sequence[int]) -> int:
@@ -201,7 +229,8 @@ class Cream(Method):
     # ---- the end -------------------------------------------------------------------------------------------
 
     def finish(self, model: nn.Module, output_dir: Path) -> dict[str, Any]:
-        """Print the board, pick its best path within the budget (the paper's pick: no evolution), export it."""
+        """Print the board, pick its best path within the budget (the paper's pick: no evolution), export it
+        with BN statistics recalibrated on training batches."""
         board, budget = self.search.board, _flops(self.cfg.flops_budget)
         chosen = board.best(flops_limit=budget)
         rows = board_rows(board, self.config, self.num_classes, budget, chosen)
@@ -212,12 +241,12 @@ class Cream(Method):
                 f"loss.flops_budget: no board path is within {self.cfg.flops_budget:g} MFLOPs (the board's smallest "
                 f"has {smallest:.3f}); raise it, or set loss.board_flops_limit to keep the board under it"
             )
-        path_model: PathModel = export(model, chosen.path)
+        path_model, recalibration_images = export_path(model, chosen.path, self._recalibration_batches())
         save_weights(path_model, output_dir / "path.safetensors")
         flops = self.flops(chosen.path)
         return {
             "path": list(chosen.path),
-            "choices": [f"k{k}e{e:g}" for k, e in (self.config.choices[c] for c in chosen.path)],
+            "choices": [self._choice_name(c) for c in chosen.path],
             "heldout_top1": chosen.heldout_score,
             "flops": flops,
             "mflops": flops / 1e6,
@@ -227,13 +256,31 @@ class Cream(Method):
             "supernet": config_dict(self.config),
             "meta_updates": self.search.meta_updates,
             "heldout_samples": len(self.heldout_ids),
+            "bn_recalibration_images": recalibration_images,
             "board": rows,
         }
 
+    def _recalibration_batches(self) -> Iterator[torch.Tensor]:
+        """The first `recalibration_batches` training batches of a fixed shuffle of the training ids, as the last
+        epoch's views (the recipe's batch size)."""
+        plan, size = self.trainer.plan, self.recipe.batch_size
+        ids = np.random.default_rng([self.recipe.seed, 3]).permutation(plan.train_ids)
+        ids = ids[: self.cfg.recalibration_batches * size]
+        epoch = plan.view_epoch(self.recipe.epochs - 1)
+        for start in range(0, len(ids), size):
+            chunk = [plan.train_data[(epoch, int(i))] for i in ids[start : start + size]]
+            yield collate(chunk)["image"].to(self.device)
+
+    def _choice_name(self, choice: int) -> str:
+        if choice == SKIP:
+            return "skip"
+        kernel_size, exp_ratio = self.config.choices[choice]
+        return f"k{kernel_size}e{exp_ratio:g}"
+
     def result_student(self, output_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-        """The chosen path as timm's `cream_path`, from its supernet weights unless `retrain_init: scratch`."""
+        """The chosen path as timm's `cream_path`, from scratch (the reference) unless `retrain_init: supernet`."""
         checkpoint = str(output_dir / "path.safetensors") if self.cfg.retrain_init == "supernet" else None
-        kwargs = {"path": summary["path"], "config": summary["supernet"]}
+        kwargs = {"path": summary["path"], "config": summary["supernet"], "drop_rate": self.cfg.retrain_drop_rate}
         return {"model": "cream_path", "kwargs": kwargs, "checkpoint": checkpoint}
 
 
@@ -267,48 +314,6 @@ class _OnePath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.supernet(x, self.path)
-
-
-def config_dict(config: Any) -> dict[str, Any]:
-    """A SupernetConfig as plain YAML/JSON data (`cream_path`'s `config` keyword)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-
-
-def path_params(config: Any, path: Sequence[int], num_classes: int) -> int:
-    """Parameters of a path's standalone model (built on the meta device: shapes only)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_path_model(config, path, num_classes).parameters())
-
-
-def board_rows(
-    board: PrioritizedBoard, config: Any, num_classes: int, budget: int, chosen: BoardEntry | None
-) -> list[dict[str, Any]]:
-    return [
-        {
-            "rank": rank,
-            "path": list(entry.path),
-            "heldout_top1": entry.heldout_score,
-            "mflops": entry.flops / 1e6,
-            "flops": entry.flops,
-            "params": path_params(config, entry.path, num_classes),
-            "within_budget": entry.flops <= budget,
-            "chosen": entry is chosen,
-        }
-        for rank, entry in enumerate(board, start=1)
-    ]
-
-
-def format_board(rows: list[dict[str, Any]], budget_mflops: float, heldout_size: int) -> str:
-    lines = [
-        f"Cream board, best first (held-out top-1 on {heldout_size} images; budget {budget_mflops:g} MFLOPs):",
-        f"{'rank':>4}  {'held-out':>8}  {'MFLOPs':>8}  {'params':>9}  path",
-    ]
-    for r in rows:
-        mark = "  <- chosen" if r["chosen"] else ("" if r["within_budget"] else "  (over budget)")
-        lines.append(
-            f"{r['rank']:>4}  {r['heldout_top1']:>8.4f}  {r['mflops']:>8.3f}  {r['params']:>9,}  {r['path']}{mark}"
-        )
-    return "\n".join(lines)
 
 
 def _flops(mflops: float | None) -> int | None:
