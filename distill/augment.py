@@ -1,5 +1,8 @@
 """Replayable augmentation: the view of (epoch, id) is a pure function of the recipe and seeds.
 
+This module holds the recipe and the draws (numpy only, so recipes validate without torch);
+`distill.views.ReplayAugment` applies the draws to images.
+
 Every random draw of a view comes from generators seeded with
 `record_seeds(global_seed, epoch, id)`, never from global state, so the teacher that
 saved logits and every later student see the same view whatever their batch size,
@@ -10,25 +13,26 @@ another resolution replays the same view.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
-from collections.abc import Callable, Iterator
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torchvision.transforms.functional as TF
 import yaml
-from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.data.auto_augment import rand_augment_transform
 
-from logit_store import recipe_hash, record_seeds
+from logit_store.manifest import recipe_hash
 
-INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+from .errors import RecipeError
+from .schema import parse_section
+
+INTERPOLATIONS = ("bilinear", "bicubic")
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)  # timm.data's constants (tested equal), without importing timm
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+# timm's RandAugment config strings: "rand" then "-" separated options (m9, n2, mstd0.5, inc1, ...);
+# the string is parsed by timm itself when views are made (distill.views), this only refuses typos early.
+_RAND_AUGMENT = re.compile(r"rand(-(m|n|w|mstd|mmax|inc|p)\d+(\.\d+)?)*")
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class AugRecipe:
 
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    interpolation: str = "random"  # "bilinear", "bicubic" or "random" (one of the two per view)
+    interpolation: str = "random"  # of the crop and RandAugment: "bilinear", "bicubic" or "random" (per view, per op)
     hflip: float = 0.5
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 disables
     auto_augment: str | None = None  # timm RandAugment config string, e.g. "rand-m9-mstd0.5-inc1"
@@ -61,44 +65,52 @@ class AugRecipe:
             elif isinstance(value, tuple | list):
                 object.__setattr__(self, f.name, tuple(float(v) for v in value))
         if self.interpolation not in (*INTERPOLATIONS, "random"):
-            raise ValueError(
-                f"augmentation 'interpolation' must be bilinear, bicubic or random, got {self.interpolation!r}"
-            )
+            raise RecipeError(f"interpolation: expected bilinear, bicubic or random, got {self.interpolation!r}")
         for name in ("hflip", "re_prob", "mix_prob", "switch_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"augmentation '{name}' must be a probability in [0, 1], got {getattr(self, name)}")
-        if self.auto_augment is not None:
-            rand_augment_transform(self.auto_augment, {})  # raises on a bad config string
+                raise RecipeError(f"{name}: expected a probability in [0, 1], got {getattr(self, name)}")
+        if self.auto_augment is not None and not _RAND_AUGMENT.fullmatch(self.auto_augment):
+            raise RecipeError(
+                f"auto_augment: expected a timm RandAugment string such as 'rand-m9-mstd0.5-inc1', "
+                f"got {self.auto_augment!r}"
+            )
 
     @property
     def mixing(self) -> bool:
         return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
     def canonical(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(asdict(self).items())}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(asdict(self).items())}
+        # RandAugment resamples with `interpolation` unless it is "random"; it used to resample at random
+        # whatever the crop did. The views of such recipes changed, so their hash does too: a store saved
+        # before is refused instead of replayed with other views. Other recipes keep their hash.
+        if self.auto_augment and self.interpolation != "random":
+            out["rand_augment_interpolation"] = self.interpolation
+        return out
 
     def hash(self) -> str:
         return recipe_hash(self.canonical())
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "augmentation") -> AugRecipe:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    def from_dict(cls, data: Any) -> AugRecipe:
+        """Validated fields from plain data; errors name the field (RecipeError)."""
+        return parse_section(cls, data, "")
 
 
+# tinyvit: the TinyViT reference's training views (its DATA.INTERPOLATION is bicubic, for the crop and for
+# RandAugment; colour jitter is off under RandAugment); tinyvit-mix adds its ImageNet-1k Mixup/CutMix.
 PRESETS: dict[str, AugRecipe] = {
     "none": AugRecipe(scale=(1.0, 1.0), ratio=(1.0, 1.0), interpolation="bilinear", hflip=0.0),
     "basic": AugRecipe(scale=(0.35, 1.0), interpolation="bilinear"),
-    "tinyvit": AugRecipe(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25),
-    "tinyvit-mix": AugRecipe(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0),
+    "tinyvit": AugRecipe(interpolation="bicubic", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25),
+    "tinyvit-mix": AugRecipe(
+        interpolation="bicubic", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0
+    ),
 }
 
 
 def load_recipe(preset_or_yaml: str | dict[str, Any] | AugRecipe) -> AugRecipe:
-    """A preset name, a YAML file path, or a mapping of AugRecipe fields."""
+    """A preset name, a YAML file path, or a mapping of AugRecipe fields; a RecipeError names what is wrong."""
     if isinstance(preset_or_yaml, AugRecipe):
         return preset_or_yaml
     if isinstance(preset_or_yaml, dict):
@@ -107,8 +119,11 @@ def load_recipe(preset_or_yaml: str | dict[str, Any] | AugRecipe) -> AugRecipe:
         return PRESETS[preset_or_yaml]
     path = Path(preset_or_yaml)
     if not path.is_file():
-        raise ValueError(f"augmentation {preset_or_yaml!r} is neither a preset {sorted(PRESETS)} nor a YAML file")
-    return AugRecipe.from_dict(yaml.safe_load(path.read_text()) or {}, source=str(path))
+        raise RecipeError(f"{preset_or_yaml!r} is neither a preset {sorted(PRESETS)} nor a YAML file")
+    try:
+        return AugRecipe.from_dict(yaml.safe_load(path.read_text()) or {})
+    except (RecipeError, yaml.YAMLError) as err:
+        raise RecipeError(f"{path}: {err}") from None
 
 
 # ---- the draws of one view, all relative to the image ---------------------------------------------------
@@ -201,89 +216,6 @@ def draw_mix(recipe: AugRecipe, seed: int, sample_id: int, num_samples: int) -> 
     return MixParams(partner, 1.0 - box[2] * box[3], box)  # lambda follows the clipped box
 
 
-# ---- applying the draws --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _seeded_global_rngs(seed: int) -> Iterator[None]:
-    """timm's RandAugment draws from `random` and `np.random`; seed them for one call, then
-    restore them, so its ops stay timm's own and still replay exactly."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-
-
-class ReplayAugment:
-    """Turns (image loader, sample id, epoch) into the replayed view tensor at `img_size`."""
-
-    def __init__(self, recipe: AugRecipe, img_size: int, global_seed: int = 0) -> None:
-        self.recipe, self.img_size, self.global_seed = recipe, img_size, global_seed
-        self.rand_augment = None
-        if recipe.auto_augment:
-            fill = tuple(round(255 * m) for m in recipe.mean)
-            self.rand_augment = rand_augment_transform(recipe.auto_augment, {"img_mean": fill, "translate_pct": 0.45})
-
-    def seed(self, epoch: int, sample_id: int) -> int:
-        return int(record_seeds(self.global_seed, epoch, np.array([sample_id]))[0])
-
-    def view(self, image: Image.Image, params: ViewParams) -> torch.Tensor:
-        """Apply one view's parameters to an RGB PIL image; returns a normalised [3, S, S] tensor."""
-        w, h = image.size
-        left, top, cw, ch = params.crop
-        size = (self.img_size, self.img_size)
-        img = image.resize(
-            size, INTERPOLATIONS[params.interpolation], box=(left * w, top * h, (left + cw) * w, (top + ch) * h)
-        )
-        if params.flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if params.jitter is not None:
-            b, c, s = params.jitter
-            img = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b), c), s)
-        if self.rand_augment is not None:
-            with _seeded_global_rngs(params.augment_seed):
-                img = self.rand_augment(img)
-        x = TF.normalize(TF.pil_to_tensor(img).float().div_(255), self.recipe.mean, self.recipe.std)
-        if params.erase is not None:
-            x = _erase(x, params.erase, params.noise_seed)
-        return x
-
-    def __call__(
-        self, load: Callable[[int], Image.Image], sample_id: int, epoch: int, num_samples: int
-    ) -> tuple[torch.Tensor, MixParams]:
-        """The view of `sample_id` in `epoch`, mixed with its partner's view when the recipe mixes."""
-        seed = self.seed(epoch, sample_id)
-        image = load(sample_id)
-        x = self.view(image, draw_view(self.recipe, seed, *image.size))
-        mix = draw_mix(self.recipe, seed, sample_id, num_samples)
-        if mix.partner == sample_id:
-            return x, mix
-        partner_image = load(mix.partner)
-        other = self.view(partner_image, draw_view(self.recipe, self.seed(epoch, mix.partner), *partner_image.size))
-        if mix.box is None:
-            return x.mul_(mix.lam).add_(other, alpha=1 - mix.lam), mix
-        y0, y1, x0, x1 = _pixel_box(mix.box, self.img_size)
-        x[:, y0:y1, x0:x1] = other[:, y0:y1, x0:x1]
-        return x, mix
-
-
-def _pixel_box(box: tuple[float, float, float, float], size: int) -> tuple[int, int, int, int]:
-    left, top, w, h = box
-    return round(top * size), round((top + h) * size), round(left * size), round((left + w) * size)
-
-
-def _erase(x: torch.Tensor, box: tuple[float, float, float, float], noise_seed: int) -> torch.Tensor:
-    """Random erasing (timm's 'pixel' mode): the box is filled with per-pixel normal noise."""
-    y0, y1, x0, x1 = _pixel_box(box, x.shape[-1])
-    g = torch.Generator().manual_seed(noise_seed)
-    x[:, y0:y1, x0:x1] = torch.randn((x.shape[0], y1 - y0, x1 - x0), generator=g)
-    return x
-
-
 def recipe_manifest_entry(recipe: AugRecipe) -> dict[str, Any]:
     """The `augmentation` entry of a store manifest."""
     return {"recipe": recipe.canonical(), "hash": recipe.hash()}
@@ -293,7 +225,6 @@ __all__ = [
     "PRESETS",
     "AugRecipe",
     "MixParams",
-    "ReplayAugment",
     "ViewParams",
     "draw_mix",
     "draw_view",

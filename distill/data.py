@@ -1,6 +1,7 @@
 """Image (and image-text) datasets with stable sample ids, labels and a fingerprint.
 
-Every sample has an integer id in [0, N) and a label. ``fingerprint()`` is a sha256 over
+Every sample has an integer id in [0, N) and a label, ``NO_LABEL`` (-1) for an unlabelled image:
+a teacher needs no labels, so a store can cover images nobody labelled. ``fingerprint()`` is a sha256 over
 the count, the class names and, per id, the label, the file (or tar member) size and the
 relative path, so a logit store can check that training reads the data it was saved from.
 Moving the data elsewhere keeps the fingerprint; renaming, resizing or relabelling a file
@@ -18,9 +19,11 @@ Specs accepted by ``create_dataset``:
 
 - ``digits``: scikit-learn's 8x8 handwritten digits, written once as 32x32 PNGs to
   ``<cache>/digits/{train,val}/<class>/<index>.png`` (fixed 80/20 split)
-- ``PATH``: an image folder, one sub-folder per class, images found recursively;
+- ``PATH``: an image folder, one sub-folder per class, images found recursively (a folder of
+  images with no class sub-folders is unlabelled; ``unlabeled:PATH`` ignores class folders);
   ids sorted by (class name, relative path)
-- ``csv:PATH``: a CSV/TSV with ``path`` and ``label`` columns; ids = row order
+- ``csv:PATH``: a CSV/TSV with a ``path`` and an optional ``label`` column (an empty label: an
+  unlabelled image); ids = row order
 - ``wds:PATTERN``: webdataset tar shards (glob, folder or one ``.tar``), labels from ``.cls``
   members and, when the shards have them, captions from ``.txt`` members (then every sample
   needs a ``.txt``; ``.cls`` becomes optional, but all or none); ids follow shard order then
@@ -49,16 +52,21 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from logit_store.registry import Registry
+
+from .errors import DatasetError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SPEC_FORMS = (
     "digits",
-    "PATH (a folder with one sub-folder per class)",
+    "PATH (a folder with one sub-folder per class, or of unlabelled images)",
+    "unlabeled:PATH",
     "csv:PATH",
     "wds:PATTERN",
     "pairs:PATH",
@@ -70,6 +78,7 @@ DIGITS_SIZE = 32
 DIGITS_TRAIN_FRACTION = 0.8
 DIGITS_SEED = 0
 FINGERPRINT_VERSION = "distill-dataset-v1"
+FingerprintMode = Literal["fast", "content"]
 MAX_OPEN_SHARDS = 64  # per process; the least recently used shard file is closed past this
 NO_LABEL = -1  # the label of every sample of an image-text dataset that has no labels
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -79,10 +88,6 @@ _SPEC_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 _INTEGER = re.compile(r"[+-]?\d+")
 # webdataset's rule: the key is the member path up to the first dot of its base name.
 _WDS_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
-class DatasetError(ValueError):
-    """A dataset spec, file or sample that cannot be used; the message names it."""
 
 
 # ---------------------------------------------------------------- base class
@@ -135,7 +140,7 @@ class ImageDataset(ABC):
         self._captions = None if captions is None else _Strings(captions)
         if self._captions is not None and len(self._captions) != len(self._names):
             raise ValueError(f"{spec}: {len(self._captions)} captions for {len(self._names)} samples")
-        self._fingerprint: str | None = None
+        self._fingerprints: dict[str, str] = {}
         if skip_unreadable:
             self._drop_unreadable()
         if len(self) == 0:
@@ -192,23 +197,55 @@ class ImageDataset(ABC):
             with Image.open(io.BytesIO(data)) as image:
                 return image.convert("RGB")
         except Exception as err:
-            raise DatasetError(f"{self._where(i)}: not a readable image ({type(err).__name__}: {err})") from err
+            raise DatasetError(
+                f"{self._where(i)}: not a readable image ({type(err).__name__}: {err}); "
+                "--skip-unreadable (data.skip_unreadable in a recipe) drops such files"
+            ) from err
 
-    def fingerprint(self) -> str:
-        """sha256 hex over count, class names, and per id: label, size and relative path, and the caption
-        of an image-text dataset (computed once). A dataset without captions hashes as it always has."""
-        if self._fingerprint is None:
-            self._fingerprint = _fingerprint(self.classes, self.labels, self._sizes, self._names, self._captions)
-        return self._fingerprint
+    def fingerprint(self, mode: FingerprintMode = "fast") -> str:
+        """sha256 hex of the dataset (computed once per mode).
 
-    def describe(self) -> dict[str, Any]:
-        """spec, num_samples, num_classes, classes, fingerprint, skipped; and has_captions: True for image-text."""
+        "fast": over count, class names, and per id: label, size and relative path, and the caption of an
+        image-text dataset (a dataset without captions hashes as it always has). "content" also hashes every
+        sample's bytes, so two equal-size images swapped between classes change it; the bytes' hashes are
+        cached under `<cache>/fingerprints/`, keyed by each file's name, size, mtime and inode, so a dataset
+        is read once, and again only where a file changed.
+        """
+        if mode not in self._fingerprints:
+            fast = _fingerprint(self.classes, self.labels, self._sizes, self._names, self._captions)
+            self._fingerprints[mode] = fast if mode == "fast" else self._content_fingerprint(fast)
+        return self._fingerprints[mode]
+
+    def _content_fingerprint(self, fast: str) -> str:
+        cache_file = cache_root() / "fingerprints" / f"{hashlib.sha256(self.spec.encode()).hexdigest()[:32]}.json"
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        digest, fresh = hashlib.sha256(f"{fast}\ncontent\n".encode()), {}
+        for i in range(len(self)):
+            key = self._stat_key(i)
+            sample = cache.get(key) or hashlib.sha256(self._read_bytes(i)).hexdigest()
+            fresh[key] = sample
+            digest.update(sample.encode())
+        if fresh != cache:
+            with contextlib.suppress(OSError):  # a cache that cannot be written costs time, nothing else
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_file.with_suffix(f".tmp-{os.getpid()}")
+                tmp.write_text(json.dumps(fresh))
+                os.replace(tmp, cache_file)
+        return digest.hexdigest()
+
+    def describe(self, fingerprint: FingerprintMode = "fast") -> dict[str, Any]:
+        """spec, num_samples, num_classes, classes, fingerprint (and its mode), skipped; and has_captions: True
+        for image-text."""
         described = {
             "spec": self.spec,
             "num_samples": len(self),
             "num_classes": self.num_classes,
             "classes": list(self.classes),
-            "fingerprint": self.fingerprint(),
+            "fingerprint": self.fingerprint(fingerprint),
+            "fingerprint_mode": fingerprint,
             "skipped": list(self.skipped),
         }
         if self.has_captions:
@@ -218,6 +255,10 @@ class ImageDataset(ABC):
     @abstractmethod
     def _read_bytes(self, i: int) -> bytes:
         """The encoded image of sample i; DatasetError naming it when it cannot be read."""
+
+    @abstractmethod
+    def _stat_key(self, i: int) -> str:
+        """What identifies sample i's bytes without reading them: file name, size, mtime and inode."""
 
     @abstractmethod
     def _where(self, i: int) -> str:
@@ -265,6 +306,14 @@ def _verifies(data: bytes) -> bool:
     return True
 
 
+def _stat_key(path: Path) -> str:
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the file ({err.strerror or err})") from err
+    return f"{path}|{info.st_size}|{info.st_mtime_ns}|{info.st_ino}"
+
+
 def _fingerprint(
     classes: list[str], labels: np.ndarray, sizes: np.ndarray, names: _Strings, captions: _Strings | None = None
 ) -> str:
@@ -303,6 +352,9 @@ class _FileDataset(ImageDataset):
     def _where(self, i: int) -> str:
         return str(self._path(i))
 
+    def _stat_key(self, i: int) -> str:
+        return _stat_key(self._path(i))
+
     def _read_bytes(self, i: int) -> bytes:
         path = self._path(i)
         try:
@@ -313,6 +365,8 @@ class _FileDataset(ImageDataset):
 
 class FolderDataset(_FileDataset):
     """``root/<class>/**/<image>``: classes = sorted sub-folder names; ids sorted by (class, relative path).
+    A folder of images with no class sub-folders, or any folder with ``labeled=False`` (spec
+    ``unlabeled:PATH``), is unlabelled: every image under it, ids sorted by relative path.
 
     Hidden entries (names starting with '.') are ignored, as are files without an image extension.
     With ``caption_of_class`` (class folder name -> text) it is an image-text dataset whose every
@@ -325,9 +379,17 @@ class FolderDataset(_FileDataset):
         spec: str | None = None,
         skip_unreadable: bool = False,
         caption_of_class: Callable[[str], str] | None = None,
+        labeled: bool = True,
     ) -> None:
         root = Path(root).expanduser().absolute()
-        classes = _class_folders(root)
+        classes = _class_folders(root) if labeled else []
+        if not classes:  # unlabelled: every image under root, by relative path
+            files = _images_in(root)
+            if not files:
+                raise DatasetError(f"{root}: holds no images (looked for {' '.join(IMAGE_EXTENSIONS)} in it)")
+            sizes = [_file_size(root / f) for f in files]
+            super().__init__(spec or str(root), root, [], files, [NO_LABEL] * len(files), sizes, skip_unreadable)
+            return
         names: list[str] = []
         labels: list[int] = []
         sizes: list[int] = []
@@ -358,8 +420,11 @@ def _class_folders(root: Path) -> list[str]:
         classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and e.is_dir())
     except OSError as err:
         raise DatasetError(f"{root}: cannot list the folder ({err.strerror or err})") from err
-    if not classes:
-        raise DatasetError(f"{root}: no class sub-folders (expected one sub-folder per class: {root}/<class>/<image>)")
+    if not classes and not any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(root)):
+        raise DatasetError(
+            f"{root}: no class sub-folders and no images (expected {root}/<class>/<image>, or images for "
+            "an unlabelled dataset)"
+        )
     return classes
 
 
@@ -396,10 +461,12 @@ class _Row(NamedTuple):
 
 
 class CsvDataset(_FileDataset):
-    """A CSV (or TSV) with ``path`` and ``label`` columns; ids = row order.
+    """A CSV (or TSV) with a ``path`` column and an optional ``label`` column; ids = row order.
 
     Relative paths are relative to the CSV's folder. Labels are class names (classes = sorted
-    unique names) or, when every label is an integer, indices (classes = "0" .. str(max)).
+    unique names) or, when every label is an integer, indices (classes = "0" .. str(max)). A row
+    with an empty label, or every row without a label column, is an unlabelled image (``NO_LABEL``):
+    a teacher can still teach it.
     """
 
     def __init__(self, csv_path: str | os.PathLike, spec: str | None = None, skip_unreadable: bool = False) -> None:
@@ -525,14 +592,14 @@ def _read_table(path: Path, required: tuple[str, ...], optional: tuple[str, ...]
 
 
 def _read_rows(path: Path) -> list[_Row]:
-    table = _read_table(path, ("path", "label"))
-    at_path, at_label = table.columns["path"], table.columns["label"]
+    """Rows with a path and a label ("" where the label column is missing or empty: an unlabelled image)."""
+    table = _read_table(path, ("path",), optional=("label",))
+    at_path, at_label = table.columns["path"], table.columns.get("label")
     rows: list[_Row] = []
     for number, line, cells in table.rows:
-        file, label = cells[at_path].strip(), cells[at_label].strip()
-        if not file or not label:
-            missing = "path" if not file else "label"
-            raise DatasetError(f"{path}: row {number} (line {line}): empty '{missing}'")
+        file, label = cells[at_path].strip(), "" if at_label is None else cells[at_label].strip()
+        if not file:
+            raise DatasetError(f"{path}: row {number} (line {line}): empty 'path'")
         rows.append(_Row(number, line, file, label))
     return rows
 
@@ -547,16 +614,19 @@ def _delimiter(path: Path, header_line: str) -> str:
 
 
 def _csv_labels(path: Path, rows: list[_Row]) -> tuple[list[str], list[int]]:
-    texts = [row.label for row in rows]
+    """(classes, labels) of the labelled rows, NO_LABEL for the others (empty label: an unlabelled image)."""
+    texts = [row.label for row in rows if row.label]
+    if not texts:
+        return [], [NO_LABEL] * len(rows)
     if all(_INTEGER.fullmatch(text) for text in texts):
-        values = [int(text) for text in texts]
-        for row, value in zip(rows, values, strict=True):
-            if value < 0:
+        for row in rows:
+            if row.label and int(row.label) < 0:
                 raise DatasetError(f"{path}: row {row.number} (line {row.line}): label {row.label} is negative")
-        return [str(i) for i in range(max(values) + 1)], values
+        classes = [str(i) for i in range(max(int(t) for t in texts) + 1)]
+        return classes, [int(row.label) if row.label else NO_LABEL for row in rows]
     classes = sorted(set(texts))
     index = {name: i for i, name in enumerate(classes)}
-    return classes, [index[text] for text in texts]
+    return classes, [index[row.label] if row.label else NO_LABEL for row in rows]
 
 
 # ---------------------------------------------------------------- webdataset tar shards
@@ -569,9 +639,9 @@ class TarDataset(ImageDataset):
 
     A sample is an image member plus a ``.cls`` label and/or a ``.txt`` caption (UTF-8, stripped,
     not empty) under the same key. When any sample of the shard set has a ``.txt``, the dataset is
-    an image-text dataset and every sample needs one; ``.cls`` is then optional, but all samples
-    or none carry it (none: no classes, every label ``NO_LABEL``). Otherwise every sample needs a
-    ``.cls``. Captions are read once, when the shards are indexed.
+    an image-text dataset and every sample needs one. ``.cls`` labels are on all samples or none
+    (none: an unlabelled dataset, no classes, every label ``NO_LABEL``). Captions are read once,
+    when the shards are indexed.
     """
 
     def __init__(self, pattern: str, spec: str | None = None, skip_unreadable: bool = False) -> None:
@@ -583,10 +653,8 @@ class TarDataset(ImageDataset):
             where = f"{self.shards[s]}: sample '{sample.key}' ({sample.member})"
             if with_captions and sample.caption is None:
                 raise DatasetError(f"{where} has no .txt caption member (other samples of these shards have one)")
-            if sample.label is None and with_labels and with_captions:
+            if sample.label is None and with_labels:
                 raise DatasetError(f"{where} has no .cls label member (other samples of these shards have one)")
-            if sample.label is None and not with_captions:
-                raise DatasetError(f"{where} has no .cls label member (nor a .txt caption)")
         names = [f"{self.shards[s].name}/{sample.member}" for s, sample in samples]
         labels = [NO_LABEL if sample.label is None else sample.label for _, sample in samples]
         sizes = [sample.size for _, sample in samples]
@@ -602,6 +670,9 @@ class TarDataset(ImageDataset):
     def _where(self, i: int) -> str:
         member = self._names[i].split("/", 1)[1]
         return f"{self.shards[self._shard_of[i]]}:{member}"
+
+    def _stat_key(self, i: int) -> str:
+        return f"{_stat_key(self.shards[self._shard_of[i]])}@{self._offsets[i]}"
 
     def _take(self, keep: np.ndarray) -> None:
         self._shard_of = self._shard_of[keep]
@@ -796,38 +867,75 @@ def digit_caption_of_class(name: str) -> str:
     return digit_caption(int(name))
 
 
+DATASETS: Registry[Callable[..., ImageDataset]] = Registry("dataset spec prefix", DatasetError)
+
+
+@DATASETS.register("digits")
+def _digits(body: str, spec: str, split: str, skip_unreadable: bool, cache_dir: str | None) -> ImageDataset:
+    return _digits_folder(spec, split, skip_unreadable, cache_dir)
+
+
+@DATASETS.register("digits-captions")
+def _digits_captions(body: str, spec: str, split: str, skip_unreadable: bool, cache_dir: str | None) -> ImageDataset:
+    return _digits_folder(spec, split, skip_unreadable, cache_dir, digit_caption_of_class)
+
+
+def _digits_folder(
+    spec: str, split: str, skip_unreadable: bool, cache_dir: str | None, captioned: Callable[[str], str] | None = None
+) -> ImageDataset:
+    if split not in DIGITS_SPLITS:
+        raise DatasetError(f"{spec}: split must be one of {DIGITS_SPLITS}, got {split!r}")
+    root = prepare_digits(cache_dir) / split
+    return FolderDataset(root, spec=spec, skip_unreadable=skip_unreadable, caption_of_class=captioned)
+
+
+@DATASETS.register("csv")
+def _csv(body: str, spec: str, split: str, skip_unreadable: bool, cache_dir: str | None) -> ImageDataset:
+    return CsvDataset(_needs_path(body, "csv", "data/train.csv"), spec=spec, skip_unreadable=skip_unreadable)
+
+
+@DATASETS.register("pairs")
+def _pairs(body: str, spec: str, split: str, skip_unreadable: bool, cache_dir: str | None) -> ImageDataset:
+    return PairsDataset(_needs_path(body, "pairs", "data/captions.tsv"), spec=spec, skip_unreadable=skip_unreadable)
+
+
+@DATASETS.register("unlabeled")
+def _unlabeled(body: str, spec: str, split: str, skip_unreadable: bool, cache_dir: str | None) -> ImageDataset:
+    return FolderDataset(_needs_path(body, "unlabeled", "data/images"), spec, skip_unreadable, labeled=False)
+
+
+@DATASETS.register("wds")
+def _wds(body: str, spec: str, split: str, skip_unreadable: bool, cache_dir: str | None) -> ImageDataset:
+    return TarDataset(body, spec=spec, skip_unreadable=skip_unreadable)
+
+
+def _needs_path(body: str, prefix: str, example: str) -> str:
+    if not body:
+        raise DatasetError(f"{prefix}: needs a file path, e.g. {prefix}:{example}; {_ACCEPTED}")
+    return body
+
+
+_ACCEPTED = f"accepted forms: {', '.join(SPEC_FORMS)}"
+
+
 def create_dataset(
     spec: str, split: str = "train", skip_unreadable: bool = False, cache_dir: str | None = None
 ) -> ImageDataset:
     """The dataset a spec names: ``digits``, a folder ``PATH``, ``csv:PATH``, ``wds:PATTERN``,
-    ``pairs:PATH`` or ``digits-captions`` (``has_captions`` tells the image-text ones).
+    ``pairs:PATH`` or ``digits-captions`` (``has_captions`` tells the image-text ones); the forms
+    are the entries of ``DATASETS`` ("PREFIX:BODY" or the bare name), any other spec is a folder.
 
     ``split`` ("train" or "val") only matters for ``digits`` and ``digits-captions``; ``cache_dir``
     is where digits are written (default $DISTILL_CACHE, else ~/.cache/distill). With
     ``skip_unreadable`` every image is verified once and the unreadable ones are dropped (listed
     in ``skipped``) before ids are assigned.
     """
-    accepted = f"accepted forms: {', '.join(SPEC_FORMS)}"
     if not isinstance(spec, str) or not spec.strip():
-        raise DatasetError(f"dataset spec must be a non-empty string, got {spec!r}; {accepted}")
-    if spec in ("digits", "digits-captions"):
-        if split not in DIGITS_SPLITS:
-            raise DatasetError(f"{spec}: split must be one of {DIGITS_SPLITS}, got {split!r}")
-        captioned = digit_caption_of_class if spec == "digits-captions" else None
-        return FolderDataset(
-            prepare_digits(cache_dir) / split, spec=spec, skip_unreadable=skip_unreadable, caption_of_class=captioned
-        )
-    if spec.startswith("csv:"):
-        if not spec[4:]:
-            raise DatasetError(f"csv: needs a file path, e.g. csv:data/train.csv; {accepted}")
-        return CsvDataset(spec[4:], spec=spec, skip_unreadable=skip_unreadable)
-    if spec.startswith("pairs:"):
-        if not spec[6:]:
-            raise DatasetError(f"pairs: needs a file path, e.g. pairs:data/captions.tsv; {accepted}")
-        return PairsDataset(spec[6:], spec=spec, skip_unreadable=skip_unreadable)
-    if spec.startswith("wds:"):
-        return TarDataset(spec[4:], spec=spec, skip_unreadable=skip_unreadable)
-    prefix = _SPEC_PREFIX.match(spec)
-    if prefix and not os.path.exists(os.path.expanduser(spec)):
-        raise DatasetError(f"unknown dataset spec prefix '{prefix.group(1)}:' in {spec!r}; {accepted}")
+        raise DatasetError(f"dataset spec must be a non-empty string, got {spec!r}; {_ACCEPTED}")
+    prefix, sep, body = spec.partition(":")
+    if spec in DATASETS or (sep and prefix in DATASETS and prefix not in ("digits", "digits-captions")):
+        return DATASETS.get(prefix)(body, spec, split, skip_unreadable, cache_dir)
+    named = _SPEC_PREFIX.match(spec)
+    if named and not os.path.exists(os.path.expanduser(spec)):
+        raise DatasetError(f"unknown dataset spec prefix '{named.group(1)}:' in {spec!r}; {_ACCEPTED}")
     return FolderDataset(spec, spec=spec, skip_unreadable=skip_unreadable)

@@ -7,13 +7,13 @@ against the embeddings of class-name prompts. Both give top-1 / top-5 in percent
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from .affinity import zero_shot_classifier
 from .loader import ReplayDataset, collate
 
 
@@ -30,6 +30,7 @@ def _topk(
     batch_size: int,
     accelerator: Accelerator,
 ) -> dict[str, float]:
+    """Top-1 / top-5 (%) of `scores_of(images)` over the dataset, `model` in eval mode meanwhile."""
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for batch in _batches(data, batch_size, accelerator):
@@ -54,6 +55,12 @@ def classification_accuracy(
 
 
 @torch.no_grad()
+def teacher_accuracy(teacher: Any, data: ReplayDataset, batch_size: int, accelerator: Accelerator) -> dict[str, float]:
+    """Top-1 / top-5 (%) of a live logits teacher on the same views as the student's evaluation."""
+    return _topk(teacher.logits, teacher.model, data, batch_size, accelerator)
+
+
+@torch.no_grad()
 def zero_shot_accuracy(
     model: nn.Module,
     data: ReplayDataset,
@@ -74,3 +81,28 @@ def zero_shot_accuracy(
         return F.normalize(clip.encode_image(images).float(), dim=-1) @ classifier
 
     return _topk(scores, clip, data, batch_size, accelerator)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def zero_shot_classifier(
+    model: nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str | Callable[[str], str]],
+) -> torch.Tensor:
+    """[embed_dim, num_classes] class embeddings: the normalised mean of each class's normalised prompt embeddings.
+
+    ``tokenizer`` is open_clip's (``open_clip.get_tokenizer(name)``); a template is a format string with ``{}``
+    or a callable of the class name (as in ``open_clip.zero_shot_metadata``).
+    """
+    device = _device(model)
+    columns = []
+    for name in classnames:
+        texts = [t(name) if callable(t) else t.format(name) for t in templates]
+        embeddings = model.encode_text(tokenizer(texts).to(device), normalize=True)
+        columns.append(F.normalize(embeddings.mean(dim=0), dim=-1))
+    return torch.stack(columns, dim=1)

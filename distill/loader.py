@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import ReplayAugment
 from .data import ImageDataset
+from .views import ReplayAugment
 
 
 class ReplayDataset(Dataset):
@@ -77,14 +77,6 @@ def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def mixed_targets(batch: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
-    """The mixed hard label of each view: lam * onehot(y) + (1 - lam) * onehot(y_partner)."""
-    lam = batch["lam"][:, None]
-    own = torch.nn.functional.one_hot(batch["label"], num_classes).float()
-    other = torch.nn.functional.one_hot(batch["partner_label"], num_classes).float()
-    return lam * own + (1 - lam) * other
-
-
 def replay_loader(dataset: ReplayDataset, batch_sampler: Sampler, workers: int) -> DataLoader:
     return DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate, persistent_workers=False
@@ -94,16 +86,17 @@ def replay_loader(dataset: ReplayDataset, batch_sampler: Sampler, workers: int) 
 class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
     """This process's micro-batches of one training epoch, as (view epoch, id) pairs.
 
-    The epoch's order is a permutation drawn from (seed, epoch); optimizer step s takes
-    ids order[s*B:(s+1)*B] for the global batch size B, cut into `accum` micro-batches, each
-    split across the processes. So the samples of every step are the same for any process
-    count, and a resumed run starts at `start_step` with exactly the batches it would have had.
-    The last incomplete global batch is dropped.
+    The epoch's order is a permutation of the training ids drawn from (seed, epoch); optimizer
+    step s takes positions order[s*B:(s+1)*B] for the global batch size B, cut into `accum`
+    micro-batches, each split across the processes. So the samples of every step are the same
+    for any process count, and a resumed run starts at `start_step` with exactly the batches it
+    would have had. The last incomplete global batch is dropped. `ids` are the training ids (an
+    int: all of range(ids)).
     """
 
     def __init__(
         self,
-        num_samples: int,
+        ids: int | np.ndarray,
         batch_size: int,
         epoch: int,
         view_epoch: int,
@@ -115,9 +108,10 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
     ) -> None:
         if batch_size % (world * accum):
             raise ValueError(f"batch_size {batch_size} is not divisible by processes x grad_accum = {world * accum}")
+        ids = np.arange(ids) if isinstance(ids, int) else np.asarray(ids)
         self.micro = batch_size // (world * accum)
-        self.steps = num_samples // batch_size
-        self.order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+        self.steps = len(ids) // batch_size
+        self.order = ids[np.random.default_rng([seed, epoch]).permutation(len(ids))]
         self.view_epoch, self.rank, self.world, self.accum, self.start_step = view_epoch, rank, world, accum, start_step
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:

@@ -3,26 +3,38 @@
 A recipe is YAML; every section maps onto a dataclass below. Validation walks the
 dataclasses' type hints, so an unknown key, a wrong type or a missing field is reported
 with its key path (`optimizer.lr: expected a number, got 'fast'`). The `loss` section's
-schema belongs to the method (`Method.LossConfig`), so it is validated once the method
-is known.
+schema belongs to the method: a `MethodSpec` found by name in `METHODS`, whose entries
+come from the `distill.methods` entry points of every installed package. Nothing here
+imports torch: a recipe is refused in the time it takes to start Python.
+
+A recipe may name follow-up runs under `then`; each one trains the previous run's result
+(see `follow_ups`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from logit_store.registry import Registry
+
+from .augment import load_recipe
+from .errors import RecipeError
+from .schema import parse_section, to_dict
+
 __all__ = [
+    "METHODS",
     "DataConfig",
     "EmaConfig",
     "EvalConfig",
+    "FollowUp",
+    "MethodSpec",
     "OptimizerConfig",
     "Recipe",
     "RecipeError",
@@ -30,14 +42,41 @@ __all__ = [
     "StudentConfig",
     "TeacherConfig",
     "apply_overrides",
+    "follow_ups",
     "load_recipe_file",
+    "method_config",
+    "parse_recipe",
     "parse_section",
     "to_dict",
 ]
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the file and the key path at fault."""
+@dataclass
+class NoLoss:
+    """The `loss` section of a method that has no settings."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the recipe layer knows of a method without importing it (and torch).
+
+    `method` is the "module:Class" path of its `distill.method.Method` subclass, imported when a run
+    starts; `loss` the dataclass of the recipe's `loss` section; `teacher` whether the method takes
+    one ("none", "optional", "required") and `outputs` what it must give ("logits" or "embeddings").
+    A package adds a method by an entry point in the `distill.methods` group naming its spec.
+    """
+
+    method: str
+    loss: type = NoLoss
+    teacher: Literal["none", "optional", "required"] = "required"
+    outputs: Literal["logits", "embeddings"] = "logits"
+
+
+# accelerate's log_with names (accelerate.tracking.LOGGER_TYPE_TO_CLASS, written out so recipes validate without it);
+# each needs its package installed, which accelerate checks when the run starts.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+METHODS: Registry[MethodSpec] = Registry("method", RecipeError, group="distill.methods", duplicates="warn")
 
 
 @dataclass
@@ -72,6 +111,13 @@ class OptimizerConfig:
     clip_grad: float | None = None  # max gradient norm
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.optim.create_optimizer_v2
 
+    def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise RecipeError(f"{name}: expected a number >= 0, got {getattr(self, name)}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise RecipeError(f"clip_grad: expected a number > 0 or null, got {self.clip_grad}")
+
 
 @dataclass
 class ScheduleConfig:
@@ -79,6 +125,7 @@ class ScheduleConfig:
     warmup_epochs: int = 0
     warmup_lr: float = 1e-6
     min_lr: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.scheduler.create_scheduler_v2
 
 
 @dataclass
@@ -88,13 +135,24 @@ class EmaConfig:
 
 @dataclass
 class EvalConfig:
+    """Evaluation views: the shorter side resized to img_size / crop_pct, the centre img_size square cropped
+    (timm's and the references' evaluation). Unset, crop_pct and interpolation are the student's timm
+    defaults (its pretrained config), else timm's 0.875 and bicubic. crop_pct 1.0 keeps the whole of a square
+    image: for tiny images such as digits, where a crop would cut the object."""
+
     every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     batch_size: int = 256
+    crop_pct: float | None = None  # in (0, 1]
+    interpolation: Literal["bilinear", "bicubic"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise RecipeError(f"crop_pct: expected a fraction in (0, 1], got {self.crop_pct}")
 
 
 @dataclass
 class Recipe:
-    method: str  # a module in recipes/ (e.g. tinyvit, supervised) or a dotted module path
+    method: str  # a name in METHODS (the distill.methods entry points)
     student: StudentConfig
     data: DataConfig
     epochs: int
@@ -106,12 +164,15 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EmaConfig | None = None  # with EMA, the EMA weights are the run's result
     eval: EvalConfig = field(default_factory=EvalConfig)
-    loss: dict[str, Any] = field(default_factory=dict)  # the method's LossConfig fields
+    loss: dict[str, Any] = field(default_factory=dict)  # the method's section: its MethodSpec.loss fields
     seed: int = 0  # init, sampling order, and the replay seed (must equal a store's global seed)
     grad_accum: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # null: the launcher's (accelerate config, env)
+    sync_bn: bool | None = None  # BatchNorm over all processes; null: on when there are several and BatchNorm
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate's log_with names; CSV always
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (0: end of epoch only)
     log_every: int = 10  # optimizer steps between logged training metrics
+    then: list[dict[str, Any]] = field(default_factory=list)  # follow-up runs on this run's result
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
@@ -121,94 +182,93 @@ class Recipe:
         _positive(self.eval, "batch_size", "eval.")
         if self.checkpoint_every < 0:
             raise RecipeError(f"checkpoint_every: expected >= 0, got {self.checkpoint_every}")
+        unknown = sorted(set(self.trackers) - set(TRACKERS))
+        if unknown:
+            raise RecipeError(f"trackers: unknown {unknown}; accelerate's are {list(TRACKERS)} (CSV is always kept)")
+
+
+def parse_recipe(raw: dict[str, Any]) -> Recipe:
+    """A validated Recipe: its schema, the method and its loss section, the augmentation, the teacher the
+    method takes, and every follow-up run under `then`. Errors name the key path."""
+    recipe = parse_section(Recipe, raw, "")
+    method_config(recipe)
+    try:
+        load_recipe(recipe.augmentation)
+    except RecipeError as err:
+        raise RecipeError(f"augmentation: {err}") from None
+    for run in follow_ups(recipe):
+        try:
+            parse_recipe(run.recipe)
+        except RecipeError as err:
+            raise RecipeError(f"then[{run.index}].{err}") from None
+    return recipe
+
+
+def method_config(recipe: Recipe) -> tuple[MethodSpec, Any]:
+    """The recipe's method spec and its parsed `loss` section; checks the teacher the method takes."""
+    try:
+        spec = METHODS.get(recipe.method)
+    except RecipeError as err:
+        raise RecipeError(f"method: {err}") from None
+    loss = parse_section(spec.loss, recipe.loss, "loss")
+    source = recipe.teacher.source
+    if spec.teacher == "none" and source:
+        raise RecipeError(f"teacher.source: method {recipe.method!r} trains on labels only and takes no teacher")
+    if spec.teacher == "required" and not source:
+        raise RecipeError(f"teacher.source: method {recipe.method!r} needs a teacher: store:PATH or a live spec")
+    return spec, loss
+
+
+# ---- follow-up runs --------------------------------------------------------------------------------------
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """A run under `then`: it trains the previous run's result in `output_dir/name`.
+
+    `recipe` holds the main recipe's sections with the item's over them (a section the item gives
+    replaces the main one whole; another `method` drops the main `loss` and `teacher`), and as its student the
+    main student with the item's `student` fields over it, a placeholder until the previous run
+    has finished: then the student is that run's result with `student_changes` over it.
+    """
+
+    index: int
+    name: str
+    recipe: dict[str, Any]
+    student_changes: dict[str, Any]
+
+
+def follow_ups(recipe: Recipe) -> list[FollowUp]:
+    """The runs of `recipe.then`, in order (see FollowUp)."""
+    main = {k: v for k, v in to_dict(recipe).items() if k != "then"}
+    runs, names = [], set()
+    for i, item in enumerate(recipe.then):
+        where = f"then[{i}]"
+        if not isinstance(item, dict):
+            raise RecipeError(f"{where}: expected a mapping (a recipe without student and output_dir)")
+        item = copy.deepcopy(item)
+        name = item.pop("name", f"then_{i + 1}")
+        if not isinstance(name, str) or not _RUN_NAME.fullmatch(name) or name in names:
+            raise RecipeError(f"{where}.name: expected a distinct folder name (letters, digits, _ . -), got {name!r}")
+        names.add(name)
+        for key in ("output_dir", "then"):
+            if key in item:
+                raise RecipeError(f"{where}.{key}: set by the main recipe (output_dir/{name}); leave it out")
+        changes = item.pop("student", {})
+        if not isinstance(changes, dict) or not set(changes) <= {f.name for f in dataclasses.fields(StudentConfig)}:
+            raise RecipeError(f"{where}.student: expected a mapping of student fields to change in the result")
+        other_method = item.get("method", recipe.method) != recipe.method
+        base = {k: v for k, v in main.items() if not (other_method and k in ("loss", "teacher"))}
+        raw = base | item | {"output_dir": str(Path(recipe.output_dir) / name), "student": main["student"] | changes}
+        runs.append(FollowUp(i, name, raw, changes))
+    return runs
 
 
 def _positive(obj: Any, name: str, prefix: str = "") -> None:
     if getattr(obj, name) < 1:
         raise RecipeError(f"{prefix}{name}: expected an integer >= 1, got {getattr(obj, name)}")
-
-
-# ---- validation ------------------------------------------------------------------------------------------
-
-
-def parse_section(cls: type, data: Any, path: str) -> Any:
-    """Build dataclass `cls` from `data`, checking keys and types; errors name `path.key`."""
-    where = path or "the recipe"
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: expected a mapping, got {_show(data)}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise RecipeError(f"{_join(path, unknown[0])}: unknown key; expected one of {sorted(known)}")
-    values = {}
-    for name, f in known.items():
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise RecipeError(f"{_join(path, name)}: missing required field ({_describe(hints[name])})")
-            continue
-        values[name] = _coerce(hints[name], data[name], _join(path, name))
-    try:
-        return cls(**values)
-    except RecipeError as err:
-        raise RecipeError(f"{path + ': ' if path else ''}{err}") from None
-
-
-def _coerce(kind: Any, value: Any, path: str) -> Any:
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(option, value, path)
-            except RecipeError as err:
-                errors.append(err)
-        deeper = [e for e in errors if str(e).startswith(path + ".")]  # the value had the right shape
-        if deeper:
-            raise deeper[0]
-        raise RecipeError(f"{path}: expected {_describe(kind)}, got {_show(value)}")
-    if origin is Literal:
-        if value not in args:
-            raise RecipeError(f"{path}: expected one of {list(args)}, got {_show(value)}")
-        return value
-    if dataclasses.is_dataclass(kind):
-        return parse_section(kind, value, path)
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{path}: expected a list, got {_show(value)}")
-        return [_coerce(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)] if args else list(value)
-    if origin is dict or kind is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise RecipeError(f"{path}: expected a mapping with string keys, got {_show(value)}")
-        return dict(value)
-    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if kind in (int, str, bool) and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    raise RecipeError(f"{path}: expected {_describe(kind)}, got {_show(value)}")
-
-
-def _describe(kind: Any) -> str:
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
-    if origin is Literal:
-        return "one of " + str(list(args))
-    if dataclasses.is_dataclass(kind) or origin is dict or kind is dict:
-        return "a mapping"
-    if origin is list:
-        return f"a list of {_describe(args[0])}" if args else "a list"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(kind, str(kind))
-
-
-def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if not isinstance(value, dict | list) else type(value).__name__
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
 
 
 # ---- files and overrides ---------------------------------------------------------------------------------
@@ -257,10 +317,5 @@ def load_recipe_file(path: str | Path, overrides: list[str] = ()) -> dict[str, A
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"recipe {path}: expected a mapping of sections, got {_show(data)}")
+        raise RecipeError(f"recipe {path}: expected a mapping of sections, got {type(data).__name__}")
     return apply_overrides(data, list(overrides))
-
-
-def to_dict(obj: Any) -> Any:
-    """A recipe (or section) back to plain YAML-able data."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

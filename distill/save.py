@@ -1,122 +1,48 @@
-"""`distill-save-logits`: run a teacher once over replayed views and keep its top-k logits.
+"""The save pipeline of `distill-save-logits`: run a teacher once over replayed views, keep its outputs.
 
-    distill-save-logits --teacher timm:resnet50 --checkpoint teacher.safetensors \\
-        --data PATH --out teacher.zarr --epochs 10 --k 10 [--aug tinyvit] [--img-size 224]
-
-A CLIP teacher (--teacher open_clip:NAME) on image-caption data (--data pairs:FILE.csv,
-wds:..., digits-captions) writes an embeddings store instead: its L2-normalised image
-embedding of every view and text embedding of every caption (no --k).
-
-Runs as it is on one process, or under `accelerate launch` / `torchrun` with several:
-each process computes and writes its own shards. Re-running the same command resumes
-after the last committed shard.
+A logits teacher's top-k logits per (epoch, sample) go to a logits store; a CLIP teacher's image
+embedding per view and text embedding per caption to an embeddings store. Each process computes and
+commits its own shards, so several processes (`accelerate launch`, `torchrun`) split the work and a
+re-run resumes after the last committed shard. The command line is `distill.cli.save_logits`.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
-from dataclasses import MISSING, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from logit_store import Embeddings, LogitStore, Manifest, StoreError, create_store, record_seeds
 from logit_store.sparse import sparsify
-from teachers import EmbeddingTeacher, OpenCLIPTeacher, Teacher, create_teacher
+from teachers import Teacher, create_teacher
 
-from .augment import ReplayAugment, load_recipe, recipe_manifest_entry
+from .augment import load_recipe, recipe_manifest_entry
+from .checkpoint import public
+from .cli import SaveConfig
 from .data import CAPTION_SPEC_FORMS, ImageDataset, create_dataset
+from .errors import RecipeError
 from .loader import ReplayDataset, ShardBatchSampler, collate, replay_loader
+from .views import ReplayAugment
 
-
-@dataclass
-class SaveConfig:
-    teacher: str
-    data: str
-    out: str
-    epochs: int
-    k: int | None = None  # top-k of a logits teacher (a CLIP teacher stores embeddings: none)
-    backend: str = "zarr"
-    checkpoint: str | None = None
-    aug: str = "basic"
-    img_size: int = 224
-    batch_size: int = 64
-    workers: int = 0
-    seed: int = 0
-    skip_unreadable: bool = False
-    check_replay: int = 0
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value, kind = getattr(self, f.name), _TYPES[str(f.type)]
-            if value is not None and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
-                raise ValueError(f"option '{f.name}' must be {kind.__name__}, got {value!r}")
-        for name in ("epochs", "k", "img_size", "batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
-
-
-_TYPES = {"str": str, "int": int, "bool": bool, "str | None": str, "int | None": int}
-REQUIRED = [f.name for f in fields(SaveConfig) if f.default is MISSING]
-
-
-def parse_config(argv: list[str] | None = None) -> SaveConfig:
-    """Options from the command line over those of `--config FILE.yaml`."""
-    parser = argparse.ArgumentParser(
-        prog="distill-save-logits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML file with the same keys as the options (underscores or dashes)")
-    for f in fields(SaveConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=None)
-        else:
-            parser.add_argument(flag, type=_TYPES[str(f.type)], default=None)
-    args = vars(parser.parse_args(argv))
-    config_path = args.pop("config")
-    values = _read_yaml(config_path, parser) if config_path else {}
-    values |= {key: value for key, value in args.items() if value is not None}
-    missing = [name for name in REQUIRED if name not in values]
-    if missing:
-        parser.error(f"missing required option(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
-    try:
-        return SaveConfig(**values)
-    except ValueError as err:
-        parser.error(str(err))
-        raise
-
-
-def _read_yaml(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        parser.error(f"--config {path}: {err}")
-    if not isinstance(data, dict):
-        parser.error(f"--config {path}: expected a mapping of options")
-    values = {str(key).replace("-", "_"): value for key, value in data.items()}
-    known = {f.name for f in fields(SaveConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        parser.error(f"--config {path}: unknown key(s) {unknown}; known: {sorted(known)}")
-    return values
+__all__ = ["build_manifest", "check_replay", "run"]
 
 
 def build_manifest(
     cfg: SaveConfig,
     dataset: ImageDataset,
-    teacher: Teacher | EmbeddingTeacher,
+    teacher: Teacher,
     recipe_entry: dict[str, Any],
     mixing: bool,
 ) -> Manifest:
-    if isinstance(teacher, EmbeddingTeacher):
+    if teacher.outputs == "embeddings":
+        if teacher.store is not None:
+            raise StoreError(f"--teacher {cfg.teacher}: an embeddings store is copied with distill-store convert")
         if cfg.k is not None:
             raise StoreError(f"--k: teacher {cfg.teacher} gives embeddings, not logits; drop --k")
         if not dataset.has_captions:
@@ -129,9 +55,10 @@ def build_manifest(
     else:
         if cfg.k is None:
             raise StoreError(f"--k: teacher {cfg.teacher} gives logits; say how many to keep per record")
-        if cfg.k > dataset.num_classes:
-            raise StoreError(f"--k {cfg.k} is larger than the dataset's {dataset.num_classes} classes ({cfg.data})")
-        shape = {"num_classes": dataset.num_classes, "k": cfg.k}
+        classes = dataset.num_classes or teacher.num_classes  # unlabelled data: the teacher's classes
+        if cfg.k > classes:
+            raise StoreError(f"--k {cfg.k} is larger than the {classes} classes of {cfg.data} and the teacher")
+        shape = {"num_classes": classes, "k": cfg.k}
     return Manifest(
         num_samples=len(dataset),
         **shape,
@@ -141,7 +68,7 @@ def build_manifest(
         global_seed=cfg.seed,
         # Batches are part of the teacher's numerics: a resume with another batch size is refused.
         teacher=teacher.describe() | {"img_size": cfg.img_size, "batch_size": cfg.batch_size},
-        dataset=dataset.describe(),
+        dataset=public(dataset.describe(cfg.fingerprint)),  # a spec may be a URL: no credentials in it
         augmentation=recipe_entry,
     )
 
@@ -150,7 +77,7 @@ def save_epoch(
     store: LogitStore,
     epoch: int,
     pending: list[int],
-    teacher: Teacher | EmbeddingTeacher,
+    teacher: Teacher,
     data: ReplayDataset,
     cfg: SaveConfig,
     state: PartialState,
@@ -184,7 +111,7 @@ def save_epoch(
 
 def save_text_plane(
     store: LogitStore,
-    teacher: OpenCLIPTeacher,
+    teacher: Teacher,
     dataset: ImageDataset,
     cfg: SaveConfig,
     state: PartialState,
@@ -206,7 +133,7 @@ def save_text_plane(
 
 
 def check_replay(
-    store: LogitStore, teacher: Teacher | EmbeddingTeacher, data: ReplayDataset, n: int, device: torch.device
+    store: LogitStore, teacher: Teacher, data: ReplayDataset, n: int, device: torch.device
 ) -> dict[str, float]:
     """Re-run the teacher on n stored records (spread over epochs and ids) and compare."""
     m = store.manifest
@@ -230,7 +157,7 @@ def check_replay(
 
 def _check_embeddings(
     store: LogitStore,
-    teacher: OpenCLIPTeacher,
+    teacher: Teacher,
     data: ReplayDataset,
     epochs: np.ndarray,
     ids: np.ndarray,
@@ -256,7 +183,10 @@ def run(cfg: SaveConfig) -> LogitStore:
     teacher = create_teacher(
         cfg.teacher, num_classes=dataset.num_classes or None, checkpoint=cfg.checkpoint, device=state.device
     )
-    recipe = load_recipe(cfg.aug)
+    try:
+        recipe = load_recipe(cfg.aug)
+    except RecipeError as err:
+        raise RecipeError(f"--aug: {err}") from None
     manifest = build_manifest(cfg, dataset, teacher, recipe_manifest_entry(recipe), recipe.mixing)
     if state.is_main_process:
         create_store(cfg.out, manifest)
@@ -295,17 +225,3 @@ def run(cfg: SaveConfig) -> LogitStore:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) and not math.isnan(value) else str(value)
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
-    try:
-        run(cfg)
-    except (StoreError, ValueError) as err:
-        print(f"distill-save-logits: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,6 @@
-"""A CSV tracker for accelerate, beside its TensorBoard one: one `step,name,value` row per logged scalar."""
+"""What a run reports as it goes: a CSV tracker for accelerate (one `step,name,value` row per logged scalar,
+beside TensorBoard and any other accelerate tracker), and `RunLog`, the plain-text `train.log` whose lines
+the main process also prints."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from accelerate.tracking import GeneralTracker, on_main_process
+from tqdm.auto import tqdm
 
-__all__ = ["CsvTracker"]
+__all__ = ["CsvTracker", "RunLog"]
 
 
 class CsvTracker(GeneralTracker):
@@ -47,3 +50,18 @@ class CsvTracker(GeneralTracker):
 def _read_rows(path: Path) -> list[list[str]]:
     with path.open(newline="") as f:
         return list(csv.reader(f))[1:]
+
+
+class RunLog:
+    """Lines of a run for people: printed (around the progress bar) and appended to `DIR/train.log`, by the
+    main process only; the other processes say nothing."""
+
+    def __init__(self, directory: str | Path, enabled: bool) -> None:
+        self.path, self.enabled = Path(directory) / "train.log", enabled
+
+    def __call__(self, text: str) -> None:
+        if not self.enabled:
+            return
+        tqdm.write(text)
+        with self.path.open("a") as f:
+            f.write(text + "\n")

@@ -7,6 +7,7 @@ sparsifying and rebuilding live in `logit_store.sparse`.
 __version__ = "0.1.0"
 
 from .errors import (
+    DistillError,
     ManifestMismatchError,
     NotCommittedError,
     StoreError,
@@ -20,6 +21,7 @@ from .store import LogitStore, Problem, ShardWriter, convert_store, create_store
 __all__ = [
     "FORMAT_VERSION",
     "KINDS",
+    "DistillError",
     "Embeddings",
     "LogitStore",
     "Manifest",

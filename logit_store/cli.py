@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
-from .errors import StoreError
-from .manifest import BACKENDS
+from .backends import BACKENDS
+from .errors import DistillError
 from .store import convert_store, open_store
 
 
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.add_argument(
-        "--backend", choices=BACKENDS, help="target backend (default: the other one; with --upgrade the same)"
+        "--backend", choices=BACKENDS.names(), help="target backend (default: the other one; with --upgrade the same)"
     )
     convert.add_argument(
         "--upgrade",
@@ -102,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except StoreError as err:
+    except DistillError as err:
         print(f"distill-store {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `distill-store info STORE | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,22 @@
-"""Errors raised by the logit store; each message names the store, field or range at fault."""
+"""The toolkit's one error root, and the errors of the logit store.
+
+`DistillError` is the root of every error that is the input's fault: a recipe, a dataset,
+a teacher spec, a checkpoint file or a store that cannot be used. Every package derives its
+errors from it, and the command-line tools catch exactly it: an input error is one line and
+exit code 2, anything else (a bug) is a traceback. It lives here because the store is the
+package every other one imports and that imports none of them.
+"""
 
 
-class StoreError(Exception):
+class DistillError(ValueError):
+    """Input that cannot be used; the message names the file, key, field or range at fault."""
+
+
+class StoreError(DistillError):
     """Base class of every logit-store error."""
 
 
-class StoreInputError(StoreError, ValueError):
+class StoreInputError(StoreError):
     """Records or arguments that do not fit the store (shape, dtype, range, NaN)."""
 
 

@@ -9,12 +9,22 @@ from typing import Any
 
 import fsspec
 
+from .errors import StoreError
+
 _CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
 
 
 def redact(url: str) -> str:
     """The URL with any user:password@ part and query string removed, for messages and manifests."""
     return _CREDENTIALS.sub(r"\g<scheme>***@", str(url)).split("?", 1)[0]
+
+
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
+
+
+def redact_text(text: str) -> str:
+    """`text` with every URL in it redacted (`redact`): for any message or file that may quote a location."""
+    return _URL.sub(lambda match: redact(match.group(0)), text)
 
 
 class StoreLocation:
@@ -29,7 +39,12 @@ class StoreLocation:
             self.root = os.path.abspath(url.removeprefix("file://"))
             self.fs = fsspec.filesystem("file")
         else:
-            self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
+            try:
+                self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
+            except ImportError as err:  # fsspec names the package its protocol needs: "Install s3fs to access S3"
+                raise StoreError(f"{redact(url)}: {err} (pip install it into this environment)") from None
+            except ValueError as err:  # an unknown protocol
+                raise StoreError(f"{redact(url)}: {err}") from None
 
     def __str__(self) -> str:
         return redact(self.url)

@@ -16,7 +16,6 @@ FORMAT_VERSION = 3
 # A version-1 manifest is a logits manifest without `kind` and `embed_dim`; versions 1-2
 # keep float16 logits, version 3 coded ones (records.field_dtypes).
 READABLE_VERSIONS = (1, 2, 3)
-BACKENDS = ("zarr", "lmdb")
 KINDS = ("logits", "embeddings")
 # Fields that describe the run rather than the content: never compared when reopening.
 VOLATILE_FIELDS = ("created_at", "toolkit_version", "statistics")
@@ -114,8 +113,10 @@ class Manifest:
             raise StoreInputError(
                 f"manifest: format_version {self.format_version} is not supported (this toolkit reads {READABLE_VERSIONS})"
             )
+        from .backends import BACKENDS  # (the back-ends import this module)
+
         if self.backend not in BACKENDS:
-            raise StoreInputError(f"manifest: backend '{self.backend}' is not one of {BACKENDS}")
+            raise StoreInputError(f"manifest: backend '{self.backend}' is not one of {BACKENDS.names()}")
         if self.kind not in KINDS:
             raise StoreInputError(f"manifest: kind '{self.kind}' is not one of {KINDS}")
         if self.kind != "logits" and self.format_version < 2:

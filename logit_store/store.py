@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -513,7 +515,10 @@ class ShardWriter:
             "statistics": statistics() if callable(statistics) else statistics,
         }
         # The marker is written last: a range is visible only once all its bytes are down.
-        self.store.location.write_bytes(json.dumps(marker, sort_keys=True).encode(), *commit_key(self.epoch, shard))
+        with _MARKERS:  # one at a time, so that a fault hook stops the writer at an exact count of commits
+            _fault_point("before")
+            self.store.location.write_bytes(json.dumps(marker, sort_keys=True).encode(), *commit_key(self.epoch, shard))
+            _fault_point("after")
 
     @property
     def incomplete(self) -> dict[int, int]:
@@ -546,6 +551,19 @@ class ShardWriter:
             raise StoreError(
                 f"{plane_name(self.manifest, self.epoch)}: shards {incomplete} (shard: records missing) were not complete; nothing of them was committed"
             )
+
+
+# A deterministic fault for the kill-and-resume tests: "before:N" kills the process after the rows of its N-th
+# commit are written but before their marker; "after:N" right after the N-th marker (counted per process).
+FAULT_COMMIT = "DISTILL_FAULT_COMMIT"
+_commits = {"before": 0, "after": 0}
+_MARKERS = threading.Lock()
+
+
+def _fault_point(when: str) -> None:
+    _commits[when] += 1
+    if os.environ.get(FAULT_COMMIT) == f"{when}:{_commits[when]}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _NoLock:

@@ -1,4 +1,4 @@
-"""Cream one-shot supernet (MobileNetV3-like) and standalone models for single paths.
+"""Cream one-shot supernet (MobileNetV3-like), standalone models for single paths, and the published architectures.
 
 A *path* picks one op per searched layer. It is a flat tuple of choice indices, one int per
 searched layer, stage after stage (``len(path) == sum(config.stage_depths)``); every function
@@ -6,6 +6,11 @@ here also accepts the nested form, one list per stage, and normalizes it with ``
 Choice ``i`` is ``config.choices[i]``, a ``(kernel_size, exp_ratio)`` pair; with the defaults::
 
     0: k3 e4   1: k3 e6   2: k5 e4   3: k5 e6   4: k7 e4   5: k7 e6
+
+``SKIP`` (-1) leaves a layer out, as the reference's supernet does for ``-1``: a stage's depth is
+part of the path. A stage's first layer is never skipped (it changes width and stride), so every
+path keeps at least one layer per stage. A nested stage list shorter than the stage is padded
+with ``SKIP``: ``[[3], [3, 1], ...]`` on a 4-deep supernet runs one layer of stage 0, two of stage 1.
 
 Layout (defaults, 224x224 input)::
 
@@ -18,46 +23,56 @@ Layout (defaults, 224x224 input)::
     head     conv 1x1 320 + BN + Swish, global avg pool, conv 1x1 1280 + Swish, linear
 
 The strides are MobileNetV3's (output stride 32, the 96-channel stage keeps 14x14) and four layers
-per stage is the one-shot supernet of the Cream paper; a smaller FLOPs budget is met by smaller
-depths (``stage_depths``). Every choice is an inverted residual (timm's ``InvertedResidual``) with
-Swish and a MobileNetV3 squeeze-excite: reduced to ``se_ratio`` of the expanded width, rounded to a
-multiple of 8, ReLU inside and a hard-sigmoid gate.
+per stage is the one-shot supernet of the Cream paper (the reference's ``search_for_layer`` picks
+those depths for its 0-600M multiply-add search). Every choice is an inverted residual (timm's
+``InvertedResidual``) with Swish and a MobileNetV3 squeeze-excite: reduced to ``se_ratio`` of the
+expanded width, rounded to a multiple of 8, ReLU inside and a hard-sigmoid gate.
 
-``export(supernet, path)`` copies a path's weights into a ``PathModel`` (no choice machinery),
-whose state dict loads into ``build_path_model(config, path, num_classes)``. Importing this module
-also registers the timm model ``cream_path``, so trainers build a path model by name::
+``export(supernet, path)`` copies a path's weights into a ``PathModel`` (no choice machinery, no
+skipped layers), whose state dict loads into ``build_path_model(config, path, num_classes)``.
+Importing this module registers the timm models ``cream_supernet``, ``cream_path`` and the six
+published architectures ``cream_14`` ... ``cream_604`` (``PUBLISHED``)::
 
     timm.create_model("cream_path", path=[3, 1, 0, 5, 2, 2], tiny=True, num_classes=10)
-    timm.create_model("cream_path", path=path, config={"stage_depths": [2, 3, 4, 4, 4]}) ``path_flops`` counts
-FLOPs from shapes alone, the way ``torch.utils.flop_counter.FlopCounterMode`` does: 2 FLOPs per
-multiply-add of convolutions and linear layers; BN, activations, pooling and the SE gate product
-are not counted, nor are biases. The paper's "FLOPs" are multiply-adds, half these numbers: the
-default supernet's paths span 568 to 1102 MFLOPs here (284M to 551M multiply-adds) at 224x224,
-4.8M to 7.8M parameters; the supernet itself holds 28.8M.
+    timm.create_model("cream_path", path=path, config={"stage_depths": [2, 3, 4, 4, 4]})
+    timm.create_model("cream_43")  # its input size is in model.pretrained_cfg: 96x96
+
+``path_flops`` counts FLOPs from shapes alone, the way ``torch.utils.flop_counter.FlopCounterMode``
+does: 2 FLOPs per multiply-add of convolutions and linear layers; BN, activations, pooling and the SE
+gate product are not counted, nor are biases. The paper's "FLOPs" are multiply-adds, half these
+numbers: the default supernet's full-depth paths span 568 to 1102 MFLOPs here (284M to 551M
+multiply-adds) at 224x224, 4.8M to 7.8M parameters; the supernet itself holds 28.8M.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ConvNormAct, get_padding, make_divisible
 from timm.layers.activations import HardSigmoid
 from timm.models import register_model
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual, SqueezeExcite
 
 __all__ = [
+    "PUBLISHED",
+    "SKIP",
     "PathModel",
+    "PublishedArch",
     "Supernet",
     "SupernetConfig",
     "build_path_model",
+    "compact",
     "config_from_dict",
     "cream_path",
+    "cream_supernet",
     "export",
     "normalize_path",
     "path_flops",
@@ -65,6 +80,7 @@ __all__ = [
 ]
 
 Path = tuple[int, ...]
+SKIP = -1  # a layer left out of a path
 
 
 @dataclass(frozen=True)
@@ -129,33 +145,66 @@ class SupernetConfig:
 
 
 def normalize_path(config: SupernetConfig, path: Sequence[int] | Sequence[Sequence[int]]) -> Path:
-    """Flat tuple form of ``path`` (flat or one sequence per stage); ValueError if it does not fit ``config``."""
+    """Flat tuple form of ``path`` (flat, or one sequence per stage, a short one padded with ``SKIP``);
+    ValueError if it does not fit ``config`` or skips a stage's first layer."""
     if len(path) and isinstance(path[0], Sequence):
-        if [len(stage) for stage in path] != list(config.stage_depths):
-            raise ValueError(f"nested path has stage lengths {[len(s) for s in path]}, expected {config.stage_depths}")
-        flat = tuple(int(c) for stage in path for c in stage)
+        lengths = [len(stage) for stage in path]
+        if len(path) != len(config.stage_depths) or not all(
+            1 <= n <= d for n, d in zip(lengths, config.stage_depths, strict=True)
+        ):
+            raise ValueError(f"nested path has stage lengths {lengths}, expected 1 .. {config.stage_depths} per stage")
+        flat = tuple(
+            int(c)
+            for stage, d in zip(path, config.stage_depths, strict=True)
+            for c in [*stage] + [SKIP] * (d - len(stage))
+        )
     else:
         flat = tuple(int(c) for c in path)
     if len(flat) != config.num_layers:
         raise ValueError(f"path has {len(flat)} choices, expected {config.num_layers} (one per searched layer)")
-    if any(not 0 <= c < config.num_choices for c in flat):
-        raise ValueError(f"path {flat} has a choice outside 0..{config.num_choices - 1}")
+    if any(not SKIP <= c < config.num_choices for c in flat):
+        raise ValueError(f"path {flat} has a choice outside 0..{config.num_choices - 1} (or {SKIP}: skip)")
+    if any(flat[i] == SKIP for i in _stage_starts(config)):
+        raise ValueError(f"path {flat} skips the first layer of a stage (it changes width and stride)")
     return flat
+
+
+def _stage_starts(config: SupernetConfig) -> list[int]:
+    """Path positions of each stage's first layer."""
+    return [sum(config.stage_depths[:s]) for s in range(len(config.stage_depths))]
+
+
+def compact(config: SupernetConfig, path: Sequence[int] | Sequence[Sequence[int]]) -> tuple[SupernetConfig, Path]:
+    """The same network without skipped layers: a config whose stage depths count the layers the path
+    runs, and the path on it (no ``SKIP``). A path without skips comes back as it is."""
+    flat = normalize_path(config, path)
+    starts = [*_stage_starts(config), len(flat)]
+    depths = tuple(sum(c != SKIP for c in flat[a:b]) for a, b in itertools.pairwise(starts))
+    return dataclasses.replace(config, stage_depths=depths), tuple(c for c in flat if c != SKIP)
 
 
 def sample_path(
     config: SupernetConfig, generator: torch.Generator | None = None, weights: torch.Tensor | None = None
 ) -> Path:
-    """Draw a path: uniform over choices, or by ``weights`` (``[num_choices]`` shared by all layers,
-    or ``[num_layers, num_choices]``; non-negative, need not sum to 1)."""
+    """Draw a path: uniform over choices, or by ``weights`` (``[num_choices]`` shared by all layers, or
+    ``[num_layers, num_choices]``; non-negative, need not sum to 1). One more column weighs ``SKIP``
+    (never drawn for a stage's first layer); without it every layer runs, as in the reference."""
     if weights is None:
         return tuple(torch.randint(config.num_choices, (config.num_layers,), generator=generator).tolist())
     weights = torch.as_tensor(weights, dtype=torch.float64)
     if weights.dim() == 1:
         weights = weights.expand(config.num_layers, -1)
-    if weights.shape != (config.num_layers, config.num_choices):
-        raise ValueError(f"weights shape {tuple(weights.shape)} is neither [num_choices] nor [num_layers, num_choices]")
-    return tuple(torch.multinomial(weights, 1, generator=generator).squeeze(1).tolist())
+    columns = weights.shape[-1]
+    if weights.shape[0] != config.num_layers or columns not in (config.num_choices, config.num_choices + 1):
+        raise ValueError(
+            f"weights shape {tuple(weights.shape)} is neither [num_choices (+1 for skip)] "
+            "nor [num_layers, num_choices (+1 for skip)]"
+        )
+    if columns > config.num_choices:
+        weights = weights.clone()
+        weights[_stage_starts(config), -1] = 0.0
+    drawn = torch.multinomial(weights, 1, generator=generator).squeeze(1).tolist()
+    return tuple(SKIP if c == config.num_choices else c for c in drawn)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -259,7 +308,9 @@ class Supernet(nn.Module):
         x = self.stem(x)
         for stage in self.blocks:
             for layer in stage:
-                x = layer(x, next(choices))
+                choice = next(choices)
+                if choice != SKIP:
+                    x = layer(x, choice)
         return x
 
     def forward(self, x: torch.Tensor, path: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
@@ -267,14 +318,18 @@ class Supernet(nn.Module):
 
 
 class PathModel(nn.Module):
-    """A standalone network for one path: ``stem``, ``blocks`` (one ``nn.Sequential`` per stage), ``head``."""
+    """A standalone network for one path: ``stem``, ``blocks`` (one ``nn.Sequential`` per stage), ``head``.
+
+    Skipped layers are left out: ``config`` and ``path`` are the ``compact`` ones (``supernet_path``
+    keeps the path as given, on the config given).
+    """
 
     def __init__(
         self, config: SupernetConfig, path: Sequence[int] | Sequence[Sequence[int]], num_classes: int = 1000
     ) -> None:
         super().__init__()
-        self.config = config
-        self.path = path = normalize_path(config, path)
+        self.supernet_path = normalize_path(config, path)
+        self.config, self.path = config, path = compact(config, path)
         self.num_classes = num_classes
         self.stem = _make_stem(config)
         stages: list[list[nn.Module]] = [[] for _ in config.stage_chs]
@@ -311,6 +366,31 @@ def config_from_dict(fields: dict[str, Any] | None = None, tiny: bool = False) -
     return dataclasses.replace(base, **values)
 
 
+def _no_timm_extras(name: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
+    """timm passes its own keywords (meaningless here); anything else is an error, as are pretrained weights."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    if kwargs:
+        raise TypeError(f"{name}: unexpected keyword argument(s) {sorted(kwargs)}")
+    if pretrained:
+        raise ValueError(f"{name} has no pretrained weights: load them from a checkpoint")
+
+
+@register_model
+def cream_supernet(
+    pretrained: bool = False,
+    *,
+    config: dict[str, Any] | None = None,
+    tiny: bool = False,
+    num_classes: int = 1000,
+    **kwargs: Any,
+) -> Supernet:
+    """timm entry point of the supernet: ``config`` holds ``SupernetConfig`` fields, over the defaults or over
+    ``SupernetConfig.tiny()`` with ``tiny=True``."""
+    _no_timm_extras("cream_supernet", pretrained, kwargs)
+    return Supernet(config_from_dict(config, tiny), num_classes)
+
+
 @register_model
 def cream_path(
     pretrained: bool = False,
@@ -325,12 +405,7 @@ def cream_path(
     """timm entry point of a standalone path model: ``path`` (flat or nested), ``config`` (``SupernetConfig``
     fields, over the defaults or over ``SupernetConfig.tiny()`` with ``tiny=True``). Weights come from a
     checkpoint (e.g. an ``export``ed path saved with safetensors); there are no pretrained ones."""
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's own, meaningless here
-        kwargs.pop(key, None)
-    if kwargs:
-        raise TypeError(f"cream_path: unexpected keyword argument(s) {sorted(kwargs)}")
-    if pretrained:
-        raise ValueError("cream_path has no pretrained weights: load an exported path's with a checkpoint")
+    _no_timm_extras("cream_path", pretrained, kwargs)
     cfg = config_from_dict(config, tiny)
     if drop_rate is not None:
         cfg = dataclasses.replace(cfg, drop_rate=drop_rate)
@@ -346,10 +421,11 @@ def export(supernet: Supernet, path: Sequence[int] | Sequence[Sequence[int]]) ->
     ref = next(supernet.parameters())
     model = build_path_model(config, path, supernet.num_classes).to(device=ref.device, dtype=ref.dtype)
     model.stem.load_state_dict(supernet.stem.state_dict())
-    chosen_ops = (op for stage in supernet.blocks for op in stage)
+    layers = [layer for stage in supernet.blocks for layer in stage]
+    chosen_ops = (layer.ops[choice] for layer, choice in zip(layers, path, strict=True) if choice != SKIP)
     target_ops = (op for stage in model.blocks for op in stage)
-    for layer, op, choice in zip(chosen_ops, target_ops, path, strict=True):
-        op.load_state_dict(layer.ops[choice].state_dict())
+    for chosen, op in zip(chosen_ops, target_ops, strict=True):
+        op.load_state_dict(chosen.state_dict())
     model.head.load_state_dict(supernet.head.state_dict())
     return model.train(supernet.training)
 
@@ -378,7 +454,7 @@ def path_flops(
     num_classes: int = 1000,
 ) -> int:
     """FLOPs of one image through ``path`` (2 per multiply-add, as ``FlopCounterMode``), from shapes only."""
-    path = normalize_path(config, path)
+    config, path = compact(config, path)
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
 
     # stem: conv 3x3 s2, then depth-wise 3x3 + SE + point-wise 1x1
@@ -401,3 +477,81 @@ def path_flops(
         flops += _conv_flops(config.head_chs, config.num_features, 1, 1)
     flops += 2 * (config.num_features or config.head_chs) * num_classes
     return flops
+
+
+# ----------------------------------------------------------------------------- the published architectures
+
+
+@dataclass(frozen=True)
+class PublishedArch:
+    """One of the six architectures of Cream's README: its choices, one tuple per stage (each stage as deep
+    as its tuple), the input size of its retrain config, and the README's figures."""
+
+    stages: tuple[tuple[int, ...], ...]
+    img_size: int
+    mmacs: int  # the README's "FLOPs" column: millions of multiply-adds at img_size
+    top1: float  # ImageNet-1k top-1 / top-5 (%), as the README reports them
+    top5: float
+
+    @property
+    def config(self) -> SupernetConfig:
+        return SupernetConfig(stage_depths=tuple(len(stage) for stage in self.stages))
+
+
+# The reference's retrain script's architecture lists (without their fixed stem and head entries) and the
+# input sizes it sets for them. Their stage depths are the lists' lengths: the small models run fewer layers
+# than the 4-deep supernet; cream_481 runs 5 layers in stage 2 and cream_604 5 or 6 per stage, so these two
+# are not paths of the default supernet (a search for them needs a deeper one: `stage_depths`).
+PUBLISHED: dict[str, PublishedArch] = {
+    "cream_14": PublishedArch(((3,), (3, 3), (3, 3), (3,), (3,)), 64, 14, 53.8, 77.2),
+    "cream_43": PublishedArch(((3,), (3, 1), (3, 1), (3, 3, 3), (3, 3)), 96, 43, 66.3, 86.7),
+    "cream_114": PublishedArch(((3,), (3, 3), (3, 3), (3, 3, 3), (3, 3)), 160, 114, 72.8, 90.8),
+    "cream_287": PublishedArch(((3,), (3, 3), (3, 1, 3), (3, 3, 3, 3), (3, 3, 3)), 224, 287, 77.6, 93.3),
+    "cream_481": PublishedArch(
+        ((3, 4, 3, 1), (3, 2, 3, 0), (3, 3, 3, 1, 1), (3, 3, 3, 3), (3, 3, 3, 3)), 224, 481, 79.2, 94.2
+    ),
+    "cream_604": PublishedArch(
+        ((3, 3, 2, 3, 3), (3, 2, 3, 2, 3), (3, 2, 3, 2, 3), (3, 3, 2, 2, 3, 3), (3, 3, 2, 3, 3, 3)),
+        224,
+        604,
+        80.0,
+        94.7,
+    ),
+}
+
+# timm registers these with the entry points below (timm.models.get_pretrained_cfg, model.pretrained_cfg,
+# timm.data.resolve_data_config). The retrain script evaluates with a bicubic resize to img_size / 0.875
+# and a centre crop. There are no weights.
+default_cfgs = {
+    name: {
+        "input_size": (3, arch.img_size, arch.img_size),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "num_classes": 1000,
+        "first_conv": "stem.0.conv",
+        "classifier": "head.classifier",
+    }
+    for name, arch in PUBLISHED.items()
+}
+
+
+def _published_entry(name: str) -> Callable[..., PathModel]:
+    """The timm entry point of a published architecture (``drop_rate``: dropout before the classifier,
+    0.2 in the reference's retrain configs)."""
+    arch = PUBLISHED[name]
+
+    def entry(pretrained: bool = False, *, num_classes: int = 1000, drop_rate: float = 0.0, **kwargs: Any) -> PathModel:
+        _no_timm_extras(name, pretrained, kwargs)
+        model = build_path_model(dataclasses.replace(arch.config, drop_rate=drop_rate), arch.stages, num_classes)
+        model.pretrained_cfg = dict(default_cfgs[name], num_classes=num_classes)
+        return model
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f"Cream's {arch.mmacs}M multiply-add model at {arch.img_size}x{arch.img_size} ({arch.top1}% top-1)."
+    return entry
+
+
+for _name in PUBLISHED:
+    register_model(_published_entry(_name))

@@ -1,38 +1,67 @@
-"""The teacher interface: logits for a batch of augmented images, and an identity for the store manifest."""
+"""The one teacher interface: logits or CLIP embeddings for a batch of views, live or replayed from a store."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from typing import Any
+from abc import ABC
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+from logit_store import DistillError, LogitStore
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Teacher", "TeacherError"]
 
 
-class TeacherError(ValueError):
+class TeacherError(DistillError):
     """A teacher that cannot be built or cannot answer; the message names the spec, file or key at fault."""
 
 
 class Teacher(ABC):
-    """A source of teacher logits.
+    """A source of a teacher's outputs for a batch of (already augmented) views.
 
-    Live teachers run a model; a `StoreTeacher` answers from a logit store by (epoch, ids).
-    Logits come back as float32 [B, num_classes] on the images' device, as plain tensors
-    (not inference tensors), so they can be used as targets in a loss that is backpropagated.
+    `outputs` says what it gives: "logits" (`logits`: float32 [B, num_classes]) or "embeddings"
+    (`image_embeddings`, `text_embeddings`: L2-normalised float32 [B, embed_dim]). Results are on
+    the images' (or tokens') device, as plain tensors that a backpropagated loss may use as targets.
+
+    `store` is the logit store a teacher replays, None for a live model: a replayed teacher answers
+    by (epoch, ids) and ignores the images, and holds `store.manifest.epochs` epochs of views.
     """
 
     spec: str
-    num_classes: int
+    outputs: Literal["logits", "embeddings"] = "logits"
+    num_classes: int = 0
+    embed_dim: int = 0
     weights_sha256: str | None = None
+    store: LogitStore | None = None
 
-    @abstractmethod
     def logits(self, images: torch.Tensor, epoch: int | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, num_classes] float32 logits for a batch of (already augmented) images."""
+        """[B, num_classes] float32 logits for a batch of views."""
+        raise self._not_given("logits")
+
+    def image_embeddings(
+        self, images: torch.Tensor, epoch: int | None = None, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, embed_dim] L2-normalised embeddings of a batch of views."""
+        raise self._not_given("embeddings")
+
+    def text_embeddings(self, tokens: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, embed_dim] L2-normalised embeddings of captions: by tokens (live) or by sample id (store)."""
+        raise self._not_given("embeddings")
+
+    @property
+    def source(self) -> str:
+        """How a run names its teacher: "store:LOCATION" (credentials redacted) or "live:SPEC"."""
+        return f"store:{self.store.location}" if self.store is not None else f"live:{self.spec}"
 
     def describe(self) -> dict[str, Any]:
-        """The teacher entry of a store manifest: spec, weights_sha256 and num_classes."""
-        return {"spec": self.spec, "weights_sha256": self.weights_sha256, "num_classes": self.num_classes}
+        """The teacher entry of a store manifest: spec, weights_sha256 and the output width."""
+        width = {"embed_dim": self.embed_dim} if self.outputs == "embeddings" else {"num_classes": self.num_classes}
+        return {"spec": self.spec, "weights_sha256": self.weights_sha256, **width}
+
+    def _not_given(self, what: str) -> TeacherError:
+        return TeacherError(f"teacher {self.spec} gives {self.outputs}, not {what}")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(spec={self.spec!r}, num_classes={self.num_classes})"
+        width = f"embed_dim={self.embed_dim}" if self.outputs == "embeddings" else f"num_classes={self.num_classes}"
+        return f"{type(self).__name__}(spec={self.spec!r}, {width})"

@@ -1,4 +1,4 @@
-"""Checkpoints: safe loading (safetensors or weights-only torch.load), fit checks against a model, and hashing."""
+"""Weights files: safe loading (safetensors or weights-only torch.load), fit checks against a model, and hashing."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import TeacherError
+from logit_store import DistillError
 
 __all__ = [
-    "SAFETENSORS_SUFFIXES",
-    "TORCH_SUFFIXES",
+    "SUFFIXES",
+    "CheckpointError",
     "file_sha256",
     "load_checkpoint",
     "load_state_dict_file",
@@ -26,63 +26,65 @@ __all__ = [
     "unwrap_state_dict",
 ]
 
-SAFETENSORS_SUFFIXES = (".safetensors",)
-TORCH_SUFFIXES = (".pth", ".pt", ".bin")
-# Containers a training script may nest the weights under, tried in this order.
+# What the loader reads: safetensors, and torch files as torch and timm's train.py write them
+# (model_best.pth.tar, last.pth.tar, checkpoint-N.pth.tar).
+SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar", ".tar")
+# Containers a training script may nest the weights under, tried in this order (timm's loader takes
+# "state_dict_ema" / "model_ema" first when present, as timm does).
 NESTED_KEYS = ("state_dict", "model", "model_ema")
 # Wrapper prefixes: DistributedDataParallel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 20
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """A state dict of CPU tensors from a .safetensors or .pth/.pt/.bin file.
+class CheckpointError(DistillError):
+    """A weights file that cannot be read safely or does not fit its model; the message names it."""
 
-    torch files are read with `weights_only=True`, so no arbitrary object is ever unpickled.
-    Weights nested under "state_dict", "model" or "model_ema" are unwrapped and a leading
-    "module." (or "_orig_mod.") is stripped from every key.
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A state dict of CPU tensors from a .safetensors or torch file (.pth, .pt, .bin, timm's .pth.tar).
+
+    Read by timm's own loader: torch files with `weights_only=True` (nothing but tensors, plain containers and
+    timm's `args` Namespace is ever unpickled), the EMA weights of a timm training checkpoint when it has them,
+    weights nested under "state_dict" or "model" unwrapped, and "module." / "_orig_mod." prefixes stripped.
     """
+    from timm.models import load_state_dict
+
     path = Path(path)
     if not path.is_file():
-        raise TeacherError(f"checkpoint {path} does not exist or is not a file")
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            raw: Any = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as err:
-            raise TeacherError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
-    elif suffix in TORCH_SUFFIXES:
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise TeacherError(
-                f"checkpoint {path} holds objects other than tensors and plain containers, and is refused: "
-                f"it is loaded with torch.load(weights_only=True), which never unpickles arbitrary objects "
-                f"({_unpickling_reason(err)}). Re-save just the state dict (torch.save(model.state_dict(), ...)) "
-                f"or use .safetensors."
-            ) from err
-        except (RuntimeError, OSError, EOFError, ValueError) as err:
-            raise TeacherError(f"checkpoint {path} could not be read by torch.load: {err}") from err
-    else:
-        accepted = ", ".join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)
-        raise TeacherError(f"checkpoint {path}: unknown file type '{suffix}', expected one of {accepted}")
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    if not path.name.lower().endswith(SUFFIXES):
+        raise CheckpointError(
+            f"checkpoint {path}: unknown file type '{path.suffix}', expected one of {', '.join(SUFFIXES)}"
+        )
+    try:
+        raw: Any = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
+    except RuntimeError as err:
+        blocked = re.search(r"Unsupported globals?: ([^.]*(?:\.[^ .]+)*)", str(err))
+        if "weights_only" not in str(err):
+            raise CheckpointError(f"checkpoint {path} could not be read: {err}") from err
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than tensors and plain containers, and is refused: "
+            f"it is read with torch.load(weights_only=True), which never unpickles arbitrary objects "
+            f"(blocked: {blocked.group(1) if blocked else 'unknown globals'}). Re-save just the state dict "
+            "(torch.save(model.state_dict(), ...)) or use .safetensors."
+        ) from err
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError) as err:  # safetensors' errors are ValueErrors
+        raise CheckpointError(f"checkpoint {path} could not be read: {err}") from err
     return unwrap_state_dict(raw, source=str(path))
 
 
 def unwrap_state_dict(raw: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The tensors of a raw or nested state dict, with wrapper prefixes stripped from the keys."""
     if not isinstance(raw, Mapping):
-        raise TeacherError(f"{source} holds a {type(raw).__name__}, expected a state dict (a mapping of tensors)")
+        raise CheckpointError(f"{source} holds a {type(raw).__name__}, expected a state dict (a mapping of tensors)")
     for key in NESTED_KEYS:
         if isinstance(raw.get(key), Mapping):
             raw = raw[key]
             break
     not_tensors = sorted(str(k) for k, v in raw.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
-        raise TeacherError(
+        raise CheckpointError(
             f"{source} is not a state dict: {_listing(not_tensors)} hold no tensors "
             f"(weights are looked for at the top level or under {', '.join(repr(k) for k in NESTED_KEYS)})"
         )
@@ -92,7 +94,7 @@ def unwrap_state_dict(raw: Any, source: str = "checkpoint") -> dict[str, torch.T
         while name.startswith(WRAPPER_PREFIXES):
             name = name.split(".", 1)[1]
         if name in out:
-            raise TeacherError(f"{source}: key {key!r} collides with another once its wrapper prefix is stripped")
+            raise CheckpointError(f"{source}: key {key!r} collides with another once its wrapper prefix is stripped")
         out[name] = value
     return out
 
@@ -118,11 +120,11 @@ def mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], what: str = "the model") -> None:
-    """Load a checkpoint file into `model`, strictly; any mismatch is a TeacherError listing all of them."""
+    """Load a checkpoint file into `model`, strictly; any mismatch is a CheckpointError listing all of them."""
     state_dict = load_state_dict_file(path)
     problems = mismatch_report(model, state_dict)
     if problems:
-        raise TeacherError(
+        raise CheckpointError(
             f"checkpoint {path} does not fit {what} (saved for another model or another num_classes?):\n  "
             + "\n  ".join(problems)
         )
@@ -146,16 +148,6 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _unpickling_reason(err: Exception) -> str:
-    """The one useful line of torch's weights-only refusal, e.g. "Unsupported global: GLOBAL pkg.Cls ..."."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\s+Please\b|$)", text, re.MULTILINE)
-    if found:
-        return found.group(1).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 def _listing(items: list[str]) -> str:

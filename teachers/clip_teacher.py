@@ -1,10 +1,10 @@
-"""CLIP teachers: L2-normalised image and text embeddings, from a live open_clip model or an embeddings store.
+"""CLIP teachers: a live open_clip model's L2-normalised image and text embeddings ("open_clip:NAME").
 
 teacher = create_teacher("open_clip:ViT-B-32", checkpoint="clip.safetensors")   # or "open_clip:ViT-B-32?pretrained=openai"
 img = teacher.image_embeddings(images)                 # [B, D] float32, unit rows
-txt = teacher.text_embeddings(tokens, ids)            # [B, D]
-stored = create_teacher("store:clip_teacher.zarr")    # an embeddings store answers by (epoch, ids)
-img = stored.image_embeddings(images, epoch, ids)
+txt = teacher.text_embeddings(tokens)                 # [B, D]
+
+An embeddings store ("store:PATH") answers the same calls by (epoch, ids): `teachers.store_teacher`.
 """
 
 from __future__ import annotations
@@ -13,83 +13,52 @@ import contextlib
 import difflib
 import logging
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import open_clip
 import torch
 from torch import nn
 
-import students  # noqa: F401  (registers the TinyCLIP configs with open_clip)
-from logit_store import LogitStore, NotCommittedError, StoreInputError
+import students.tinyclip  # noqa: F401  (registers the TinyCLIP configs with open_clip)
 
 from .base import TeacherError
-from .checkpoint import file_sha256, load_checkpoint, state_dict_sha256
-from .registry import parse_options, register_teacher
+from .live import LiveTeacher
+from .registry import parse_options
 
-__all__ = ["EmbeddingStoreTeacher", "EmbeddingTeacher", "OpenCLIPTeacher", "create_open_clip_teacher"]
-
-
-class EmbeddingTeacher(ABC):
-    """A source of a CLIP teacher's L2-normalised embeddings: one per augmented view, one per caption.
-
-    Results are float32 [B, embed_dim] on the device of the images (or tokens), plain tensors.
-    """
-
-    spec: str
-    embed_dim: int
-    weights_sha256: str | None = None
-
-    @abstractmethod
-    def image_embeddings(
-        self, images: torch.Tensor, epoch: int | None = None, ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Embeddings of a batch of (already augmented) images."""
-
-    @abstractmethod
-    def text_embeddings(self, tokens: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings of a batch of captions, given as tokens (live teachers) or by sample id (stores)."""
-
-    def describe(self) -> dict[str, Any]:
-        """The teacher entry of a store manifest."""
-        return {"spec": self.spec, "weights_sha256": self.weights_sha256, "embed_dim": self.embed_dim}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(spec={self.spec!r}, embed_dim={self.embed_dim})"
+__all__ = ["OpenCLIPTeacher", "create_open_clip_model", "create_open_clip_teacher"]
 
 
-class OpenCLIPTeacher(EmbeddingTeacher):
-    """A live open_clip model in eval mode (bfloat16 autocast on CUDA)."""
+class OpenCLIPTeacher(LiveTeacher):
+    """A live open_clip model: L2-normalised image embeddings of views, text embeddings of caption tokens."""
 
-    def __init__(self, model: nn.Module, spec: str, name: str, device: str | torch.device = "cpu") -> None:
-        self.spec, self.name = spec, name
-        self.device = torch.device(device)
-        self.model = model.eval().to(self.device)
+    outputs = "embeddings"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: str,
+        name: str,
+        checkpoint: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__(model, spec, checkpoint, device)
+        self.name = name
         self.context_length = int(model.context_length)
-        with torch.inference_mode():
-            blank = torch.zeros(1, self.context_length, dtype=torch.long, device=self.device)
-            self.embed_dim = int(self.model.encode_text(blank).shape[-1])
+        blank = torch.zeros(1, self.context_length, dtype=torch.long)
+        self.embed_dim = int(self._run(self.model.encode_text, blank).shape[-1])
         self.tokenizer = open_clip.get_tokenizer(name)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _run(self, encode: Any, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), self._autocast():
-            out = encode(x.to(self.device, non_blocking=True), normalize=True)
-        # float32 and outside inference mode, so autograd may save it as a target.
-        return torch.nn.functional.normalize(out.float(), dim=-1).to(x.device).clone()
+    def _embed(self, encode: Any, x: torch.Tensor) -> torch.Tensor:
+        out = self._run(lambda v: encode(v, normalize=True), x)
+        return torch.nn.functional.normalize(self._target(out, x), dim=-1)
 
     def image_embeddings(
         self, images: torch.Tensor, epoch: int | None = None, ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             raise TeacherError(f"teacher {self.spec}: images must be a floating-point tensor")
-        return self._run(self.model.encode_image, images)
+        return self._embed(self.model.encode_image, images)
 
     def text_embeddings(self, tokens: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
@@ -97,46 +66,10 @@ class OpenCLIPTeacher(EmbeddingTeacher):
                 f"teacher {self.spec}: tokens of shape {list(tokens.shape)}, expected [batch, {self.context_length}] "
                 "(its context length)"
             )
-        return self._run(self.model.encode_text, tokens)
+        return self._embed(self.model.encode_text, tokens)
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(captions)
-
-
-class EmbeddingStoreTeacher(EmbeddingTeacher):
-    """Answers from an embeddings store: image embeddings by (epoch, ids), text embeddings by ids."""
-
-    def __init__(self, store: LogitStore) -> None:
-        self.store, self.location = store, str(store.location)
-        self.spec = f"store:{self.location}"
-        self.embed_dim = store.manifest.embed_dim
-        self.weights_sha256 = store.manifest.teacher.get("weights_sha256")
-
-    def describe(self) -> dict[str, Any]:
-        return dict(self.store.manifest.teacher)
-
-    def _read(self, plane: int, ids: torch.Tensor | None, device: torch.device, what: str) -> torch.Tensor:
-        if ids is None:
-            raise TeacherError(f"teacher {self.spec} answers from a store: {what} needs the sample ids")
-        ids_np = ids.detach().cpu().numpy().reshape(-1).astype(np.int64)
-        try:
-            rows = self.store.read(plane, ids_np)
-        except (NotCommittedError, StoreInputError) as err:
-            raise TeacherError(f"embeddings store {self.location} cannot answer {what}: {err}") from err
-        return torch.from_numpy(rows.embedding.astype(np.float32)).to(device)
-
-    def image_embeddings(
-        self, images: torch.Tensor, epoch: int | None = None, ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if epoch is None:
-            raise TeacherError(f"teacher {self.spec} answers from a store: image embeddings need the epoch")
-        return self._read(int(epoch), ids, images.device, f"image embeddings of epoch {epoch}")
-
-    def text_embeddings(self, tokens: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self._read(self.store.text_plane, ids, tokens.device, "text embeddings")
-
-    def __repr__(self) -> str:
-        return f"EmbeddingStoreTeacher({self.location}, embed_dim={self.embed_dim})"
 
 
 def create_open_clip_model(name: str, pretrained: str | None = None, spec: str = "") -> nn.Module:
@@ -173,7 +106,6 @@ def _quiet_random_init(pretrained: str | None) -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
-@register_teacher("open_clip")
 def create_open_clip_teacher(
     spec: str,
     body: str,
@@ -186,11 +118,4 @@ def create_open_clip_teacher(
     pretrained = options.get("pretrained")
     if pretrained and checkpoint is not None:
         raise TeacherError(f"teacher {spec}: give either ?pretrained=TAG or a checkpoint ({checkpoint}), not both")
-    model = create_open_clip_model(name, pretrained, spec)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, what=spec)
-    teacher = OpenCLIPTeacher(model, spec, name, device)
-    teacher.weights_sha256 = (
-        file_sha256(checkpoint) if checkpoint is not None else state_dict_sha256(teacher.model.state_dict())
-    )
-    return teacher
+    return OpenCLIPTeacher(create_open_clip_model(name, pretrained, spec), spec, name, checkpoint, device)

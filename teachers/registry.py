@@ -1,16 +1,25 @@
-"""The teacher registry: spec prefix ("timm", "module", "ensemble", "store") -> builder, and `create_teacher`."""
+"""The teacher registry: spec prefix ("timm", "module", "ensemble", "store", "open_clip") -> builder.
+
+Builders are imported on first use, so a store teacher never imports open_clip. Other packages add
+prefixes through the `distill.teachers` entry points. Every builder has the signature of
+`TeacherBuilder` and is called with the whole spec and the part after "PREFIX:".
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+import yaml
+
+from logit_store.registry import Registry
 
 from .base import Teacher, TeacherError
 
-__all__ = ["create_teacher", "list_teachers", "parse_options", "register_teacher"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["TEACHERS", "create_teacher", "parse_bool", "parse_options", "yaml_value"]
 
 
 class TeacherBuilder(Protocol):
@@ -24,24 +33,12 @@ class TeacherBuilder(Protocol):
     ) -> Teacher: ...
 
 
-_TEACHERS: dict[str, TeacherBuilder] = {}
-
-
-def register_teacher(prefix: str) -> Callable[[TeacherBuilder], TeacherBuilder]:
-    """Decorator registering a builder for specs "PREFIX:BODY"; it is called with the whole spec and the body."""
-
-    def wrap(fn: TeacherBuilder) -> TeacherBuilder:
-        if prefix in _TEACHERS and _TEACHERS[prefix] is not fn:
-            raise TeacherError(f"teacher prefix '{prefix}' is already registered")
-        _TEACHERS[prefix] = fn
-        return fn
-
-    return wrap
-
-
-def list_teachers() -> list[str]:
-    """The registered spec prefixes."""
-    return sorted(_TEACHERS)
+TEACHERS: Registry[TeacherBuilder] = Registry("teacher spec prefix", TeacherError, group="distill.teachers")
+TEACHERS.register("timm", "teachers.timm_teacher:create_timm_teacher")
+TEACHERS.register("module", "teachers.module_teacher:create_module_teacher")
+TEACHERS.register("ensemble", "teachers.ensemble:create_ensemble_teacher")
+TEACHERS.register("store", "teachers.store_teacher:create_store_teacher")
+TEACHERS.register("open_clip", "teachers.clip_teacher:create_open_clip_teacher")
 
 
 def create_teacher(
@@ -51,7 +48,7 @@ def create_teacher(
     device: str | torch.device = "cpu",
 ) -> Teacher:
     """Build a teacher from a spec such as "timm:resnet18", "module:pkg.mod:factory",
-    "ensemble:timm:resnet18@a.pth,timm:resnet34@b.safetensors" or "store:PATH"."""
+    "ensemble:timm:resnet18@a.pth,timm:resnet34@b.safetensors", "store:PATH" or "open_clip:NAME"."""
     if not isinstance(spec, str) or not spec.strip():
         raise TeacherError(f"teacher spec must be a non-empty string, got {spec!r}")
     if num_classes is not None and (
@@ -60,26 +57,43 @@ def create_teacher(
         raise TeacherError(f"teacher {spec}: num_classes must be a positive integer, got {num_classes!r}")
     spec = spec.strip()
     prefix, sep, body = spec.partition(":")
-    known = ", ".join(f"'{p}:'" for p in list_teachers())
-    if not sep or prefix not in _TEACHERS:
-        hint = f" (did you mean 'timm:{spec}'?)" if not sep else ""
-        raise TeacherError(f"teacher spec '{spec}' has no known prefix; expected one of {known}{hint}")
+    if not sep or prefix not in TEACHERS:
+        known = ", ".join(f"'{p}:'" for p in TEACHERS.names())
+        raise TeacherError(f"teacher spec '{spec}' has no known prefix; expected one of {known}{_hint(spec, sep)}")
     if not body:
         raise TeacherError(f"teacher spec '{spec}' is empty after '{prefix}:'")
-    return _TEACHERS[prefix](spec, body, num_classes, checkpoint, device)
+    return TEACHERS.get(prefix)(spec, body, num_classes, checkpoint, device)
 
 
-def parse_options(body: str, allowed: tuple[str, ...], spec: str) -> tuple[str, dict[str, str]]:
-    """Split "NAME?key=value&key2=value2" into NAME and its options; unknown keys are an error."""
+def _hint(spec: str, sep: str) -> str:
+    """A bare path that holds a store's manifest was meant as a store; any other bare name as a timm model."""
+    if sep:
+        return ""
+    if os.path.exists(os.path.join(os.path.expanduser(spec), "manifest.json")):
+        return f" (did you mean 'store:{spec}'?)"
+    return f" (did you mean 'timm:{spec}'?)"
+
+
+def parse_options(body: str, allowed: tuple[str, ...], spec: str, extra: bool = False) -> tuple[str, dict[str, str]]:
+    """Split "NAME?key=value&key2=value2" into NAME and its options; a key not in `allowed` is an error,
+    unless `extra` (the builder passes such keys to the model)."""
     name, _, query = body.partition("?")
     options: dict[str, str] = {}
     for item in filter(None, query.split("&")):
         key, eq, value = item.partition("=")
-        if not eq or key not in allowed:
+        if not eq or not key or (key not in allowed and not extra):
             expected = ", ".join(f"{k}=VALUE" for k in allowed) or "none"
             raise TeacherError(f"teacher spec '{spec}': unknown option '{item}'; accepted options: {expected}")
         options[key] = value
     return name, options
+
+
+def yaml_value(text: str) -> Any:
+    """A keyword's value in a spec, read as YAML (`0.1`, `[8,4,2,1]`, `true`); other text stays a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def parse_bool(value: str, key: str, spec: str) -> bool:

@@ -1,7 +1,9 @@
 """Deterministic synthetic records for store tests; numpy only, so worker processes start fast.
 
 Run as a script it is a store writer: `python tests/store_helpers.py STORE --epochs 2
---shards 0,2 [--backend lmdb] [--delay S]`, used by the multi-process and SIGKILL tests.
+--shards 0,2 [--backend lmdb] [--hold]`, used by the multi-process and kill tests (which stop it at a
+known commit with the store's fault hook, DISTILL_FAULT_COMMIT). With --hold it claims its shards of
+epoch 0, prints "held" and keeps them until its standard input closes.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import argparse
 import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -184,9 +185,7 @@ def write_legacy_store(path: Path, version: int, epochs: list[int]) -> Manifest:
     return m
 
 
-def write_epoch(
-    store, epoch: int, shards: list[int] | None = None, batch: int = 256, order_seed: int = 0, delay: float = 0.0
-) -> None:
+def write_epoch(store, epoch: int, shards: list[int] | None = None, batch: int = 256, order_seed: int = 0) -> None:
     """Write the given shards of an epoch in shuffled batches, as a saving run would."""
     m = store.manifest
     with store.writer(epoch, shards) as writer:
@@ -196,7 +195,6 @@ def write_epoch(
         for start in range(0, len(ids), batch):
             chunk = ids[start : start + batch]
             writer.write(chunk, records_for(m, epoch, chunk), labels=chunk % m.num_classes)
-            time.sleep(delay)
 
 
 def main() -> None:
@@ -205,14 +203,19 @@ def main() -> None:
     parser.add_argument("--backend", default="zarr")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--shards", default=None, help="comma-separated shard indices (default: all pending)")
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds to sleep after each batch")
+    parser.add_argument("--hold", action="store_true", help="claim the shards of epoch 0 until stdin closes")
     args = parser.parse_args()
     store = create_store(args.store, manifest(args.backend))
     shards = [int(s) for s in args.shards.split(",")] if args.shards else None
+    if args.hold:
+        with store.writer(0, shards):
+            print("held", flush=True)
+            sys.stdin.read()
+        return
     for epoch in range(args.epochs):
         pending = set(store.pending_shards(epoch))
         todo = sorted(pending if shards is None else pending & set(shards))
-        write_epoch(store, epoch, todo, delay=args.delay)
+        write_epoch(store, epoch, todo)
     print("done", flush=True)
 
 

@@ -7,9 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.augment import PRESETS, AugRecipe, ReplayAugment, draw_mix, draw_view, load_recipe
+from distill.augment import PRESETS, AugRecipe, draw_mix, draw_view, load_recipe
 from distill.data import create_dataset
-from distill.loader import ReplayDataset, ShardBatchSampler, collate, mixed_targets, replay_loader
+from distill.errors import RecipeError
+from distill.loader import ReplayDataset, ShardBatchSampler, collate, replay_loader
+from distill.losses import mixed_targets
+from distill.views import ReplayAugment
 
 FULL = AugRecipe(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, re_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0)
 
@@ -117,15 +120,51 @@ def test_recipe_canonical_form_and_hash(tmp_path):
     assert AugRecipe(hflip=1, scale=[1, 1]).hash() == AugRecipe(hflip=1.0, scale=(1.0, 1.0)).hash()
     assert "img_size" not in AugRecipe().canonical()
     path = tmp_path / "aug.yaml"
-    path.write_text("auto_augment: rand-m9-mstd0.5-inc1\nre_prob: 0.25\n")
+    path.write_text("auto_augment: rand-m9-mstd0.5-inc1\nre_prob: 0.25\ninterpolation: bicubic\n")
     assert load_recipe(str(path)).hash() == PRESETS["tinyvit"].hash()
     path.write_text("flip: 0.5\n")
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['flip'\]"):
+    with pytest.raises(RecipeError, match=r"aug\.yaml: flip: unknown key"):
         load_recipe(str(path))
-    with pytest.raises(ValueError, match="neither a preset"):
+    with pytest.raises(RecipeError, match="neither a preset"):
         load_recipe("no-such-preset")
-    with pytest.raises(ValueError, match="'hflip' must be a probability"):
+    with pytest.raises(RecipeError, match=r"hflip: expected a probability in \[0, 1\], got 2\.0"):
         AugRecipe(hflip=2.0)
+    with pytest.raises(RecipeError, match=r"scale: expected a list of 2 \(a number, a number\)"):
+        load_recipe({"scale": [0.5]})
+    with pytest.raises(RecipeError, match="auto_augment: expected a timm RandAugment string"):
+        load_recipe({"auto_augment": "rand-m9-everything"})
+
+
+def test_tinyvit_presets_resample_bicubic_in_the_crop_and_rand_augment():
+    # The TinyViT reference: DATA.INTERPOLATION bicubic for RandomResizedCrop and for RandAugment's ops.
+    for name in ("tinyvit", "tinyvit-mix"):
+        recipe = PRESETS[name]
+        assert recipe.interpolation == "bicubic" and recipe.auto_augment == "rand-m9-mstd0.5-inc1"
+        assert all(draw_view(recipe, seed, 40, 30).interpolation == "bicubic" for seed in range(20))
+        ops = ReplayAugment(recipe, 32).rand_augment.ops
+        assert ops and all(op.kwargs["resample"] == Image.Resampling.BICUBIC for op in ops)
+    # interpolation: random stays an option: per view for the crop, per op (timm's own choice) for RandAugment.
+    random_recipe = AugRecipe(auto_augment="rand-m9-mstd0.5-inc1")
+    assert {draw_view(random_recipe, seed, 40, 30).interpolation for seed in range(20)} == {"bilinear", "bicubic"}
+    ops = ReplayAugment(random_recipe, 32).rand_augment.ops
+    assert all(set(op.kwargs["resample"]) == {Image.Resampling.BILINEAR, Image.Resampling.BICUBIC} for op in ops)
+
+
+def test_rand_augment_interpolation_enters_the_hash_only_where_views_changed():
+    # RandAugment used to resample at random whatever `interpolation` said: recipes whose views change with
+    # the fix hash differently (their old stores are refused); the others keep the hash they had.
+    fixed = AugRecipe(auto_augment="rand-m9-mstd0.5-inc1", interpolation="bilinear")
+    assert fixed.canonical()["rand_augment_interpolation"] == "bilinear"
+    for unchanged in (AugRecipe(auto_augment="rand-m9-mstd0.5-inc1"), PRESETS["basic"], PRESETS["none"]):
+        assert "rand_augment_interpolation" not in unchanged.canonical()
+    assert PRESETS["basic"].hash() == "e493679cfc3f819455da8644e211ff41e4f9c8a80e9252fc60eb39ce909a1d07"
+
+
+def test_imagenet_constants_are_timms():
+    # distill.augment writes them out to stay light; they must be timm's own
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    assert (AugRecipe().mean, AugRecipe().std) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
 
 def test_shard_batches_do_not_cross_shards():

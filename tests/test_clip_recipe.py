@@ -15,20 +15,21 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
-from train_helpers import ROOT, env_for
+from train_helpers import ROOT, env_for, make_method
 
-from distill.affinity import zero_shot_classifier
-from distill.augment import PRESETS, ReplayAugment, load_recipe
+from distill.augment import PRESETS, load_recipe
+from distill.cli import SaveConfig
+from distill.cli import save_logits as save_main
 from distill.data import DIGIT_NAMES, create_dataset
+from distill.evaluate import zero_shot_classifier
 from distill.loader import ReplayDataset, collate
-from distill.method import create_method
 from distill.recipe import RecipeError, StudentConfig
-from distill.save import SaveConfig
-from distill.save import main as save_main
+from distill.run import run_recipe
 from distill.save import run as save_run
-from distill.train import train
+from distill.views import ReplayAugment
 from logit_store import open_store
-from teachers import EmbeddingStoreTeacher, OpenCLIPTeacher, TeacherError, create_teacher
+from teachers import TeacherError, create_teacher
+from teachers.clip_teacher import OpenCLIPTeacher
 
 logging.getLogger().setLevel(logging.ERROR)
 TEACHER = "TinyCLIP-test-teacher"
@@ -52,7 +53,7 @@ def env(tmp_path_factory):
 
 
 def tinyclip_student(**loss):
-    method = create_method("tinyclip", {"zero_shot": ZERO_SHOT} | loss, 10)
+    method = make_method("tinyclip", {"zero_shot": ZERO_SHOT} | loss)
     torch.manual_seed(1)
     return method, method.build_student(StudentConfig(model="TinyCLIP-test"), 32)
 
@@ -91,7 +92,7 @@ def test_affinity_loss_from_the_store_equals_the_live_teachers(env, batch_size):
     batch = batch_of(method, ids)
     live = create_teacher(f"open_clip:{TEACHER}", checkpoint=env["checkpoint"])
     stored = create_teacher(f"store:{env['store']}")
-    assert isinstance(stored, EmbeddingStoreTeacher)
+    assert stored.store is not None and stored.outputs == "embeddings"
     from_live, from_store = method.loss(student, batch, live), method.loss(student, batch, stored)
     for name in ("loss", "affinity", "contrastive"):
         assert from_store[name].item() == pytest.approx(from_live[name].item(), rel=2e-3), name
@@ -110,7 +111,7 @@ def test_training_steps_from_the_store_match_the_live_teacher(env, tmp_path):
             "optimizer": {"name": "adamw", "lr": 0.001}, "loss": {"zero_shot": ZERO_SHOT},
             "output_dir": str(tmp_path / name),
         }  # fmt: skip
-        summary = train(recipe)
+        summary = run_recipe(recipe)[0]
         rows = [line.split(",") for line in (tmp_path / name / "metrics.csv").read_text().splitlines()[1:]]
         return summary, [float(v) for _, n, v in rows if n == "train/affinity"]
 
@@ -151,7 +152,10 @@ def test_tinyclip_recipe_errors_name_the_field(env, tmp_path):
         "epochs": 1, "batch_size": 64, "output_dir": str(tmp_path / "out"),
     }  # fmt: skip
     cases = [
-        ({"teacher": {"source": "timm:test_vit"}}, "teacher.source: method tinyclip needs a CLIP teacher"),
+        (
+            {"teacher": {"source": "timm:test_vit"}},
+            "teacher.source: method 'tinyclip' learns from a teacher's embeddings; timm:test_vit gives logits",
+        ),
         (
             {"teacher": {"source": "open_clip:TinyCLIP-ViT-8M-16-Text-3M"}},
             "student.model: its context length 16 differs from the live teacher's 77",
@@ -173,7 +177,7 @@ def test_tinyclip_recipe_errors_name_the_field(env, tmp_path):
     ]
     for change, message in cases:
         with pytest.raises((RecipeError, TeacherError), match=message.replace("(", r"\(").replace(".", r"\.")):
-            train(base | change)
+            run_recipe(base | change)
         assert not (tmp_path / "out").exists()
 
 
@@ -184,7 +188,7 @@ def test_clip_method_needs_captions(tmp_path):
         "output_dir": str(tmp_path / "out"),
     }  # fmt: skip
     with pytest.raises(RecipeError, match=r"data\.train: method 'clip' trains on captions; digits has none"):
-        train(recipe)
+        run_recipe(recipe)
 
 
 # -- inheritance and zero-shot -------------------------------------------------------------------------------------

@@ -1,19 +1,22 @@
-"""Cream building blocks: supernet FLOPs and export, the prioritized board, meta-matching and its bilevel update."""
+"""Cream building blocks: supernet FLOPs and export, the published architectures, the prioritized board,
+meta-matching and its bilevel update, the exported path's BN recalibration."""
 
 from __future__ import annotations
 
 import copy
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from distill.prioritized_board import (
+from recipes.cream.board import (
     MetaMatchingNetwork,
     PrioritizedBoard,
+    eval_logits,
     evaluate_path,
     kd_weight,
     meta_update,
@@ -21,7 +24,10 @@ from distill.prioritized_board import (
     select_teacher,
     update_board,
 )
+from recipes.cream.export import recalibrate_bn
 from students.supernet import (
+    PUBLISHED,
+    SKIP,
     ChoiceLayer,
     Supernet,
     SupernetConfig,
@@ -63,6 +69,7 @@ def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
 def test_path_flops_matches_flop_counter(config: SupernetConfig, sizes: tuple[int, int], num_classes: int) -> None:
     generator = torch.Generator().manual_seed(1)
     paths = [sample_path(config, generator) for _ in range(3)] + [(0,) * config.num_layers, (5,) * config.num_layers]
+    paths.append(tuple(SKIP if i % 2 else 3 for i in range(config.num_layers)))  # every second layer skipped
     for path in paths:
         # On the meta device FlopCounterMode sees every op's shapes without computing anything.
         with torch.device("meta"):
@@ -80,16 +87,34 @@ def test_path_forms_and_sampling() -> None:
     flat = (0, 1, 2, 3, 4, 5)
     assert normalize_path(config, [[0, 1], [2, 3], [4, 5]]) == flat
     assert normalize_path(config, list(flat)) == flat
-    with pytest.raises(ValueError):
-        normalize_path(config, flat[:-1])
-    with pytest.raises(ValueError):
-        normalize_path(config, (0, 0, 0, 0, 0, 6))
+    assert normalize_path(config, [[0], [2, 3], [4]]) == (0, SKIP, 2, 3, 4, SKIP)  # a short stage: the rest skipped
+    for bad in [flat[:-1], (0, 0, 0, 0, 0, 6), (0, 0, SKIP, 0, 0, 0), [[0, 1], [], [4, 5]], [[0, 1, 2], [2], [4]]]:
+        with pytest.raises(ValueError):
+            normalize_path(config, bad)
     generator = torch.Generator().manual_seed(0)
     assert sample_path(config, generator, weights=torch.eye(6)[3]) == (3,) * 6
     per_layer = torch.eye(6)  # layer i can only pick choice i
     assert sample_path(config, generator, weights=per_layer) == flat
     paths = {sample_path(config, generator) for _ in range(20)}
     assert len(paths) > 1 and all(len(p) == config.num_layers for p in paths)
+    # A seventh weight is the skip's: never drawn for a stage's first layer (here: only skips elsewhere).
+    only_skip = torch.tensor([1.0, 0, 0, 0, 0, 0, 1e9])
+    assert {sample_path(config, generator, weights=only_skip) for _ in range(5)} == {(0, SKIP) * 3}
+
+
+def test_skipped_layers_leave_the_exported_model(tiny_supernet: Supernet) -> None:
+    path = (3, SKIP, 1, 4, 5, SKIP)
+    exported = export(tiny_supernet, path).eval()
+    assert exported.config.stage_depths == (1, 2, 1) and exported.path == (3, 1, 4, 5)
+    assert [len(stage) for stage in exported.blocks] == [1, 2, 1]
+    x = _images(4)
+    with torch.no_grad():
+        # What the supernet computes with the skipped layers as identities, written out layer by layer.
+        h = tiny_supernet.stem(x)
+        for layer, choice in zip((lay for stage in tiny_supernet.blocks for lay in stage), path, strict=True):
+            h = h if choice == SKIP else layer.ops[choice](h)
+        torch.testing.assert_close(exported(x), tiny_supernet.head(h), rtol=0, atol=1e-6)
+        torch.testing.assert_close(tiny_supernet(x, path), tiny_supernet.head(h), rtol=0, atol=0)
 
 
 def test_export_matches_supernet_and_reloads(tiny_supernet: Supernet, tmp_path) -> None:
@@ -115,6 +140,56 @@ def test_export_matches_supernet_and_reloads(tiny_supernet: Supernet, tmp_path) 
             torch.testing.assert_close(tiny_supernet(x, path), expected, rtol=0, atol=0)
 
 
+# ----------------------------------------------------------------------------- the published architectures
+
+# Cream's README: model, FLOPs column (millions of multiply-adds), and the input size the reference's retrain
+# script sets for it.
+README_MMACS = {"cream_14": (14, 64), "cream_43": (43, 96), "cream_114": (114, 160), "cream_287": (287, 224),
+                "cream_481": (481, 224), "cream_604": (604, 224)}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(README_MMACS))
+def test_published_architectures_have_the_readmes_multiply_adds(name: str) -> None:
+    mmacs, img_size = README_MMACS[name]
+    assert timm.models.get_pretrained_cfg(name).input_size == (3, img_size, img_size)
+    with torch.device("meta"):
+        model = timm.create_model(name).eval()
+        x = torch.zeros(1, 3, img_size, img_size)
+    assert model.pretrained_cfg["input_size"] == (3, img_size, img_size)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    measured = counter.get_total_flops() / 2 / 1e6  # multiply-adds, in millions
+    assert abs(measured - mmacs) <= 0.05 * mmacs, (name, measured)
+    assert PUBLISHED[name].mmacs == mmacs and model(x).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("name", ["cream_14", "cream_43", "cream_114", "cream_287"])
+def test_small_published_architectures_are_paths_of_the_supernet(name: str) -> None:
+    # Their stages are at most 4 deep: each is a path of the default supernet that skips the other layers.
+    stages = PUBLISHED[name].stages
+    path = tuple(c for stage in stages for c in (*stage, *[SKIP] * (4 - len(stage))))
+    assert normalize_path(SupernetConfig(), stages) == path
+    with torch.device("meta"):
+        published, exported = timm.create_model(name), build_path_model(SupernetConfig(), path)
+    assert exported.config == published.config and exported.path == published.path
+    assert [(k, v.shape) for k, v in exported.state_dict().items()] == [
+        (k, v.shape) for k, v in published.state_dict().items()
+    ]
+
+
+def test_published_architectures_load_their_own_weights_and_take_dropout(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("cream_14", num_classes=10, drop_rate=0.2)
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    other = timm.create_model("cream_14", num_classes=10)
+    other.load_state_dict(load_file(tmp_path / "w.safetensors"))
+    assert model.head.drop.p == 0.2 and other.head.drop.p == 0.0
+    x = _images(2, size=64)
+    torch.testing.assert_close(model.eval()(x), other.eval()(x))
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("cream_14", pretrained=True)
+
+
 # ----------------------------------------------------------------------------- board
 
 
@@ -122,32 +197,49 @@ def _outputs(seed: int) -> torch.Tensor:
     return torch.randn(4, NUM_CLASSES, generator=torch.Generator().manual_seed(seed))
 
 
-def test_board_admission_and_eviction() -> None:
-    board = PrioritizedBoard(size=3)
+def _reference_admits(score: float, flops: int, worst: tuple[float, int] | None, gap: float) -> bool:
+    """The reference's admission rule, written out: room on the board, or `gap` better, or better and cheaper."""
+    if worst is None:
+        return True
+    return score > worst[0] + gap or (score > worst[0] and flops < worst[1])
+
+
+def test_board_admission_follows_the_reference_rule() -> None:
+    board = PrioritizedBoard(size=3, margin=0.05)
     for i, score in enumerate([0.5, 0.7, 0.6]):
-        assert board.update((i,), heldout_score=score, flops=100, outputs=_outputs(i))
+        assert board.update((i,), heldout_score=score, flops=100, outputs=_outputs(i))  # room: any score
     assert board.is_full and [e.heldout_score for e in board] == [0.7, 0.6, 0.5]
 
-    assert not board.update((10,), heldout_score=0.4, flops=10, outputs=_outputs(10))  # worse: refused
-    assert not board.update((11,), heldout_score=0.5, flops=100, outputs=_outputs(11))  # equal: refused
-    assert board.update((12,), heldout_score=0.8, flops=100, outputs=_outputs(12))  # better: evicts worst
-    assert [e.path for e in board] == [(12,), (1,), (2,)]
+    assert not board.update((10,), heldout_score=0.54, flops=100, outputs=_outputs(10))  # 4 points: under the margin
+    assert not board.update((11,), heldout_score=0.55, flops=150, outputs=_outputs(11))  # 5 points: not more than it
+    assert not board.update((12,), heldout_score=0.5, flops=10, outputs=_outputs(12))  # cheaper, not better
+    assert board.update((13,), heldout_score=0.51, flops=99, outputs=_outputs(13))  # better at all, and cheaper
+    assert [e.path for e in board] == [(1,), (2,), (13,)]
+    assert board.update((14,), heldout_score=0.57, flops=500, outputs=_outputs(14))  # 6 points better: any FLOPs
+    assert [e.path for e in board] == [(1,), (2,), (14,)]
 
-    # Equal score: fewer FLOPs wins, more FLOPs is refused.
-    assert not board.update((13,), heldout_score=0.6, flops=150, outputs=_outputs(13))
-    assert board.update((14,), heldout_score=0.6, flops=50, outputs=_outputs(14))
-    assert [(e.path, e.flops) for e in board] == [((12,), 100), ((1,), 100), ((14,), 50)]
+    # Every candidate against the rule written out, on a board that stays as it is (candidates are not kept).
+    worst = (board.worst.heldout_score, board.worst.flops)
+    for score in [0.5, 0.56, 0.6, 0.62, 0.625, 0.63, 0.7]:
+        for flops in [100, 499, 500, 501]:
+            assert board.would_admit(score, flops) == _reference_admits(score, flops, worst, 0.05), (score, flops)
 
-    # Offering a path already on the board replaces its entry instead of duplicating it.
-    assert board.update((1,), heldout_score=0.65, flops=100, outputs=_outputs(1))
-    assert [e.path for e in board] == [(12,), (1,), (14,)] and board[1].heldout_score == 0.65
+    # Offering a path already on the board replaces its entry instead of duplicating it (it is measured anew).
+    assert board.update((2,), heldout_score=0.65, flops=100, outputs=_outputs(2))
+    assert [e.path for e in board] == [(1,), (2,), (14,)] and board[1].heldout_score == 0.65
 
     restored = PrioritizedBoard(size=1)
     restored.load_state_dict(board.state_dict())
-    assert restored.size == 3 and [(e.path, e.heldout_score, e.flops) for e in restored] == [
-        (e.path, e.heldout_score, e.flops) for e in board
-    ]
+    assert restored.size == 3 and restored.margin == 0.05
+    assert [(e.path, e.heldout_score, e.flops) for e in restored] == [(e.path, e.heldout_score, e.flops) for e in board]
     assert all(torch.equal(a.outputs, b.outputs) for a, b in zip(restored, board, strict=True))
+
+
+def test_equal_scores_rank_the_cheaper_path_first() -> None:
+    board = PrioritizedBoard(size=3)
+    for path, flops in [((0,), 300), ((1,), 100), ((2,), 200)]:
+        board.update(path, heldout_score=0.5, flops=flops, outputs=_outputs(0))
+    assert [e.path for e in board] == [(1,), (2,), (0,)] and board.best().path == (1,)
 
 
 def test_board_flops_limit_and_best() -> None:
@@ -189,10 +281,22 @@ def test_board_stores_the_candidates_own_outputs(tiny_supernet: Supernet) -> Non
     assert entry.heldout_score == evaluate_path(tiny_supernet, student_path, *heldout)[0]
 
 
+def test_board_scores_in_eval_mode_and_leaves_bn_statistics_alone(tiny_supernet: Supernet) -> None:
+    supernet = copy.deepcopy(tiny_supernet).train()
+    before = {k: v.clone() for k, v in supernet.state_dict().items()}
+    heldout = (_images(8, seed=4), torch.arange(8) % NUM_CLASSES)
+    board = PrioritizedBoard(size=2)
+    assert update_board(board, supernet, (2,) * 6, heldout, flops=1)
+    assert supernet.training and all(torch.equal(v, before[k]) for k, v in supernet.state_dict().items())
+    with torch.no_grad():
+        expected = copy.deepcopy(supernet).eval()(heldout[0], (2,) * 6)  # running statistics, not the batch's
+    torch.testing.assert_close(board[0].outputs, expected, rtol=0, atol=0)
+
+
 def test_teacher_and_m_come_from_the_best_matching_entry() -> None:
     # Score = mean over the batch of (p_student[:, 0] - p_path[:, 0]): a path that puts little mass on
     # class 0 matches best. The best entry is in the middle of the board, neither first nor last.
-    meta = MetaMatchingNetwork(NUM_CLASSES)
+    meta = MetaMatchingNetwork(NUM_CLASSES, slice_size=None)
     with torch.no_grad():
         meta.net[-1].weight.zero_()
         meta.net[-1].weight[0, 0] = 1.0
@@ -209,6 +313,25 @@ def test_teacher_and_m_come_from_the_best_matching_entry() -> None:
     torch.testing.assert_close(score, max(expected))
     torch.testing.assert_close(kd_weight(score), torch.sigmoid(-max(expected)))
     assert not torch.isclose(kd_weight(score), torch.sigmoid(-expected[-1]))  # the reference's value
+
+
+def test_meta_network_reads_the_first_images_concatenated_as_the_reference() -> None:
+    # The reference's meta layer: Linear(C * SLICE, 1) on the softmax differences of SLICE = 4 images, one row
+    # after the other, so each image position has its own weights; images past the slice are not read.
+    meta = MetaMatchingNetwork(NUM_CLASSES, slice_size=4)
+    weight = torch.randn(1, 4 * NUM_CLASSES, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        meta.net[-1].weight.copy_(weight)
+        meta.net[-1].bias.fill_(0.25)
+    student, path = _outputs(1).repeat(2, 1), _outputs(2).repeat(2, 1)  # 8 images
+    diff = student.softmax(-1) - path.softmax(-1)
+    expected = sum(weight[0, i * NUM_CLASSES : (i + 1) * NUM_CLASSES] @ diff[i] for i in range(4)) + 0.25
+    torch.testing.assert_close(meta(student, path), expected)
+    torch.testing.assert_close(meta(student[:4], path[:4]), expected)
+    swapped = [1, 0, 2, 3]
+    assert not torch.isclose(meta(student[swapped], path[swapped]), expected)  # position-dependent
+    with pytest.raises(ValueError, match="reads 4"):
+        meta(student[:3], path[:3])
 
 
 class _MemorizingModel(nn.Module):
@@ -275,7 +398,8 @@ def test_meta_update_follows_the_hypergradient(tiny_supernet: Supernet) -> None:
         return _heldout_loss_after_sgd_step(supernet, m, teacher_path, student_path, train_batch, heldout_batch, lr)
 
     with torch.no_grad():
-        student_meta = supernet(heldout_batch[0], student_path)
+        student_meta = supernet.eval()(heldout_batch[0], student_path)  # eval mode, as the board's outputs
+        supernet.train()
     scores = torch.stack([meta(student_meta, e.outputs) for e in board])
     teacher = board[int(scores.argmax())]
     m = torch.sigmoid(-scores.max())
@@ -315,3 +439,28 @@ def test_meta_update_follows_the_hypergradient(tiny_supernet: Supernet) -> None:
     for key, value in supernet.state_dict().items():
         assert torch.equal(value, state_before[key]), key
     assert all(p.grad is None for p in supernet.parameters())
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_recalibration_sets_bn_statistics_to_the_batches_average(tiny_supernet: Supernet) -> None:
+    model = export(tiny_supernet, (1, 2, 3, 4, 5, 0)).train()
+    batches = [_images(6, seed=10 + i) for i in range(3)]
+    # Independently: the first BN sees the stem conv's outputs; its statistics over all 18 images.
+    with torch.no_grad():
+        first_conv = model.stem[0].conv(torch.cat(batches))
+    bn = model.stem[0].bn
+    momentum = bn.momentum
+    assert recalibrate_bn(model.eval(), iter(batches)) == 18
+    assert not model.training and bn.momentum == momentum
+    torch.testing.assert_close(bn.running_mean, first_conv.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    # Each batch's unbiased variance, averaged over the batches (BN's cumulative average), not the pooled one.
+    per_batch = [first_conv[i * 6 : (i + 1) * 6].var(dim=(0, 2, 3), unbiased=True) for i in range(3)]
+    torch.testing.assert_close(bn.running_var, torch.stack(per_batch).mean(0), rtol=1e-5, atol=1e-6)
+    # The supernet's own statistics are untouched, and held-out scoring (eval mode) does not move them.
+    before = {k: v.clone() for k, v in tiny_supernet.state_dict().items()}
+    eval_logits(tiny_supernet.train(), _images(4), (0,) * 6)
+    assert tiny_supernet.training
+    assert all(torch.equal(v, before[k]) for k, v in tiny_supernet.state_dict().items())
+    tiny_supernet.eval()

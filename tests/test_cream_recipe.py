@@ -1,9 +1,12 @@
-"""The Cream recipe (recipes/cream.py): search, board, selection within the FLOPs budget, export, retraining."""
+"""The Cream method (recipes/cream/): search on the trainer, board, selection within the FLOPs budget, export,
+and the retraining as a follow-up run."""
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,14 +17,16 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 from store_helpers import manifest, write_epoch
-from train_helpers import run_module, small_digits, write_recipe
+from train_helpers import make_method, run_cli, small_digits, write_recipe
 
 from distill.augment import PRESETS, recipe_manifest_entry
 from distill.data import create_dataset
-from distill.prioritized_board import MetaMatchingNetwork, PrioritizedBoard, evaluate_path, update_board
-from distill.recipe import RecipeError, parse_section
+from distill.recipe import RecipeError
+from distill.run import run_recipe
+from distill.trainer import FAULT_AFTER_STEPS
 from logit_store import create_store
-from recipes.cream import CreamRecipe, PathTrainer, build_outer_teacher, run
+from recipes.cream.board import MetaMatchingNetwork, PrioritizedBoard, evaluate_path, update_board
+from recipes.cream.method import SearchState
 from students.supernet import Supernet, SupernetConfig, export, path_flops
 
 NUM_CLASSES = 10
@@ -57,22 +62,27 @@ def store(data):
 def cream_recipe(data, output_dir, **changes) -> dict:
     """Tiny sizes: 128 training ids (every 5th of 160 held out), 8 steps per epoch; the board keeps every path."""
     recipe = {
-        "supernet": {"tiny": True},
+        "method": "cream",
+        "student": {"model": "cream_supernet", "kwargs": {"tiny": True}},
         "data": {"train": data["train"], "val": data["val"], "img_size": 32},
-        "search": {
-            "epochs": 2, "batch_size": 16, "flops_budget": BUDGET, "board_size": 32, "meta_update_every": 4,
-            "heldout_every": 5, "heldout_batch_size": 16, "optimizer": {"name": "adamw", "lr": 0.005},
-        },
-        "retrain": {"method": "supervised", "epochs": 1, "batch_size": 16, "log_every": 2},
+        "epochs": 2, "batch_size": 16, "optimizer": {"name": "adamw", "lr": 0.005}, "log_every": 1,
+        "loss": {"flops_budget": BUDGET, "board_size": 32, "board_start_epoch": 0, "meta_update_every": 4,
+                 "heldout_every": 5, "heldout_batch_size": 16},
+        "then": [{"name": "retrain", "method": "supervised", "epochs": 1, "batch_size": 16, "log_every": 2}],
         "output_dir": str(output_dir),
     }  # fmt: skip
     for key, value in changes.items():
         node = recipe
         *parents, leaf = key.split("__")
         for part in parents:
-            node = node.setdefault(part, {})
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
         node[leaf] = value
     return recipe
+
+
+def metric(out, name: str) -> list[float]:
+    with open(out / "metrics.csv", newline="") as f:
+        return [float(v) for _, n, v in list(csv.reader(f))[1:] if n == name]
 
 
 # ---- end to end ------------------------------------------------------------------------------------------
@@ -80,9 +90,11 @@ def cream_recipe(data, output_dir, **changes) -> dict:
 
 def test_search_select_retrain_end_to_end(data, store):
     out = data["root"] / "run"
-    recipe = cream_recipe(data, out, teacher={"source": f"store:{store}", "weight": 0.5})
-    recipe["retrain"] |= {"method": "tinyvit", "teacher": {"source": f"store:{store}"}}  # retrained from the store
-    proc = run_module("recipes.cream", [str(write_recipe(data["root"] / "cream.yaml", recipe))], data["root"])
+    recipe = cream_recipe(
+        data, out, teacher={"source": f"store:{store}"}, loss__kd_weight=0.5, loss__retrain_init="supernet"
+    )
+    recipe["then"][0] |= {"method": "tinyvit", "teacher": {"source": f"store:{store}"}}  # retrained from the store
+    proc = run_cli("distill-train", [str(write_recipe(data["root"] / "cream.yaml", recipe))], data["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     config = SupernetConfig.tiny()
@@ -105,30 +117,37 @@ def test_search_select_retrain_end_to_end(data, store):
     assert summary["heldout_top1"] == best_within["heldout_top1"]
     assert summary["flops"] == path_flops(config, summary["path"], 32, NUM_CLASSES) <= BUDGET * 1e6
     assert summary["mflops"] == summary["flops"] / 1e6 and summary["flops_budget_mflops"] == BUDGET
-    assert summary["params"] == best_within["params"] < summary["supernet_params"]
+    assert summary["path_params"] == best_within["params"] < summary["params"]  # the path vs the supernet
 
-    # The search ran its steps, with the board, meta updates and the outer store KD.
-    search = summary["search"]
-    assert search["steps"] == 16 and search["meta_updates"] == 3 and search["images_per_s"] > 0
-    assert search["train_samples"] == 128 and search["heldout_samples"] == 32
-    assert all("store_kd" in row and "m" in row for row in search["history"])
+    # The search ran its steps on the trainer, with the board, meta updates and the outer store KD.
+    assert summary["steps"] == 16 and summary["meta_updates"] == 3 and summary["images_per_s"] > 0
+    assert summary["heldout_samples"] == 32 and summary["teacher_source"] == f"store:{store}"
+    assert len(metric(out, "train/store_kd")) == 16 and len(metric(out, "train/m")) > 0
+    assert len(metric(out, "train/meta_heldout_loss")) == 3
 
     # The retraining ran from the exported weights, and its accuracy is reported.
     retrain = json.loads((out / "retrain" / "summary.json").read_text())
-    assert summary["top1"] == retrain["top1"] and summary["top5"] == retrain["top5"]
-    assert 0 <= summary["top1"] <= summary["top5"] <= 100 and retrain["student"] == "cream_path"
+    assert 0 <= retrain["top1"] <= retrain["top5"] <= 100 and retrain["student"] == "cream_path"
     assert retrain["method"] == "tinyvit" and retrain["teacher_source"] == f"store:{store}"
-    assert retrain["params"] == summary["params"] and (out / "retrain" / "model.safetensors").exists()
+    assert retrain["params"] == summary["path_params"] and (out / "retrain" / "model.safetensors").exists()
     student = yaml.safe_load((out / "retrain" / "recipe.yaml").read_text())
     assert student["student"]["checkpoint"] == str(out / "path.safetensors")
     assert student["student"]["kwargs"]["path"] == summary["path"]
 
-    # path.safetensors is the chosen path exported from the saved supernet, and loads into timm's cream_path.
+    # path.safetensors is the chosen path exported from the saved supernet (BN statistics recalibrated on all
+    # 128 training ids: 20 batches of 16 are more than there are), and loads into timm's cream_path.
     supernet = Supernet(config, NUM_CLASSES)
-    supernet.load_state_dict(load_file(out / "supernet.safetensors"))
+    supernet.load_state_dict(load_file(out / "model.safetensors"))
     exported = export(supernet, summary["path"]).state_dict()
     saved = load_file(out / "path.safetensors")
-    assert saved.keys() == exported.keys() and all(torch.equal(saved[k], exported[k]) for k in saved)
+    statistics = {k for k in saved if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert saved.keys() == exported.keys() and all(
+        torch.equal(saved[k], exported[k]) for k in saved.keys() - statistics
+    )
+    assert summary["bn_recalibration_images"] == 128 and not torch.equal(
+        saved["stem.0.bn.running_mean"], exported["stem.0.bn.running_mean"]
+    )
+    assert student["student"]["kwargs"]["drop_rate"] == 0.2  # the retrain configs' dropout
     model = timm.create_model("cream_path", num_classes=NUM_CLASSES, **student["student"]["kwargs"])
     model.load_state_dict(saved)
 
@@ -140,8 +159,6 @@ class _Memorizer(nn.Module):
     """Predicts the class written in pixel (0, 0, 0), scaled by a trainable weight: right on the training
     batch (where that pixel holds the label), wrong on the held-out one."""
 
-    config = SupernetConfig.tiny()
-
     def __init__(self) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.tensor(5.0))
@@ -150,12 +167,20 @@ class _Memorizer(nn.Module):
         return self.scale * F.one_hot(x[:, 0, 0, 0].long(), NUM_CLASSES).float()
 
 
-def _trainer(model: nn.Module, board: PrioritizedBoard, heldout, **kw) -> PathTrainer:
-    meta = MetaMatchingNetwork(NUM_CLASSES)
-    return PathTrainer(
-        model, meta, board, torch.optim.SGD(model.parameters(), lr=0.01), torch.optim.Adam(meta.parameters()),
-        heldout, flops=lambda path: 1, **kw,
-    )  # fmt: skip
+def _cream(model: nn.Module, board: PrioritizedBoard, heldout, epoch: int = 0, **loss):
+    """The Cream method in the state its `setup` leaves it, on a stand-in trainer at `epoch`, step 0."""
+    method = make_method("cream", {"flops_budget": 10.0, "board_start_epoch": 0} | loss, epochs=2)
+    method.config, method.img_size, method.device = SupernetConfig.tiny(), 32, torch.device("cpu")
+    method.weights = method._sampling_weights()
+    method.heldout, method.flops = heldout, lambda path: 1
+    method._heldout_batch = lambda update: heldout  # the held-out stream: this batch every time
+    method.meta = MetaMatchingNetwork(NUM_CLASSES)
+    method.meta_images = heldout[0][:4]
+    method.meta_optimizer = torch.optim.Adam(method.meta.parameters())
+    method.search = SearchState(0, board)
+    state = SimpleNamespace(epoch=epoch, global_step=0)
+    method.trainer = SimpleNamespace(state=state, optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
+    return method
 
 
 def test_step_sends_the_heldout_score_to_the_board():
@@ -165,10 +190,11 @@ def test_step_sends_the_heldout_score_to_the_board():
     heldout_images[:, 0, 0, 0] = ((labels + 1) % NUM_CLASSES).float()  # 0% held out
     model = _Memorizer()
     board = PrioritizedBoard(size=2)
-    trainer = _trainer(model, board, (heldout_images, labels))
+    method = _cream(model, board, (heldout_images, labels))
     batch = {"image": train_images, "label": labels, "id": torch.arange(8), "epoch": torch.zeros(8, dtype=torch.long)}
 
-    logs = trainer.step(batch, (0,) * 6, use_board=True, next_heldout=lambda: (heldout_images, labels))
+    method.path = (0,) * 6
+    logs = method.after_step(model, batch)
     assert logs["admitted"] == 1.0 and board[0].path == (0,) * 6
     assert evaluate_path(model, (0,) * 6, train_images, labels)[0] == 1.0
     assert board[0].heldout_score == 0.0  # the held-out batch's score, not the training batch's 1.0
@@ -178,11 +204,13 @@ def test_step_sends_the_heldout_score_to_the_board():
     update_board(board, _ConstantModel(labels), (1,) * 6, (heldout_images, labels), flops=1)
     update_board(board, _ConstantModel(labels[:4].repeat(2)), (2,) * 6, (heldout_images, labels), flops=1)
     assert [e.path for e in board] == [(1,) * 6, (2,) * 6]
-    logs = trainer.step(batch, (3,) * 6, use_board=True, next_heldout=lambda: (heldout_images, labels))
-    assert logs["admitted"] == 0.0 and (3,) * 6 not in board
+    method.path = (3,) * 6
+    assert method.after_step(model, batch)["admitted"] == 0.0 and (3,) * 6 not in board
 
     # Before the board is in use (board_start_epoch) the path is neither scored nor offered.
-    assert "admitted" not in trainer.step(batch, (4,) * 6, use_board=False, next_heldout=lambda: None)
+    early = _cream(model, board, (heldout_images, labels), epoch=0, board_start_epoch=1)
+    early.path = (4,) * 6
+    assert early.after_step(model, batch) == {}
 
 
 class _ConstantModel(nn.Module):
@@ -213,25 +241,21 @@ def test_step_mixes_the_board_teacher_meta_update_and_store_kd():
     for path in [(0,) * 6, (5,) * 6]:
         update_board(board, model, path, heldout, flops=1)
     teacher = _RecordingTeacher()
-    trainer = _trainer(model, board, heldout, meta_update_every=2, teacher=teacher, teacher_weight=0.5)
+    method = _cream(model, board, heldout, meta_update_every=2, kd_weight=0.5)
     batch = {
         "image": torch.randn(4, 3, 16, 16), "label": torch.arange(4), "id": torch.tensor([7, 3, 9, 1]),
         "epoch": torch.full((4,), 1),
     }  # fmt: skip
-    drawn = []
 
-    def next_heldout():
-        drawn.append(1)
-        return heldout
-
-    logs = trainer.step(batch, (1, 2, 3, 4, 0, 1), use_board=True, next_heldout=next_heldout)
-    # the meta update ran on step 0 (a board exists) with one held-out batch; m is sigmoid(-best score)
-    assert trainer.meta_updates == 1 and len(drawn) == 1 and "meta_heldout_loss" in logs
-    assert trainer.choose_teacher((1, 2, 3, 4, 0, 1))[0] in board.entries and 0 < logs["m"] < 1
+    losses = method.loss(model, batch, teacher)
+    # the meta update ran on step 0 (a board exists); m is sigmoid(-best score)
+    assert method.search.meta_updates == 1 and "meta_heldout_loss" in losses
+    assert method.choose_teacher(model, method.path)[0] in board.entries and 0 < losses["m"] < 1
     assert teacher.calls == [(1, [7, 3, 9, 1])]  # the store is read at the batch's (epoch, ids)
-    assert logs["store_kd"] >= np.log(NUM_CLASSES) - 1e-5  # soft CE against a uniform store distribution
-    trainer.step(batch, (0,) * 6, use_board=True, next_heldout=next_heldout)
-    assert trainer.meta_updates == 1 and trainer.steps == 2  # every 2 steps: not on step 1
+    assert losses["store_kd"] >= np.log(NUM_CLASSES) - 1e-5  # soft CE against a uniform store distribution
+    method.trainer.state.global_step = 1
+    method.loss(model, batch, teacher)
+    assert method.search.meta_updates == 1  # every 2 steps: not on step 1
 
 
 # ---- recipe checks ---------------------------------------------------------------------------------------
@@ -240,67 +264,100 @@ def test_step_mixes_the_board_teacher_meta_update_and_store_kd():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"search__flops_budget": "small"}, r"search\.flops_budget: expected a number"),
-        ({"search__sampling": "weighted"}, r"search\.choice_weights: give them with sampling: weighted"),
-        ({"search__sampling": "weighted", "search__choice_weights": [1, 2]}, r"search\.choice_weights: expected 6"),
-        ({"search__heldout": "test"}, r"search\.heldout: expected one of \['train', 'val'\]"),
-        ({"supernet__stage_depths": [2, 0, 2]}, r"supernet: every stage needs at least one layer"),
-        ({"supernet__depth": 3}, r"supernet\.depth: unknown key"),
-        ({"retrain__student": {"model": "resnet18"}}, r"retrain\.student: set by the Cream recipe"),
-        ({"retrain__epoch": 1}, r"retrain\.epoch: unknown key"),
-        ({"retrain__loss": {"smoothing": 0.1}}, r"retrain\.loss\.smoothing: unknown key"),
+        ({"loss__flops_budget": "small"}, r"loss\.flops_budget: expected a number"),
+        ({"loss__sampling": "uniform", "loss__choice_weights": [1] * 6}, r"loss\.choice_weights: give them .*prior"),
+        ({"loss__choice_weights": [1, 2]}, r"loss\.choice_weights: expected 6"),
+        ({"loss__meta_slice": 17}, r"loss\.meta_slice: 17 images, but the held-out batch has 16"),
+        ({"loss__admission_margin": -1}, r"loss\.admission_margin: expected a value >= 0"),
+        ({"loss__heldout": "test"}, r"loss\.heldout: expected one of \['train', 'val'\]"),
+        ({"loss__board_start_epoch": 2}, r"loss\.board_start_epoch: expected 0 \.\. 1 .*got 2"),
+        (
+            {"student__kwargs__config": {"stage_depths": [2, 0, 2]}},
+            r"student\.kwargs: cream_supernet: every stage needs at least one layer",
+        ),
+        ({"student__kwargs__config": {"depth": 3}}, r"student\.kwargs: cream_supernet: unknown supernet config"),
+        ({"student": {"model": "resnet18"}}, r"student\.model: method cream trains a supernet"),
+        ({"then__0__epoch": 1}, r"then\[0\]\.epoch: unknown key"),
+        ({"then__0__loss": {"smoothing": 0.1}}, r"then\[0\]\.loss\.smoothing: unknown key"),
         ({"augmentation": "tinyvit-mix"}, r"augmentation: the search trains on hard labels"),
-        ({"teacher__source": "timm:resnet18"}, r"teacher\.source: the Cream search takes a logit store"),
+        ({"mixed_precision": "bf16"}, r"mixed_precision: the search runs in float32"),
+        ({"grad_accum": 2}, r"grad_accum: the search samples one path per optimizer step"),
     ],
 )
 def test_recipe_errors_name_the_key(data, tmp_path, change, message):
     with pytest.raises(RecipeError, match=message):
-        run(cream_recipe(data, tmp_path / "run", **change))
+        run_recipe(cream_recipe(data, tmp_path / "run", **change))
     assert not (tmp_path / "run").exists()  # nothing written for a recipe that cannot run
 
 
 def test_a_budget_under_every_board_path_is_an_error(data, tmp_path):
     # (every tiny path has more than 1.9 MFLOPs; a 2-step search)
-    recipe = cream_recipe(data, tmp_path / "run", search__flops_budget=1.0, search__epochs=1, search__batch_size=64)
-    with pytest.raises(RecipeError, match=r"search\.flops_budget: no board path is within 1 MFLOPs"):
-        run(recipe)
-    assert (tmp_path / "run" / "supernet.safetensors").exists() and not (tmp_path / "run" / "retrain").exists()
+    recipe = cream_recipe(data, tmp_path / "run", loss__flops_budget=1.0, epochs=1, batch_size=64)
+    with pytest.raises(RecipeError, match=r"loss\.flops_budget: no board path is within 1 MFLOPs"):
+        run_recipe(recipe)
+    assert not (tmp_path / "run" / "summary.json").exists() and not (tmp_path / "run" / "retrain").exists()
 
 
-def test_outer_store_is_checked_naming_the_field(data, store):
-    train_set = create_dataset(data["train"])
-
-    def check(**changes):
-        raw = cream_recipe(data, "unused", teacher={"source": f"store:{store}"}, **changes)
-        return build_outer_teacher(parse_section(CreamRecipe, raw, ""), train_set, PRESETS["basic"])
-
-    assert check().num_classes == NUM_CLASSES
-    with pytest.raises(RecipeError, match=r"store field global_seed is 0 but the recipe's seed .* gives 1"):
-        check(seed=1)
-    with pytest.raises(RecipeError, match=r"^search\.epochs: 3 training epochs but the store .* holds 2"):
-        check(search__epochs=3)
-    assert check(search__epochs=3, teacher__epochs="cycle")
-    with pytest.raises(RecipeError, match=r"store field augmentation\.hash"):
-        build_outer_teacher(parse_section(CreamRecipe, cream_recipe(data, "u", teacher={"source": f"store:{store}"}),
-                                          ""), train_set, PRESETS["none"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"seed": 1}, r"store field global_seed is 0 but the recipe's seed .* gives 1"),
+        ({"epochs": 3}, r"^epochs: 3 training epochs but the store .* holds 2"),
+        ({"augmentation": "none"}, r"store field augmentation\.hash"),
+    ],
+)
+def test_outer_store_is_checked_naming_the_field(data, store, tmp_path, change, message):
+    recipe = cream_recipe(data, tmp_path / "run", teacher={"source": f"store:{store}"}) | change
+    with pytest.raises(RecipeError, match=message):
+        run_recipe(recipe)
+    assert not (tmp_path / "run").exists()
 
 
 def test_heldout_split_is_disjoint_and_deterministic(data):
-    from recipes.cream import split_heldout
-
     train_set, val_set = create_dataset(data["train"]), create_dataset(data["val"])
-    cfg = parse_section(CreamRecipe, cream_recipe(data, "u"), "")
-    train_ids, heldout_set, heldout_ids = split_heldout(cfg, train_set, val_set)
-    assert heldout_set is train_set and set(train_ids).isdisjoint(heldout_ids)
-    assert list(heldout_ids) == list(range(0, 160, 5)) and len(train_ids) == 128
-    cfg = parse_section(CreamRecipe, cream_recipe(data, "u", search__heldout="val"), "")
-    train_ids, heldout_set, heldout_ids = split_heldout(cfg, train_set, val_set)
-    assert heldout_set is val_set and len(train_ids) == 160 and len(heldout_ids) == 60
+    method = make_method("cream", {"flops_budget": 1.0, "heldout_every": 5, "board_start_epoch": 0})
+    train_ids = method.training_ids(train_set, val_set)
+    assert method.heldout_set is train_set and set(train_ids).isdisjoint(method.heldout_ids)
+    assert list(method.heldout_ids) == list(range(0, 160, 5)) and len(train_ids) == 128
+    method = make_method("cream", {"flops_budget": 1.0, "heldout": "val", "board_start_epoch": 0})
+    train_ids = method.training_ids(train_set, val_set)
+    assert method.heldout_set is val_set and len(train_ids) == 160 and len(method.heldout_ids) == 60
 
 
 def test_retrain_store_is_checked_before_the_search(data, store, tmp_path):
-    recipe = cream_recipe(data, tmp_path / "run", retrain__method="tinyvit", retrain__seed=1)
-    recipe["retrain"]["teacher"] = {"source": f"store:{store}"}
-    with pytest.raises(RecipeError, match=r"^retrain\.teacher\.source .*: store field global_seed is 0 .* gives 1"):
-        run(recipe)
+    recipe = cream_recipe(data, tmp_path / "run")
+    recipe["then"][0] |= {"method": "tinyvit", "seed": 1, "teacher": {"source": f"store:{store}"}}
+    with pytest.raises(
+        RecipeError, match=r"^then\.retrain: teacher\.source .*: store field global_seed is 0 .* gives 1"
+    ):
+        run_recipe(recipe)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_its_retraining_resumes_the_retraining(data, tmp_path):
+    out = tmp_path / "run"
+    recipe = cream_recipe(data, out, then__0__checkpoint_every=1, then__0__epochs=2)
+    path = write_recipe(tmp_path / "cream.yaml", recipe)
+    killed = run_cli("distill-train", [str(path)], data["root"], env_extra={FAULT_AFTER_STEPS: "retrain:3"})
+    assert killed.returncode == -9 and (out / "summary.json").exists()  # the search finished, then the kill
+    assert (out / "retrain" / "checkpoints" / "step_00000003").exists()
+    searched = (out / "summary.json").read_text()
+    resumed = run_cli("distill-train", [str(path)], data["root"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Cream board" not in resumed.stdout and (out / "summary.json").read_text() == searched  # no new search
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert json.loads((out / "retrain" / "summary.json").read_text())["steps"] == 20  # 2 epochs of 160 / 16
+
+
+def test_paths_are_drawn_with_the_reference_prior_by_default():
+    def weights(**loss):
+        method = make_method("cream", {"flops_budget": 1.0, "board_start_epoch": 0} | loss)
+        method.config = SupernetConfig.tiny()
+        return method._sampling_weights()
+
+    # The reference's PRE_PROB, for k3e4, k3e6, k5e4, k5e6, k7e4, k7e6 at every layer.
+    assert weights().tolist() == [0.05, 0.2, 0.05, 0.5, 0.05, 0.15]
+    assert weights(skip_weight=0.3).tolist() == [0.05, 0.2, 0.05, 0.5, 0.05, 0.15, 0.3]
+    assert weights(choice_weights=[1, 0, 0, 0, 0, 1]).tolist() == [1, 0, 0, 0, 0, 1]
+    assert weights(sampling="uniform") is None

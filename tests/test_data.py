@@ -235,6 +235,7 @@ def test_describe(tmp_path):
         "num_classes": 2,
         "classes": ["cat", "dog"],
         "fingerprint": ds.fingerprint(),
+        "fingerprint_mode": "fast",
         "skipped": [],
     }
 
@@ -384,10 +385,30 @@ def test_file_given_as_folder(tmp_path):
         create_dataset(str(path))
 
 
-def test_folder_without_class_folders(tmp_path):
+def test_folder_without_class_folders_is_unlabelled(tmp_path):
+    write_image(tmp_path / "flat" / "b.png")
     write_image(tmp_path / "flat" / "a.png")
-    with pytest.raises(DatasetError, match=f"{tmp_path / 'flat'}: no class sub-folders"):
-        create_dataset(str(tmp_path / "flat"))
+    ds = create_dataset(str(tmp_path / "flat"))
+    assert (ds.classes, ds.labels.tolist(), ds.has_labels) == ([], [data.NO_LABEL] * 2, False)
+    assert ds.describe()["num_classes"] == 0 and ds._names[0] == "a.png"  # ids by relative path
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'empty'}: no class sub-folders and no images"):
+        create_dataset(str(tmp_path / "empty"))
+
+
+def test_unlabeled_spec_ignores_class_folders(tmp_path):
+    root = make_folder(tmp_path / "ds")
+    labelled, unlabelled = create_dataset(str(root)), create_dataset(f"unlabeled:{root}")
+    assert len(unlabelled) == len(labelled) and not unlabelled.has_labels
+    assert (unlabelled.labels == data.NO_LABEL).all() and unlabelled.fingerprint() != labelled.fingerprint()
+
+
+def test_csv_with_some_labels_and_with_none(tmp_path):
+    make_folder(tmp_path)
+    partly = create_dataset(f"csv:{write_csv(tmp_path / 'p.csv', ['path,label', 'cat/a.PNG,cat', 'dog/y.png,'])}")
+    assert partly.classes == ["cat"] and partly.labels.tolist() == [0, data.NO_LABEL]
+    none = create_dataset(f"csv:{write_csv(tmp_path / 'n.csv', ['path', 'cat/a.PNG', 'dog/y.png'])}")
+    assert none.classes == [] and none.labels.tolist() == [data.NO_LABEL] * 2
 
 
 def test_empty_class_folder(tmp_path):
@@ -403,7 +424,7 @@ def test_missing_csv(tmp_path):
         create_dataset(f"csv:{tmp_path / 'none.csv'}")
 
 
-@pytest.mark.parametrize(("header", "missing"), [("file,label", "path"), ("path,class", "label")])
+@pytest.mark.parametrize(("header", "missing"), [("file,label", "path")])
 def test_csv_missing_column(tmp_path, header, missing):
     make_folder(tmp_path)
     path = write_csv(tmp_path / "list.csv", [header, "cat/a.PNG,cat"])
@@ -437,8 +458,14 @@ def test_wds_bad_input(tmp_path):
     no_label = tmp_path / "no-label.tar"
     with tarfile.open(no_label, "w") as tar:
         add_member(tar, "a.png", png_bytes(np.zeros((2, 2, 3), np.uint8)))
-    with pytest.raises(DatasetError, match=f"{no_label}: sample 'a' .* has no .cls label"):
-        create_dataset(f"wds:{no_label}")
+    assert not create_dataset(f"wds:{no_label}").has_labels  # shards without .cls: unlabelled
+    some_labels = tmp_path / "some-labels.tar"
+    with tarfile.open(some_labels, "w") as tar:
+        add_member(tar, "a.png", png_bytes(np.zeros((2, 2, 3), np.uint8)))
+        add_member(tar, "b.png", png_bytes(np.zeros((2, 2, 3), np.uint8)))
+        add_member(tar, "b.cls", b"1")
+    with pytest.raises(DatasetError, match=f"{some_labels}: sample 'a' .* has no .cls label member"):
+        create_dataset(f"wds:{some_labels}")
 
     bad_label = tmp_path / "bad-label.tar"
     with tarfile.open(bad_label, "w") as tar:
@@ -524,3 +551,25 @@ def test_skip_unreadable_in_csv_and_wds(tmp_path, noise_folder):
     for new_id, old_id in enumerate((0, 2, 3)):
         np.testing.assert_array_equal(np.asarray(ds.load(new_id)), np.asarray(folder.load(old_id)))
     ds.close()
+
+
+def test_content_fingerprint_sees_swapped_images_and_caches_the_bytes_hashes(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "imgs"
+    for cls, shade in (("cat", 30), ("dog", 200)):
+        (root / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (shade, 0, 0)).save(root / cls / "a.png", compress_level=0)  # equal sizes
+    first = create_dataset(str(root))
+    fast, content = first.fingerprint(), first.fingerprint("content")
+    assert first.describe("content")["fingerprint_mode"] == "content" and fast != content
+    # The same bytes again: the cache answers, no image is read.
+    monkeypatch.setattr(data.FolderDataset, "_read_bytes", lambda self, i: pytest.fail("read an image"))
+    assert create_dataset(str(root)).fingerprint("content") == content
+    monkeypatch.undo()
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    # Two equal-size images swapped between classes: the fast fingerprint cannot tell, the content one does.
+    (root / "cat" / "a.png").rename(tmp_path / "swap.png")
+    (root / "dog" / "a.png").rename(root / "cat" / "a.png")
+    (tmp_path / "swap.png").rename(root / "dog" / "a.png")
+    swapped = create_dataset(str(root))
+    assert swapped.fingerprint() == fast and swapped.fingerprint("content") != content

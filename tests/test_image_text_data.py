@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.augment import AugRecipe, ReplayAugment
+from distill.augment import AugRecipe
 from distill.data import (
     DIGIT_CAPTION_TEMPLATE,
     DIGIT_NAMES,
@@ -24,6 +24,7 @@ from distill.data import (
     digit_caption,
 )
 from distill.loader import ReplayDataset, collate
+from distill.views import ReplayAugment
 
 # (relative path, colour, caption); "cat/a.png" has two captions, so two rows (two samples).
 PAIRS = [

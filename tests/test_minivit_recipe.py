@@ -1,10 +1,6 @@
-"""The MiniViT recipe (recipes/minivit.py): loss section, teacher checks, hooks, checkpoints, end-to-end runs."""
+"""The MiniViT method (recipes/minivit/): loss section, teacher checks, hooks, checkpoints, end-to-end runs."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -12,17 +8,25 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from train_helpers import ROOT, env_for, run_module, small_digits
+from train_helpers import ROOT, make_method, run_cli, small_digits
 
-from distill.augment import PRESETS, ReplayAugment
+from distill.augment import PRESETS
+from distill.augment import load_recipe as load_aug
 from distill.data import create_dataset
 from distill.loader import ReplayDataset, collate
 from distill.method import create_method
-from distill.recipe import Recipe, RecipeError, StudentConfig, load_recipe_file, parse_section
-from distill.train import train
+from distill.recipe import Recipe, RecipeError, StudentConfig, follow_ups, load_recipe_file, parse_recipe, parse_section
+from distill.run import run_recipe
+from distill.trainer import FAULT_AFTER_STEPS
+from distill.views import ReplayAugment
 from logit_store import Manifest, create_store
-from recipes.minivit import MiniVit, MiniVitLoss, tiny_deit_kwargs, tiny_deit_teacher
-from teachers import ModelTeacher, create_teacher, load_checkpoint
+from recipes.minivit import MiniVitLoss
+from recipes.minivit.method import MiniVit, deit_kl_prediction, soft_ce_prediction
+from recipes.minivit.relations import reference_layer_pairs
+from students.minivit import tiny_deit_kwargs, tiny_deit_teacher
+from teachers import create_teacher
+from teachers.checkpoint import load_checkpoint
+from teachers.live import ModelTeacher
 from teachers.store_teacher import StoreTeacher
 
 TINY = tiny_deit_kwargs()
@@ -63,10 +67,12 @@ def student(method: MiniVit, **kwargs) -> torch.nn.Module:
 # ---- the loss section ------------------------------------------------------------------------------------
 
 
-def test_loss_defaults_are_the_papers():
-    cfg = create_method("minivit", {}, 10).cfg
-    assert cfg == MiniVitLoss(1.0, 1.0, 1.0, 0.1, 0.0, 0, [[-1, -1]])
-    cfg = create_method("minivit", {"layer_pairs": [[1, 3], [-1, -1]], "relation_heads": 12}, 10).cfg
+def test_loss_defaults_are_the_references():
+    # Mini-Swin README / main.py: soft CE, T 1, --alpha 0 (no label term), qkv 1.0, --hidden_weight 0.1, --ar 1,
+    # six layer pairs ([]: resolved against the models by the reference's rule)
+    cfg = make_method("minivit", {}).cfg
+    assert cfg == MiniVitLoss(1.0, "soft_ce", 1.0, 1.0, 0.1, 0.0, 1, [])
+    cfg = make_method("minivit", {"layer_pairs": [[1, 3], [-1, -1]], "relation_heads": 12}).cfg
     assert cfg.layer_pairs == [[1, 3], [-1, -1]] and cfg.relation_heads == 12
 
 
@@ -78,8 +84,8 @@ def test_loss_defaults_are_the_papers():
         ({"layer_pairs": [-1, -1]}, r"loss\.layer_pairs\[0\]: expected a list, got int -1"),
         ({"layer_pairs": [[-1]]}, r"loss\.layer_pairs\[0\]: expected \[student block, teacher block\], got \[-1\]"),
         ({"layer_pairs": [[0, 1.5]]}, r"loss\.layer_pairs\[0\]\[1\]: expected an integer, got float 1\.5"),
-        ({"layer_pairs": []}, r"loss\.layer_pairs: relation losses need at least one"),
         ({"relation_heads": -1}, r"loss\.relation_heads: expected an integer >= 0"),
+        ({"prediction_form": "kl"}, r"loss\.prediction_form: expected one of \['soft_ce', 'deit_kl'\], got str 'kl'"),
         ({"temperature": 0}, r"loss\.temperature: expected a number > 0, got 0"),
         ({"hidden_weight": -0.1}, r"loss\.hidden_weight: expected a number >= 0, got -0\.1"),
         (
@@ -90,16 +96,71 @@ def test_loss_defaults_are_the_papers():
 )
 def test_loss_section_errors_name_the_key(loss, message):
     with pytest.raises(RecipeError, match=message):
-        create_method("minivit", loss, 10)
-    create_method("minivit", {"layer_pairs": [], "attention_weight": 0, "hidden_weight": 0}, 10)  # logits only
+        make_method("minivit", loss)
+    make_method("minivit", {"layer_pairs": [], "attention_weight": 0, "hidden_weight": 0})  # logits only
 
 
-@pytest.mark.parametrize("name", ["minivit_digits", "minivit_deit_b_in1k"])
-def test_shipped_recipes_validate(name):
-    recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes" / f"{name}.yaml"), "")
-    cfg = create_method(recipe.method, recipe.loss, 10).cfg
-    assert (cfg.prediction_weight, cfg.attention_weight, cfg.hidden_weight, cfg.temperature) == (1.0, 1.0, 0.1, 1.0)
-    assert recipe.student.model.startswith("mini_deit_") and "init_from" in recipe.student.kwargs
+def recipe_of(name: str) -> Recipe:
+    return parse_recipe(load_recipe_file(ROOT / "recipes" / "configs" / f"{name}.yaml"))
+
+
+def meta_model(name: str, **kwargs) -> torch.nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(name, **kwargs)
+
+
+@pytest.mark.parametrize(("size", "drop_path"), [("ti", 0.0), ("s", 0.0), ("b", 0.1)])
+def test_mini_deit_recipes_are_the_references_setting(size, drop_path):
+    """Mini-DeiT README: regnety_160 teacher, --distillation-type soft --distillation-alpha 1.0, from scratch, DeiT's
+    300-epoch schedule (lr 5e-4 x 1024 / 512, 5 warmup epochs, no clipping) and views."""
+    recipe = recipe_of(f"minivit_deit_{size}_in1k")
+    cfg = create_method(recipe, 1000).cfg
+    assert (cfg.prediction_form, cfg.prediction_weight, cfg.temperature) == ("deit_kl", 1.0, 1.0)
+    assert cfg.attention_weight == cfg.hidden_weight == cfg.label_weight == 0
+    assert recipe.teacher.source == "timm:regnety_160" and recipe.student.checkpoint is None
+    assert recipe.student.model.startswith("mini_deit_") and recipe.student.kwargs == {"drop_path_rate": drop_path}
+    assert (recipe.epochs, recipe.batch_size, recipe.optimizer.lr, recipe.optimizer.clip_grad) == (
+        300,
+        1024,
+        1e-3,
+        None,
+    )
+    assert (recipe.schedule.warmup_epochs, recipe.schedule.min_lr, recipe.ema) == (5, 1e-5, None)
+    views = load_aug(recipe.augmentation)
+    assert (views.auto_augment, views.re_prob, views.mixup_alpha, views.cutmix_alpha) == (
+        "rand-m9-mstd0.5-inc1",
+        0.25,
+        0.8,
+        1.0,
+    )
+    assert views.interpolation == "bicubic"
+    if size == "b":  # then the 384 px fine-tune: labels only, from the 224 px result, 30 epochs
+        (finetune,) = follow_ups(recipe)
+        run = parse_recipe(finetune.recipe)
+        assert run.method == "supervised" and run.data.img_size == 384 and run.epochs == 30
+        assert finetune.student_changes["model"] == "mini_deit_base_patch16_384"
+        assert finetune.student_changes["kwargs"]["finetune_from"] == f"{recipe.output_dir}/model.safetensors"
+        assert (run.optimizer.lr, run.optimizer.weight_decay, run.batch_size) == (2.5e-6, 1e-8, 256)
+
+
+@pytest.mark.parametrize(("size", "drop_path"), [("t", 0.0), ("s", 0.1), ("b", 0.2)])
+def test_mini_swin_recipes_are_the_references_setting(size, drop_path):
+    """Mini-Swin README: 1 / 1 / 0.1 over six layer pairs, --ar 1, --alpha 0, its config's drop path and schedule."""
+    recipe = recipe_of(f"minivit_swin_{size}_in1k")
+    cfg = create_method(recipe, 1000).cfg
+    assert cfg == MiniVitLoss(1.0, "soft_ce", 1.0, 1.0, 0.1, 0.0, 1, cfg.layer_pairs)
+    student = meta_model(recipe.student.model, embed_dim=8, num_heads=(1, 1, 1, 1))
+    teacher = meta_model(recipe.teacher.source.removeprefix("timm:"), embed_dim=8, num_heads=(1, 1, 1, 1))
+    assert cfg.layer_pairs == reference_layer_pairs(student, teacher) and len(cfg.layer_pairs) == 6
+    assert recipe.student.kwargs == {"drop_path_rate": drop_path} and recipe.student.checkpoint is None
+    assert (recipe.epochs, recipe.batch_size, recipe.optimizer.lr, recipe.optimizer.clip_grad) == (300, 1024, 1e-3, 5.0)
+    assert (recipe.schedule.warmup_epochs, recipe.schedule.warmup_lr, recipe.schedule.min_lr) == (20, 1e-6, 1e-5)
+
+
+def test_digits_recipe_uses_the_loss_defaults_from_scratch():
+    recipe = recipe_of("minivit_digits")
+    assert create_method(recipe, 10).cfg == MiniVitLoss()
+    assert recipe.student.checkpoint is None and "init_from" not in recipe.student.kwargs
 
 
 # ---- teachers --------------------------------------------------------------------------------------------
@@ -116,12 +177,12 @@ def test_store_teacher_is_refused_naming_the_fields(tmp_path):
         match=r"^loss\.attention_weight is 1\.0 and loss\.hidden_weight is 0\.1, but relation losses need a live "
         r"teacher .*store:.*a logit store holds only logits.*Set loss\.attention_weight and loss\.hidden_weight to 0",
     ):
-        create_method("minivit", {}, 10).check_teacher(teacher)
+        make_method("minivit", {}).check_teacher(teacher)
     with pytest.raises(RecipeError, match=r"^loss\.hidden_weight is 0\.5, but"):
-        create_method("minivit", {"attention_weight": 0, "hidden_weight": 0.5}, 10).check_teacher(teacher)
-    create_method("minivit", {"attention_weight": 0, "hidden_weight": 0}, 10).check_teacher(teacher)
+        make_method("minivit", {"attention_weight": 0, "hidden_weight": 0.5}).check_teacher(teacher)
+    make_method("minivit", {"attention_weight": 0, "hidden_weight": 0}).check_teacher(teacher)
     with pytest.raises(RecipeError, match=r"teacher\.source: method 'minivit' needs a teacher"):
-        create_method("minivit", {}, 10).check_teacher(None)
+        make_method("minivit", {}).check_teacher(None)
 
 
 def test_trainer_refuses_a_store_for_relation_losses_before_writing(data, tmp_path):
@@ -136,42 +197,57 @@ def test_trainer_refuses_a_store_for_relation_losses_before_writing(data, tmp_pa
         "output_dir": str(tmp_path / "run"),
     }
     with pytest.raises(RecipeError, match=r"loss\.attention_weight is 1\.0 and loss\.hidden_weight is 0\.1"):
-        train(recipe)
+        run_recipe(recipe)
     assert not (tmp_path / "run").exists()
 
 
 def test_layer_pairs_and_relation_heads_are_checked_against_the_models():
-    teacher = create_teacher("module:recipes.minivit:tiny_deit_teacher", 10)
-    method = create_method("minivit", {"layer_pairs": [[1, 6]]}, 10)
+    teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
+    method = make_method("minivit", {"layer_pairs": [[1, 6]]})
     with pytest.raises(RecipeError, match=r"loss\.layer_pairs\[0\]\[1\]: teacher block 6 does not exist .*6 trans"):
         method.check_teacher(teacher)
-    method = create_method("minivit", {"layer_pairs": [[-7, 0]]}, 10)
+    method = make_method("minivit", {"layer_pairs": [[-7, 0]]})
     method.check_teacher(teacher)
     with pytest.raises(RecipeError, match=r"loss\.layer_pairs\[0\]\[0\]: student block -7 does not exist"):
         student(method)
-    method = create_method("minivit", {"relation_heads": 5}, 10)
+    method = make_method("minivit", {"relation_heads": 5})
     method.check_teacher(teacher)
     with pytest.raises(
         RecipeError, match=r"loss\.relation_heads is 5: that does not divide the student's qkv width 96"
     ):
         student(method)
-    method = create_method("minivit", {}, 10)
+    method = make_method("minivit", {"relation_heads": 0})
     method.check_teacher(teacher)
     with pytest.raises(RecipeError, match=r"relation_heads is 0, so the student's 5 heads: .* teacher's qkv width 96"):
         student(method, embed_dim=80, num_heads=5)
-    distilled = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, **TINY)
+    method = make_method("minivit", {})
+    shape = {k: TINY[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, **shape)
     method.check_teacher(ModelTeacher(distilled, "distilled"))
-    with pytest.raises(RecipeError, match=r"loss\.layer_pairs\[0\]: student block blocks\.5 and teacher block blo"):
-        student(method)  # 16 + 1 tokens against the distilled DeiT's 16 + 2
+    with pytest.raises(RecipeError, match=r"loss\.layer_pairs\[0\]: student block blocks\.1 and teacher block blo"):
+        student(method)  # 16 tokens against the distilled DeiT's 16 + 2
     with pytest.raises(RecipeError, match=r"relation losses need a transformer student"):
         method.build_student(StudentConfig("test_resnet"), 32)
+
+
+def test_null_layer_pairs_become_the_references_for_the_two_models():
+    teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
+    method = make_method("minivit", {})
+    method.check_teacher(teacher)
+    student(method)
+    assert method._pairs == [[1, 1], [3, 3], [5, 5]]  # 6 blocks on both sides: 3 evenly spaced, ending at the last
+    method = make_method("minivit", {})
+    method.check_teacher(teacher)
+    swin = StudentConfig("mini_swin_tiny_patch4_window7_224", {"img_size": 32, "window_size": 4, "embed_dim": 16})
+    with pytest.raises(RecipeError, match=r"loss\.layer_pairs is empty .* stage to stage.*; set it"):
+        method.build_student(swin, 32)
 
 
 def test_init_from_in_student_kwargs_starts_from_the_trained_model(tmp_path):
     trained = tiny_deit_teacher(10)
     path = tmp_path / "deit.safetensors"
     save_file(trained.state_dict(), str(path))
-    model = student(create_method("minivit", {}, 10), init_from=str(path))
+    model = student(make_method("minivit", {}), init_from=str(path))
     assert model.blocks[1].attn.qkv is model.blocks[0].attn.qkv and model.blocks[1].mlp is not model.blocks[0].mlp
     assert model.blocks[3].mlp.fc1 is model.blocks[2].mlp.fc1
     for i in range(6):
@@ -197,8 +273,8 @@ class Wrapper(torch.nn.Module):
 
 def test_loss_hooks_once_one_forward_each_and_keeps_nothing():
     torch.manual_seed(0)
-    teacher = create_teacher("module:recipes.minivit:tiny_deit_teacher", 10)
-    method = create_method("minivit", {}, 10)
+    teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
+    method = make_method("minivit", {})
     method.check_teacher(teacher)
     model = student(method)
     wrapped = Wrapper(model)
@@ -236,14 +312,36 @@ def test_loss_hooks_once_one_forward_each_and_keeps_nothing():
 
 
 def test_prediction_only_needs_no_live_model_and_logs_only_weighted_parts():
-    teacher = create_teacher("module:recipes.minivit:tiny_deit_teacher", 10)
-    method = create_method("minivit", {"attention_weight": 0, "hidden_weight": 0, "label_weight": 0.5}, 10)
+    teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
+    method = make_method("minivit", {"attention_weight": 0, "hidden_weight": 0, "label_weight": 0.5})
     out = method.loss(student(method), batch_of(), teacher)
     assert set(out) == {"loss", "prediction", "label"} and method._captures is None
     torch.testing.assert_close(out["loss"], out["prediction"] + 0.5 * out["label"])
-    method = create_method("minivit", {"prediction_weight": 0, "hidden_weight": 0}, 10)
+    method = make_method("minivit", {"prediction_weight": 0, "hidden_weight": 0})
     method.check_teacher(teacher)
     assert set(method.loss(student(method), batch_of(), teacher)) == {"loss", "attention"}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_prediction_forms_are_mini_swins_and_deits(temperature):
+    gen = torch.Generator().manual_seed(0)
+    s, t, T = torch.randn(4, 10, generator=gen), 3 * torch.randn(4, 10, generator=gen), temperature
+    p_t = torch.exp(t / T) / torch.exp(t / T).sum(-1, keepdim=True)
+    log_p_s = s / T - torch.log(torch.exp(s / T).sum(-1, keepdim=True))
+    # Mini-Swin main.py: soft_cross_entropy(outputs / T, teacher / T), the batch mean, no T^2
+    torch.testing.assert_close(soft_ce_prediction(s, t, T), -(p_t * log_p_s).sum() / 4)
+    # DeiT losses.py, soft: KL summed over batch and classes, x T^2, / outputs.numel() (4 x 10)
+    torch.testing.assert_close(deit_kl_prediction(s, t, T), (p_t * (p_t.log() - log_p_s)).sum() * T**2 / 40)
+
+    teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
+    for form, prediction in (("soft_ce", soft_ce_prediction), ("deit_kl", deit_kl_prediction)):
+        loss = {"prediction_form": form, "temperature": T, "attention_weight": 0, "hidden_weight": 0}
+        method = make_method("minivit", loss)
+        model, batch = student(method), batch_of()
+        out = method.loss(model, batch, teacher)
+        with torch.no_grad():
+            expected = prediction(model(batch["image"]), teacher.logits(batch["image"], 0, batch["id"]), T)
+        torch.testing.assert_close(out["prediction"].detach(), expected)
 
 
 class Bf16Teacher(ModelTeacher):
@@ -255,7 +353,7 @@ class Bf16Teacher(ModelTeacher):
 
 def test_loss_under_bf16_autocast_with_a_bf16_inference_mode_teacher():
     teacher = Bf16Teacher(tiny_deit_teacher(10), "bf16")
-    method = create_method("minivit", {}, 10)
+    method = make_method("minivit", {})
     method.check_teacher(teacher)
     model = student(method)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's accelerator.autocast() with bf16
@@ -271,7 +369,7 @@ def test_accelerate_checkpoint_keeps_shared_weights_shared(tmp_path):
     from accelerate.state import AcceleratorState, GradientState
 
     torch.manual_seed(0)
-    model = student(create_method("minivit", {}, 10))
+    model = student(make_method("minivit", {}))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     accelerator = Accelerator(cpu=True)
     try:
@@ -321,28 +419,32 @@ def teacher_ckpt(data):
 
 def test_digits_teacher_recipe_builds_the_teacher_factorys_model(data):
     """recipes/minivit_digits_teacher.yaml trains the model that the teacher spec of minivit_digits.yaml rebuilds."""
-    teacher_recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes/minivit_digits_teacher.yaml"), "")
-    student_recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes/minivit_digits.yaml"), "")
+    teacher_recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes/configs/minivit_digits_teacher.yaml"), "")
+    student_recipe = parse_section(Recipe, load_recipe_file(ROOT / "recipes/configs/minivit_digits.yaml"), "")
     assert teacher_recipe.method == "supervised" and student_recipe.method == "minivit"
-    assert student_recipe.teacher.source == "module:recipes.minivit:tiny_deit_teacher"
-    assert student_recipe.teacher.checkpoint == student_recipe.student.kwargs["init_from"]
+    assert student_recipe.teacher.source == "module:students.minivit:tiny_deit_teacher"
     assert student_recipe.teacher.checkpoint == f"{teacher_recipe.output_dir}/model.safetensors"
-    trained = create_method("supervised", teacher_recipe.loss, 10).build_student(teacher_recipe.student, 32)
+    trained = create_method(teacher_recipe, 10).build_student(teacher_recipe.student, 32)
     assert trained.state_dict().keys() == tiny_deit_teacher(10).state_dict().keys()
     assert {k: v.shape for k, v in trained.state_dict().items()} == {
         k: v.shape for k, v in tiny_deit_teacher(10).state_dict().items()
     }
-    assert create_method("minivit", student_recipe.loss, 10).cfg == MiniVitLoss()
-    assert {k: v for k, v in student_recipe.student.kwargs.items() if k != "init_from"} == TINY
+    assert teacher_recipe.student.kwargs == TINY
+    # the student has the teacher's shape; Mini-DeiT drops the class token itself
+    assert student_recipe.student.kwargs == {
+        k: v for k, v in TINY.items() if k in {"img_size", "patch_size", "embed_dim", "depth", "num_heads"}
+    }
 
 
 def student_args(data, teacher_ckpt, out, **more) -> list[str]:
-    """recipes/minivit_digits.yaml on the small digits, the student from scratch (so every loss starts high)."""
+    """recipes/minivit_digits.yaml on the small digits (the student from scratch, so every loss starts high), with
+    identity-initialised transformations: from the reference's init the attention starts near zero and the
+    prediction term only moves after ~100 steps, more than a test should take."""
     more = {
         "data.train": data["train"],
         "data.val": data["val"],
         "teacher.checkpoint": teacher_ckpt,
-        "student.kwargs.init_from": "null",
+        "student.kwargs.transform_init": "identity",
         "epochs": 8,
         "batch_size": 32,
         "optimizer.lr": 0.002,
@@ -351,7 +453,7 @@ def student_args(data, teacher_ckpt, out, **more) -> list[str]:
         "output_dir": out,
         **more,
     }
-    return ["recipes/minivit_digits.yaml", *[arg for k, v in more.items() for arg in ("--set", f"{k}={v}")]]
+    return ["recipes/configs/minivit_digits.yaml", *[arg for k, v in more.items() for arg in ("--set", f"{k}={v}")]]
 
 
 def losses(out, name: str) -> list[float]:
@@ -361,16 +463,18 @@ def losses(out, name: str) -> list[float]:
 
 def test_digits_recipe_distills_a_mini_deit(data, teacher_ckpt):
     out = data["root"] / "student"
-    proc = run_module("distill.train", student_args(data, teacher_ckpt, out), data["root"])
+    proc = run_cli("distill-train", student_args(data, teacher_ckpt, out), data["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["teacher_source"] == "live:module:recipes.minivit:tiny_deit_teacher"
+    assert summary["teacher_source"] == "live:module:students.minivit:tiny_deit_teacher"
     assert summary["params"] < 0.55 * sum(p.numel() for p in tiny_deit_teacher(10).parameters())
-    for name in ("prediction", "attention", "hidden"):
+    # the relation terms fall fastest (the 49 x hidden term dominates the clipped gradient at first); the prediction
+    # term falls steadily but slower: measured 2.33 -> 2.22 (epoch means) against 0.75 -> 0.30 and 7.6 -> 1.4
+    for name, ratio in (("prediction", 0.97), ("attention", 0.9), ("hidden", 0.9)):
         values = losses(out, name)
         assert len(values) == 40, name  # 8 epochs of 5 steps, logged every step
         first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5  # first and last epoch
-        assert last < 0.9 * first, (name, values)
+        assert last < ratio * first, (name, values)
 
     # the written weights (every shared tensor under each of its names) reload into a fresh student and give
     # the accuracy the run measured; the reloaded student's shared weights stay shared
@@ -379,7 +483,7 @@ def test_digits_recipe_distills_a_mini_deit(data, teacher_ckpt):
     fresh = timm.create_model(STUDENT, num_classes=10, **TINY)
     load_checkpoint(fresh, out / "model.safetensors")
     assert fresh.blocks[1].attn.qkv is fresh.blocks[0].attn.qkv
-    again = create_method("minivit", {}, 10).build_student(
+    again = make_method("minivit", {}).build_student(
         StudentConfig(STUDENT, dict(TINY), checkpoint=str(out / "model.safetensors")), 32
     )
     val = ReplayDataset(create_dataset(data["val"], "val"), ReplayAugment(PRESETS["none"], 32, 0))
@@ -389,7 +493,7 @@ def test_digits_recipe_distills_a_mini_deit(data, teacher_ckpt):
         assert torch.equal(logits, again.eval()(batch["image"]))
     top1 = 100 * (logits.argmax(-1) == batch["label"]).sum().item() / len(val)
     assert top1 == pytest.approx(summary["top1"])
-    assert top1 > 20  # 8 short epochs from scratch, above chance (10%)
+    assert top1 > 15  # 8 short epochs from scratch on 160 images: above chance (10%, i.e. 6 of 60)
 
 
 @pytest.mark.slow
@@ -397,20 +501,14 @@ def test_killed_and_resumed_minivit_run_equals_uninterrupted(data, teacher_ckpt,
     """Mid-epoch checkpoints of a multiplexed student (shared Parameters, safetensors) resume exactly."""
     more = {"epochs": 3, "checkpoint_every": 1}
     ref = tmp_path / "ref"
-    proc = run_module("distill.train", student_args(data, teacher_ckpt, ref, **more), data["root"])
+    proc = run_cli("distill-train", student_args(data, teacher_ckpt, ref, **more), data["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "distill.train", *student_args(data, teacher_ckpt, killed, **more)]
-    proc = subprocess.Popen(cmd, env=env_for(data["root"]), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not (killed / "checkpoints" / "step_00000007").exists():  # mid epoch 2 (5 steps per epoch)
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    args = student_args(data, teacher_ckpt, killed, **more)
+    proc = run_cli("distill-train", args, data["root"], env_extra={FAULT_AFTER_STEPS: "7"})  # mid epoch 2 of 5 steps
+    assert proc.returncode == -9, proc.stderr[-3000:]
     assert not (killed / "summary.json").exists()
-    resumed = run_module("distill.train", student_args(data, teacher_ckpt, killed, **more), data["root"])
+    resumed = run_cli("distill-train", student_args(data, teacher_ckpt, killed, **more), data["root"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
     assert "Removed shared tensor" not in resumed.stderr  # the tied weights are expected, not warned about

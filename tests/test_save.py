@@ -2,10 +2,9 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import timm
@@ -13,8 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from distill.save import main as save_main
+from distill.cli import save_logits as save_main
 from logit_store import open_store
+from logit_store.store import FAULT_COMMIT
 
 TEACHER = "timm:test_vit"
 
@@ -45,10 +45,12 @@ def save_args(env, out, *extra, **overrides):
     return [arg for key, value in opts.items() for arg in ("--" + key.replace("_", "-"), str(value))] + list(extra)
 
 
-def run_cli(env, args, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "distill.save", *args], env=env["env"], capture_output=True, text=True, **kw
-    )
+SCRIPT = str(Path(sys.executable).parent / "distill-save-logits")
+
+
+def run_cli(env, args, launcher=(), extra_env=None, **kw):
+    env_vars = env["env"] | (extra_env or {})
+    return subprocess.run([*launcher, SCRIPT, *args], env=env_vars, capture_output=True, text=True, **kw)
 
 
 def content(path):
@@ -97,31 +99,19 @@ def test_two_processes_equal_one(env, reference):
         "2",
         "--master_port",
         "29533",
-        "-m",
-        "distill.save",
-        *save_args(env, out),
     ]
-    proc = subprocess.run(cmd, env=env["env"], capture_output=True, text=True, timeout=600)
+    proc = run_cli(env, save_args(env, out), launcher=cmd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert content(out) == content(reference[0])
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(env, reference):
     out = env["root"] / "killed.zarr"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distill.save", *save_args(env, out)],
-        env=env["env"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(out.glob("commits/*.json")):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = run_cli(env, save_args(env, out), extra_env={FAULT_COMMIT: "after:2"})  # killed after its 2nd commit
+    assert proc.returncode == -9, proc.stderr[-2000:]
     store = open_store(out)
     committed = sum(len(store.committed_shards(e)) for e in range(2))
-    assert 1 <= committed < 2 * store.manifest.num_shards, "the kill should land mid-save"
+    assert committed == 2 < 2 * store.manifest.num_shards, "the kill lands mid-save"
     again = run_cli(env, save_args(env, out))
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stderr

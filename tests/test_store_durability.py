@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +12,18 @@ from store_helpers import EPOCHS, manifest, write_epoch
 
 from logit_store import StoreLockedError, convert_store, create_store, open_store
 from logit_store.cli import main as store_cli
+from logit_store.store import FAULT_COMMIT
 
 HELPER = str(Path(__file__).with_name("store_helpers.py"))
 
 
-def run_writer(store: Path, *args: str) -> subprocess.Popen:
+def run_writer(store: Path, *args: str, fault: str | None = None) -> subprocess.Popen:
+    """A writer process; `fault` ("after:3", "before:2") kills it at that commit (logit_store.store.FAULT_COMMIT)."""
+    env = os.environ | ({FAULT_COMMIT: fault} if fault else {})
     return subprocess.Popen(
-        [sys.executable, HELPER, str(store), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        [sys.executable, HELPER, str(store), *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
 
 
 def reference_hashes(tmp_path: Path, backend: str) -> dict:
@@ -43,8 +45,6 @@ def test_two_processes_write_at_once(tmp_path, backend):
             backend,
             "--shards",
             ",".join(str(s) for s in shards if s % 2 == r),
-            "--delay",
-            "0.002",
         )
         for r in (0, 1)
     ]
@@ -56,18 +56,15 @@ def test_two_processes_write_at_once(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", ["zarr", "lmdb"])
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path, backend):
+@pytest.mark.parametrize("fault", ["after:3", "before:4"])
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, backend, fault):
+    """Killed right after its 3rd commit, or with the 4th shard's rows written but not its marker."""
     path = tmp_path / "s"
-    proc = run_writer(path, "--backend", backend, "--delay", "0.02")
-    commits = path / "commits"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (commits.exists() and len(list(commits.glob("*.json"))) >= 3):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = run_writer(path, "--backend", backend, fault=fault)
+    assert proc.wait(timeout=120) == -9, proc.stderr.read()
     store = open_store(path)
     done = sum(len(store.committed_shards(e)) for e in range(EPOCHS))
-    assert 3 <= done < EPOCHS * store.manifest.num_shards, "the kill should land mid-save"
+    assert done == 3, "the kill lands after exactly three commits"
     assert store.verify(), "an interrupted store is incomplete"
 
     resumed = run_writer(path, "--backend", backend)
@@ -88,12 +85,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, backend):
 
 def test_writer_refuses_a_range_another_process_holds(tmp_path):
     store = create_store(tmp_path / "s", manifest())
-    holder = run_writer(tmp_path / "s", "--shards", "1", "--delay", "0.5")
-    lock = tmp_path / "s" / ".locks" / "e00000-s000001.lock"
-    deadline = time.time() + 30
-    while time.time() < deadline and not lock.exists():
-        time.sleep(0.01)
-    time.sleep(0.3)
+    holder = run_writer(tmp_path / "s", "--shards", "1", "--hold")
+    assert holder.stdout.readline() == "held\n"  # it holds the lock of shard 1 until we close its stdin
     with pytest.raises(StoreLockedError, match=r"epoch 0 records \[512, 1024\) is being written by another process"):
         store.writer(0, [1])
     store.writer(0, [2]).release()  # other ranges stay free

@@ -113,3 +113,16 @@ def test_k_equal_to_classes_has_no_tail(tmp_path):
     np.testing.assert_array_equal(got.tail_lse, np.full(len(got), -65504.0, np.float32))
     assert (got.values[:, 0] == 0).all() and (np.diff(got.values, axis=1) <= 0).all()
     assert open_store(tmp_path / "s").info()["statistics"]["mean_topk_mass"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("global_seed", "epoch", "ids", "seeds"),
+    [
+        (0, 0, [0, 1, 2, 1436], [0, 3012780747, 4227272529, 2534152765]),
+        (7, 3, [0, 5, 999_999], [936413989, 938761439, 912878844]),
+        (2**31, 89, [14_197_102], [395248846]),
+    ],
+)
+def test_record_seeds_are_the_formats_constants(global_seed, epoch, ids, seeds):
+    """record_seeds is part of the store format (docs/STORE_FORMAT.md): pinned values, so a changed constant fails."""
+    assert record_seeds(global_seed, epoch, np.array(ids)).tolist() == seeds

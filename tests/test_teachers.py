@@ -1,6 +1,7 @@
 """Teachers: timm / module / ensemble / store specs, checkpoints, identities and the store teacher."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -11,15 +12,11 @@ from store_helpers import manifest, records_for, write_epoch
 
 from logit_store import create_store
 from logit_store.sparse import rebuild_log_probs, rebuild_probs
-from teachers import (
-    EnsembleTeacher,
-    ModelTeacher,
-    StoreTeacher,
-    TeacherError,
-    create_teacher,
-    file_sha256,
-    state_dict_sha256,
-)
+from teachers import TeacherError, create_teacher
+from teachers.checkpoint import CheckpointError, file_sha256, state_dict_sha256
+from teachers.ensemble import EnsembleTeacher
+from teachers.live import ModelTeacher
+from teachers.store_teacher import StoreTeacher
 
 SPEC = "timm:test_resnet"
 NC = 10
@@ -85,8 +82,8 @@ def test_unknown_timm_name_is_named_with_close_names():
 def test_unknown_prefix_and_option():
     with pytest.raises(TeacherError, match=r"'resnet18' has no known prefix.*timm:resnet18"):
         create_teacher("resnet18")
-    with pytest.raises(TeacherError, match=r"unknown option 'foo=1'.*pretrained"):
-        create_teacher(f"{SPEC}?foo=1")
+    with pytest.raises(TeacherError, match=r"timm could not create 'test_resnet'.*unexpected keyword argument 'foo'"):
+        create_teacher(f"{SPEC}?foo=1")  # other options are the model's keyword arguments
 
 
 def test_pretrained_failure_is_wrapped(monkeypatch, tmp_path):
@@ -97,7 +94,7 @@ def test_pretrained_failure_is_wrapped(monkeypatch, tmp_path):
         raise OSError("no network")
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(TeacherError, match=r"could not be fetched.*no network.*--checkpoint") as err:
+    with pytest.raises(TeacherError, match=r"could not be loaded.*no network.*\?file=PATH or --checkpoint") as err:
         create_teacher(f"{SPEC}?pretrained=1", num_classes=NC)
     assert "test_resnet" in str(err.value) and calls == [True]
     with pytest.raises(TeacherError, match="not both"):
@@ -132,7 +129,7 @@ def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
     state.pop("layer1.0.conv1.weight")
     state["extra.weight"] = torch.zeros(3)
     path = save(state, tmp_path / "five.pth")
-    with pytest.raises(TeacherError) as err:
+    with pytest.raises(CheckpointError) as err:
         teacher(checkpoint=path)
     msg = str(err.value)
     assert "five.pth" in msg
@@ -154,20 +151,20 @@ class Payload:
 def test_pickled_object_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": teacher().model.state_dict(), "extra": Payload()}, path)
-    with pytest.raises(TeacherError, match=r"evil\.pth.*weights_only=True") as err:
+    with pytest.raises(CheckpointError, match=r"evil\.pth.*weights_only=True") as err:
         teacher(checkpoint=path)
     assert "Payload" in str(err.value)
     assert not Payload.ran
 
 
 def test_bad_checkpoint_files(tmp_path):
-    with pytest.raises(TeacherError, match=r"missing\.pth does not exist"):
+    with pytest.raises(CheckpointError, match=r"missing\.pth does not exist"):
         teacher(checkpoint=tmp_path / "missing.pth")
     (tmp_path / "w.npz").write_bytes(b"")
-    with pytest.raises(TeacherError, match=r"w\.npz: unknown file type '\.npz'"):
+    with pytest.raises(CheckpointError, match=r"w\.npz: unknown file type '\.npz'"):
         teacher(checkpoint=tmp_path / "w.npz")
     torch.save({"state_dict": {"fc.weight": 3}}, tmp_path / "notensor.pth")
-    with pytest.raises(TeacherError, match=r"notensor\.pth is not a state dict: fc\.weight"):
+    with pytest.raises(CheckpointError, match=r"notensor\.pth is not a state dict: fc\.weight"):
         teacher(checkpoint=tmp_path / "notensor.pth")
 
 
@@ -236,6 +233,12 @@ def test_ensemble_is_log_mean_softmax(tmp_path, images):
     c = save(teacher(seed=3, spec="module:teacher_factories:tiny_net").model.state_dict(), tmp_path / "c.pth")
     other = create_teacher(f"ensemble:{SPEC}@{a},module:teacher_factories:tiny_net@{c}", num_classes=NC)
     assert other.describe()["spec"] == desc["spec"] and other.weights_sha256 != ens.weights_sha256
+    weighted = create_teacher(f"ensemble:{SPEC}@{a}*3,module:teacher_factories:tiny_net@{b}", num_classes=NC)
+    probs = [m.logits(images).softmax(-1) for m in members]
+    torch.testing.assert_close(weighted.logits(images).exp(), 0.75 * probs[0] + 0.25 * probs[1], rtol=1e-5, atol=1e-7)
+    assert [m["weight"] for m in weighted.describe()["members"]] == [0.75, 0.25]
+    assert weighted.describe()["spec"] == f"ensemble:{SPEC}*3,module:teacher_factories:tiny_net*1"
+    assert weighted.weights_sha256 != ens.weights_sha256
 
 
 def test_ensemble_errors(tmp_path):
@@ -297,9 +300,9 @@ def test_store_teacher_errors_name_epoch_and_ids(store):
         t.logits(images, 9, torch.tensor([3, 4]))
     with pytest.raises(TeacherError, match=rf"epoch 0, ids \[3, {STORE_N}\].*out of range"):
         t.logits(images, 0, torch.tensor([3, STORE_N]))
-    with pytest.raises(TeacherError, match="needs the epoch and the sample ids"):
+    with pytest.raises(TeacherError, match="need the epoch and the sample ids"):
         t.logits(images, None, torch.tensor([3, 4]))
-    with pytest.raises(TeacherError, match="needs the epoch and the sample ids"):
+    with pytest.raises(TeacherError, match="need the epoch and the sample ids"):
         t.logits(images, 0)
     with pytest.raises(TeacherError, match="2 images but 3 ids"):
         t.logits(images, 0, torch.tensor([3, 4, 5]))
@@ -318,3 +321,68 @@ def test_cuda_teachers_return_float32_on_the_images_device(images, store):
     assert t.logits(images).device.type == "cpu"
     stored = StoreTeacher(store).logits(torch.zeros(2, 3, 8, 8, device="cuda"), 0, torch.tensor([1, 2]))
     assert stored.is_cuda and stored.dtype == torch.float32
+
+
+# ---- teachers the timm way ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pretrained_file(tmp_path):
+    """A stand-in for timm's cached pretrained weights: a 1000-class test_vit, as a local file."""
+    torch.manual_seed(5)
+    model = timm.create_model("test_vit")
+    path = tmp_path / "test_vit_pretrained.safetensors"
+    save_file(model.state_dict(), str(path))
+    return model.eval(), path
+
+
+def test_a_pretrained_head_of_another_class_count_is_refused_or_mapped(pretrained_file, tmp_path, images):
+    model, path = pretrained_file
+    with pytest.raises(TeacherError, match=r"has 1000 classes but the data has 3: give \?class_map=FILE"):
+        create_teacher(f"timm:test_vit?file={path}", num_classes=3)
+    class_map = tmp_path / "map.txt"
+    class_map.write_text("7\n0\n999\n")  # data class 0 is the teacher's 7, class 1 its 0, class 2 its 999
+    mapped = create_teacher(f"timm:test_vit?file={path}&class_map={class_map}", num_classes=3)
+    with torch.no_grad():
+        expected = model(images)[:, [7, 0, 999]]
+    assert mapped.num_classes == 3 and mapped.describe()["class_indices"] == [7, 0, 999]
+    torch.testing.assert_close(mapped.logits(images), expected)
+    full = create_teacher(f"timm:test_vit?file={path}", num_classes=1000)  # the same classes: no map needed
+    torch.testing.assert_close(full.logits(images), model(images).detach())
+    with pytest.raises(TeacherError, match=r"class_map .* has 3 lines, the data 4 classes"):
+        create_teacher(f"timm:test_vit?file={path}&class_map={class_map}", num_classes=4)
+
+
+def test_model_kwargs_in_the_spec(images):
+    teacher = create_teacher("timm:test_vit?drop_path_rate=0.25&global_pool=avg", num_classes=NC)
+    assert teacher.model.global_pool == "avg" and teacher.model.blocks[-1].drop_path1.drop_prob == 0.25
+    assert teacher.spec == "timm:test_vit?drop_path_rate=0.25&global_pool=avg"  # part of a store's identity
+
+
+def test_timm_training_checkpoint_loads_its_ema_weights_safely(tmp_path, images):
+    import argparse
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=NC)
+    ema = {k: v + 0.01 for k, v in model.state_dict().items()}
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 9, "arch": "test_vit", "args": argparse.Namespace(lr=0.1, model="test_vit"),
+                "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "state_dict_ema": ema, "metric": 71.2}, path)  # fmt: skip
+    loaded = create_teacher("timm:test_vit", num_classes=NC, checkpoint=path)
+    reference = timm.create_model("test_vit", num_classes=NC).eval()
+    reference.load_state_dict(ema)
+    torch.testing.assert_close(loaded.logits(images), reference(images).detach())  # as timm loads it: the EMA
+
+
+def test_module_teacher_from_the_working_directory(tmp_path, monkeypatch, images):
+    (tmp_path / "my_nets.py").write_text(
+        "import timm\ndef small(num_classes=10, depth=1):\n"
+        "    return timm.create_model('test_vit', num_classes=num_classes, depth=depth)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    teacher = create_teacher("module:my_nets:small?depth=2", num_classes=NC)
+    assert len(teacher.model.blocks) == 2
+    with pytest.raises(TeacherError, match=r"cannot import module 'no_nets'.*set PYTHONPATH"):
+        create_teacher("module:no_nets:small", num_classes=NC)

@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -15,22 +16,11 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 
-from distill.affinity import (
-    affinity_loss,
-    clip_contrastive_loss,
-    tinyclip_loss,
-    zero_shot_accuracy,
-    zero_shot_classifier,
-)
-from students.clip_inheritance import inherit_weights, uniform_layer_indices
-from students.clip_pruning import (
-    CLIPPruningMasks,
-    SparsityLagrangian,
-    create_pruned_model,
-    lagrangian_optimizer,
-    prune,
-    stage_target_sparsities,
-)
+from distill.evaluate import zero_shot_classifier
+from recipes.tinyclip.affinity import affinity_loss, clip_contrastive_loss
+from recipes.tinyclip.inheritance import inherit_weights, uniform_layer_indices
+from recipes.tinyclip.masks import CLIPPruningMasks, HardConcreteMask, MaskedCLIP, SparsityLagrangian, prune
+from students.clip_pruned import create_pruned_model
 from students.tinyclip import TINYCLIP_CONFIGS, TINYCLIP_NOMINAL_SIZES, tower_param_counts
 
 logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random init on every create_model
@@ -118,12 +108,7 @@ def test_affinity_loss_is_soft_cross_entropy_minus_teacher_entropy():
     assert s_img.grad.abs().sum() > 0 and t_img.grad is None  # the teacher is a target only
 
 
-def test_tinyclip_loss_mixes_affinity_and_contrastive():
-    g = torch.Generator().manual_seed(2)
-    s_img, s_txt, t_img, t_txt = (torch.randn(5, 8, generator=g) for _ in range(4))
-    mixed = tinyclip_loss(s_img, s_txt, t_img, t_txt, alpha=0.3, contrastive_scale=20.0)
-    expected = 0.3 * affinity_loss(s_img, s_txt, t_img, t_txt) + 0.7 * clip_contrastive_loss(s_img, s_txt, 20.0)
-    torch.testing.assert_close(mixed, expected)
+def test_contrastive_loss_of_aligned_pairs_is_near_zero():
     # Perfectly aligned pairs at a large scale: contrastive loss near zero.
     eye = torch.eye(5, 8)
     assert clip_contrastive_loss(eye, eye, 100.0) < 1e-6
@@ -131,7 +116,7 @@ def test_tinyclip_loss_mixes_affinity_and_contrastive():
 
 _DISTRIBUTED_WORKER = """
 import json, sys, torch, torch.distributed as dist
-from distill.affinity import affinity_loss
+from recipes.tinyclip.affinity import affinity_loss
 rank, init_file, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=2)
 g = torch.Generator().manual_seed(0)
@@ -156,7 +141,7 @@ def test_affinity_loss_under_torch_distributed(tmp_path):
     full = affinity_loss(s_img, s_txt, t_img, t_txt)
     full.backward()
 
-    # Plain subprocesses importing only torch and distill.affinity: spawning workers from this module would
+    # Plain subprocesses importing only torch and recipes.tinyclip.affinity: spawning workers from this module would
     # re-import open_clip and timm in each of them.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     outs = [tmp_path / f"rank{r}.json" for r in range(2)]
@@ -246,16 +231,75 @@ def test_inherited_heads_and_units_compute_the_teachers_slice():
     torch.testing.assert_close(student.visual.proj, teacher.visual.proj[:16, :12])
 
 
-def test_inheritance_refuses_mismatched_head_width_and_resnet_towers():
+def resnet_cfg(width: int, layers: list[int], embed_dim: int = 16, head_width: int = 8) -> dict:
+    """A toy CLIP with a ModifiedResNet image tower (64 px: a 2x2 grid before the attention pool)."""
+    return clip_cfg(embed_dim=embed_dim) | {
+        "vision_cfg": {"image_size": 64, "layers": layers, "width": width, "head_width": head_width}
+    }
+
+
+def test_inheritance_refuses_mismatched_head_width_and_tower_kinds():
     teacher = CLIP(**clip_cfg(width=32))
     with pytest.raises(ValueError, match="head width"):
         inherit_weights(teacher, CLIP(**clip_cfg(width=32, head_width=16)))
-    resnet_cfg = clip_cfg(width=32)
-    resnet_cfg["vision_cfg"] = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8}
-    resnet = CLIP(**resnet_cfg)
-    with pytest.raises(ValueError, match="ViT"):
+    resnet = CLIP(**resnet_cfg(8, [1, 1, 1, 1]))
+    with pytest.raises(ValueError, match="image towers differ in kind"):
         inherit_weights(teacher, resnet)
     assert inherit_weights(teacher, resnet, towers=("text",)) == {"text": [0, 1]}
+    with pytest.raises(ValueError, match=r"attnpool: heads are inherited whole"):
+        inherit_weights(CLIP(**resnet_cfg(16, [1, 1, 1, 1])), CLIP(**resnet_cfg(8, [1, 1, 1, 1], head_width=16)))
+
+
+def test_resnet_inheritance_computes_the_teachers_leading_channels():
+    """A ResNet student computes what its teacher computes with every channel beyond the student's zeroed: the
+    teacher's batch norms give 0 on those channels (scale and shift 0), and the attention pool reads none of them
+    (positional embedding and output-projection columns 0 there)."""
+    torch.manual_seed(0)
+    teacher = CLIP(**resnet_cfg(16, [1, 1, 1, 1])).eval()
+    g = torch.Generator().manual_seed(1)
+    for norm in (m for m in teacher.visual.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        n = norm.num_features  # random statistics and affine: open_clip starts bn3 at 0, which would hide bugs
+        norm.weight.data, norm.bias.data = torch.rand(n, generator=g) + 0.5, 0.1 * torch.randn(n, generator=g)
+        norm.running_mean, norm.running_var = 0.1 * torch.randn(n, generator=g), torch.rand(n, generator=g) + 0.5
+    student = CLIP(**resnet_cfg(8, [1, 1, 1, 1], embed_dim=12)).eval()
+    assert inherit_weights(teacher, student, towers=("image",)) == {f"image.layer{i}": [0] for i in range(1, 5)}
+
+    zeroed = deepcopy(teacher)
+    for name, norm in zeroed.visual.named_modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            kept = student.visual.get_submodule(name).num_features
+            norm.weight.data[kept:], norm.bias.data[kept:] = 0, 0
+    width = student.visual.attnpool.q_proj.in_features  # 8 * 32 of 16 * 32 channels
+    zeroed.visual.attnpool.positional_embedding.data[:, width:] = 0
+    zeroed.visual.attnpool.c_proj.weight.data[:, width:] = 0
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(student.visual(images), zeroed.visual(images)[:, :12])
+        assert not torch.allclose(teacher.visual(images)[:, :12], student.visual(images), atol=1e-3)
+
+
+def test_resnet_inheritance_keeps_blocks_at_a_uniform_stride_per_stage():
+    teacher, student = CLIP(**resnet_cfg(16, [2, 4, 2, 2])), CLIP(**resnet_cfg(8, [1, 2, 1, 1]))
+    kept = inherit_weights(teacher, student)
+    assert kept == {"image.layer1": [0], "image.layer2": [0, 2], "image.layer3": [0], "image.layer4": [0],
+                    "text": [0, 1]}  # fmt: skip
+    s, t = student.state_dict(), teacher.state_dict()
+    # Stage 2 has 8 * 2 planes in the student, 16 * 2 in the teacher; its block 1 is the teacher's block 2.
+    torch.testing.assert_close(s["visual.layer2.1.conv2.weight"], t["visual.layer2.2.conv2.weight"][:16, :16])
+    torch.testing.assert_close(
+        s["visual.layer2.0.downsample.0.weight"], t["visual.layer2.0.downsample.0.weight"][:64, :32]
+    )
+    torch.testing.assert_close(s["visual.attnpool.q_proj.weight"], t["visual.attnpool.q_proj.weight"][:256, :256])
+
+
+@pytest.mark.parametrize(
+    ("name", "text_layers"), [("TinyCLIP-ResNet-19M-Text-19M", 6), ("TinyCLIP-ResNet-30M-Text-29M", 9)]
+)
+def test_tinyclip_resnet_configs_inherit_from_rn50(name, text_layers):
+    with torch.device("meta"):
+        teacher, student = open_clip.create_model("RN50", device="meta"), open_clip.create_model(name, device="meta")
+    kept = inherit_weights(teacher, student)
+    assert kept["image.layer3"] == list(range(6)) and kept["text"] == uniform_layer_indices(12, text_layers)
 
 
 # -- automatic inheritance: masks and pruning ------------------------------------------------------------------
@@ -288,6 +332,15 @@ def test_pruned_model_computes_what_the_masked_model_computes(masked):
     torch.testing.assert_close(pruned_txt, masked_txt, atol=1e-5, rtol=1e-4)
 
 
+def block_attention_and_mlp_params(model) -> int:
+    """Parameters of the residual blocks' attention and MLP layers, both towers: the sparsity's denominator."""
+    return sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if "resblocks." in name and (".attn." in name or ".mlp." in name)
+    )
+
+
 def test_pruned_parameter_count_is_what_the_masks_imply(masked):
     model, masks, _, _ = masked
     pruned = prune(model, masks, TEST)
@@ -297,8 +350,14 @@ def test_pruned_parameter_count_is_what_the_masks_imply(masked):
     removed = sum(t.full_param_count(True) - t.pruned_param_count(True) for t in masks.towers.values())
     total = sum(p.numel() for p in model.parameters()) - removed
     assert sum(p.numel() for p in pruned.parameters()) == total
+    # The sparsity counts the blocks' attention and MLP layers only (not embeddings, projections, norms).
+    full, kept = block_attention_and_mlp_params(model), block_attention_and_mlp_params(pruned)
+    assert sum(t.full_prunable_count() for t in masks.towers.values()) == full
+    assert masks.pruned_sparsity() == pytest.approx(1 - kept / full, abs=1e-12)
     assert 0.2 < masks.pruned_sparsity() < 0.9
-    assert abs(1 - sum(tower_param_counts(pruned)) / sum(tower_param_counts(model)) - masks.pruned_sparsity()) < 1e-9
+    # The final-mask rule realises the expected sparsity, up to the rounding of each mask's count of zeros.
+    with torch.no_grad():
+        assert masks.pruned_sparsity() == pytest.approx(float(masks.expected_sparsity()), abs=0.03)
 
 
 def test_pruned_model_saves_and_reloads(masked):
@@ -329,13 +388,12 @@ def test_progressive_pruning_stage(masked):
     for got, expected in zip(features(stage_2, images, texts), want, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert sum(tower_param_counts(stage_2)) < sum(tower_param_counts(stage_1)) < sum(tower_param_counts(model))
-    assert stage_target_sparsities((1.0, 0.75, 0.5)) == pytest.approx([0.25, 1 / 3])
 
 
 def test_masks_sample_in_train_mode_and_are_deterministic_in_eval():
     torch.manual_seed(0)
     model = CLIP(**clip_cfg())
-    masks = CLIPPruningMasks(model, init_drop=0.5)
+    masks = CLIPPruningMasks(model, init_log_alpha=0.0)
     handle = masks.attach(model)
     images, texts = inputs()
     model.train()
@@ -352,48 +410,109 @@ def test_masks_sample_in_train_mode_and_are_deterministic_in_eval():
         CLIPPruningMasks(CLIP(**resnet_cfg))
 
 
-@pytest.mark.parametrize(("init_drop", "target"), [(0.05, 0.5), (0.9, 0.2)])
-def test_lagrangian_penalty_drives_expected_sparsity_to_the_target(init_drop, target):
+def test_final_mask_rule_zeroes_round_expected_zeros_of_the_smallest_entries():
+    """The reference's rule, computed here from the hard-concrete formulas: P(z != 0) = sigmoid(log_alpha -
+    T ln(-l / r)) with T = 2/3, l = -0.1, r = 1.1; round(size - sum P) entries with the smallest log_alpha are 0;
+    the others keep sigmoid(log_alpha / T * 0.8)."""
+    mask = HardConcreteMask(5)
+    with torch.no_grad():
+        mask.log_alpha.copy_(torch.tensor([2.0, -3.0, 0.0, 4.6, -1.0]))
+    # P(z != 0) = [0.973, 0.197, 0.832, 0.998, 0.645]: 1.355 zeros expected, so 1 is set: the -3.0 entry.
+    assert mask.deterministic().tolist() == pytest.approx([sigmoid(2.4), 0.0, 0.5, sigmoid(5.52), sigmoid(-1.2)])
+
+    g = torch.Generator().manual_seed(0)
+    log_alpha = 2 * torch.randn(3072, generator=g)
+    mask = HardConcreteMask(3072)
+    with torch.no_grad():
+        mask.log_alpha.copy_(log_alpha)
+    p_nonzero = [sigmoid(a + (2 / 3) * math.log(1.1 / 0.1)) for a in log_alpha.tolist()]
+    zeros = round(3072 - sum(p_nonzero))
+    assert zeros == 842  # the count FIDELITY.md reports for the reference on N(0, 2) masks
+    final = mask.deterministic()
+    smallest = set(sorted(range(3072), key=lambda i: log_alpha[i].item())[:zeros])
+    assert {i for i, v in enumerate(final.tolist()) if v == 0} == smallest
+    kept = [i for i in range(3072) if i not in smallest]
+    torch.testing.assert_close(final[kept], torch.sigmoid(1.2 * log_alpha[kept]))
+    # The rule it replaces (prune what the Louizos estimate clamps to exactly 0) prunes 350: the undershoot.
+    assert int(((torch.sigmoid(log_alpha) * 1.2 - 0.1).clamp(0, 1) == 0).sum()) == 350
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_lagrangian_is_one_sided_with_multipliers_at_ten():
+    lagrangian = SparsityLagrangian(0.5, ramp_steps=10, start_sparsity=0.1)
+    assert (lagrangian.lambda_1.item(), lagrangian.lambda_2.item()) == (10.0, 10.0)
+    assert [lagrangian.target(s) for s in (0, 5, 10, 20)] == pytest.approx([0.1, 0.3, 0.5, 0.5])
+
+    # Short of the target (0.3 < 0.5): 10 * 0.2 + 10 * 0.2^2; d/ds = -(10 + 2 * 10 * 0.2); d/dlambda = 0.2, 0.04.
+    expected = torch.tensor(0.3, requires_grad=True)
+    penalty = lagrangian(expected, step=10)
+    penalty.backward()
+    assert penalty.item() == pytest.approx(2.4)
+    assert expected.grad.item() == pytest.approx(-14.0)
+    assert (lagrangian.lambda_1.grad.item(), lagrangian.lambda_2.grad.item()) == pytest.approx((0.2, 0.04))
+
+    # Sparser than the target: no penalty, no gradient (the two-sided form would pull back toward 0.5).
+    lagrangian.zero_grad()
+    expected = torch.tensor(0.7, requires_grad=True)
+    penalty = lagrangian(expected, step=10)
+    penalty.backward()
+    assert penalty.item() == 0.0 and expected.grad.item() == 0.0
+    assert lagrangian.lambda_1.grad.item() == 0.0 and lagrangian.lambda_2.grad.item() == 0.0
+
+
+def test_mask_optimizer_descends_on_log_alpha_ascends_on_the_multipliers_and_clamps():
+    """The reference's AdamW: rate 0.02 for both, ascent for the multipliers, log_alpha clamped to [ln .01, ln 100]
+    after each step. Adam's first step moves each parameter by its rate times the sign of its gradient."""
     torch.manual_seed(0)
-    masks = CLIPPruningMasks(CLIP(**clip_cfg()), init_drop=init_drop)
+    model = CLIP(**clip_cfg())
+    masks = CLIPPruningMasks(model)
+    assert all((p == 10.0).all() for p in masks.parameters())
+    masked = MaskedCLIP(model, masks, SparsityLagrangian(0.5, ramp_steps=0))
+    optimizer = masked.mask_optimizer(0.02, 0.02)
+    images, texts = inputs()
+    for step in range(2):
+        masked(image=images, text=texts)[-1]["penalty"].backward()  # short of 0.5: a penalty to reduce
+        optimizer.step()
+        optimizer.zero_grad()
+        masked.after_mask_step()
+        lambdas = (masked.lagrangian.lambda_1.item(), masked.lagrangian.lambda_2.item())
+        assert lambdas == pytest.approx((10.0 + 0.02 * (step + 1),) * 2, abs=1e-4)  # ascent
+        log_alpha = torch.cat([p.detach() for p in masks.parameters()])
+        if step == 0:  # 10 - 0.02, clamped to ln 100
+            torch.testing.assert_close(log_alpha, torch.full_like(log_alpha, math.log(100)))
+        else:  # one more descent step below it, at most the rate
+            assert ((log_alpha < math.log(100)) & (log_alpha > math.log(100) - 0.021)).all()
+    assert masked.step.item() == 2
 
-    # One ascent step on the multipliers from zero, then one descent step on the masks: closer to the target.
-    lagrangian = SparsityLagrangian(target, ramp_steps=0)
-    lagrangian(masks.expected_sparsity(), step=0).backward()
-    with torch.no_grad():
-        for p in lagrangian.parameters():
-            p += p.grad  # gradient ascent
-            p.grad = None
-    gap = abs(masks.expected_sparsity().item() - target)
-    masks.zero_grad()
-    lagrangian(masks.expected_sparsity(), step=0).backward()
-    with torch.no_grad():
-        for p in masks.parameters():
-            p -= 10.0 * p.grad
-    assert abs(masks.expected_sparsity().item() - target) < gap
 
-    # The min-max game with a ramped target reaches it (alone, without a task loss, it then oscillates).
-    lagrangian = SparsityLagrangian(target, ramp_steps=10)
-    assert lagrangian.target(0) == 0 and lagrangian.target(5) == pytest.approx(target / 2)
-    mask_opt = torch.optim.Adam(masks.parameters(), lr=0.1)
-    lambda_opt = lagrangian_optimizer(lagrangian, lr=0.1)
-    gaps = []
-    for step in range(50):
+def test_masks_reach_a_target_against_a_pull_toward_density():
+    """One-sided penalty and ramp: the masks go down to the target and stay near it when another loss pulls them
+    back up (alone, the one-sided penalty would leave them anywhere past the target)."""
+    torch.manual_seed(0)
+    masks = CLIPPruningMasks(CLIP(**clip_cfg()))
+    lagrangian = SparsityLagrangian(0.4, ramp_steps=20)
+    optimizer = torch.optim.AdamW(
+        [{"params": masks.parameters(), "lr": 0.1}, {"params": lagrangian.parameters(), "lr": 0.1, "maximize": True}],
+        weight_decay=0.0,
+    )
+    trace = []
+    for step in range(200):
         sparsity = masks.expected_sparsity()
-        gaps.append(abs(sparsity.item() - target))
-        mask_opt.zero_grad()
-        lambda_opt.zero_grad()
-        lagrangian(sparsity, step).backward()
-        mask_opt.step()
-        lambda_opt.step()
-    assert min(gaps) < 0.02
-    assert lagrangian.lambda_2 > 0  # ascent: the quadratic multiplier only grows
+        trace.append(sparsity.item())
+        (lagrangian(sparsity, step) + sparsity).backward()  # + s: a task loss preferring dense masks
+        optimizer.step()
+        optimizer.zero_grad()
+        masks.constrain()
+    assert trace[0] < 0.01 and max(trace) > 0.4 and abs(sum(trace[-20:]) / 20 - 0.4) < 0.03
 
 
 # -- zero-shot helpers -----------------------------------------------------------------------------------------
 
 
-def test_zero_shot_classifier_and_accuracy():
+def test_zero_shot_classifier():
     torch.manual_seed(0)
     model = open_clip.create_model(TEST).eval()
     tokenizer = open_clip.get_tokenizer(TEST)
@@ -401,10 +520,7 @@ def test_zero_shot_classifier_and_accuracy():
     classifier = zero_shot_classifier(model, tokenizer, ["cat", "dog", "car"], templates)
     assert classifier.shape == (16, 3)
     torch.testing.assert_close(classifier.norm(dim=0), torch.ones(3))
-    images = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
-        predicted = (model.encode_image(images, normalize=True) @ classifier).argmax(dim=1)
-    accuracy = zero_shot_accuracy(model, classifier, [(images[:4], predicted[:4]), (images[4:], predicted[4:])], (1, 3))
-    assert accuracy == {1: 1.0, 3: 1.0}
-    wrong = zero_shot_accuracy(model, classifier, [(images, (predicted + 1) % 3)], (1,))
-    assert wrong == {1: 0.0}
+        prompts = model.encode_text(tokenizer(["a photo of a dog.", "a drawing of a dog."]), normalize=True)
+    dog = F.normalize(prompts.mean(0), dim=0)  # the mean of the normalised prompt embeddings, normalised
+    torch.testing.assert_close(classifier[:, 1], dog)

@@ -1,22 +1,23 @@
 """distill-train: recipe validation, outputs, store checks, 2-process runs, kill and resume."""
 
 import json
-import signal
-import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import ROOT, base_recipe, env_for, run_module, small_digits, write_recipe
+from train_helpers import base_recipe, make_method, run_cli, small_digits, write_recipe
 
-from distill.augment import ReplayAugment, load_recipe, recipe_manifest_entry
+from distill.augment import load_recipe, recipe_manifest_entry
+from distill.cli import train as main
 from distill.data import create_dataset
 from distill.loader import ReplayDataset, TrainBatchSampler, collate
-from distill.recipe import Recipe, RecipeError, apply_overrides, parse_section
-from distill.train import build_teacher, main, train
-from recipes.tinyvit import TinyVit, TinyVitLoss
+from distill.plan import build_teacher
+from distill.recipe import Recipe, RecipeError, apply_overrides, parse_recipe, parse_section
+from distill.run import run_recipe
+from distill.trainer import FAULT_AFTER_STEPS
+from distill.views import ReplayAugment
 from teachers import create_teacher
 
 TEACHER = "test_convnext"
@@ -33,7 +34,7 @@ def teacher_run(data):
     """A supervised run of a tiny teacher: its outputs are checked below and it teaches the students."""
     out = data["root"] / "teacher"
     recipe = write_recipe(data["root"] / "teacher.yaml", base_recipe(data, out, epochs=6, student={"model": TEACHER}))
-    proc = run_module("distill.train", [str(recipe)], data["root"])
+    proc = run_cli("distill-train", [str(recipe)], data["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, recipe, proc
 
@@ -44,7 +45,7 @@ def store(data, teacher_run):
     args = ["--teacher", f"timm:{TEACHER}", "--checkpoint", str(teacher_run[0] / "model.safetensors"),
             "--data", data["train"], "--out", str(out), "--epochs", "2", "--k", "3", "--aug", "basic",
             "--img-size", "32", "--batch-size", "32"]  # fmt: skip
-    proc = run_module("distill.save", args, data["root"])
+    proc = run_cli("distill-save-logits", args, data["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -61,20 +62,28 @@ def store(data, teacher_run):
         ({"epochs": 2.5}, r"epochs: expected an integer, got float 2\.5"),
         ({"epochs": 0}, r"epochs: expected an integer >= 1, got 0"),
         ({"data": {"train": "digits"}}, r"data\.val: missing required field \(a string\)"),
-        ({"mixed_precision": "fp8"}, r"mixed_precision: expected one of \['no', 'fp16', 'bf16'\], got str 'fp8'"),
+        (
+            {"mixed_precision": "fp8"},
+            r"mixed_precision: expected one of \['no', 'fp16', 'bf16'\] or null, got str 'fp8'",
+        ),
         ({"teacher": {"epochs": "loop"}}, r"teacher\.epochs: expected one of \['strict', 'cycle'\]"),
         ({"ema": {"decay": "high"}}, r"ema\.decay: expected a number, got str 'high'"),
         ({"student": "resnet18"}, r"student: expected a mapping, got str 'resnet18'"),
-        ({"method": "nonexistent"}, r"method: no module 'recipes\.nonexistent'"),
+        ({"method": "tinyvt"}, r"method: unknown method 'tinyvt'; installed: .*supervised.*; did you mean 'tinyvit'"),
         ({"method": "tinyvit", "loss": {"temprature": 2}}, r"loss\.temprature: unknown key; expected one of"),
         ({"loss": {"label_smoothing": "a"}}, r"loss\.label_smoothing: expected a number"),
-        ({"augmentation": "rand-everything"}, r"augmentation: augmentation 'rand-everything' is neither a preset"),
+        ({"augmentation": "rand-everything"}, r"augmentation: 'rand-everything' is neither a preset"),
+        ({"augmentation": {"hflip": 2}}, r"augmentation: hflip: expected a probability in \[0, 1\], got 2\.0"),
+        ({"teacher": {"source": "timm:test_vit"}}, r"teacher\.source: method 'supervised' trains on labels only"),
+        ({"method": "tinyvit"}, r"teacher\.source: method 'tinyvit' needs a teacher"),
+        ({"then": [{"name": "ft", "epochs": 0}]}, r"then\[0\]\.epochs: expected an integer >= 1, got 0"),
+        ({"then": [{"output_dir": "x"}]}, r"then\[0\]\.output_dir: set by the main recipe"),
     ],
 )
 def test_recipe_errors_name_the_key(data, tmp_path, change, message):
     recipe = base_recipe(data, tmp_path / "run") | change
     with pytest.raises(RecipeError, match=message):
-        train(recipe)
+        run_recipe(recipe)
     assert not (tmp_path / "run").exists()  # nothing written for a recipe that cannot run
 
 
@@ -99,8 +108,10 @@ def test_train_batches_are_the_same_for_any_process_count():
     one = [b for b in TrainBatchSampler(100, 16, epoch=3, view_epoch=3, seed=7, accum=2)]
     two = [list(TrainBatchSampler(100, 16, epoch=3, view_epoch=3, seed=7, rank=r, world=2, accum=2)) for r in range(2)]
     # optimizer step s: micro-batch a of the single process = rank 0's then rank 1's share
+    # optimizer step s = micro-batches 2s and 2s + 1 on one process (8 ids each); on two, each process's 4
+    assert len(one) == len(two[0]) == len(two[1]) == 12
     for m, batch in enumerate(one):
-        assert batch == two[0][m] + two[1][m] or len(batch) == 8
+        assert len(batch) == 8 and batch == two[0][m] + two[1][m]
     flat_one = [i for b in one for i in b]
     flat_two = [i for m in range(len(two[0])) for r in range(2) for i in two[r][m]]
     assert sorted(flat_one) == sorted(flat_two) and len(set(flat_one)) == 96  # 6 steps of 16, last 4 dropped
@@ -124,12 +135,12 @@ def test_run_writes_weights_summary_logs_and_plot(data, teacher_run):
     )
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert not (out / "checkpoints").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "last"]  # no step_* left
     # the weights load as a teacher with --checkpoint and give the reported accuracy
     teacher = create_teacher(f"timm:{TEACHER}", 10, str(out / "model.safetensors"))
     assert teacher.weights_sha256
     # a finished run is never overwritten
-    again = run_module("distill.train", [str(recipe_path)], data["root"])
+    again = run_cli("distill-train", [str(recipe_path)], data["root"])
     assert again.returncode == 2 and "holds a finished run" in again.stderr
 
 
@@ -142,7 +153,7 @@ def _check(data, store, **changes):
         Recipe, base_recipe(data, "unused", method="tinyvit", teacher={"source": f"store:{store}"}) | changes, ""
     )
     train_set = create_dataset(recipe.data.train)
-    method = TinyVit(TinyVitLoss(), 10)
+    method = make_method("tinyvit")
     entry = recipe_manifest_entry(load_recipe(recipe.augmentation))
     return build_teacher(recipe, method, train_set, entry, torch.device("cpu"))
 
@@ -161,10 +172,7 @@ def test_store_mismatch_is_refused_naming_the_field(data, store):
         _check(data, store, epochs=3)
     _check(data, store, epochs=3, teacher={"source": f"store:{store}", "epochs": "cycle"})
     with pytest.raises(RecipeError, match=r"teacher\.source: method 'supervised' trains on labels only"):
-        recipe = parse_section(Recipe, base_recipe(data, "u", teacher={"source": f"store:{store}"}), "")
-        from recipes.supervised import Supervised, SupervisedLoss
-
-        build_teacher(recipe, Supervised(SupervisedLoss(), 10), create_dataset(data["train"]), {}, torch.device("cpu"))
+        parse_recipe(base_recipe(data, "u", teacher={"source": f"store:{store}"}))
 
 
 def test_training_views_replay_the_stored_ones(data, store, teacher_run):
@@ -188,7 +196,7 @@ def test_student_trains_from_the_store(data, store):
     recipe = base_recipe(
         data, out, method="tinyvit", teacher={"source": f"store:{store}"}, student={"model": "test_vit2"}
     )
-    proc = run_module("distill.train", [str(write_recipe(data["root"] / "student.yaml", recipe))], data["root"])
+    proc = run_cli("distill-train", [str(write_recipe(data["root"] / "student.yaml", recipe))], data["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_source"] == f"store:{store}" and summary["student"] == "test_vit2"
@@ -199,7 +207,7 @@ def test_student_trains_from_the_store(data, store):
 def test_cli_refuses_a_store_saved_with_other_augmentation(data, store, tmp_path):
     recipe = base_recipe(data, tmp_path / "run", method="tinyvit", teacher={"source": f"store:{store}"})
     recipe["augmentation"] = "none"
-    proc = run_module("distill.train", [str(write_recipe(tmp_path / "r.yaml", recipe))], data["root"])
+    proc = run_cli("distill-train", [str(write_recipe(tmp_path / "r.yaml", recipe))], data["root"])
     assert proc.returncode == 2 and "store field augmentation.hash" in proc.stderr
     assert not (tmp_path / "run").exists()
 
@@ -207,20 +215,45 @@ def test_cli_refuses_a_store_saved_with_other_augmentation(data, store, tmp_path
 # ---- processes, kill and resume --------------------------------------------------------------------------
 
 
+def two_process_weights(data, out, **changes) -> dict[str, torch.Tensor]:
+    recipe = write_recipe(out.with_suffix(".yaml"), base_recipe(data, out, **changes))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = run_cli("distill-train", [str(recipe)], data["root"], launcher=launcher, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2 and proc.stdout.count('"method"') == 1
+    return load_file(str(out / "model.safetensors"))
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one(data, tmp_path):
     """batch_size is global: 2 processes take the same steps as 1 (up to float reduction order)."""
-    results = {}
-    for n in (1, 2):
-        recipe = write_recipe(tmp_path / f"r{n}.yaml", base_recipe(data, tmp_path / f"p{n}", epochs=1))
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m"]
-        proc = run_module("distill.train", [str(recipe)], data["root"], launcher=launcher, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        summary = json.loads((tmp_path / f"p{n}" / "summary.json").read_text())
-        assert summary["processes"] == n
-        results[n] = load_file(str(tmp_path / f"p{n}" / "model.safetensors"))
-    moved = max((results[1][k] - results[2][k]).abs().max().item() for k in results[1])
-    assert moved < 1e-4, moved
+    one = base_recipe(data, tmp_path / "one", epochs=1)
+    assert run_cli("distill-train", [str(write_recipe(tmp_path / "one.yaml", one))], data["root"]).returncode == 0
+    two = two_process_weights(data, tmp_path / "two", epochs=1)
+    assert max_difference(load_file(str(tmp_path / "one" / "model.safetensors")), two) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_batchnorm_student_on_two_processes_trains_like_one(tmp_path):
+    """SyncBatchNorm (on by default with several processes) normalises by the whole batch's statistics, as one
+    process does; `sync_bn: true` on one process gives the very same arithmetic (float64 statistics; plain
+    float32 BatchNorm differs by its own rounding on near-constant channels). Two SGD steps on 40 digits: BatchNorm over the near-constant channels of digits turns float
+    rounding (which differs with the process count) into visible changes over more steps, and Adam's first steps
+    move every parameter by about lr whatever its gradient's size, so rounding noise on a near-zero gradient
+    would show as an lr-sized difference."""
+    data = {"root": tmp_path, **small_digits(tmp_path, per_class_train=4, per_class_val=2)}
+    changes = {"epochs": 2, "student": {"model": "test_resnet"}, "optimizer": {"name": "sgd", "lr": 0.05}}
+    one = write_recipe(tmp_path / "one.yaml", base_recipe(data, tmp_path / "one", sync_bn=True, **changes))
+    assert run_cli("distill-train", [str(one)], data["root"]).returncode == 0
+    single = load_file(str(tmp_path / "one" / "model.safetensors"))
+    synced = two_process_weights(data, tmp_path / "synced", **changes)
+    assert "SyncBatchNorm" in (tmp_path / "synced" / "train.log").read_text()
+    per_process = two_process_weights(data, tmp_path / "per_process", sync_bn=False, **changes)
+    assert max_difference(single, synced) < 1e-4 < 1e-3 < max_difference(single, per_process)
 
 
 @pytest.mark.slow
@@ -232,26 +265,89 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(data, tmp_path):
         "student": {"model": "test_vit", "kwargs": {"drop_path_rate": 0.2}},
     }
     reference = write_recipe(tmp_path / "ref.yaml", base_recipe(data, tmp_path / "ref", **changes))
-    assert run_module("distill.train", [str(reference)], data["root"]).returncode == 0
+    assert run_cli("distill-train", [str(reference)], data["root"]).returncode == 0
     killed = tmp_path / "killed"
     recipe = write_recipe(tmp_path / "killed.yaml", base_recipe(data, killed, **changes))
-    proc = subprocess.Popen([sys.executable, "-m", "distill.train", str(recipe)], env=env_for(data["root"]), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not (killed / "checkpoints" / "step_00000007").exists():  # mid epoch 2 (5 steps per epoch)
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "summary.json").exists()
-    resumed = run_module("distill.train", [str(recipe)], data["root"])
+    # killed by the trainer's fault hook right after step 7, mid epoch 2 (5 steps per epoch)
+    proc = run_cli("distill-train", [str(recipe)], data["root"], env_extra={FAULT_AFTER_STEPS: "7"})
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert not (killed / "summary.json").exists() and (killed / "checkpoints" / "step_00000007").exists()
+    resumed = run_cli("distill-train", [str(recipe)], data["root"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
     a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(killed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [int(r.split(",")[0]) for r in (killed / "metrics.csv").read_text().splitlines()[1:] if ",train/loss," in r]
     assert steps == sorted(set(steps)) == list(range(1, 16))  # no step logged twice after the resume
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(killed / "tensorboard")).Reload()  # every event file of the run's folder
+    logged = sorted(e.step for e in scalars.Scalars("train/loss"))
+    assert logged == list(range(1, 16))  # TensorBoard too: the killed process's steps past the checkpoint purged
     assert (
         json.loads((killed / "summary.json").read_text())["top1"]
         == json.loads((tmp_path / "ref" / "summary.json").read_text())["top1"]
     )
+
+
+def test_precision_follows_the_launcher_unless_the_recipe_sets_it(data, tmp_path):
+    """accelerate launch --mixed_precision bf16 sets ACCELERATE_MIXED_PRECISION: a recipe silent on precision
+    follows it; a recipe that sets it wins; the run says which it used."""
+    silent = write_recipe(tmp_path / "silent.yaml", base_recipe(data, tmp_path / "silent", epochs=1))
+    proc = run_cli("distill-train", [str(silent)], data["root"], env_extra={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "precision bf16 (from the launcher)" in (tmp_path / "silent" / "train.log").read_text()
+    loud = write_recipe(tmp_path / "loud.yaml", base_recipe(data, tmp_path / "loud", epochs=1, mixed_precision="no"))
+    proc = run_cli("distill-train", [str(loud)], data["root"], env_extra={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "precision no (from the recipe)" in (tmp_path / "loud" / "train.log").read_text()
+
+
+def test_a_finished_run_keeps_its_last_and_best_state_and_is_extended_by_more_epochs(data, tmp_path):
+    out = tmp_path / "run"
+    first = run_recipe(base_recipe(data, out, epochs=1))[0]
+    last, best = out / "checkpoints" / "last", out / "checkpoints" / "best"
+    final = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(final[k], v) for k, v in load_file(str(last / "model.safetensors")).items())
+    assert torch.load(best / "state.pt", weights_only=True)["train"]["best_top1"] == first["best_top1"] == first["top1"]
+    with pytest.raises(RecipeError, match="holds a finished run"):
+        run_recipe(base_recipe(data, out, epochs=1, optimizer={"lr": 0.001}))  # another recipe: refused
+    extended = run_recipe(base_recipe(data, out, epochs=3))[0]
+    assert extended["epochs"] == 3 and extended["steps"] == 3 * first["steps"]
+    assert json.loads((out / "summary.epochs_1.json").read_text()) == json.loads(json.dumps(first))
+    assert "extending from" in (out / "train.log").read_text()
+    steps = [int(r.split(",")[0]) for r in (out / "metrics.csv").read_text().splitlines()[1:] if ",train/loss," in r]
+    assert steps == list(range(1, 3 * first["steps"] + 1))  # the first epoch's rows kept, none twice
+    tops = [float(r.split(",")[2]) for r in (out / "metrics.csv").read_text().splitlines()[1:] if ",val/top1," in r]
+    assert extended["best_top1"] == max(tops) and len(tops) == 3
+
+
+def test_a_store_of_unlabelled_images_teaches_a_student(data, teacher_run, tmp_path):
+    """A teacher needs no labels: a store over unlabelled images (a partly labelled CSV here) has agreement
+    statistics over its labelled images only, and a student learns from it, evaluated on labelled data.val."""
+    import csv
+
+    import numpy as np
+
+    from logit_store import open_store
+
+    images = sorted(Path(data["train"]).rglob("*.png"))
+    rows = [(str(p), p.parent.name if i % 4 == 0 else "") for i, p in enumerate(images)]  # a quarter labelled
+    with open(tmp_path / "part.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label"), *rows])
+    spec, store = f"csv:{tmp_path / 'part.csv'}", tmp_path / "part.zarr"
+    args = ["--teacher", f"timm:{TEACHER}", "--checkpoint", str(teacher_run[0] / "model.safetensors"),
+            "--data", spec, "--out", str(store), "--epochs", "1", "--k", "3", "--aug", "basic",
+            "--img-size", "32", "--batch-size", "32"]  # fmt: skip
+    assert run_cli("distill-save-logits", args, data["root"]).returncode == 0
+    opened = open_store(store)
+    top1 = opened.read(0, np.arange(len(rows))).indices[:, 0].astype(int)
+    labelled = [(i, int(label)) for i, (_, label) in enumerate(rows) if label]
+    expected = sum(top1[i] == label for i, label in labelled) / len(labelled)
+    assert opened.info()["statistics"]["teacher_top1_agreement"] == pytest.approx(expected)
+    recipe = base_recipe(data, tmp_path / "student", method="tinyvit", epochs=1, teacher={"source": f"store:{store}"},
+                         data__train=spec, loss={"label_weight": 0.5})  # fmt: skip
+    summary = run_recipe(recipe)[0]
+    assert summary["steps"] == len(rows) // 32 and 0 <= summary["top1"] <= 100
+    rows_logged = (tmp_path / "student" / "metrics.csv").read_text()
+    assert ",train/label," in rows_logged and ",train/kd," in rows_logged

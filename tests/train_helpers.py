@@ -1,4 +1,4 @@
-"""Small real data and recipes for the trainer tests: a few digits per class as an image folder."""
+"""Small real data, recipes and runners for the trainer tests: a few digits per class as an image folder."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from typing import Any
 import yaml
 
 from distill.data import prepare_digits
+from distill.recipe import METHODS, Recipe
+from distill.schema import parse_section
 
 ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(sys.executable).parent  # the environment's console scripts: distill-train, distill-save-logits
 
 
 def small_digits(root: Path, per_class_train: int = 16, per_class_val: int = 6) -> dict[str, str]:
@@ -61,6 +64,21 @@ def env_for(root: Path) -> dict[str, str]:
     return os.environ | {"DISTILL_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
 
 
-def run_module(module: str, args: list[str], root: Path, launcher: list[str] | None = None, **kw: Any):
-    cmd = [*(launcher or [sys.executable, "-m"]), module, *args]
-    return subprocess.run(cmd, env=env_for(root), capture_output=True, text=True, cwd=ROOT, **kw)
+def run_cli(
+    program: str, args: list[str], root: Path, launcher: list[str] | None = None, env_extra: dict | None = None, **kw
+):
+    """A console script of the environment (e.g. distill-train), optionally under a launcher such as torchrun."""
+    script = str(SCRIPTS / program)
+    cmd = [*launcher, script] if launcher else [script]
+    env = env_for(root) | (env_extra or {})
+    return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def make_method(name: str, loss: dict[str, Any] | None = None, num_classes: int = 10, **recipe: Any):
+    """The method `name` as a run of a minimal recipe would build it (its loss section validated)."""
+    from distill.method import create_method
+
+    teacher = {} if METHODS.get(name).teacher == "none" else {"source": "timm:test_vit"}
+    raw = {"method": name, "student": {"model": "test_vit"}, "data": {"train": "-", "val": "-"}, "epochs": 1,
+           "batch_size": 1, "output_dir": "-", "teacher": teacher, "loss": loss or {}} | recipe  # fmt: skip
+    return create_method(parse_section(Recipe, raw, ""), num_classes)

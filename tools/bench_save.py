@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from distill.augment import ReplayAugment, load_recipe
+from distill.augment import load_recipe
+from distill.cli import SaveConfig
 from distill.data import create_dataset
 from distill.loader import ReplayDataset, ShardBatchSampler, replay_loader
-from distill.save import SaveConfig, run
+from distill.save import run
+from distill.views import ReplayAugment
 from logit_store import Manifest
 from teachers import create_teacher
 

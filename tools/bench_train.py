@@ -30,14 +30,16 @@ from teachers import create_teacher
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def distill(module: str, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+def distill(program: str, *args: str) -> None:
+    """A console script of the environment: distill-train or distill-save-logits."""
+    script = str(Path(sys.executable).parent / program)
+    subprocess.run([script, *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
 def train(recipe: str, out: Path, sets: dict[str, object]) -> float:
     """images/s of one run (time in training steps: data, forward, teacher, backward, update)."""
     args = [a for k, v in (sets | {"output_dir": str(out)}).items() for a in ("--set", f"{k}={v}")]
-    distill("distill.train", f"recipes/{recipe}", *args)
+    distill("distill-train", f"recipes/configs/{recipe}", *args)
     return json.loads((out / "summary.json").read_text())["images_per_s"]
 
 
@@ -58,14 +60,18 @@ def store_batch_ms(store: Path, batch_size: int, epochs: int) -> float:
 def in_process_step_ratio(store: Path, student: str, kwargs: dict, batch_size: int, rounds: int = 6) -> float:
     """Median time ratio of training steps with the store's KD loss vs the label loss: one process, one model,
     alternating blocks of 10 steps on random batches of one epoch (as in training), so only the loss path differs."""
-    from recipes.supervised import Supervised, SupervisedLoss
-    from recipes.tinyvit import TinyVit, TinyVitLoss
+    from distill.method import create_method
+    from distill.recipe import load_recipe_file, parse_recipe
 
     teacher = create_teacher(f"store:{store}")
     n, classes = teacher.store.manifest.num_samples, teacher.num_classes
     model = timm.create_model(student, num_classes=classes, **kwargs)
     optimizer = torch.optim.AdamW(model.parameters())
-    modes = [(Supervised(SupervisedLoss(), classes), None), (TinyVit(TinyVitLoss(), classes), teacher)]
+    methods = [
+        parse_recipe(load_recipe_file(ROOT / "recipes/configs" / f"{name}_digits.yaml"))
+        for name in ("supervised", "tinyvit")
+    ]
+    modes = [(create_method(recipe, classes), source) for recipe, source in zip(methods, (None, teacher), strict=True)]
     seconds: list[list[float]] = [[], []]
     for _ in range(rounds):
         for (method, source), spent in zip(modes, seconds, strict=True):
@@ -98,7 +104,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     store = root / "teacher.zarr"
     # Throughput only: the teacher's weights do not matter, so it is saved from its random init.
-    distill("distill.save", "--teacher", f"timm:{args.teacher}", "--data", "digits", "--out", str(store),
+    distill("distill-save-logits", "--teacher", f"timm:{args.teacher}", "--data", "digits", "--out", str(store),
             "--epochs", str(args.epochs), "--k", "5", "--aug", "basic", "--img-size", "32")  # fmt: skip
     window = "{window_sizes: [8, 4, 2, 1]}" if args.student.startswith("tiny_vit") else "{}"
     common = {"student.model": args.student, "student.kwargs": window, "epochs": args.epochs,

@@ -25,11 +25,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(sys.executable).parent  # the environment's console scripts
 
 
 def run(cmd: list[str]) -> None:
+    """One of the toolkit's commands (distill-train, distill-save-logits), printed as a user would type it."""
     print("\n$ " + " ".join(cmd), flush=True)
-    subprocess.run([sys.executable, "-m", *cmd], check=True, cwd=ROOT)
+    subprocess.run([str(SCRIPTS / cmd[0]), *cmd[1:]], check=True, cwd=ROOT)
 
 
 def train(out: Path, name: str, recipe: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +39,7 @@ def train(out: Path, name: str, recipe: str, overrides: dict[str, Any]) -> dict[
     run_dir = out / name
     if not (run_dir / "summary.json").exists():
         sets = [f"{k}={v}" for k, v in (overrides | {"output_dir": str(run_dir)}).items()]
-        run(["distill.train", f"recipes/{recipe}", *[arg for s in sets for arg in ("--set", s)]])
+        run(["distill-train", f"recipes/configs/{recipe}", *[arg for s in sets for arg in ("--set", s)]])
     summary = json.loads((run_dir / "summary.json").read_text())
     return summary | {"name": name, "curve": _val_curve(run_dir / "metrics.csv")}
 
@@ -68,7 +70,7 @@ def main() -> int:
 
     teacher = train(out, "teacher", "supervised_digits.yaml", common | {"student.model": args.teacher})
     weights, store = out / "teacher" / "model.safetensors", out / "teacher.zarr"
-    run(["distill.save", "--teacher", teacher_spec, "--checkpoint", str(weights), "--data", "digits",
+    run(["distill-save-logits", "--teacher", teacher_spec, "--checkpoint", str(weights), "--data", "digits",
          "--out", str(store), "--epochs", str(args.epochs), "--k", str(args.k), "--aug", "basic",
          "--img-size", "32", "--batch-size", "128"])  # fmt: skip
     from_store = common | {"teacher.source": f"store:{store}"}

@@ -31,7 +31,7 @@ def main() -> int:
     teacher = train(out, "teacher", "clip_digits_teacher.yaml", {"epochs": args.teacher_epochs})
     weights, store = out / "teacher" / "model.safetensors", out / "teacher.zarr"
     spec = f"open_clip:{teacher['student']}"
-    run(["distill.save", "--teacher", spec, "--checkpoint", str(weights), "--data", "digits-captions",
+    run(["distill-save-logits", "--teacher", spec, "--checkpoint", str(weights), "--data", "digits-captions",
          "--out", str(store), "--epochs", "1", "--aug", "none", "--img-size", "32"])  # fmt: skip
     common = {"epochs": args.epochs, "teacher.source": f"store:{store}"}
     inherit = {"loss.inherit.model": teacher["student"], "loss.inherit.checkpoint": str(weights)}

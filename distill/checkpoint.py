@@ -1,0 +1,223 @@
+"""A run's files on disk: the output-dir policy, the run lock, resumable checkpoints and the final weights.
+
+Policy: a run writes into its `output_dir` only, holding `output_dir/.lock` (an flock: released when the
+process ends, however it ends) so a second run there is refused. Re-running the same recipe resumes
+from the last checkpoint; another recipe's run, a finished run (summary.json) or a folder that holds
+no run of this toolkit is refused, naming the first differing key; nothing is ever overwritten. A run
+that stopped before its first checkpoint holds nothing worth keeping: a corrected recipe starts afresh.
+
+Checkpoints are the toolkit's own files under `checkpoints/step_N`: `model.safetensors`, `state.pt`
+(optimizer, schedule, progress, EMA, the method's state: tensors and plain data, read back with
+`torch.load(weights_only=True)`, so a planted file cannot run code) and `rng_R.pt` per process. They
+are written as `step_N.partial` and made visible by one rename, so a kill at any moment leaves the
+previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from logit_store.location import redact_text
+from logit_store.locks import RangeLock
+
+from .errors import RecipeError
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = [
+    "check_output_dir",
+    "extends",
+    "keep_last_checkpoint",
+    "load_checkpoint",
+    "lock_output_dir",
+    "public",
+    "same_run",
+    "save_checkpoint",
+    "save_weights",
+    "write_recipe",
+]
+
+RECIPE_FILE = "recipe.yaml"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS = "checkpoints"
+LAST, BEST = "last", "best"  # a finished run's final state, and its state at the best validation top-1
+
+
+# ---- the output dir ----------------------------------------------------------------------------------------
+
+
+def check_output_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
+    """Check `out` can take this run (reads only); the checkpoint to resume from, if any: the last step's,
+    or a finished run's `checkpoints/last` when this recipe only asks for more epochs (an extension)."""
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output_dir {out} is a file, not a folder")
+    if (out / SUMMARY_FILE).exists():
+        if extends(out, resolved):
+            return out / CHECKPOINTS / LAST
+        raise RecipeError(
+            f"output_dir {out} holds a finished run ({SUMMARY_FILE}): choose another output_dir, or ask for more "
+            "epochs to extend it"
+        )
+    checkpoints = sorted((out / CHECKPOINTS).glob("step_*[0-9]"))
+    saved = out / RECIPE_FILE
+    if saved.exists() and checkpoints:
+        previous = yaml.safe_load(saved.read_text())
+        if not same_run(previous, resolved):
+            key = _first_difference(previous, public(resolved))
+            raise RecipeError(
+                f"output_dir {out} holds a run of another recipe ({key} differs): choose another output_dir"
+            )
+    elif not saved.exists() and out.exists() and any(p.name != ".lock" for p in out.iterdir()):
+        raise RecipeError(f"output_dir {out} is not empty and holds no run of this toolkit (no {RECIPE_FILE})")
+    return checkpoints[-1] if checkpoints else None
+
+
+def public(data: Any) -> Any:
+    """`data` with the credentials of every URL in it redacted: what a run writes and logs."""
+    if isinstance(data, dict):
+        return {k: public(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [public(v) for v in data]
+    return redact_text(data) if isinstance(data, str) else data
+
+
+def same_run(saved: Any, resolved: dict[str, Any]) -> bool:
+    """Whether a run's saved recipe is this recipe's run: equal (credentials aside) but for the follow-ups
+    under `then`, which do not change this run (they are runs of their own, in folders of their own)."""
+    ours = public(resolved)
+    return isinstance(saved, dict) and {k: v for k, v in saved.items() if k != "then"} == {
+        k: v for k, v in ours.items() if k != "then"
+    }
+
+
+def extends(out: Path, resolved: dict[str, Any]) -> bool:
+    """Whether this recipe continues the finished run in `out`: the same recipe with more epochs."""
+    saved = yaml.safe_load((out / RECIPE_FILE).read_text()) if (out / RECIPE_FILE).exists() else None
+    if not isinstance(saved, dict) or not (out / CHECKPOINTS / LAST).is_dir():
+        return False
+    more = isinstance(saved.get("epochs"), int) and resolved["epochs"] > saved["epochs"]
+    return more and same_run(saved | {"epochs": resolved["epochs"]}, resolved)
+
+
+def lock_output_dir(out: Path) -> RangeLock:
+    """Hold `out` for this run; a second run there is refused while the first lives."""
+    return RangeLock(str(out), ".lock", f"output_dir {out}")
+
+
+def write_recipe(out: Path, resolved: dict[str, Any], fresh: bool) -> None:
+    """The run's recipe, credentials redacted; a fresh start clears what a try that never checkpointed left."""
+    if fresh:
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        (out / "metrics.csv").unlink(missing_ok=True)
+    (out / RECIPE_FILE).write_text(yaml.safe_dump(public(resolved), sort_keys=False))
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+    return path or "the recipe"
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(trainer: Trainer, step: int | None = None) -> None:
+    """The run's state into checkpoints/step_N (older step_* removed after), or into checkpoints/best with no
+    step; made visible by one rename, so a kill at any moment leaves the previous one whole."""
+    acc, out = trainer.accelerator, trainer.plan.out
+    final = out / CHECKPOINTS / (BEST if step is None else f"step_{step:08d}")
+    partial = final.with_name(final.name + ".partial")
+    if acc.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_weights(acc.unwrap_model(trainer.model), partial / "model.safetensors")
+        torch.save(_state(trainer), partial / "state.pt")
+    torch.save(_rng_state(), partial / f"rng_{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        replaced = final.with_name(final.name + ".old")
+        if final.exists():
+            final.rename(replaced)
+        partial.rename(final)
+        shutil.rmtree(replaced, ignore_errors=True)
+        for old in (out / CHECKPOINTS).glob("step_*") if step is not None else ():
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def load_checkpoint(trainer: Trainer, path: Path) -> None:
+    """Restore what `save_checkpoint` wrote; only tensors and plain data are read (weights_only)."""
+    acc = trainer.accelerator
+    acc.unwrap_model(trainer.model).load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"))
+    state = torch.load(path / "state.pt", map_location=acc.device, weights_only=True)
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if not trainer.plan.extends:  # an extension runs the schedule made for its new length
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.state.load_state_dict(state["train"])
+    if trainer.ema is not None:
+        trainer.ema.load_state_dict(state["ema"])
+    if acc.scaler is not None:
+        acc.scaler.load_state_dict(state["scaler"])
+    trainer.method.load_state_dict(state["method"])
+    _set_rng_state(torch.load(path / f"rng_{acc.process_index}.pt", weights_only=True))
+
+
+def _state(trainer: Trainer) -> dict[str, Any]:
+    acc = trainer.accelerator
+    return {
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "train": trainer.state.state_dict(),
+        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+        "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+        "method": trainer.method.state_dict(),
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def keep_last_checkpoint(out: Path) -> None:
+    """A finished run keeps its final state as checkpoints/last (to extend or fine-tune it) beside best."""
+    steps = sorted((out / CHECKPOINTS).glob("step_*[0-9]"))
+    if steps:
+        shutil.rmtree(out / CHECKPOINTS / LAST, ignore_errors=True)
+        steps[-1].rename(out / CHECKPOINTS / LAST)
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """A safetensors state dict. Clones, so weights shared between modules are written under every name
+    and the file loads into any copy of the model as a plain state dict."""
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(path))

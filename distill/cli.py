@@ -1,0 +1,237 @@
+"""The command-line tools `distill-train` and `distill-save-logits`.
+
+Arguments and recipes are parsed and validated here, before torch and friends are imported: `--help`
+and a recipe's error answer in the time Python takes to start. An input error (any `DistillError`)
+is one line naming the file, key or option at fault and exit code 2; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from logit_store.errors import DistillError
+from logit_store.location import redact_text
+
+from .errors import RecipeError
+from .recipe import load_recipe_file, parse_recipe
+
+__all__ = ["SaveConfig", "parse_save_config", "save_logits", "train"]
+
+TRAIN_DOC = """Train a student by a method recipe: `distill-train RECIPE.yaml [--set key.path=value ...]`.
+
+Runs as it is on one process, or under `accelerate launch` / `torchrun` with several (data
+parallel; `batch_size` is the global batch, so the steps are the same for any process count).
+Re-running the same command in the same `output_dir` resumes from the last checkpoint; runs
+under the recipe's `then` follow in `output_dir/NAME`. Writes `model.safetensors`,
+`summary.json`, `metrics.csv`, TensorBoard logs and `training_curves.png` to each run's folder.
+"""
+
+
+def train(argv: list[str] | None = None) -> int:
+    """`distill-train`: prints one JSON line of figures per run."""
+    parser = argparse.ArgumentParser(
+        prog="distill-train", description=TRAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("recipe", help="recipe YAML file (see recipes/configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
+    args = parser.parse_args(argv)
+
+    def run() -> list[dict[str, Any]]:
+        recipe = parse_recipe(load_recipe_file(args.recipe, args.set))
+        from .run import run_recipe  # torch, timm and accelerate load from here on
+
+        return run_recipe(recipe)
+
+    ok, summaries = _guarded("distill-train", args.recipe, run)
+    return _report(summaries) if ok else 2
+
+
+def _report(summaries: list[dict[str, Any]]) -> int:
+    """One JSON line of figures per run, from the main process only; then the process group ends."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        for summary in summaries:
+            print(json.dumps({k: _rounded(v) for k, v in summary.items() if isinstance(v, int | float | str)}))
+    state.destroy_process_group()  # the last run is over (a no-op on one process)
+    return 0
+
+
+# ---- distill-save-logits -------------------------------------------------------------------------------
+
+SAVE_DOC = """Run a teacher once over replayed views and keep its top-k logits in a store.
+
+    distill-save-logits --teacher timm:resnet50 --checkpoint teacher.safetensors \\
+        --data PATH --out teacher.zarr --epochs 10 --k 10 [--aug tinyvit] [--img-size 224]
+
+A CLIP teacher (--teacher open_clip:NAME) on image-caption data (--data pairs:FILE.csv,
+wds:..., digits-captions) writes an embeddings store instead: its L2-normalised image
+embedding of every view and text embedding of every caption (no --k).
+
+Runs as it is on one process, or under `accelerate launch` / `torchrun` with several:
+each process computes and writes its own shards. Re-running the same command resumes
+after the last committed shard.
+"""
+
+
+def _option(text: str, default: Any = MISSING) -> Any:
+    return field(default=default, metadata={"help": text if default is MISSING else f"{text} (default: {default})"})
+
+
+@dataclass
+class SaveConfig:
+    """The options of distill-save-logits (command line over `--config FILE.yaml`)."""
+
+    teacher: str = _option("teacher spec: timm:NAME, module:pkg.mod:factory, ensemble:..., open_clip:NAME")
+    data: str = _option("dataset spec: a class-folder PATH, csv:PATH, wds:PATTERN, pairs:PATH, digits")
+    out: str = _option("the store to write: a path or an fsspec URL")
+    epochs: int = _option("epochs of views to save")
+    k: int | None = _option("classes kept per record (logits teachers; a CLIP teacher stores embeddings)", None)
+    backend: str = _option("zarr or lmdb", "zarr")
+    checkpoint: str | None = _option("the teacher's weights (.safetensors, or .pth read with weights_only)", None)
+    aug: str | dict = field(  # a mapping of AugRecipe fields only through --from-recipe or --config
+        default="basic",
+        metadata={"help": "augmentation preset or YAML file: the views students will replay (default: basic)"},
+    )
+    img_size: int = _option("the teacher's input size", 224)
+    batch_size: int = _option("teacher batch (part of the store's identity: a resume must keep it)", 64)
+    workers: int = _option("DataLoader worker processes", 0)
+    seed: int = _option("global seed of the views (a student's recipe must use the same)", 0)
+    skip_unreadable: bool = _option("drop images that cannot be decoded instead of failing", False)
+    fingerprint: str = _option(
+        "dataset fingerprint: content (every image's bytes hashed, cached) or fast (names, sizes, labels only: "
+        "for datasets too large to read once)",
+        "content",
+    )
+    check_replay: int = _option("after saving, recompute this many stored records and compare", 0)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, kind = getattr(self, f.name), _TYPES[str(f.type)]
+            if value is not None and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+                raise RecipeError(f"option '{f.name}' must be {f.type.replace(' | None', '')}, got {value!r}")
+        for name in ("epochs", "k", "img_size", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise RecipeError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.fingerprint not in ("content", "fast"):
+            raise RecipeError(f"option 'fingerprint' must be content or fast, got {self.fingerprint!r}")
+
+
+_TYPES = {"str": str, "int": int, "bool": bool, "str | None": str, "int | None": int, "str | dict": (str, dict)}
+_REQUIRED = [f.name for f in fields(SaveConfig) if f.default is MISSING]
+
+
+def parse_save_config(argv: list[str] | None = None) -> SaveConfig:
+    """Options from the command line over those of `--config FILE.yaml`."""
+    parser = argparse.ArgumentParser(
+        prog="distill-save-logits", description=SAVE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML file with the same keys as the options (underscores or dashes)")
+    parser.add_argument(
+        "--from-recipe",
+        metavar="RECIPE.yaml",
+        help="take data, augmentation, image size, seed and epochs (and the store from teacher.source: store:PATH) "
+        "from the training recipe the students will use, so they cannot disagree",
+    )
+    for f in fields(SaveConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
+        else:
+            parser.add_argument(
+                flag, type=_TYPES[str(f.type).replace(" | dict", "")], default=None, help=f.metadata["help"]
+            )
+    args = vars(parser.parse_args(argv))
+    config_path, recipe_path = args.pop("config"), args.pop("from_recipe")
+    values = _read_options(config_path, parser) if config_path else {}
+    values |= {key: value for key, value in args.items() if value is not None}
+    if recipe_path:
+        values = _from_recipe(recipe_path, values, parser)
+    missing = [name for name in _REQUIRED if name not in values]
+    if missing:
+        parser.error(f"missing required option(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    try:
+        return SaveConfig(**values)
+    except RecipeError as err:
+        parser.error(str(err))
+        raise
+
+
+def _read_options(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        parser.error(f"--config {path}: {err}")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path}: expected a mapping of options")
+    values = {str(key).replace("-", "_"): value for key, value in data.items()}
+    known = {f.name for f in fields(SaveConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"--config {path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return values
+
+
+# The options a training recipe decides, by the recipe's own key.
+RECIPE_KEYS = {"data": "data.train", "aug": "augmentation", "img_size": "data.img_size", "seed": "seed",
+               "skip_unreadable": "data.skip_unreadable", "epochs": "epochs", "out": "teacher.source"}  # fmt: skip
+
+
+def _from_recipe(path: str, values: dict[str, Any], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The options RECIPE_KEYS names, read from a training recipe; giving them too is refused."""
+    try:
+        recipe = parse_recipe(load_recipe_file(path))
+    except DistillError as err:
+        parser.error(f"--from-recipe {path}: {err}")
+    source = recipe.teacher.source or ""
+    taken = {"data": recipe.data.train, "aug": recipe.augmentation, "img_size": recipe.data.img_size,
+             "seed": recipe.seed, "skip_unreadable": recipe.data.skip_unreadable, "epochs": recipe.epochs}  # fmt: skip
+    if source.startswith("store:"):
+        taken["out"] = source.removeprefix("store:")
+    both = sorted(set(taken) & set(values))
+    if both:
+        parser.error(
+            f"--from-recipe {path} sets {', '.join(f'--{k.replace(chr(95), chr(45))} ({RECIPE_KEYS[k]})' for k in both)}; "
+            "give them in the recipe only"
+        )
+    return values | taken
+
+
+def save_logits(argv: list[str] | None = None) -> int:
+    """`distill-save-logits`."""
+    cfg = parse_save_config(argv)
+
+    def run() -> None:
+        from .save import run as save  # torch, timm and accelerate load from here on
+
+        save(cfg)
+
+    ok, _ = _guarded("distill-save-logits", None, run)
+    return 0 if ok else 2
+
+
+# ---- shared --------------------------------------------------------------------------------------------
+
+
+def _guarded(prog: str, source: str | None, run: Callable[[], Any]) -> tuple[bool, Any]:
+    """(True, `run()`), or (False, None) after printing an input error as one line."""
+    try:
+        return True, run()
+    except DistillError as err:  # credentials of any URL in the message are never printed
+        print(redact_text(f"{prog}: error: {source + ': ' if source else ''}{err}"), file=sys.stderr)
+        return False, None
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) and math.isfinite(value) else value

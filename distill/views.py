@@ -1,0 +1,149 @@
+"""Views from draws: `ReplayAugment` applies the parameters drawn in `distill.augment` to an image;
+`EvalView` is the evaluation transform.
+
+The same (recipe, global seed, epoch, id) always gives the same tensor, whoever computes it:
+the teacher that saved a store, any student replaying it, at any batch size or worker count.
+Evaluation views draw nothing: they depend on the image alone, and are never stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
+from torchvision.transforms import InterpolationMode
+
+from logit_store import record_seeds
+
+from .augment import AugRecipe, MixParams, ViewParams, draw_mix, draw_view
+
+__all__ = ["EvalView", "ReplayAugment"]
+
+_RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@contextlib.contextmanager
+def _seeded_global_rngs(seed: int) -> Iterator[None]:
+    """timm's RandAugment draws from `random` and `np.random`; seed them for one call, then
+    restore them, so its ops stay timm's own and still replay exactly."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class ReplayAugment:
+    """Turns (image loader, sample id, epoch) into the replayed view tensor at `img_size`."""
+
+    def __init__(self, recipe: AugRecipe, img_size: int, global_seed: int = 0) -> None:
+        self.recipe, self.img_size, self.global_seed = recipe, img_size, global_seed
+        self.rand_augment = None
+        if recipe.auto_augment:
+            fill = tuple(round(255 * m) for m in recipe.mean)
+            hparams: dict[str, object] = {"img_mean": fill, "translate_pct": 0.45}
+            if recipe.interpolation != "random":  # else timm's own: bilinear or bicubic at random, per op
+                hparams["interpolation"] = _RESAMPLING[recipe.interpolation]
+            self.rand_augment = rand_augment_transform(recipe.auto_augment, hparams)
+
+    def seed(self, epoch: int, sample_id: int) -> int:
+        return int(record_seeds(self.global_seed, epoch, np.array([sample_id]))[0])
+
+    def view(self, image: Image.Image, params: ViewParams) -> torch.Tensor:
+        """Apply one view's parameters to an RGB PIL image; returns a normalised [3, S, S] tensor."""
+        w, h = image.size
+        left, top, cw, ch = params.crop
+        size = (self.img_size, self.img_size)
+        img = image.resize(
+            size, _RESAMPLING[params.interpolation], box=(left * w, top * h, (left + cw) * w, (top + ch) * h)
+        )
+        if params.flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if params.jitter is not None:
+            b, c, s = params.jitter
+            img = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b), c), s)
+        if self.rand_augment is not None:
+            with _seeded_global_rngs(params.augment_seed):
+                img = self.rand_augment(img)
+        x = TF.normalize(TF.pil_to_tensor(img).float().div_(255), self.recipe.mean, self.recipe.std)
+        if params.erase is not None:
+            x = _erase(x, params.erase, params.noise_seed)
+        return x
+
+    def __call__(
+        self, load: Callable[[int], Image.Image], sample_id: int, epoch: int, num_samples: int
+    ) -> tuple[torch.Tensor, MixParams]:
+        """The view of `sample_id` in `epoch`, mixed with its partner's view when the recipe mixes."""
+        seed = self.seed(epoch, sample_id)
+        image = load(sample_id)
+        x = self.view(image, draw_view(self.recipe, seed, *image.size))
+        mix = draw_mix(self.recipe, seed, sample_id, num_samples)
+        if mix.partner == sample_id:
+            return x, mix
+        partner_image = load(mix.partner)
+        other = self.view(partner_image, draw_view(self.recipe, self.seed(epoch, mix.partner), *partner_image.size))
+        if mix.box is None:
+            return x.mul_(mix.lam).add_(other, alpha=1 - mix.lam), mix
+        y0, y1, x0, x1 = _pixel_box(mix.box, self.img_size)
+        x[:, y0:y1, x0:x1] = other[:, y0:y1, x0:x1]
+        return x, mix
+
+
+class EvalView:
+    """The evaluation transform of timm's `create_transform(is_training=False)` and of the TinyViT and Cream
+    references: the shorter side resized to floor(img_size / crop_pct) (aspect kept), the centre img_size
+    square cropped, normalised. crop_pct 1.0 keeps the whole of a square image (for tiny images).
+    Called like `ReplayAugment`; the view depends on the image alone (never mixed)."""
+
+    def __init__(
+        self,
+        img_size: int,
+        crop_pct: float,
+        interpolation: str,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        self.img_size, self.crop_pct, self.mean, self.std = img_size, crop_pct, mean, std
+        self.interpolation = InterpolationMode(interpolation)
+        self.resize_to = math.floor(img_size / crop_pct)
+
+    def __repr__(self) -> str:
+        return (
+            f"EvalView(resize {self.resize_to} {self.interpolation.value}, centre crop {self.img_size}, "
+            f"crop_pct {self.crop_pct:g})"
+        )
+
+    def view(self, image: Image.Image) -> torch.Tensor:
+        """A normalised [3, S, S] tensor of an RGB PIL image."""
+        img = TF.center_crop(TF.resize(image, self.resize_to, self.interpolation), self.img_size)
+        return TF.normalize(TF.pil_to_tensor(img).float().div_(255), self.mean, self.std)
+
+    def __call__(
+        self, load: Callable[[int], Image.Image], sample_id: int, epoch: int, num_samples: int
+    ) -> tuple[torch.Tensor, MixParams]:
+        return self.view(load(sample_id)), MixParams(sample_id, 1.0)
+
+
+def _pixel_box(box: tuple[float, float, float, float], size: int) -> tuple[int, int, int, int]:
+    left, top, w, h = box
+    return round(top * size), round((top + h) * size), round(left * size), round((left + w) * size)
+
+
+def _erase(x: torch.Tensor, box: tuple[float, float, float, float], noise_seed: int) -> torch.Tensor:
+    """Random erasing (timm's 'pixel' mode): the box is filled with per-pixel normal noise."""
+    y0, y1, x0, x1 = _pixel_box(box, x.shape[-1])
+    g = torch.Generator().manual_seed(noise_seed)
+    x[:, y0:y1, x0:x1] = torch.randn((x.shape[0], y1 - y0, x1 - x0), generator=g)
+    return x
