@@ -1,4 +1,4 @@
-"""The command-line tools `distill-train` and `distill-save-logits`.
+"""The command-line tools `distill-train`, `distill-save-logits` and `distill-eval`.
 
 Arguments and recipes are parsed and validated here, before torch and friends are imported: `--help`
 and a recipe's error answer in the time Python takes to start. An input error (any `DistillError`)
@@ -25,7 +25,7 @@ from logit_store.location import redact_text
 from .errors import RecipeError
 from .recipe import load_recipe_file, parse_recipe
 
-__all__ = ["SaveConfig", "parse_save_config", "save_logits", "train"]
+__all__ = ["SaveConfig", "evaluate", "parse_save_config", "save_logits", "train"]
 
 TRAIN_DOC = """Train a student by a method recipe: `distill-train RECIPE.yaml [--set key.path=value ...]`.
 
@@ -218,6 +218,44 @@ def save_logits(argv: list[str] | None = None) -> int:
         save(cfg)
 
     ok, _ = _guarded("distill-save-logits", None, run)
+    return 0 if ok else 2
+
+
+# ---- distill-eval --------------------------------------------------------------------------------------
+
+EVAL_DOC = """Score a finished run's student on any dataset with the run's own evaluation (its method's metrics on
+the views of its recipe's evaluation transform); prints one JSON line.
+
+    distill-eval RUN_DIR|WEIGHTS [--data SPEC] [--teacher SPEC [--teacher-checkpoint PATH]]
+
+WEIGHTS is a run's model.safetensors (or checkpoints/best/model.safetensors), or weights of a run moved
+elsewhere: they carry their recipe in their metadata. Top-1/top-5 in percent; a CLIP student reports
+zero-shot top-1. --teacher scores a live classifier on the same views (teacher_top1, teacher_top5).
+"""
+
+
+def evaluate(argv: list[str] | None = None) -> int:
+    """`distill-eval`."""
+    parser = argparse.ArgumentParser(
+        prog="distill-eval", description=EVAL_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run", metavar="RUN_DIR|WEIGHTS", help="a run folder or a weights file of a run")
+    parser.add_argument("--data", help="dataset spec to score on (default: the run's data.val)")
+    parser.add_argument("--teacher", help="a live teacher spec to score on the same views (timm:NAME, ...)")
+    parser.add_argument("--teacher-checkpoint", help="the teacher's weights (.safetensors, or .pth)")
+    parser.add_argument("--batch-size", type=int, help="evaluation batch (default: the recipe's eval.batch_size)")
+    args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+
+    def run() -> dict[str, Any]:
+        from .score import score_run  # torch, timm and accelerate load from here on
+
+        return score_run(args.run, args.data, args.teacher, args.teacher_checkpoint, args.batch_size)
+
+    ok, result = _guarded("distill-eval", args.run, run)
+    if ok:
+        print(json.dumps({k: _rounded(v) for k, v in result.items()}))
     return 0 if ok else 2
 
 

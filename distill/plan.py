@@ -8,7 +8,6 @@ will replay. A recipe that cannot run is refused here, naming its key; only then
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass

@@ -36,10 +36,10 @@ from .checkpoint import (
     lock_output_dir,
     public,
     save_checkpoint,
-    save_weights,
     write_recipe,
 )
 from .evaluate import teacher_accuracy
+from .export import export_model
 from .loader import TrainBatchSampler, collate
 from .plan import STORE_PIN, Plan
 from .plots import plot_training_curves
@@ -330,7 +330,7 @@ class Trainer:
         if acc.is_main_process:
             summary |= self.method.finish(final, out)
             summary["result_student"] = self.method.result_student(out, summary)
-            save_weights(final, out / "model.safetensors")
+            export_model(final, out, to_dict(recipe), self.plan.val_data.augment, self.plan.val_set.classes)
             title = f"{recipe.student.model} ({recipe.method})"
             plot_training_curves(state.history, out / "training_curves.png", title, self.plan.train_set.num_classes,
                                  state.teacher_top1)  # fmt: skip

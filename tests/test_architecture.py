@@ -153,13 +153,13 @@ def test_a_method_from_another_package_runs_by_its_entry_point(tmp_path):
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ValueError: a bug in a plugin" in proc.stderr
 
 
-def test_cli_answers_help_and_recipe_errors_without_importing_torch(tmp_path):
+def test_clis_answer_help_and_recipe_errors_without_importing_torch(tmp_path):
     probe = textwrap.dedent(f"""
         import sys
-        from distill.cli import train
-        for argv in (["--help"], [{str(tmp_path / "r.yaml")!r}]):
+        from distill.cli import evaluate, train
+        for cli, argv in ((train, ["--help"]), (train, [{str(tmp_path / "r.yaml")!r}]), (evaluate, ["--help"])):
             try:
-                train(argv)
+                cli(argv)
             except SystemExit:
                 pass
         heavy = sorted(m for m in ("torch", "timm", "open_clip", "accelerate", "zarr") if m in sys.modules)
@@ -171,6 +171,7 @@ def test_cli_answers_help_and_recipe_errors_without_importing_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert "imported: []" in proc.stdout, proc.stdout + proc.stderr
     assert "usage: distill-train" in proc.stdout and "loss.temprature: unknown key" in proc.stderr
+    assert "usage: distill-eval" in proc.stdout
 
 
 def test_trackers_written_out_are_accelerates():

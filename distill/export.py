@@ -1,0 +1,99 @@
+"""A finished run's weights as timm users keep them, and the way back from them to the run.
+
+`export_model` writes `model.safetensors` with its metadata (the architecture, its keyword arguments, the
+class count and names, the input size, mean/std and the evaluation transform, the method and the run's
+recipe) and, for a timm student, a `config.json` beside it in timm's `pretrained_cfg` form (timm's own
+`save_config_for_hf`), so that
+
+    timm.create_model("local-dir:RUN_DIR", pretrained=True)
+
+rebuilds the student and `timm.data.resolve_data_config` + `create_transform` its evaluation without this
+toolkit. `find_run` goes back: from a run folder or any weights file of a run (its checkpoints included),
+the recipe that built it, read from the folder or from the weights' metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import CHECKPOINTS, RECIPE_FILE, public
+from .errors import RecipeError
+from .views import EvalView
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "export_model", "find_run", "weights_metadata"]
+
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+RECIPE_KEY = "distill.recipe"  # the run's recipe (credentials redacted), as JSON, in the weights' metadata
+
+
+def weights_metadata(
+    model: nn.Module, recipe: dict[str, Any], view: EvalView, class_names: list[str]
+) -> dict[str, str]:
+    """The safetensors metadata of a run's weights (string values, as the format requires)."""
+    student = recipe["student"]
+    fields = {
+        "architecture": student["model"],
+        "model_args": student.get("kwargs") or {},
+        "num_classes": getattr(model, "num_classes", len(class_names)),
+        "label_names": class_names,
+        "input_size": [3, view.img_size, view.img_size],
+        "mean": list(view.mean),
+        "std": list(view.std),
+        "interpolation": view.interpolation.value,
+        "crop_pct": view.crop_pct,
+        "crop_mode": "center",
+        "method": recipe["method"],
+    }
+    return {"format": "pt"} | {k: json.dumps(v) for k, v in fields.items()} | {RECIPE_KEY: json.dumps(public(recipe))}
+
+
+def export_model(model: nn.Module, out: Path, recipe: dict[str, Any], view: EvalView, class_names: list[str]) -> None:
+    """`out/model.safetensors` with its metadata, and `out/config.json` when the student is a timm model."""
+    metadata = weights_metadata(model, recipe, view, class_names)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE), metadata=metadata)
+    if getattr(model, "pretrained_cfg", None) is None:  # not a timm model (an open_clip one): weights alone
+        return
+    from timm.models._hub import save_config_for_hf  # (timm exports it from no public module)
+
+    data_config = {
+        "input_size": (3, view.img_size, view.img_size),
+        "interpolation": view.interpolation.value,
+        "mean": tuple(view.mean),
+        "std": tuple(view.std),
+        "crop_pct": view.crop_pct,
+        "crop_mode": "center",
+    }
+    names = {"label_names": class_names} if class_names else {}
+    save_config_for_hf(model, str(out / CONFIG_FILE), model_config=names, data_config=data_config)
+
+
+def find_run(target: str | Path) -> tuple[dict[str, Any], Path]:
+    """(the recipe, the weights) of a run folder, of a weights file in one (`RUN/model.safetensors`,
+    `RUN/checkpoints/best/model.safetensors`), or of weights carrying their recipe in their metadata."""
+    path = Path(target)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    if not weights.is_file():
+        raise RecipeError(f"{target}: expected a run folder with {WEIGHTS_FILE} or a .safetensors file; none found")
+    folders = [weights.parent] + ([weights.parents[2]] if weights.parent.parent.name == CHECKPOINTS else [])
+    for folder in folders:
+        if (folder / RECIPE_FILE).is_file():
+            return yaml.safe_load((folder / RECIPE_FILE).read_text()), weights
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own errors for a file that is not one
+        raise RecipeError(f"{weights}: not a readable safetensors file: {err}") from None
+    if RECIPE_KEY not in metadata:
+        raise RecipeError(
+            f"{weights}: no {RECIPE_FILE} beside it and no recipe in its metadata (weights of a run of this "
+            "toolkit carry one); give the run folder"
+        )
+    return json.loads(metadata[RECIPE_KEY]), weights
