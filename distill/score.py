@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from safetensors import safe_open
 
 from teachers import create_teacher
+from teachers.checkpoint import load_checkpoint
 
 from .augment import load_recipe
 from .data import create_dataset
@@ -44,10 +45,13 @@ def score_run(
     if not val_set.has_labels:
         raise RecipeError(f"--data: {spec} has no labels to score against")
     outputs = _num_classes(weights) or val_set.num_classes
-    if val_set.num_classes != outputs:
-        raise RecipeError(f"--data: {spec} has {val_set.num_classes} classes, the student outputs {outputs}")
     method = create_method(recipe, outputs)
-    student = method.build_student(dataclasses.replace(recipe.student, checkpoint=str(weights)), recipe.data.img_size)
+    if method.spec.outputs == "logits" and val_set.num_classes != outputs:  # (zero-shot takes any classes)
+        raise RecipeError(f"--data: {spec} has {val_set.num_classes} classes, the student outputs {outputs}")
+    # Built as the run built it, less its initial weights (they may not be on this machine), then the run's:
+    # the whole module's state (a TinyCLIP run's masks with its CLIP model, for one).
+    student = method.build_student(dataclasses.replace(recipe.student, checkpoint=None), recipe.data.img_size)
+    load_checkpoint(student, weights, what=f"the student of {target} ({recipe.student.model})")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     views = ReplayDataset(val_set, eval_view(recipe, load_recipe(recipe.augmentation)))
     size = batch_size or recipe.eval.batch_size

@@ -15,7 +15,7 @@ import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
-from train_helpers import make_method
+from train_helpers import make_method, run_cli
 
 import distill.trainer
 from distill.augment import PRESETS
@@ -315,3 +315,11 @@ def test_a_stage_learns_masks_for_its_steps_prunes_then_distils_with_a_fresh_sch
     changed["then"][1]["loss"]["prune"]["target_sparsity"] = 0.4
     with pytest.raises(RecipeError, match=r"then\.stage_2: output_dir .* holds a finished run"):
         run_recipe(changed)
+
+
+def test_distill_eval_scores_a_masked_run_as_the_run_did(data, pruned_run):
+    """distill-eval rebuilds the masked CLIP student (masks included) and reports the run's zero-shot top-1."""
+    out, summary = pruned_run
+    proc = run_cli("distill-eval", [str(out)], data["root"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["top1"] == pytest.approx(summary["top1"], abs=1e-3)
