@@ -276,3 +276,31 @@ def test_credentials_are_never_written_or_printed(s3, bucket, reference, tmp_pat
     text = scan(s3, bucket, tmp_path)
     for form in FORMS:
         assert form not in text and form not in outputs, form
+
+
+@pytest.mark.slow
+def test_a_save_and_a_training_run_through_s3_write_no_credentials(s3, bucket, tmp_path):
+    """distill-save-logits into s3://KEY:SECRET@..., then distill-train from it: the store equals the same
+    save made locally, and neither the bucket, the run folder nor any output holds the credentials."""
+    from train_helpers import base_recipe, run_cli, small_digits, write_recipe
+
+    data = small_digits(tmp_path / "data")
+    env = s3["env"] | {"DISTILL_CACHE": str(tmp_path / "data" / "cache"), "OMP_NUM_THREADS": "1"}
+    url = f"s3://{KEY}:{quote(SECRET, safe='')}@{bucket}/teacher.zarr"
+    save = ["--teacher", "timm:test_convnext", "--data", data["train"], "--epochs", "1", "--k", "3", "--aug", "basic",
+            "--img-size", "32", "--batch-size", "32"]  # fmt: skip
+    outputs = ""
+    for out in (url, str(tmp_path / "local.zarr")):
+        proc = run_cli("distill-save-logits", [*save, "--out", out], tmp_path, env_extra=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs += proc.stdout + proc.stderr
+    local = open_store(tmp_path / "local.zarr").info()["content_hashes"]
+    assert open_store(url, {"endpoint_url": s3["endpoint"]}).info()["content_hashes"] == local
+    recipe = base_recipe(data, tmp_path / "run", method="tinyvit", epochs=1, teacher={"source": f"store:{url}"})
+    proc = run_cli("distill-train", [str(write_recipe(tmp_path / "r.yaml", recipe))], tmp_path, env_extra=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outputs += proc.stdout + proc.stderr
+    assert f"s3://***@{bucket}/teacher.zarr" in (tmp_path / "run" / "recipe.yaml").read_text()
+    text = scan(s3, bucket, tmp_path / "run", tmp_path / "data" / "cache", tmp_path / "local.zarr")
+    for form in FORMS:
+        assert form not in text and form not in outputs, form
