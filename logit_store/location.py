@@ -120,6 +120,8 @@ class StoreLocation:
             if self.is_local or not remote or (isinstance(err, FileNotFoundError) and not absent_is_error):
                 raise
             detail = " ".join(str(err).split()) or type(err).__name__
+            if isinstance(err, PermissionError):  # s3fs: 403, a refused key (botocore says only "Forbidden")
+                detail = f"access denied, check the credentials ({detail})"
             raise StoreError(f"{self}: {redact_text(detail)}") from None
 
     def _forget_listings(self) -> None:

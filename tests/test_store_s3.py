@@ -201,6 +201,20 @@ def test_s3_killed_writer_resumes_to_the_uninterrupted_content(s3, bucket, refer
     assert store.info()["content_hashes"] == reference
 
 
+def test_refused_credentials_are_one_line(s3, bucket, local_store, monkeypatch):
+    from moto import settings
+
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # from now on moto checks every request's key
+    for url in (f"s3://{KEY}:{quote(SECRET, safe='')}@{bucket}/x.zarr", f"s3://{bucket}/x.zarr"):
+        env = s3["env"] | ({} if "@" in url else {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET})
+        for args in (["info", url], ["convert", str(local_store), url]):
+            proc = cli(*args, env=env)
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+            assert f"{redact_text(url)}: " in proc.stderr
+            assert "access denied, check the credentials" in proc.stderr, proc.stderr
+            assert not any(form in proc.stdout + proc.stderr for form in FORMS), proc.stderr
+
+
 def test_convert_to_s3_and_back(s3, bucket, local_store, reference, tmp_path):
     local = create_store(tmp_path / "local", manifest("lmdb"))
     for epoch in range(EPOCHS):
