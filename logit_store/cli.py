@@ -10,6 +10,7 @@ from typing import Any
 
 from .backends import BACKENDS
 from .errors import DistillError
+from .location import StoreLocation
 from .store import convert_store, open_store
 
 
@@ -66,7 +67,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     src = open_store(args.src)
-    other = "lmdb" if src.manifest.backend == "zarr" else "zarr"
+    local = StoreLocation(args.dst).is_local  # lmdb stores are local only
+    other = "lmdb" if src.manifest.backend == "zarr" and local else "zarr"
     backend = args.backend or (src.manifest.backend if args.upgrade else other)
     dst = convert_store(src, args.dst, backend, upgrade=args.upgrade)
     versions = f"v{src.manifest.format_version} -> v{dst.manifest.format_version}"
@@ -88,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.add_argument(
-        "--backend", choices=BACKENDS.names(), help="target backend (default: the other one; with --upgrade the same)"
+        "--backend",
+        choices=BACKENDS.names(),
+        help="target backend (default: the other one, zarr for a URL; with --upgrade the same)",
     )
     convert.add_argument(
         "--upgrade",

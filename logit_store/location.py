@@ -5,18 +5,33 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+from urllib.parse import unquote
 
 import fsspec
 
 from .errors import StoreError
 
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+# user@ or user:password@, the password up to the first @ even where it holds a '/' (as secret keys do).
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/@:\s]*:[^@\s]*?|[^/@\s]*)@")
 
 
 def redact(url: str) -> str:
     """The URL with any user:password@ part and query string removed, for messages and manifests."""
     return _CREDENTIALS.sub(r"\g<scheme>***@", str(url)).split("?", 1)[0]
+
+
+# Protocols whose file system takes credentials as `key` and `secret` options: there they may be given in
+# the URL, s3://KEY:SECRET@bucket/path (percent-encoded, or raw where the secret holds no '@'), which s3fs
+# itself does not read.
+_KEY_SECRET_PROTOCOLS = ("s3", "s3a")
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<user>[^/@:\s]*)(?::(?P<password>[^@\s]*?))?@")
+_EXTRAS = {"s3": "s3", "s3a": "s3"}  # protocol -> this toolkit's extra that installs its package
+# Where the errors of object stores' clients come from when they are not OSError (s3fs turns the service's
+# answers into OSError, not a failed connection or missing credentials).
+_CLIENT_PACKAGES = {"botocore", "aiobotocore", "aiohttp", "google", "gcsfs", "azure", "adlfs"}
 
 
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
@@ -39,10 +54,11 @@ class StoreLocation:
             self.root = os.path.abspath(url.removeprefix("file://"))
             self.fs = fsspec.filesystem("file")
         else:
+            target, options = _split_credentials(url, self.storage_options)
             try:
-                self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
+                self.fs, self.root = fsspec.core.url_to_fs(target, **options)
             except ImportError as err:  # fsspec names the package its protocol needs: "Install s3fs to access S3"
-                raise StoreError(f"{redact(url)}: {err} (pip install it into this environment)") from None
+                raise StoreError(_missing_package(url, err)) from None
             except ValueError as err:  # an unknown protocol
                 raise StoreError(f"{redact(url)}: {err}") from None
 
@@ -53,16 +69,20 @@ class StoreLocation:
         return "/".join([self.root.rstrip("/"), *parts])
 
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
+        self._forget_listings()
+        with self.reaching():
+            return self.fs.exists(self.path(*parts))
 
     def read_bytes(self, *parts: str) -> bytes:
-        return self.fs.cat_file(self.path(*parts))
+        with self.reaching():
+            return self.fs.cat_file(self.path(*parts))
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write a whole file; locally through a rename, so a reader never sees half of it."""
         target = self.path(*parts)
         if not self.is_local:
-            self.fs.pipe_file(target, data)
+            with self.reaching():
+                self.fs.pipe_file(target, data)
             return
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = f"{target}.tmp-{uuid.uuid4().hex}"
@@ -79,9 +99,54 @@ class StoreLocation:
 
     def list_files(self, *parts: str) -> list[str]:
         base = self.path(*parts)
-        if not self.fs.exists(base):
-            return []
-        return sorted(self.fs.find(base))
+        self._forget_listings()
+        with self.reaching():
+            return sorted(self.fs.find(base)) if self.fs.exists(base) else []
 
     def bytes_used(self) -> int:
-        return int(sum(self.fs.du(self.root, total=False).values()))
+        self._forget_listings()
+        with self.reaching():
+            return int(sum(self.fs.du(self.root, total=False).values()))
+
+    @contextmanager
+    def reaching(self, absent_is_error: bool = False) -> Iterator[None]:
+        """An object store that cannot be reached, that refuses the credentials or lacks the bucket is the
+        location's fault: one line naming it. (FileNotFoundError passes unless `absent_is_error`: callers
+        read it as absent. Local errors pass.)"""
+        try:
+            yield
+        except Exception as err:
+            remote = isinstance(err, OSError) or type(err).__module__.split(".")[0] in _CLIENT_PACKAGES
+            if self.is_local or not remote or (isinstance(err, FileNotFoundError) and not absent_is_error):
+                raise
+            detail = " ".join(str(err).split()) or type(err).__name__
+            if isinstance(err, PermissionError):  # s3fs: 403, a refused key (botocore says only "Forbidden")
+                detail = f"access denied, check the credentials ({detail})"
+            raise StoreError(f"{self}: {redact_text(detail)}") from None
+
+    def _forget_listings(self) -> None:
+        """Drop the listings an object store's file system caches (s3fs keeps them for good): other
+        processes write beside this one, and a commit must be seen as soon as its marker is down."""
+        if not self.is_local:
+            self.fs.invalidate_cache()
+
+
+def _split_credentials(url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The URL without s3://KEY:SECRET@, and the options with them as `key` and `secret`; other
+    URLs as they are (fsspec reads user:password@ itself where a protocol has them, e.g. ftp)."""
+    match = _USERINFO.match(url)
+    if match is None or match.group("scheme").lower() not in _KEY_SECRET_PROTOCOLS:
+        return url, options
+    found = {"key": unquote(match.group("user")), "secret": unquote(match.group("password") or "")}
+    return f"{match.group('scheme')}://{url[match.end() :]}", {**options, **{k: v for k, v in found.items() if v}}
+
+
+def _missing_package(url: str, err: ImportError) -> str:
+    """One line naming what to install for the URL's protocol."""
+    protocol = url.split("://", 1)[0].lower()
+    extra = _EXTRAS.get(protocol)
+    how = f"this toolkit's `{extra}` extra installs it: uv sync --extra {extra}, or pip install 'distill-toolkit[{extra}]'"
+    reason = " ".join(str(err).split()) or "its package is not installed"
+    return f"{redact(url)}: the {protocol}:// protocol needs a package that is not installed: {reason}" + (
+        f" ({how})" if extra else ""
+    )

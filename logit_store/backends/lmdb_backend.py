@@ -11,6 +11,7 @@ import threading
 import lmdb
 import numpy as np
 
+from ..errors import StoreInputError
 from .base import Backend
 
 MAP_SIZE = 1 << 40  # address space only; the file grows with what is written
@@ -56,7 +57,7 @@ class LmdbBackend(Backend):
         with _OPEN_LOCK:  # a writer's commit threads may be the first to ask
             if self._env is None or self._pid != os.getpid():
                 if not self.location.is_local:
-                    raise ValueError(f"lmdb stores need a local path, got {self.location}")
+                    raise StoreInputError(f"lmdb stores need a local path, got {self.location}")
                 self._env = _acquire(self.location.path("lmdb"))
                 self._pid = os.getpid()
             return self._env

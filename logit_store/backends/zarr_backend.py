@@ -13,6 +13,9 @@ from functools import cached_property
 
 import numpy as np
 import zarr
+from fsspec import AbstractFileSystem
+from fsspec.asyn import AsyncFileSystem
+from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from ..records import CODED_VERSION
@@ -40,7 +43,7 @@ class ZarrBackend(Backend):
         loc = self.location
         if loc.is_local:
             return zarr.storage.LocalStore(loc.root)
-        return zarr.storage.FsspecStore(loc.fs, path=loc.root)
+        return zarr.storage.FsspecStore(_async_fs(loc.fs), path=loc.root)
 
     @cached_property
     def arrays(self) -> dict[str, zarr.Array]:
@@ -58,19 +61,20 @@ class ZarrBackend(Backend):
 
     def create(self) -> None:
         m = self.manifest
-        group = zarr.open_group(self._store, mode="a", zarr_format=3)
         clevel = FAST_CLEVEL if self._delta_values and m.k >= FAST_FROM_K else CLEVEL
-        for name in self.row_dtype.names:
-            base, shape = self.row_dtype[name].base, self.row_dtype[name].shape
-            group.create_array(
-                name,
-                shape=(m.planes, m.num_samples, *shape),
-                dtype=base,
-                shards=(1, m.shard_records, *shape),
-                chunks=(1, m.chunk_records, *shape),
-                compressors=[BloscCodec(cname="zstd", clevel=clevel, shuffle=BloscShuffle.shuffle)],
-                fill_value=0,
-            )
+        with self.location.reaching(absent_is_error=True):  # the first write: a missing bucket shows here
+            group = zarr.open_group(self._store, mode="a", zarr_format=3)
+            for name in self.row_dtype.names:
+                base, shape = self.row_dtype[name].base, self.row_dtype[name].shape
+                group.create_array(
+                    name,
+                    shape=(m.planes, m.num_samples, *shape),
+                    dtype=base,
+                    shards=(1, m.shard_records, *shape),
+                    chunks=(1, m.chunk_records, *shape),
+                    compressors=[BloscCodec(cname="zstd", clevel=clevel, shuffle=BloscShuffle.shuffle)],
+                    fill_value=0,
+                )
 
     def write_rows(self, epoch: int, start: int, rows: np.ndarray) -> None:
         stop = start + len(rows)
@@ -108,6 +112,15 @@ class ZarrBackend(Backend):
         deltas[:, 0] = field[:, 0]
         np.subtract(field[:, 1:], field[:, :-1], out=deltas[:, 1:])  # uint16: wraps if ever unsorted
         return deltas
+
+
+def _async_fs(fs: AbstractFileSystem) -> AsyncFileSystem:
+    """The file system as zarr's FsspecStore takes it, asynchronous: an async-capable one (s3fs,
+    gcsfs) as a second instance of the same options, made asynchronous; a synchronous one
+    (memory://, sftp://, ...) wrapped, its calls run on threads."""
+    if fs.async_impl:
+        return fs if fs.asynchronous else type(fs)(**{**fs.storage_options, "asynchronous": True})
+    return AsyncFileSystemWrapper(fs, asynchronous=True)
 
 
 def _fsync(path: str) -> None:
