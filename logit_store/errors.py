@@ -7,6 +7,8 @@ exit code 2, anything else (a bug) is a traceback. It lives here because the sto
 package every other one imports and that imports none of them.
 """
 
+import errno
+
 
 class DistillError(ValueError):
     """Input that cannot be used; the message names the file, key, field or range at fault."""
@@ -33,3 +35,22 @@ class NotCommittedError(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class StoreDamagedError(StoreError):
+    """Store bytes that cannot be what was committed: a file shorter than its own header says,
+    a shard that fails its checksum or cannot be decoded. The message names file or range."""
+
+
+class DiskFullError(DistillError):
+    """A write failed because the file system is full (ENOSPC) or over quota; names the path."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full(err: BaseException, path: object) -> DiskFullError | None:
+    """The DiskFullError to raise for `err` while writing `path`, or None if `err` is another failure."""
+    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+        return DiskFullError(f"disk full: no space left to write {path} ({err.strerror})")
+    return None

@@ -24,7 +24,7 @@ import numpy as np
 from . import codec
 from .backends import Backend, create_backend
 from .cache import PlaneCache, default_cache_bytes
-from .errors import NotCommittedError, StoreError, StoreInputError
+from .errors import NotCommittedError, StoreDamagedError, StoreError, StoreInputError
 from .location import StoreLocation
 from .locks import RangeLock
 from .manifest import FORMAT_VERSION, Manifest
@@ -212,18 +212,22 @@ class LogitStore:
         start, stop = m.shard_range(shard)
         out = np.empty(stop - start, dtype=self.backend.row_dtype) if out is None else out
         piece = piece or stop - start
-        where = f"{self.location}: {plane_name(m, epoch)} records"
+        where, verify = (
+            f"{self.location}: {plane_name(m, epoch)} records",
+            f"; run distill-store verify {self.location}",
+        )
         for a in range(0, stop - start, piece):
             b = min(a + piece, stop - start)
             try:
                 self.backend.read_rows(epoch, start + a, start + b, out[a:b])
-            except Exception as err:  # damaged bytes fail in the codec: name the range
-                raise StoreError(f"{where} [{start + a}, {start + b}) cannot be decoded: {err}") from err
+            except Exception as err:  # damaged bytes fail in the codec or the backend: name the range
+                raise StoreDamagedError(f"{where} [{start + a}, {start + b}) cannot be decoded: {err}{verify}") from err
             first = a // m.chunk_records
             digests = marker["digests"][first : first + -(-(b - a) // m.chunk_records)]
             bad = damaged_blocks(out[a:b], digests, m.chunk_records)
             if bad:
-                raise StoreError(f"{where} [{start + a + bad[0][0]}, {start + a + bad[0][1]}) fail their checksum")
+                a, b = start + a + bad[0][0], start + a + bad[0][1]
+                raise StoreDamagedError(f"{where} [{a}, {b}) fail their checksum{verify}")
         return out
 
     def _marker(self, epoch: int, shard: int) -> dict[str, Any]:
@@ -235,7 +239,7 @@ class LogitStore:
         except (FileNotFoundError, ValueError):
             raise missing from None
         if not self._checked_marker(marker, epoch, shard):
-            raise StoreError(f"{where} have a damaged commit marker")
+            raise StoreDamagedError(f"{where} have a damaged commit marker; run distill-store verify {self.location}")
         return marker
 
     def _check_writable(self) -> None:
@@ -800,8 +804,8 @@ def convert_store(
     commits = src.commits()
     damaged = sorted(key for key, marker in commits.items() if not marker)
     if damaged:
-        raise StoreError(
-            f"{src.location}: damaged commit markers for (epoch, shard) {damaged}; run distill-store verify"
+        raise StoreDamagedError(
+            f"{src.location}: damaged commit markers for (epoch, shard) {damaged}; run distill-store verify {src.location}"
         )
     for (epoch, shard), marker in sorted(commits.items()):
         if (epoch, shard) in done:
