@@ -257,27 +257,52 @@ class LogitStore:
 
     # ---- integrity -----------------------------------------------------------------
     def verify(self) -> list[Problem]:
-        """Every missing or damaged record range of the planned planes (empty when intact)."""
+        """Every missing or damaged record range of the planned planes (empty when intact). Writes nothing."""
         m, commits, problems = self.manifest, self.commits(), []
         for epoch in range(m.planes):
-            text = plane_name(m, epoch) == "text plane"
             for shard in range(m.num_shards):
-                start, stop = m.shard_range(shard)
                 marker = commits.get((epoch, shard))
                 if marker is None:
-                    problems.append(Problem(epoch, start, stop, "missing", "not committed", text))
+                    start, stop = m.shard_range(shard)
+                    problems.append(Problem(epoch, start, stop, "missing", "not committed", self._is_text(epoch)))
                     continue
-                if not marker:
-                    problems.append(Problem(epoch, start, stop, "damaged", "commit marker unreadable", text))
-                    continue
-                try:
-                    rows = self.backend.read_rows(epoch, start, stop)
-                except Exception as err:  # any decode failure of damaged bytes is reported, not raised
-                    problems.append(Problem(epoch, start, stop, "damaged", f"cannot decode: {err}", text))
-                    continue
-                for a, b in damaged_blocks(rows, marker["digests"], m.chunk_records):
-                    problems.append(Problem(epoch, start + a, start + b, "damaged", "checksum mismatch", text))
+                problems += self._check_shard(epoch, shard, marker)
         return problems
+
+    def damaged_commits(self) -> list[Problem]:
+        """The damaged ranges of every committed shard whose marker parses (what `verify` reports
+        as damaged, less unreadable markers: those shards count as uncommitted and are rewritten)."""
+        return [
+            p for (e, s), marker in sorted(self.commits().items()) if marker for p in self._check_shard(e, s, marker)
+        ]
+
+    def repair(self) -> list[tuple[int, int]]:
+        """Drop the commit marker of every damaged shard (data and every other marker stay), so that a
+        re-run save rewrites exactly those shards, and fold the remaining commits' statistics into the
+        manifest. Returns the (plane, shard) keys dropped, in order."""
+        self._check_writable()
+        shard_records = self.manifest.shard_records
+        dropped = sorted({(p.epoch, p.start // shard_records) for p in self.verify() if p.kind == "damaged"})
+        for key in dropped:
+            self.location.fs.rm(self.location.path(*commit_key(*key)))
+        self.refresh_statistics()
+        return dropped
+
+    def _is_text(self, plane: int) -> bool:
+        return plane_name(self.manifest, plane) == "text plane"
+
+    def _check_shard(self, epoch: int, shard: int, marker: dict[str, Any]) -> list[Problem]:
+        """The damaged ranges of one shard with a marker ({} = unreadable marker): [] when intact."""
+        m, text = self.manifest, self._is_text(epoch)
+        start, stop = m.shard_range(shard)
+        if not marker:
+            return [Problem(epoch, start, stop, "damaged", "commit marker unreadable", text)]
+        try:
+            rows = self.backend.read_rows(epoch, start, stop)
+        except Exception as err:  # any decode failure of damaged bytes is reported, not raised
+            return [Problem(epoch, start, stop, "damaged", f"cannot decode: {err}", text)]
+        bad = damaged_blocks(rows, marker["digests"], m.chunk_records)
+        return [Problem(epoch, start + a, start + b, "damaged", "checksum mismatch", text) for a, b in bad]
 
     def epoch_hash(self, epoch: int) -> str:
         """sha256 of a plane's decoded records in id order: equal across backends and layouts."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 
 from distill.cli import save_logits as save_main
 from logit_store import open_store
+from logit_store.cli import main as store_cli
 from logit_store.store import FAULT_COMMIT
 
 TEACHER = "timm:test_vit"
@@ -183,3 +185,27 @@ def test_config_file_and_option_errors(env, tmp_path, capsys):
     with pytest.raises(SystemExit):
         save_main(["--teacher", TEACHER])
     assert "missing required option(s): --data, --out, --epochs" in capsys.readouterr().err
+
+
+def test_a_damaged_committed_shard_stops_the_resume_until_repaired(env, reference, tmp_path):
+    """One byte of a committed shard flipped: the re-run save refuses (it said "saved 0 records" before);
+    distill-store repair uncommits that shard only, and the next save rewrites it bit for bit."""
+    out = tmp_path / "damaged.zarr"
+    shutil.copytree(reference[0], out)
+    shard = out / "values" / "c" / "1" / "0" / "0"  # epoch 1, shard 0: records [0, 192)
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    markers = sorted(p.name for p in (out / "commits").iterdir())
+    proc = run_cli(env, save_args(env, out))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    end = open_store(out).manifest.shard_range(0)[1]
+    assert f"committed records are damaged: epoch 1 records [0, {end}): damaged" in proc.stderr
+    assert f"run distill-store repair {out}, then this save again" in proc.stderr
+    assert store_cli(["repair", str(out)]) == 0
+    assert sorted(p.name for p in (out / "commits").iterdir()) == [m for m in markers if m != "e00001-s000000.json"]
+    again = run_cli(env, save_args(env, out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert content(out) == content(reference[0])
+    assert shard.read_bytes() == (reference[0] / shard.relative_to(out)).read_bytes()
+    assert store_cli(["repair", str(out)]) == 0  # nothing left to repair

@@ -187,3 +187,34 @@ def test_damage_outside_record_bytes_is_named_by_verify_info_and_training(intact
     with pytest.raises(StoreDamagedError, match=re.escape(f"{where} cannot be decoded")):
         teacher_logits(path, 0, [first + 3])
     assert listing(path) == before, "reading wrote into the store"
+
+
+# ---- 5. repair: uncommit the damaged shards only ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repair_uncommits_exactly_the_damaged_shards_and_a_rewrite_restores_them(intact, tmp_path, capsys, backend):
+    path = copy_of(intact, backend, tmp_path)
+    if backend == "zarr":
+        damage(path, "zarr shard index")  # epoch 0, shard 1
+    else:  # one byte of the value of epoch 0's block holding record 700 (shard 1), as a bad disk would
+        import lmdb
+
+        with lmdb.open(str(path / "lmdb"), map_size=1 << 30) as env, env.begin(write=True) as txn:
+            key = np.array([0, 700 // 512], dtype=">u4").tobytes()
+            value = bytearray(txn.get(key))
+            value[100] ^= 0x01
+            txn.put(key, bytes(value))
+    markers = sorted(p.name for p in (path / "commits").iterdir())
+    assert [(p.epoch, p.start) for p in open_store(path).damaged_commits()] == [(0, 512)]
+    assert store_cli(["repair", str(path)]) == 0
+    assert f"{path}: epoch 0 records [512, 1024): commit marker dropped" in capsys.readouterr().out
+    assert sorted(p.name for p in (path / "commits").iterdir()) == [m for m in markers if m != "e00000-s000001.json"]
+    store = open_store(path)
+    assert store.pending_shards(0) == [1] and store.damaged_commits() == []
+    assert store.manifest.statistics["records"] == 2 * 3000 - 512  # the remaining commits' own totals
+    with create_store(path, manifest(backend)).writer(0) as writer:  # what a re-run save does: the pending shard
+        ids = np.arange(512, 1024)
+        writer.write(ids, synthetic_records(writer.manifest, 0, ids))
+    assert open_store(path).verify() == []
+    assert open_store(path).info()["content_hashes"] == open_store(intact / backend).info()["content_hashes"]
