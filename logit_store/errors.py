@@ -8,6 +8,9 @@ package every other one imports and that imports none of them.
 """
 
 import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class DistillError(ValueError):
@@ -50,7 +53,34 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def disk_full(err: BaseException, path: object) -> DiskFullError | None:
-    """The DiskFullError to raise for `err` while writing `path`, or None if `err` is another failure."""
-    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
-        return DiskFullError(f"disk full: no space left to write {path} ({err.strerror})")
-    return None
+    """The DiskFullError for `err`, raised while writing `path`, or None if `err` is another failure.
+    An OSError says so by its errno; lmdb's errors only by their message (they carry no errno)."""
+    chain: list[BaseException] = []  # torch's writer, failing to finish its file, hides the OSError in __context__
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    full = [
+        e
+        for e in chain
+        if (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS) or os.strerror(errno.ENOSPC) in str(e)
+    ]
+    if not full:
+        return None
+    where = getattr(full[0], "filename", None) or path
+    return DiskFullError(
+        f"disk full: cannot write {where} (no space left on its file system); free space, then run again"
+    )
+
+
+@contextmanager
+def disk_full_named(path: object) -> Iterator[None]:
+    """Let a disk-full failure of the writes inside surface as one DiskFullError naming the file (or `path`)."""
+    try:
+        yield
+    except DiskFullError:
+        raise  # named already, by the innermost write
+    except Exception as err:
+        full = disk_full(err, path)
+        if full is None:
+            raise
+        raise full from err
