@@ -159,18 +159,19 @@ class LmdbBackend(Backend):
             txn.cursor().putmulti(items, dupdata=False, overwrite=True)
 
     def read_rows(self, epoch: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        size = self.manifest.chunk_records
+        """Any [start, stop): each block it touches is checked whole (its value's exact length), then cut."""
+        size, total = self.manifest.chunk_records, self.manifest.num_samples
         out = np.empty(stop - start, dtype=self.row_dtype) if out is None else out
         with self.env.begin(buffers=True) as txn:
-            for first in range(start, stop, size):
-                value = txn.get(block_key(epoch, first // size))
+            for block in range(start // size, -(-stop // size)):
+                lo, hi = block * size, min(block * size + size, total)
+                a, b = max(lo, start), min(hi, stop)
+                value = txn.get(block_key(epoch, block))
                 if value is None:
-                    raise KeyError(f"lmdb: epoch {epoch} records [{first}, {min(first + size, stop)}) are missing")
-                block = np.frombuffer(value, dtype=np.uint8)
-                n = min(size, stop - first)
-                if len(block) != n * self.row_dtype.itemsize:
-                    raise ValueError(f"lmdb: epoch {epoch} records [{first}, {first + n}) have a damaged value")
-                out[first - start : first - start + n] = block.view(self.row_dtype)
+                    raise KeyError(f"lmdb: epoch {epoch} records [{a}, {b}) are missing")
+                if len(value) != (hi - lo) * self.row_dtype.itemsize:
+                    raise ValueError(f"lmdb: epoch {epoch} records [{lo}, {hi}) have a damaged value")
+                out[a - start : b - start] = np.frombuffer(value, dtype=self.row_dtype)[a - lo : b - lo]
         return out
 
     def close(self) -> None:
