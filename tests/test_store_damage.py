@@ -218,3 +218,12 @@ def test_repair_uncommits_exactly_the_damaged_shards_and_a_rewrite_restores_them
         writer.write(ids, synthetic_records(writer.manifest, 0, ids))
     assert open_store(path).verify() == []
     assert open_store(path).info()["content_hashes"] == open_store(intact / backend).info()["content_hashes"]
+
+
+def test_a_save_over_a_garbled_zarr_json_names_the_file(intact, tmp_path):
+    """Damage repair cannot mend (an array's metadata): writing names the file instead of a JSON traceback."""
+    path = copy_of(intact, "zarr", tmp_path)
+    damage(path, "zarr garbled zarr.json")
+    assert open_store(path).repair() == [(e, s) for e in range(2) for s in range(6)]
+    with pytest.raises(StoreDamagedError, match=re.escape(f"{path / 'values' / 'zarr.json'} cannot be read")):
+        write_in_order(create_store(path, manifest()), 0)
