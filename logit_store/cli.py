@@ -58,6 +58,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     m = store.manifest
     if problems:
         print(f"FAILED: {len(problems)} damaged or missing range(s)")
+        if any(p.kind == "damaged" for p in problems):
+            print(f"to rewrite the damaged shards: distill-store repair {store.location}, then run the save again")
         return 1
     planes = f"{m.planes} planes ({m.epochs} epochs + text plane)" if m.planes > m.epochs else f"{m.epochs} epochs"
     print(f"OK: {planes} x {m.num_samples} records intact")

@@ -178,6 +178,7 @@ def test_damage_outside_record_bytes_is_named_by_verify_info_and_training(intact
     assert store_cli(["verify", str(path)]) == 1
     out = capsys.readouterr().out
     assert f"{path}: {where}: damaged (cannot decode" in out
+    assert out.endswith(f"distill-store repair {path}, then run the save again\n")
     assert listing(path) == before, "verify wrote into the store"
     assert store_cli(["info", str(path)]) == 2
     err = capsys.readouterr().err
