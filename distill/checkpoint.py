@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from logit_store.errors import disk_full_named
 from logit_store.location import redact_text
 from logit_store.locks import RangeLock
 
@@ -144,10 +146,14 @@ def save_checkpoint(trainer: Trainer, step: int | None = None) -> None:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     acc.wait_for_everyone()
-    if acc.is_main_process:
-        save_weights(acc.unwrap_model(trainer.model), partial / "model.safetensors")
-        torch.save(_state(trainer), partial / "state.pt")
-    torch.save(_rng_state(), partial / f"rng_{acc.process_index}.pt")
+    try:
+        if acc.is_main_process:
+            save_weights(acc.unwrap_model(trainer.model), partial / "model.safetensors")
+            write_file(partial / "state.pt", lambda fh: torch.save(_state(trainer), fh))
+        write_file(partial / f"rng_{acc.process_index}.pt", lambda fh: torch.save(_rng_state(), fh))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a failed checkpoint (a full disk) leaves no partial files
+        raise
     acc.wait_for_everyone()
     if acc.is_main_process:
         replaced = final.with_name(final.name + ".old")
@@ -220,4 +226,12 @@ def keep_last_checkpoint(out: Path) -> None:
 def save_weights(model: nn.Module, path: Path) -> None:
     """A safetensors state dict. Clones, so weights shared between modules are written under every name
     and the file loads into any copy of the model as a plain state dict."""
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(path))
+    data = save({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()})
+    write_file(path, lambda fh: fh.write(data))
+
+
+def write_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """A file written by `write` through a Python file object, so that a full disk fails as OSError(ENOSPC)
+    (torch's own writer says only "unexpected pos"), raised as one DiskFullError naming the file."""
+    with disk_full_named(path), open(path, "wb") as fh:
+        write(fh)

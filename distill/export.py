@@ -20,10 +20,10 @@ from typing import Any
 
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
-from .checkpoint import CHECKPOINTS, RECIPE_FILE, public
+from .checkpoint import CHECKPOINTS, RECIPE_FILE, public, write_file
 from .errors import RecipeError
 from .views import EvalView
 
@@ -58,7 +58,8 @@ def export_model(model: nn.Module, out: Path, recipe: dict[str, Any], view: Eval
     """`out/model.safetensors` with its metadata, and `out/config.json` when the student is a timm model."""
     metadata = weights_metadata(model, recipe, view, class_names)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata=metadata)
+    data = save(state, metadata=metadata)
+    write_file(out / WEIGHTS_FILE, lambda fh: fh.write(data))
     if getattr(model, "pretrained_cfg", None) is None:  # not a timm model (an open_clip one): weights alone
         return
     from timm.models._hub import save_config_for_hf  # (timm exports it from no public module)

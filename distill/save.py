@@ -18,7 +18,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from logit_store import Embeddings, LogitStore, Manifest, StoreError, create_store, record_seeds
+from logit_store import Embeddings, LogitStore, Manifest, StoreDamagedError, StoreError, create_store, record_seeds
 from logit_store.sparse import sparsify
 from teachers import Teacher, create_teacher
 
@@ -175,6 +175,17 @@ def _check_embeddings(
     return {"records": len(ids), "max_abs_image_embedding_diff": image_diff, "max_abs_text_embedding_diff": text_diff}
 
 
+def check_committed(store: LogitStore) -> None:
+    """Refuse to resume over damaged committed shards (they would stay damaged, and the save say it is done):
+    every committed shard is read back against its marker's block digests."""
+    damaged = store.damaged_commits()
+    if damaged:
+        raise StoreDamagedError(
+            f"{store.location}: committed records are damaged: {'; '.join(map(str, damaged))}; "
+            f"run distill-store repair {store.location}, then this save again (it rewrites them)"
+        )
+
+
 def run(cfg: SaveConfig) -> LogitStore:
     # accelerate sets up gloo for several CPU processes only when told the run is on the CPU.
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -192,6 +203,7 @@ def run(cfg: SaveConfig) -> LogitStore:
         create_store(cfg.out, manifest)
     state.wait_for_everyone()
     store = create_store(cfg.out, manifest)
+    check_committed(store)
     data = ReplayDataset(dataset, ReplayAugment(recipe, cfg.img_size, cfg.seed))
 
     pending = {epoch: store.pending_shards(epoch) for epoch in range(manifest.planes)}

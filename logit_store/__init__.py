@@ -7,9 +7,11 @@ sparsifying and rebuilding live in `logit_store.sparse`.
 __version__ = "0.1.0"
 
 from .errors import (
+    DiskFullError,
     DistillError,
     ManifestMismatchError,
     NotCommittedError,
+    StoreDamagedError,
     StoreError,
     StoreInputError,
     StoreLockedError,
@@ -21,6 +23,7 @@ from .store import LogitStore, Problem, ShardWriter, convert_store, create_store
 __all__ = [
     "FORMAT_VERSION",
     "KINDS",
+    "DiskFullError",
     "DistillError",
     "Embeddings",
     "LogitStore",
@@ -30,6 +33,7 @@ __all__ = [
     "Problem",
     "Records",
     "ShardWriter",
+    "StoreDamagedError",
     "StoreError",
     "StoreInputError",
     "StoreLockedError",

@@ -1,4 +1,4 @@
-"""`distill-store info|verify|convert`: inspect, check and move logit (and embeddings) stores."""
+"""`distill-store info|verify|repair|convert`: inspect, check, repair and move logit (and embeddings) stores."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from .backends import BACKENDS
 from .errors import DistillError
 from .location import StoreLocation
-from .store import convert_store, open_store
+from .store import convert_store, open_store, plane_name
 
 
 def _fmt(value: Any) -> str:
@@ -59,9 +59,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     m = store.manifest
     if problems:
         print(f"FAILED: {len(problems)} damaged or missing range(s)")
+        if any(p.kind == "damaged" for p in problems):
+            print(f"to rewrite the damaged shards: distill-store repair {store.location}, then run the save again")
         return 1
     planes = f"{m.planes} planes ({m.epochs} epochs + text plane)" if m.planes > m.epochs else f"{m.epochs} epochs"
     print(f"OK: {planes} x {m.num_samples} records intact")
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    store = open_store(args.store)
+    dropped = store.repair()
+    for plane, shard in dropped:
+        start, stop = store.manifest.shard_range(shard)
+        print(f"{store.location}: {plane_name(store.manifest, plane)} records [{start}, {stop}): commit marker dropped")
+    if not dropped:
+        print(f"nothing to repair: every committed shard of {store.location} is intact")
+        return 0
+    print(f"repaired: {len(dropped)} damaged shard(s) uncommitted; run the save again to rewrite them")
     return 0
 
 
@@ -86,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check every record; exit 1 naming damaged or missing ranges")
     verify.add_argument("store")
     verify.set_defaults(func=cmd_verify)
+    repair = sub.add_parser(
+        "repair", help="uncommit the damaged shards (drop their commit markers) so that a re-run save rewrites them"
+    )
+    repair.add_argument("store")
+    repair.set_defaults(func=cmd_repair)
     convert = sub.add_parser("convert", help="copy a store into another backend, record for record")
     convert.add_argument("src")
     convert.add_argument("dst")

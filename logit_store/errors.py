@@ -7,6 +7,11 @@ exit code 2, anything else (a bug) is a traceback. It lives here because the sto
 package every other one imports and that imports none of them.
 """
 
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class DistillError(ValueError):
     """Input that cannot be used; the message names the file, key, field or range at fault."""
@@ -33,3 +38,49 @@ class NotCommittedError(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class StoreDamagedError(StoreError):
+    """Store bytes that cannot be what was committed: a file shorter than its own header says,
+    a shard that fails its checksum or cannot be decoded. The message names file or range."""
+
+
+class DiskFullError(DistillError):
+    """A write failed because the file system is full (ENOSPC) or over quota; names the path."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full(err: BaseException, path: object) -> DiskFullError | None:
+    """The DiskFullError for `err`, raised while writing `path`, or None if `err` is another failure.
+    An OSError says so by its errno; lmdb's errors only by their message (they carry no errno)."""
+    chain: list[BaseException] = []  # torch's writer, failing to finish its file, hides the OSError in __context__
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    full = [
+        e
+        for e in chain
+        if (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS) or os.strerror(errno.ENOSPC) in str(e)
+    ]
+    if not full:
+        return None
+    where = getattr(full[0], "filename", None) or path
+    return DiskFullError(
+        f"disk full: cannot write {where} (no space left on its file system); free space, then run again"
+    )
+
+
+@contextmanager
+def disk_full_named(path: object) -> Iterator[None]:
+    """Let a disk-full failure of the writes inside surface as one DiskFullError naming the file (or `path`)."""
+    try:
+        yield
+    except DiskFullError:
+        raise  # named already, by the innermost write
+    except Exception as err:
+        full = disk_full(err, path)
+        if full is None:
+            raise
+        raise full from err

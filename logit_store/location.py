@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -12,7 +13,7 @@ from urllib.parse import unquote
 
 import fsspec
 
-from .errors import StoreError
+from .errors import StoreError, disk_full_named
 
 # user@ or user:password@, the password up to the first @ even where it holds a '/' (as secret keys do).
 _CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/@:\s]*:[^@\s]*?|[^/@\s]*)@")
@@ -40,6 +41,14 @@ _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
 def redact_text(text: str) -> str:
     """`text` with every URL in it redacted (`redact`): for any message or file that may quote a location."""
     return _URL.sub(lambda match: redact(match.group(0)), text)
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Write a new file and make it durable (one place, so tests can make the disk full here)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 class StoreLocation:
@@ -84,13 +93,16 @@ class StoreLocation:
             with self.reaching():
                 self.fs.pipe_file(target, data)
             return
-        os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        try:
+            with disk_full_named(target):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                write_file(tmp, data)
+                os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # no temporary file outlives a failed write
+            raise
         dir_fd = os.open(os.path.dirname(target), os.O_RDONLY)  # make the rename itself durable
         try:
             os.fsync(dir_fd)

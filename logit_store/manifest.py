@@ -196,13 +196,16 @@ class Manifest:
             identity["format_version"] = 3
         return identity
 
+    def differing_fields(self, other: Manifest) -> list[str]:
+        """The identity fields (dotted paths) where `other` differs from this manifest, sorted."""
+        mine, theirs = _flatten(self._comparable()), _flatten(other._comparable())
+        return [key for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
+
     def check_same(self, other: Manifest, where: str) -> None:
         """Raise naming every identity field where `other` differs from this manifest."""
         mine, theirs = _flatten(self._comparable()), _flatten(other._comparable())
         diffs = [
-            f"{key}: store has {mine.get(key)!r}, asked for {theirs.get(key)!r}"
-            for key in sorted(set(mine) | set(theirs))
-            if mine.get(key) != theirs.get(key)
+            f"{key}: store has {mine.get(key)!r}, asked for {theirs.get(key)!r}" for key in self.differing_fields(other)
         ]
         if diffs:
             raise ManifestMismatchError(f"{where} exists with a different manifest:\n  " + "\n  ".join(diffs))

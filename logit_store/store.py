@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -24,7 +25,14 @@ import numpy as np
 from . import codec
 from .backends import Backend, create_backend
 from .cache import PlaneCache, default_cache_bytes
-from .errors import NotCommittedError, StoreError, StoreInputError
+from .errors import (
+    NotCommittedError,
+    StoreDamagedError,
+    StoreError,
+    StoreInputError,
+    StoreLockedError,
+    disk_full_named,
+)
 from .location import StoreLocation
 from .locks import RangeLock
 from .manifest import FORMAT_VERSION, Manifest
@@ -163,7 +171,11 @@ class LogitStore:
 
     def refresh_statistics(self) -> dict[str, Any]:
         """Fold the statistics of every commit into the manifest file."""
-        self.manifest.statistics = aggregate_statistics(self.commits().values())
+        return self.write_statistics(self.commits().values())
+
+    def write_statistics(self, markers: Any) -> dict[str, Any]:
+        """Fold the statistics of these commit markers (this store's own) into the manifest file."""
+        self.manifest.statistics = aggregate_statistics(markers)
         self.location.write_bytes(self.manifest.to_json().encode(), MANIFEST_KEY)
         return self.manifest.statistics
 
@@ -212,18 +224,22 @@ class LogitStore:
         start, stop = m.shard_range(shard)
         out = np.empty(stop - start, dtype=self.backend.row_dtype) if out is None else out
         piece = piece or stop - start
-        where = f"{self.location}: {plane_name(m, epoch)} records"
+        where, verify = (
+            f"{self.location}: {plane_name(m, epoch)} records",
+            f"; run distill-store verify {self.location}",
+        )
         for a in range(0, stop - start, piece):
             b = min(a + piece, stop - start)
             try:
                 self.backend.read_rows(epoch, start + a, start + b, out[a:b])
-            except Exception as err:  # damaged bytes fail in the codec: name the range
-                raise StoreError(f"{where} [{start + a}, {start + b}) cannot be decoded: {err}") from err
+            except Exception as err:  # damaged bytes fail in the codec or the backend: name the range
+                raise StoreDamagedError(f"{where} [{start + a}, {start + b}) cannot be decoded: {err}{verify}") from err
             first = a // m.chunk_records
             digests = marker["digests"][first : first + -(-(b - a) // m.chunk_records)]
             bad = damaged_blocks(out[a:b], digests, m.chunk_records)
             if bad:
-                raise StoreError(f"{where} [{start + a + bad[0][0]}, {start + a + bad[0][1]}) fail their checksum")
+                a, b = start + a + bad[0][0], start + a + bad[0][1]
+                raise StoreDamagedError(f"{where} [{a}, {b}) fail their checksum{verify}")
         return out
 
     def _marker(self, epoch: int, shard: int) -> dict[str, Any]:
@@ -235,7 +251,7 @@ class LogitStore:
         except (FileNotFoundError, ValueError):
             raise missing from None
         if not self._checked_marker(marker, epoch, shard):
-            raise StoreError(f"{where} have a damaged commit marker")
+            raise StoreDamagedError(f"{where} have a damaged commit marker; run distill-store verify {self.location}")
         return marker
 
     def _check_writable(self) -> None:
@@ -253,27 +269,52 @@ class LogitStore:
 
     # ---- integrity -----------------------------------------------------------------
     def verify(self) -> list[Problem]:
-        """Every missing or damaged record range of the planned planes (empty when intact)."""
+        """Every missing or damaged record range of the planned planes (empty when intact). Writes nothing."""
         m, commits, problems = self.manifest, self.commits(), []
         for epoch in range(m.planes):
-            text = plane_name(m, epoch) == "text plane"
             for shard in range(m.num_shards):
-                start, stop = m.shard_range(shard)
                 marker = commits.get((epoch, shard))
                 if marker is None:
-                    problems.append(Problem(epoch, start, stop, "missing", "not committed", text))
+                    start, stop = m.shard_range(shard)
+                    problems.append(Problem(epoch, start, stop, "missing", "not committed", self._is_text(epoch)))
                     continue
-                if not marker:
-                    problems.append(Problem(epoch, start, stop, "damaged", "commit marker unreadable", text))
-                    continue
-                try:
-                    rows = self.backend.read_rows(epoch, start, stop)
-                except Exception as err:  # any decode failure of damaged bytes is reported, not raised
-                    problems.append(Problem(epoch, start, stop, "damaged", f"cannot decode: {err}", text))
-                    continue
-                for a, b in damaged_blocks(rows, marker["digests"], m.chunk_records):
-                    problems.append(Problem(epoch, start + a, start + b, "damaged", "checksum mismatch", text))
+                problems += self._check_shard(epoch, shard, marker)
         return problems
+
+    def damaged_commits(self) -> list[Problem]:
+        """The damaged ranges of every committed shard whose marker parses (what `verify` reports
+        as damaged, less unreadable markers: those shards count as uncommitted and are rewritten)."""
+        return [
+            p for (e, s), marker in sorted(self.commits().items()) if marker for p in self._check_shard(e, s, marker)
+        ]
+
+    def repair(self) -> list[tuple[int, int]]:
+        """Drop the commit marker of every damaged shard (data and every other marker stay), so that a
+        re-run save rewrites exactly those shards, and fold the remaining commits' statistics into the
+        manifest. Returns the (plane, shard) keys dropped, in order."""
+        self._check_writable()
+        shard_records = self.manifest.shard_records
+        dropped = sorted({(p.epoch, p.start // shard_records) for p in self.verify() if p.kind == "damaged"})
+        for key in dropped:
+            self.location.fs.rm(self.location.path(*commit_key(*key)))
+        self.refresh_statistics()
+        return dropped
+
+    def _is_text(self, plane: int) -> bool:
+        return plane_name(self.manifest, plane) == "text plane"
+
+    def _check_shard(self, epoch: int, shard: int, marker: dict[str, Any]) -> list[Problem]:
+        """The damaged ranges of one shard with a marker ({} = unreadable marker): [] when intact."""
+        m, text = self.manifest, self._is_text(epoch)
+        start, stop = m.shard_range(shard)
+        if not marker:
+            return [Problem(epoch, start, stop, "damaged", "commit marker unreadable", text)]
+        try:
+            rows = self.backend.read_rows(epoch, start, stop)
+        except Exception as err:  # any decode failure of damaged bytes is reported, not raised
+            return [Problem(epoch, start, stop, "damaged", f"cannot decode: {err}", text)]
+        bad = damaged_blocks(rows, marker["digests"], m.chunk_records)
+        return [Problem(epoch, start + a, start + b, "damaged", "checksum mismatch", text) for a, b in bad]
 
     def epoch_hash(self, epoch: int) -> str:
         """sha256 of a plane's decoded records in id order: equal across backends and layouts."""
@@ -505,7 +546,8 @@ class ShardWriter:
         callable, so that their sums are computed here too."""
         m = self.manifest
         start, stop = m.shard_range(shard)
-        self.store.backend.write_rows(self.epoch, start, rows)
+        with disk_full_named(self.store.location):
+            self.store.backend.write_rows(self.epoch, start, rows)
         marker = {
             "epoch": self.epoch,
             "shard": shard,
@@ -736,8 +778,9 @@ def create_store(
 ) -> LogitStore:
     """Create a store, or reopen an existing one whose manifest matches (to resume).
 
-    A different manifest, or a non-empty directory that is not a store, is an error;
-    nothing there is touched. Locally the store is built beside its target and moved
+    A different manifest is an error naming the fields, unless the store holds no committed
+    record and no writer (what a failed save leaves): it is then replaced, saying so on stderr.
+    A non-empty directory that is not a store is an error; nothing there is touched. Locally the store is built beside its target and moved
     in with one rename, so concurrent creators agree on one store.
     """
     location = StoreLocation(url, storage_options)
@@ -751,29 +794,81 @@ def create_store(
         backend.close()
         location.write_bytes(manifest.to_json().encode(), MANIFEST_KEY)
         return LogitStore(location, manifest)
+    return _create_local(location, manifest)
+
+
+def _create_local(location: StoreLocation, manifest: Manifest) -> LogitStore:
+    """Build the store beside its target, in `<root>.tmp-<hex>` under a build lock, and move it in with one
+    rename. A build left by a killed creator (its lock free) is removed first; nothing is left on failure."""
+    _remove_stale_builds(location.root)
     tmp = StoreLocation(f"{location.root}.tmp-{uuid.uuid4().hex}")
+    building: RangeLock | None = None
     try:
-        os.makedirs(tmp.root)
-        backend = create_backend(tmp, manifest)
-        backend.create()
-        backend.close()
-        tmp.write_bytes(manifest.to_json().encode(), MANIFEST_KEY)
-        os.makedirs(os.path.dirname(location.root), exist_ok=True)
+        with disk_full_named(tmp.root):
+            os.makedirs(tmp.root)
+            building = RangeLock(tmp.path(".locks"), BUILD_LOCK, f"store build {tmp.root}")
+            backend = create_backend(tmp, manifest)
+            backend.create()
+            backend.close()
+            tmp.write_bytes(manifest.to_json().encode(), MANIFEST_KEY)
+            os.makedirs(os.path.dirname(location.root), exist_ok=True)
         try:
             os.rename(tmp.root, location.root)  # atomic; fails if another creator won
         except OSError:
             return _reopen(location, manifest)
     finally:
         shutil.rmtree(tmp.root, ignore_errors=True)
+        if building is not None:
+            building.release()
     return LogitStore(location, manifest)
 
 
+BUILD_LOCK = "create"
+
+
+def _remove_stale_builds(root: str) -> None:
+    """Remove the `<root>.tmp-<hex>` builds whose creator died (their build lock is free). A build
+    without its lock file yet (made an instant ago) is left alone."""
+    parent, name = os.path.split(root)
+    pattern = re.compile(re.escape(name) + r"\.tmp-[0-9a-f]{32}")
+    for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+        build = os.path.join(parent, entry)
+        if not pattern.fullmatch(entry) or not os.path.exists(os.path.join(build, ".locks", BUILD_LOCK)):
+            continue
+        try:
+            lock = RangeLock(os.path.join(build, ".locks"), BUILD_LOCK, f"store build {build}")
+        except (StoreLockedError, OSError):
+            continue  # its creator is alive
+        shutil.rmtree(build, ignore_errors=True)
+        lock.release()
+
+
 def _reopen(location: StoreLocation, manifest: Manifest) -> LogitStore:
+    """The existing store, if its manifest is `manifest`'s. One of another manifest that holds no committed
+    record (what a failed save leaves) is replaced, saying so; one with records is refused."""
     existing = _read_manifest(location)
     if existing.kind == "logits" and existing.format_version < CODED_VERSION <= manifest.format_version:
         raise StoreError(old_version_message(str(location), existing.format_version))
+    fields = existing.differing_fields(manifest)
+    if fields and not location.list_files("commits") and not _writers_alive(location):
+        print(f"replacing {location}: it holds no committed record and was made with another "
+              f"{', '.join(fields)}", file=sys.stderr)  # fmt: skip
+        location.fs.rm(location.root, recursive=True)
+        return create_store(location.url, manifest, location.storage_options)
     existing.check_same(manifest, where=str(location))
     return LogitStore(location, existing)
+
+
+def _writers_alive(location: StoreLocation) -> bool:
+    """Whether a process holds a range lock of the store (a save still writing its first shards)."""
+    if not location.is_local:
+        return False
+    for path in location.list_files(".locks"):
+        try:
+            RangeLock(os.path.dirname(path), os.path.basename(path), path).release()
+        except StoreLockedError:
+            return True
+    return False
 
 
 def convert_store(
@@ -790,21 +885,21 @@ def convert_store(
     store are re-encoded (their float16 precision stays what it was) and their markers get
     fresh digests and kept-mass sums; otherwise the version and every byte are kept.
     """
-    fields = {"backend": backend}
+    fields = {"backend": backend, "statistics": aggregate_statistics([])}  # its own: nothing yet, not the source's
     if upgrade:
         fields |= {"format_version": FORMAT_VERSION, "created_at": "", "toolkit_version": ""}
     manifest = Manifest.from_dict(src.manifest.to_dict() | fields)
     recode = upgrade and src.manifest.kind == "logits" and src.manifest.format_version < CODED_VERSION
     dst = create_store(dst_url, manifest, storage_options)
-    done = {key for key, marker in dst.commits().items() if marker}
+    copied = {key: marker for key, marker in dst.commits().items() if marker}
     commits = src.commits()
     damaged = sorted(key for key, marker in commits.items() if not marker)
     if damaged:
-        raise StoreError(
-            f"{src.location}: damaged commit markers for (epoch, shard) {damaged}; run distill-store verify"
+        raise StoreDamagedError(
+            f"{src.location}: damaged commit markers for (epoch, shard) {damaged}; run distill-store verify {src.location}"
         )
     for (epoch, shard), marker in sorted(commits.items()):
-        if (epoch, shard) in done:
+        if (epoch, shard) in copied:
             continue
         rows, statistics = src.read_shard(epoch, shard, marker), marker["statistics"]
         if recode:
@@ -812,5 +907,7 @@ def convert_store(
             statistics = statistics | {"topk_mass_sum": float(codec.kept_mass(rows, CODED_VERSION).sum())}
         with ShardWriter(dst, epoch, [shard]) as writer:  # rows as stored: any version may be copied
             writer.commit_rows(shard, rows, statistics)
+        copied[epoch, shard] = {"statistics": statistics}
+        dst.write_statistics(copied.values())  # the destination's own totals at every moment
     dst.refresh_statistics()
     return dst

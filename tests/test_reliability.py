@@ -7,6 +7,7 @@ Each test reproduces one attack of docs/RELIABILITY.md.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -89,9 +90,10 @@ def teachers(data):
     return paths
 
 
-def save_store(data, out: Path, checkpoint: Path) -> None:
+def save_store(data, out: Path, checkpoint: Path, *extra: str) -> None:
     args = ["--teacher", f"timm:{TEACHER}", "--checkpoint", str(checkpoint), "--data", data["train"], "--out",
-            str(out), "--epochs", "2", "--k", "3", "--aug", "basic", "--img-size", "32", "--batch-size", "32"]  # fmt: skip
+            str(out), "--epochs", "2", "--k", "3", "--aug", "basic", "--img-size", "32", "--batch-size", "32",
+            *extra]  # fmt: skip
     proc = run_cli("distill-save-logits", args, data["root"])
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -141,3 +143,25 @@ def test_a_resumed_run_counts_its_whole_wall_time_and_logs_no_step_twice(data, t
     logged = sorted(e.step for e in EventAccumulator(str(out / "tensorboard")).Reload().Scalars("train/loss"))
     rows = [int(r.split(",")[0]) for r in (out / "metrics.csv").read_text().splitlines()[1:] if ",train/loss," in r]
     assert logged == rows == list(range(1, 16))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["zarr", "lmdb"])
+def test_training_from_a_damaged_store_names_the_range_and_exits_2(data, teachers, tmp_path, backend):
+    """A zarr shard's index (the end of its file) garbled, or lmdb's data.mdb cut short (SIGBUS, unchecked)."""
+    store = tmp_path / f"teacher.{backend}"
+    save_store(data, store, teachers[0], "--backend", backend)
+    if backend == "zarr":
+        shard = store / "values" / "c" / "0" / "0" / "0"
+        raw = bytearray(shard.read_bytes())
+        raw[-12] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    else:
+        data_file = store / "lmdb" / "data.mdb"
+        os.truncate(data_file, data_file.stat().st_size // 2 // 4096 * 4096)
+    recipe = base_recipe(data, tmp_path / "run", method="tinyvit", teacher={"source": f"store:{store}"}, epochs=1)
+    proc = run_cli("distill-train", [str(write_recipe(tmp_path / "r.yaml", recipe))], data["root"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    error = next(line for line in proc.stderr.splitlines() if "distill-train: error:" in line)
+    assert f"{store}: epoch 0 records [0, 64) cannot be decoded" in error
+    assert error.endswith(f"; run distill-store verify {store}")

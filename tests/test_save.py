@@ -1,7 +1,9 @@
 """distill-save-logits end to end on the built-in digits, with a small timm teacher."""
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +14,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import logit_store.location
 from distill.cli import save_logits as save_main
-from logit_store import open_store
+from logit_store import ShardWriter, open_store
+from logit_store.cli import main as store_cli
 from logit_store.store import FAULT_COMMIT
 
 TEACHER = "timm:test_vit"
@@ -183,3 +187,64 @@ def test_config_file_and_option_errors(env, tmp_path, capsys):
     with pytest.raises(SystemExit):
         save_main(["--teacher", TEACHER])
     assert "missing required option(s): --data, --out, --epochs" in capsys.readouterr().err
+
+
+def test_a_damaged_committed_shard_stops_the_resume_until_repaired(env, reference, tmp_path):
+    """One byte of a committed shard flipped: the re-run save refuses (it said "saved 0 records" before);
+    distill-store repair uncommits that shard only, and the next save rewrites it bit for bit."""
+    out = tmp_path / "damaged.zarr"
+    shutil.copytree(reference[0], out)
+    shard = out / "values" / "c" / "1" / "0" / "0"  # epoch 1, shard 0: records [0, 192)
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    markers = sorted(p.name for p in (out / "commits").iterdir())
+    proc = run_cli(env, save_args(env, out))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    end = open_store(out).manifest.shard_range(0)[1]
+    assert f"committed records are damaged: epoch 1 records [0, {end}): damaged" in proc.stderr
+    assert f"run distill-store repair {out}, then this save again" in proc.stderr
+    assert store_cli(["repair", str(out)]) == 0
+    assert sorted(p.name for p in (out / "commits").iterdir()) == [m for m in markers if m != "e00001-s000000.json"]
+    again = run_cli(env, save_args(env, out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert content(out) == content(reference[0])
+    assert shard.read_bytes() == (reference[0] / shard.relative_to(out)).read_bytes()
+    assert store_cli(["repair", str(out)]) == 0  # nothing left to repair
+
+
+def test_a_full_disk_while_saving_is_one_line_and_exit_2(env, tmp_path, monkeypatch, capsys):
+    """ENOSPC at the third file the save writes (the manifest, shard 0's marker, shard 1's marker)."""
+    monkeypatch.setenv("DISTILL_CACHE", env["env"]["DISTILL_CACHE"])
+    monkeypatch.setattr(ShardWriter, "MAX_SEALED", 0)  # commits in shard order, on the saving thread
+    real, calls = logit_store.location.write_file, []
+
+    def full_at_third(path, data):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data)
+
+    monkeypatch.setattr(logit_store.location, "write_file", full_at_third)
+    out = tmp_path / "s.zarr"
+    assert save_main(save_args(env, out)) == 2
+    marker = out / "commits" / "e00000-s000001.json"
+    expected = f"distill-save-logits: error: disk full: cannot write {marker} (no space left on its file system); "
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith(expected + "free space, then run again"), errors
+    assert [p for p in tmp_path.rglob("*") if ".tmp-" in p.name] == []
+
+
+@pytest.mark.slow
+def test_a_failed_save_blocks_no_corrected_command(env, tmp_path):
+    """Killed before its first commit: the corrected command (another --k) replaces the empty store, saying so;
+    a store with committed records is still refused, naming the field (issue 17)."""
+    out = tmp_path / "s.zarr"
+    assert run_cli(env, save_args(env, out, k=4), extra_env={FAULT_COMMIT: "before:1"}).returncode == -9
+    assert (out / "manifest.json").exists() and not (out / "commits").exists()
+    proc = run_cli(env, save_args(env, out, epochs=1))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"replacing {out}: it holds no committed record and was made with another epochs, k\n" in proc.stderr
+    assert open_store(out).manifest.k == 3 and open_store(out).verify() == []
+    refused = run_cli(env, save_args(env, out, epochs=1, k=4))
+    assert refused.returncode == 2 and "k: store has 3, asked for 4" in refused.stderr

@@ -186,6 +186,27 @@ def test_reopen_with_a_different_manifest(store, tmp_path):
     assert create_store(tmp_path / "s", manifest()).committed_shards(0) == {0}  # same manifest resumes
 
 
+@pytest.mark.parametrize("backend", ["zarr", "lmdb"])
+def test_a_store_without_committed_records_is_replaced_by_another_manifest(tmp_path, capsys, backend):
+    """What a failed save leaves (created, nothing committed) blocks no corrected command (issue 17)."""
+    create_store(tmp_path / "s", manifest(backend, k=4)).writer(0, [1]).release()  # claimed, never committed
+    store = create_store(tmp_path / "s", manifest(backend))
+    assert capsys.readouterr().err == (
+        f"replacing {tmp_path / 's'}: it holds no committed record and was made with another k\n"
+    )
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["k"] == 5
+    write_epoch(store, 0, shards=[0])
+    assert_first_shard_intact(store)
+    assert not list(tmp_path.glob("s.tmp-*"))
+
+
+def test_a_store_whose_writer_is_alive_is_not_replaced(tmp_path):
+    held = create_store(tmp_path / "s", manifest(k=4)).writer(0, [1])  # a save at work on its first shard
+    with pytest.raises(ManifestMismatchError, match=r"k: store has 4, asked for 5"):
+        create_store(tmp_path / "s", manifest())
+    held.release()
+
+
 def test_bad_manifest_fields(tmp_path):
     with pytest.raises(StoreInputError, match="k=60 is larger than num_classes=50"):
         manifest(k=60)

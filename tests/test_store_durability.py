@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from store_helpers import EPOCHS, manifest, write_epoch
 
-from logit_store import StoreLockedError, convert_store, create_store, open_store
+from logit_store import ShardWriter, StoreLockedError, convert_store, create_store, open_store
 from logit_store.cli import main as store_cli
 from logit_store.store import FAULT_COMMIT
 
@@ -184,3 +184,31 @@ def test_torn_shard_file_is_rewritten_on_resume(tmp_path):
     write_epoch(store, 1)
     assert store.verify() == []
     assert store.info()["content_hashes"] == reference_hashes(tmp_path, "zarr")
+
+
+def test_an_interrupted_convert_leaves_the_destination_its_own_statistics(tmp_path, monkeypatch):
+    """Stopped after two copied shards: the destination's manifest counts its own two commits, not the source's
+    totals; the resumed convert ends with the source's."""
+    src = create_store(tmp_path / "s", manifest())
+    for epoch in range(EPOCHS):
+        write_epoch(src, epoch)
+    src.refresh_statistics()
+    real, calls = ShardWriter.commit_rows, []
+
+    def stop_after_two(self, *args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the copy is interrupted
+        calls.append(args[0])
+        return real(self, *args)
+
+    monkeypatch.setattr(ShardWriter, "commit_rows", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        convert_store(src, tmp_path / "t", "lmdb")
+    markers = [json.loads(p.read_text()) for p in (tmp_path / "t" / "commits").glob("*.json")]
+    statistics = json.loads((tmp_path / "t" / "manifest.json").read_text())["statistics"]
+    assert len(markers) == 2 and statistics["records"] == sum(m["stop"] - m["start"] for m in markers) == 1024
+    assert statistics["records"] != src.manifest.statistics["records"] == EPOCHS * 3000
+    monkeypatch.setattr(ShardWriter, "commit_rows", real)
+    dst = convert_store(open_store(tmp_path / "s"), tmp_path / "t", "lmdb")
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["statistics"] == src.manifest.statistics
+    assert dst.info()["content_hashes"] == src.info()["content_hashes"]

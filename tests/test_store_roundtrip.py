@@ -82,14 +82,6 @@ def test_convert_resumes(tmp_path):
     assert convert_store(src, tmp_path / "b", "lmdb").info()["content_hashes"] == src.info()["content_hashes"]
 
 
-def test_read_uncommitted_range_is_refused(tmp_path):
-    store = create_store(tmp_path / "s", manifest())
-    write_epoch(store, 0, shards=[0])
-    store.read(0, [0, 1])
-    with pytest.raises(KeyError, match=r"epoch 0 records \[512, 1024\) are not committed"):
-        store.read(0, [1, 600])
-
-
 def test_store_survives_pickling_into_workers(full_store):
     import pickle
 

@@ -1,69 +1,151 @@
 """lmdb: one key per checksum block, (plane, block) as 8 big-endian bytes, packed rows as value.
 
 A plane is an epoch, or an embeddings store's text plane (index = epochs).
+
+Readers open the environment read-only and without lmdb's lock file (`readonly=True,
+lock=False`): reading writes nothing, so a store on a read-only mount is read as it is, and
+verify leaves a damaged store exactly as it found it. A read transaction is one call of
+`read_rows`; the commit's digests catch a block a concurrent writer recycled under it.
+Before any environment is mapped, data.mdb is checked against its own meta pages
+(`check_data_file`): a truncated file would otherwise kill the process with SIGBUS.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import threading
+from dataclasses import dataclass
 
 import lmdb
 import numpy as np
 
-from ..errors import StoreInputError
+from ..errors import StoreDamagedError, StoreInputError
 from .base import Backend
 
 MAP_SIZE = 1 << 40  # address space only; the file grows with what is written
+DATA_FILE = "data.mdb"
+# lmdb's meta page (lmdb.h, mdb.c; 64-bit little-endian build): a 16-byte page header, then
+# mm_magic, mm_version, mm_address, mm_mapsize, the free DB's md_pad (= the page size),
+# the rest of both MDB_db records, mm_last_pg and mm_txnid. Pages 0 and 1 are the two metas.
+_META = struct.Struct("<IIQQI92xQQ")
+_META_AT, MAGIC = 16, 0xBEEFC0DE
 
 
 def block_key(epoch: int, block: int) -> bytes:
     return np.array([epoch, block], dtype=">u4").tobytes()
 
 
+def check_data_file(directory: str, must_exist: bool) -> None:
+    """Raise StoreDamagedError unless `directory`/data.mdb is at least as long as its newest meta
+    page says (pages 0..mm_last_pg, each of the page size). A missing file is damage only when
+    `must_exist` (a reader's); a writer's lmdb creates it."""
+    path = os.path.join(directory, DATA_FILE)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_META_AT + _META.size)
+            size = os.fstat(fh.fileno()).st_size
+            metas = [_meta(head)]
+            if metas[0] is not None:
+                fh.seek(metas[0][1])
+                metas.append(_meta(fh.read(_META_AT + _META.size)))
+    except FileNotFoundError:
+        if must_exist:
+            raise StoreDamagedError(f"{path} is missing (the lmdb data file of this store)") from None
+        return
+    valid = [m for m in metas if m is not None]
+    if not valid:
+        raise StoreDamagedError(f"{path} is not an lmdb data file: no valid meta page ({size} bytes)")
+    txnid, page, last = max(valid)
+    if size < (last + 1) * page:
+        raise StoreDamagedError(
+            f"{path} is truncated: {size} bytes, but its meta page (txn {txnid}) needs "
+            f"{(last + 1) * page} ({last + 1} pages of {page} bytes)"
+        )
+
+
+def _meta(page: bytes) -> tuple[int, int, int] | None:
+    """(txnid, page size, last page) of one meta page, or None if it is not one."""
+    if len(page) < _META_AT + _META.size:
+        return None
+    magic, _version, _address, _mapsize, psize, last, txnid = _META.unpack_from(page, _META_AT)
+    if magic != MAGIC or psize < 512 or psize & (psize - 1):
+        return None
+    return txnid, psize, last
+
+
+@dataclass
+class _Shared:
+    """One environment of a path in this process, and how many backends use it."""
+
+    env: lmdb.Environment
+    readonly: bool
+    users: int = 0
+
+
 # lmdb allows one open environment per path and process: share it, counting users.
-_OPEN: dict[tuple[int, str], list] = {}
+_OPEN: dict[tuple[int, str], _Shared] = {}
 # lmdb takes one write transaction at a time, and py-lmdb crashes when two threads of a
 # process (a writer's commit threads) open theirs at once: they take turns here.
 _WRITE_LOCK = threading.Lock()
 _OPEN_LOCK = threading.Lock()
 
 
-def _acquire(path: str) -> lmdb.Environment:
+def _open(path: str, write: bool) -> lmdb.Environment:
+    check_data_file(path, must_exist=not write)
+    if write:
+        return lmdb.open(path, map_size=MAP_SIZE, subdir=True, max_dbs=0)
+    return lmdb.open(path, map_size=MAP_SIZE, subdir=True, max_dbs=0, readonly=True, lock=False, create=False)
+
+
+def _acquire(path: str, write: bool) -> _Shared:
+    """The process's environment of `path`; a read-only one is reopened for writing when a writer asks."""
     key = (os.getpid(), path)
-    if key not in _OPEN:
-        _OPEN[key] = [lmdb.open(path, map_size=MAP_SIZE, subdir=True, max_dbs=0), 0]
-    _OPEN[key][1] += 1
-    return _OPEN[key][0]
+    shared = _OPEN.get(key)
+    if shared is None:
+        shared = _OPEN[key] = _Shared(_open(path, write), readonly=not write)
+    elif write and shared.readonly:
+        shared.env.close()
+        shared.env, shared.readonly = _open(path, True), False
+    shared.users += 1
+    return shared
 
 
 def _release(path: str) -> None:
     key = (os.getpid(), path)
     if key in _OPEN:
-        _OPEN[key][1] -= 1
-        if _OPEN[key][1] == 0:
-            _OPEN.pop(key)[0].close()
+        _OPEN[key].users -= 1
+        if _OPEN[key].users == 0:
+            _OPEN.pop(key).env.close()
 
 
 class LmdbBackend(Backend):
     """Local filesystem only. The environment is opened lazily in each process, since an
-    environment inherited through fork fails in the child (MDB_READERS_FULL)."""
+    environment inherited through fork fails in the child (MDB_READERS_FULL): read-only until
+    this process writes."""
 
-    _env: lmdb.Environment | None = None
+    _shared: _Shared | None = None
     _pid: int = -1
+
+    def _env(self, write: bool) -> lmdb.Environment:
+        with _OPEN_LOCK:  # a writer's commit threads may be the first to ask
+            path = self.location.path("lmdb")
+            if self._shared is None or self._pid != os.getpid():
+                if not self.location.is_local:
+                    raise StoreInputError(f"lmdb stores need a local path, got {self.location}")
+                self._shared, self._pid = _acquire(path, write), os.getpid()
+            elif write and self._shared.readonly:
+                _release(path)
+                self._shared = _acquire(path, write)
+            return self._shared.env
 
     @property
     def env(self) -> lmdb.Environment:
-        with _OPEN_LOCK:  # a writer's commit threads may be the first to ask
-            if self._env is None or self._pid != os.getpid():
-                if not self.location.is_local:
-                    raise StoreInputError(f"lmdb stores need a local path, got {self.location}")
-                self._env = _acquire(self.location.path("lmdb"))
-                self._pid = os.getpid()
-            return self._env
+        """The environment as a reader has it (read-only unless this process writes)."""
+        return self._env(write=False)
 
     def create(self) -> None:
-        self.env.sync(True)
+        self._env(write=True).sync(True)
 
     def write_rows(self, epoch: int, start: int, rows: np.ndarray) -> None:
         # Blocks of chunk_records rows, not single records: readers load whole shards, and
@@ -72,25 +154,27 @@ class LmdbBackend(Backend):
         items = [
             (block_key(epoch, (start + i) // size), rows[i : i + size].tobytes()) for i in range(0, len(rows), size)
         ]
-        with _WRITE_LOCK, self.env.begin(write=True) as txn:
+        env = self._env(write=True)
+        with _WRITE_LOCK, env.begin(write=True) as txn:
             txn.cursor().putmulti(items, dupdata=False, overwrite=True)
 
     def read_rows(self, epoch: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        size = self.manifest.chunk_records
+        """Any [start, stop): each block it touches is checked whole (its value's exact length), then cut."""
+        size, total = self.manifest.chunk_records, self.manifest.num_samples
         out = np.empty(stop - start, dtype=self.row_dtype) if out is None else out
         with self.env.begin(buffers=True) as txn:
-            for first in range(start, stop, size):
-                value = txn.get(block_key(epoch, first // size))
+            for block in range(start // size, -(-stop // size)):
+                lo, hi = block * size, min(block * size + size, total)
+                a, b = max(lo, start), min(hi, stop)
+                value = txn.get(block_key(epoch, block))
                 if value is None:
-                    raise KeyError(f"lmdb: epoch {epoch} records [{first}, {min(first + size, stop)}) are missing")
-                block = np.frombuffer(value, dtype=np.uint8)
-                n = min(size, stop - first)
-                if len(block) != n * self.row_dtype.itemsize:
-                    raise ValueError(f"lmdb: epoch {epoch} records [{first}, {first + n}) have a damaged value")
-                out[first - start : first - start + n] = block.view(self.row_dtype)
+                    raise KeyError(f"lmdb: epoch {epoch} records [{a}, {b}) are missing")
+                if len(value) != (hi - lo) * self.row_dtype.itemsize:
+                    raise ValueError(f"lmdb: epoch {epoch} records [{lo}, {hi}) have a damaged value")
+                out[a - start : b - start] = np.frombuffer(value, dtype=self.row_dtype)[a - lo : b - lo]
         return out
 
     def close(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
+        if self._shared is not None and self._pid == os.getpid():
             _release(self.location.path("lmdb"))
-        self._env = None
+        self._shared = None

@@ -18,6 +18,7 @@ from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from ..errors import StoreDamagedError
 from ..records import CODED_VERSION
 from .base import Backend
 
@@ -49,10 +50,14 @@ class ZarrBackend(Backend):
     def arrays(self) -> dict[str, zarr.Array]:
         # Shards are written whole, so zarr's scan of every chunk for fill values only costs time.
         config = {"write_empty_chunks": True}
-        return {
-            name: zarr.open_array(self._store, path=name, mode="r+", zarr_format=3, config=config)
-            for name in self.row_dtype.names
-        }
+        return {name: self._open_array(name, config) for name in self.row_dtype.names}
+
+    def _open_array(self, name: str, config: dict) -> zarr.Array:
+        """One field's array; metadata that cannot be read is damage naming its file."""
+        try:
+            return zarr.open_array(self._store, path=name, mode="r+", zarr_format=3, config=config)
+        except Exception as err:  # zarr raises JSON, KeyError, ValueError and its own errors alike
+            raise StoreDamagedError(f"{self.location.path(name, 'zarr.json')} cannot be read: {err}") from err
 
     @cached_property
     def _delta_values(self) -> bool:

@@ -1,0 +1,166 @@
+"""The contract every storage backend keeps, as one base test class (in the style of zarr's `zarr.testing.store`).
+
+A backend's test class subclasses `StoreContract`, names the backend (`backend = "zarr"`) and says how to damage
+the bytes of one written block (`damage_block`); pytest collects the subclass (tests/test_store_backends.py).
+
+The contract (logit_store.backends.base.Backend): `create` lays out an empty store; `write_rows` takes one whole
+shard of packed rows; `read_rows(epoch, start, stop)` gives them back bit for bit for any [start, stop), within or
+across shards; reading writes nothing (a read-only mount works); `close`
+and a reopen, in this process or another, see the same rows. Over it, the store's commit markers, checks and
+refusals hold for every backend alike.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from store_helpers import manifest as store_manifest
+
+from logit_store import Manifest, NotCommittedError, StoreDamagedError, create_store, open_store
+from logit_store.backends import create_backend
+from logit_store.location import StoreLocation
+from logit_store.records import block_digest
+
+
+def random_rows(m: Manifest, dtype: np.dtype, epoch: int, start: int, stop: int) -> np.ndarray:
+    """Packed rows of arbitrary bytes (a backend stores rows, not records), fixed by (epoch, start)."""
+    raw = np.random.default_rng([epoch, start]).integers(0, 256, (stop - start) * dtype.itemsize, dtype=np.uint8)
+    return raw.view(dtype)
+
+
+def listing(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file and folder under root: (mode, size, mtime in ns), by relative path."""
+    return {str(p.relative_to(root)): (p.lstat().st_mode, p.lstat().st_size, p.lstat().st_mtime_ns)
+            for p in [root, *root.rglob("*")]}  # fmt: skip
+
+
+class StoreContract:
+    backend: str  # the subclass's backend name
+
+    def damage_block(self, path: Path, epoch: int, record: int, row_bytes: int) -> None:
+        """Change one byte of the stored bytes of `record`'s block in `epoch`, leaving the rest intact."""
+        raise NotImplementedError
+
+    # ---- fixtures ------------------------------------------------------------------------------
+
+    @pytest.fixture
+    def m(self) -> Manifest:
+        return store_manifest(
+            self.backend, num_samples=1100, epochs=2, shard_records=512, chunk_records=128
+        )  # 3 shards
+
+    @pytest.fixture
+    def written(self, tmp_path, m) -> tuple[Path, dict[int, np.ndarray]]:
+        """A store whose epoch 0 is written whole through the backend (nothing committed)."""
+        path = tmp_path / "s"
+        store = create_store(path, m)
+        rows = random_rows(m, store.backend.row_dtype, 0, 0, m.num_samples)
+        for shard in range(m.num_shards):
+            start, stop = m.shard_range(shard)
+            store.backend.write_rows(0, start, rows[start:stop])
+        store.close()
+        return path, {0: rows}
+
+    @pytest.fixture
+    def committed(self, tmp_path, m) -> tuple[Path, np.ndarray]:
+        """A store whose epoch 0 is committed whole through a writer; returns its rows."""
+        path = tmp_path / "c"
+        store = create_store(path, m)
+        rows = random_rows(m, store.backend.row_dtype, 0, 0, m.num_samples)
+        with store.writer(0) as writer:
+            for shard in range(m.num_shards):
+                writer.commit_rows(shard, rows[slice(*m.shard_range(shard))], {"records": 0})
+        store.close()
+        return path, rows
+
+    # ---- the Backend interface ------------------------------------------------------------------
+
+    def test_rows_round_trip_bit_for_bit(self, written, m):
+        path, rows = written
+        backend = create_backend(StoreLocation(path), m)
+        assert backend.read_rows(0, 0, m.num_samples).tobytes() == rows[0].tobytes()
+        out = np.zeros(m.shard_records, dtype=backend.row_dtype)
+        assert backend.read_rows(0, 0, m.shard_records, out) is out and out.tobytes() == rows[0][: len(out)].tobytes()
+        backend.close()
+
+    def test_partial_ranges_within_and_across_shards(self, written, m):
+        path, rows = written
+        backend = create_backend(StoreLocation(path), m)
+        chunk, shard = m.chunk_records, m.shard_records
+        ranges = [(chunk, 2 * chunk + 5), (shard - chunk, shard + 3), (2 * shard, m.num_samples), (0, 1), (7, 300)]
+        for start, stop in ranges:
+            assert backend.read_rows(0, start, stop).tobytes() == rows[0][start:stop].tobytes(), (start, stop)
+        backend.close()
+
+    def test_reopening_sees_the_same_rows(self, written, m):
+        path, rows = written
+        first = create_backend(StoreLocation(path), m)
+        first.read_rows(0, 0, 10)
+        first.close()
+        again = pickle.loads(pickle.dumps(open_store(path)))  # as a DataLoader worker gets it
+        assert again.backend.read_rows(0, 0, m.num_samples).tobytes() == rows[0].tobytes()
+
+    # ---- commits, checks and refusals over the backend --------------------------------------------
+
+    def test_rows_written_but_not_committed_are_refused(self, written, m):
+        store = open_store(written[0])
+        assert store.pending_shards(0) == list(range(m.num_shards))
+        with pytest.raises(NotCommittedError, match=r"epoch 0 records \[0, \d+\) are not committed"):
+            store.read(0, [1])
+        with pytest.raises(NotCommittedError, match=r"epoch 1 records"):
+            store.read(1, [1])  # never written at all
+
+    def test_commit_markers_hold_the_digests_of_their_blocks(self, committed, m):
+        path, rows = committed
+        store = open_store(path)
+        assert store.committed_shards(0) == set(range(m.num_shards)) and store.pending_shards(1) == [0, 1, 2]
+        for (epoch, shard), marker in store.commits().items():
+            start, stop = m.shard_range(shard)
+            blocks = [rows[a : min(a + m.chunk_records, stop)] for a in range(start, stop, m.chunk_records)]
+            assert (epoch, marker["start"], marker["stop"]) == (0, start, stop)
+            assert marker["digests"] == [block_digest(b) for b in blocks]
+        ids = np.random.default_rng(0).permutation(m.num_samples)[:300]
+        assert store.read(0, ids).seed.tolist() == rows["seed"][ids].tolist()
+
+    def test_verify_finds_nothing_in_an_intact_store_and_one_damaged_block(self, committed, m):
+        path, _ = committed
+        store = open_store(path)
+        assert [str(p) for p in store.verify()] == [f"epoch 1 records [{a}, {b}): missing (not committed)"
+                                                     for a, b in map(m.shard_range, range(m.num_shards))]  # fmt: skip
+        store.close()  # (lmdb: one environment per path and process; damage_block opens its own)
+        record = m.shard_records + m.chunk_records + 7  # shard 1's second block
+        self.damage_block(path, 0, record, store.backend.row_dtype.itemsize)
+        damaged = [p for p in open_store(path).verify() if p.kind == "damaged"]
+        first = record // m.chunk_records * m.chunk_records
+        assert [(p.epoch, p.start, p.stop) for p in damaged] == [(0, first, first + m.chunk_records)]
+        with pytest.raises(StoreDamagedError, match=re.escape(f"epoch 0 records [{first}, {first + m.chunk_records})")):
+            open_store(path).read(0, [record])
+        assert open_store(path).read(0, [0]).seed.size == 1  # other shards still read
+
+    def test_reading_writes_nothing_and_works_read_only(self, committed):
+        path, rows = committed
+        for p in [path, *path.rglob("*")]:  # a read-only mount, as far as chmod goes (as root: the listing shows it)
+            p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        before = listing(path)
+        store = open_store(path)
+        assert store.read(0, [3, 900]).seed.tolist() == rows["seed"][[3, 900]].tolist()
+        assert [p.kind for p in store.verify()] == ["missing"] * store.manifest.num_shards
+        store.info()
+        store.close()
+        assert listing(path) == before
+
+    def test_reopening_for_writing_resumes_and_keeps_what_is_committed(self, committed, m):
+        path, rows = committed
+        store = create_store(path, m)
+        assert store.committed_shards(0) == set(range(m.num_shards))
+        more = random_rows(m, store.backend.row_dtype, 1, 0, m.num_samples)
+        with store.writer(1, [0]) as writer:
+            writer.commit_rows(0, more[: m.shard_records], {"records": 0})
+        reader = open_store(path)
+        assert reader.read(1, [5]).seed.tolist() == more["seed"][[5]].tolist()
+        assert reader.read(0, [5]).seed.tolist() == rows["seed"][[5]].tolist()
