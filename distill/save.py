@@ -28,7 +28,7 @@ from .cli import SaveConfig
 from .data import CAPTION_SPEC_FORMS, ImageDataset, create_dataset
 from .errors import RecipeError
 from .loader import ReplayDataset, ShardBatchSampler, replay_loader
-from .views import ReplayAugment, mix_batch
+from .views import MIX_KEYS, ReplayAugment, mix_batch
 
 __all__ = ["build_manifest", "check_replay", "run"]
 
@@ -93,7 +93,7 @@ def save_epoch(
         for batch in replay_loader(data, sampler, cfg.workers):
             ids = batch["id"].numpy()
             # The views mixed as training mixes them (`mix_batch`): the record is of the student's mixed view.
-            images = mix_batch({k: v.to(state.device) for k, v in batch.items()})["image"]
+            images = mix_batch({k: v if k in MIX_KEYS else v.to(state.device) for k, v in batch.items()})["image"]
             seeds = record_seeds(m.global_seed, epoch, ids)
             if m.kind == "embeddings":
                 embedding = teacher.image_embeddings(images, epoch, batch["id"])

@@ -46,7 +46,7 @@ from .plots import plot_training_curves
 from .recipe import Recipe, to_dict
 from .syncbn import convert_sync_batchnorm, has_batchnorm
 from .tracking import CsvTracker, RunLog
-from .views import mix_batch
+from .views import MIX_KEYS, mix_batch
 
 __all__ = ["TrainState", "Trainer", "create_schedule"]
 
@@ -232,7 +232,8 @@ class Trainer:
     def train_step(self, batch: dict[str, torch.Tensor]) -> bool:
         """Forward, backward and (at the end of an accumulation) an optimizer step; True after a step."""
         acc, clip = self.accelerator, self.recipe.optimizer.clip_grad
-        batch = mix_batch({k: v.to(acc.device, non_blocking=True) for k, v in batch.items()})
+        # the views are mixed on the device; how they mix (MIX_KEYS) is read on the host
+        batch = mix_batch({k: v if k in MIX_KEYS else v.to(acc.device, non_blocking=True) for k, v in batch.items()})
         self.batch = batch
         with acc.accumulate(self.model), acc.autocast():
             losses = self.method.loss(self.model, batch, self.teacher)

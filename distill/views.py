@@ -29,7 +29,7 @@ from logit_store import record_seeds
 
 from .augment import AugRecipe, MixParams, ViewParams, draw_mix, draw_view, pair_partners
 
-__all__ = ["EvalView", "ReplayAugment", "mix_batch"]
+__all__ = ["MIX_KEYS", "EvalView", "ReplayAugment", "mix_batch"]
 
 _RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -141,28 +141,36 @@ class EvalView:
         return self.view(load(sample_id)), MixParams(sample_id, 1.0)
 
 
+MIX_KEYS = ("partner_row", "cutmix", "box")  # how a batch mixes: host-side metadata, read by `mix_batch`
+
+
 def mix_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch with its views mixed: row i becomes lam_i * view_i + (1 - lam_i) * view_partner(i) (Mixup), or
-    view_i with its CutMix box pasted from view_partner(i); unmixed rows (lam 1) stay as they are.
+    view_i with its CutMix box pasted from view_partner(i); unmixed rows stay as they are.
 
     `batch` is `distill.loader.collate`'s: "image" holds the batch's unmixed views, then those of partners
-    outside the batch; "partner_row" [B] the row of each sample's partner, "cutmix" [B] and "box" [B, 4] (pixel
-    y0, y1, x0, x1) its CutMix box. Returns the batch of B mixed images without those three keys; a batch
-    without them (already mixed, or never mixing) is returned as it is. Elementwise per row, so a row's result
-    is the same in any batch and on any device: the one mixing of the save pipeline and of training."""
+    outside the batch; `MIX_KEYS` say how each sample mixes: "partner_row" [B] the row of its partner's view,
+    "cutmix" [B] and "box" [B, 4] its CutMix box (pixel y0, y1, x0, x1). Those three are read on the host (keep
+    them there: only the images and "lam" need the device). Returns the batch of B mixed images without them; a
+    batch without them (already mixed, or never mixing) is returned as it is. Each row is computed alone, by the
+    same float32 operations in any batch and on any device: the one mixing of the save pipeline and of training.
+    Row by row, as timm's Mixup does, so each costs one pass over two views, not a gather of the batch."""
     if "partner_row" not in batch:
         return batch
-    out = {k: v for k, v in batch.items() if k not in ("partner_row", "cutmix", "box")}
+    out = {k: v for k, v in batch.items() if k not in MIX_KEYS}
     images, n = batch["image"], len(batch["id"])
-    own, other = images[:n], images[batch["partner_row"]]
-    weight = torch.where(batch["cutmix"], 1.0, batch["lam"]).to(images.dtype).view(-1, 1, 1, 1)
-    mixed = own * weight + other * (1 - weight)
-    y0, y1, x0, x1 = batch["box"].unbind(1)  # (an empty box where a row has none; no host sync to check)
-    ys = torch.arange(images.shape[-2], device=images.device)
-    xs = torch.arange(images.shape[-1], device=images.device)
-    rows = (ys >= y0[:, None]) & (ys < y1[:, None])
-    cols = (xs >= x0[:, None]) & (xs < x1[:, None])
-    out["image"] = torch.where(rows[:, None, :, None] & cols[:, None, None, :], other, mixed)
+    lam = batch["lam"].to(device=images.device, dtype=images.dtype)
+    mixed = torch.empty_like(images[:n])
+    rows = zip(batch["partner_row"].tolist(), batch["cutmix"].tolist(), batch["box"].tolist(), strict=True)
+    for i, (p, cutmix, (y0, y1, x0, x1)) in enumerate(rows):
+        if cutmix or p == i:
+            mixed[i].copy_(images[i])
+            if cutmix:
+                mixed[i, :, y0:y1, x0:x1] = images[p, :, y0:y1, x0:x1]
+        else:
+            torch.mul(images[i], lam[i], out=mixed[i])
+            mixed[i].add_(images[p] * (1 - lam[i]))
+    out["image"] = mixed
     return out
 
 

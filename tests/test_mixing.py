@@ -169,3 +169,24 @@ def test_stored_record_is_the_live_teacher_on_the_students_mixed_view(small, tmp
         np.testing.assert_allclose(top - top[:, :1], stored.values - stored.values[:, :1], atol=2e-3)
     assert (store.read(1, np.arange(len(dataset))).lam < 1).any()
     assert open_store(cfg.out).manifest.num_samples == 160
+
+
+def test_mix_batch_blends_pastes_and_leaves_unmixed_rows():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 8, 8, generator=g)  # rows 0-2 the batch, row 3 a partner's view only mixed in
+    batch = {
+        "image": images.clone(),
+        "id": torch.tensor([10, 11, 12]),
+        "lam": torch.tensor([0.3, 0.75, 1.0]),
+        "partner_row": torch.tensor([1, 3, 2]),
+        "cutmix": torch.tensor([False, True, False]),
+        "box": torch.tensor([[0, 0, 0, 0], [2, 4, 1, 5], [0, 0, 0, 0]]),
+    }
+    out = mix_batch(batch)
+    assert set(out) == {"image", "id", "lam"} and out["image"].shape == (3, 3, 8, 8)
+    assert torch.equal(out["image"][0], images[0] * torch.tensor(0.3) + images[1] * (1 - torch.tensor(0.3)))
+    pasted = images[1].clone()
+    pasted[:, 2:4, 1:5] = images[3][:, 2:4, 1:5]
+    assert torch.equal(out["image"][1], pasted) and torch.equal(out["image"][2], images[2])
+    assert torch.equal(batch["image"], images)  # the unmixed views are left as they were
+    assert mix_batch(out) is out  # nothing left to mix
