@@ -152,25 +152,38 @@ def mix_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     outside the batch; `MIX_KEYS` say how each sample mixes: "partner_row" [B] the row of its partner's view,
     "cutmix" [B] and "box" [B, 4] its CutMix box (pixel y0, y1, x0, x1). Those three are read on the host (keep
     them there: only the images and "lam" need the device). Returns the batch of B mixed images without them; a
-    batch without them (already mixed, or never mixing) is returned as it is. Each row is computed alone, by the
-    same float32 operations in any batch and on any device: the one mixing of the save pipeline and of training.
-    Row by row, as timm's Mixup does, so each costs one pass over two views, not a gather of the batch."""
+    batch without them (already mixed, or never mixing) is returned as it is. "image" is mixed in place, as
+    timm's Mixup does (what a later row still reads of an earlier one is kept first), row by row: each row by
+    the same float32 operations in any batch and on any device, the one mixing of the save and of training."""
     if "partner_row" not in batch:
         return batch
     out = {k: v for k, v in batch.items() if k not in MIX_KEYS}
     images, n = batch["image"], len(batch["id"])
     lam = batch["lam"].to(device=images.device, dtype=images.dtype)
-    mixed = torch.empty_like(images[:n])
-    rows = zip(batch["partner_row"].tolist(), batch["cutmix"].tolist(), batch["box"].tolist(), strict=True)
-    for i, (p, cutmix, (y0, y1, x0, x1)) in enumerate(rows):
-        if cutmix or p == i:
-            mixed[i].copy_(images[i])
-            if cutmix:
-                mixed[i, :, y0:y1, x0:x1] = images[p, :, y0:y1, x0:x1]
+    partner, cutmix, boxes = batch["partner_row"].tolist(), batch["cutmix"].tolist(), batch["box"].tolist()
+    readers: dict[int, list[int]] = {}
+    for j in range(n):
+        if partner[j] != j:
+            readers.setdefault(partner[j], []).append(j)
+    views: dict[int, torch.Tensor] = {}  # earlier rows' unmixed views that a later row reads
+    boxes_kept: dict[int, torch.Tensor] = {}  # or only the box that its one later (CutMix) reader pastes
+    for i in range(n):
+        p = partner[i]
+        if p == i:
+            continue
+        later = [j for j in readers.get(i, ()) if j > i]
+        if len(later) == 1 and cutmix[later[0]]:
+            y0, y1, x0, x1 = boxes[later[0]]
+            boxes_kept[i] = images[i, :, y0:y1, x0:x1].clone()
+        elif later:
+            views[i] = images[i].clone()
+        y0, y1, x0, x1 = boxes[i]
+        if cutmix[i]:
+            box = boxes_kept.pop(p, None)
+            images[i, :, y0:y1, x0:x1] = box if box is not None else views.get(p, images[p])[:, y0:y1, x0:x1]
         else:
-            torch.mul(images[i], lam[i], out=mixed[i])
-            mixed[i].add_(images[p] * (1 - lam[i]))
-    out["image"] = mixed
+            images[i].mul_(lam[i]).add_(views.get(p, images[p]) * (1 - lam[i]))
+    out["image"] = images[:n]
     return out
 
 

@@ -175,7 +175,7 @@ def test_mix_batch_blends_pastes_and_leaves_unmixed_rows():
     g = torch.Generator().manual_seed(0)
     images = torch.randn(4, 3, 8, 8, generator=g)  # rows 0-2 the batch, row 3 a partner's view only mixed in
     batch = {
-        "image": images.clone(),
+        "image": images.clone(),  # (mixed in place)
         "id": torch.tensor([10, 11, 12]),
         "lam": torch.tensor([0.3, 0.75, 1.0]),
         "partner_row": torch.tensor([1, 3, 2]),
@@ -188,5 +188,46 @@ def test_mix_batch_blends_pastes_and_leaves_unmixed_rows():
     pasted = images[1].clone()
     pasted[:, 2:4, 1:5] = images[3][:, 2:4, 1:5]
     assert torch.equal(out["image"][1], pasted) and torch.equal(out["image"][2], images[2])
-    assert torch.equal(batch["image"], images)  # the unmixed views are left as they were
     assert mix_batch(out) is out  # nothing left to mix
+    # in place, rows that read each other: a Mixup pair, a CutMix pair, a Mixup row reading a CutMix row
+    for cut, order in (([False, False], [0, 1]), ([True, True], [0, 1]), ([False, True], [0, 1]),
+                       ([True, False], [1, 0])):  # fmt: skip
+        views = torch.randn(2, 3, 8, 8, generator=g)
+        lam = torch.tensor([0.4, 0.9])
+        box = torch.tensor([[1, 6, 2, 7], [0, 3, 3, 8]])
+        expect = [None, None]
+        for i in (0, 1):
+            if cut[i]:
+                expect[i] = views[i].clone()
+                y0, y1, x0, x1 = box[i].tolist()
+                expect[i][:, y0:y1, x0:x1] = views[1 - i][:, y0:y1, x0:x1]
+            else:
+                expect[i] = views[i] * lam[i] + views[1 - i] * (1 - lam[i])
+        rows = torch.tensor(order)
+        got = mix_batch({"image": views[rows].clone(), "id": rows, "lam": lam[rows], "partner_row": torch.tensor([1, 0]),
+                         "cutmix": torch.tensor(cut)[rows], "box": box[rows]})["image"]  # fmt: skip
+        for r, i in enumerate(order):
+            assert torch.equal(got[r], expect[i]), (cut, order, i)
+
+
+def test_a_mixing_run_builds_its_loader_once_with_persistent_workers(small, tmp_path, monkeypatch):
+    import distill.trainer as trainer_module
+    from distill.trainer import Trainer
+
+    built = []
+
+    def counting_loader(*args, **kwargs):
+        built.append(trainer_module.replay_loader.__wrapped__(*args, **kwargs))
+        return built[-1]
+
+    counting_loader.__wrapped__ = trainer_module.replay_loader
+    monkeypatch.setattr(trainer_module, "replay_loader", counting_loader)
+    raw = base_recipe(small, tmp_path / "run", augmentation="tinyvit-mix", batch_size=16, epochs=2,
+                      data__img_size=16, data__workers=2, eval__every=2)  # fmt: skip
+    trainer = Trainer(make_plan(parse_recipe(raw), 1, torch.device("cpu")))
+    seen = []
+    step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda batch: seen.append(batch["epoch"][0].item()) or step(batch))
+    summary = trainer.fit()
+    assert len(built) == 1 and built[0].persistent_workers and built[0].num_workers == 2
+    assert seen == [0] * 10 + [1] * 10 and summary["steps"] == 20
