@@ -231,3 +231,29 @@ def test_a_mixing_run_builds_its_loader_once_with_persistent_workers(small, tmp_
     summary = trainer.fit()
     assert len(built) == 1 and built[0].persistent_workers and built[0].num_workers == 2
     assert seen == [0] * 10 + [1] * 10 and summary["steps"] == 20
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_mixing(small, tmp_path):
+    """Mixed views too: batch 6 over 2 processes (micro-batches of 3 split a pair: its partner's view is added)."""
+    from safetensors.torch import load_file
+    from test_train import max_difference, two_process_weights
+    from train_helpers import run_cli, write_recipe
+
+    changes = {"epochs": 1, "batch_size": 6, "augmentation": "tinyvit-mix", "data__img_size": 16}
+    one = write_recipe(tmp_path / "one.yaml", base_recipe(small, tmp_path / "one", **changes))
+    assert run_cli("distill-train", [str(one)], small["root"]).returncode == 0
+    two = two_process_weights(small, tmp_path / "two", **changes)
+    # every step's loss agrees to float rounding (the same mixed views and targets); over 26 Adam steps that
+    # rounding moves the weights by up to ~3e-4 (the 5-step test without mixing in test_train holds 1e-4)
+    losses = [
+        [
+            float(r.split(",")[2])
+            for r in (tmp_path / run / "metrics.csv").read_text().splitlines()
+            if ",train/loss," in r
+        ]
+        for run in ("one", "two")
+    ]
+    assert len(losses[0]) == len(losses[1]) == 26
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    assert max_difference(load_file(str(tmp_path / "one" / "model.safetensors")), two) < 1e-3
