@@ -9,10 +9,17 @@ saved logits and every later student see the same view whatever their batch size
 worker count, process count, sampler order or output resolution. Geometry is drawn
 relative to the source image (crop boxes, erasing boxes, CutMix boxes), so a student at
 another resolution replays the same view.
+
+Mixing partners come in pairs: `pair_partners(global_seed, epoch, n)` cuts a permutation of the
+epoch's ids drawn from (global seed, epoch) into pairs, each id's partner the other of its pair
+(with an odd count the last id of the permutation has none). Each sample's lambda and CutMix box
+still come from its own seed. So both members of a pair can be viewed once and mixed in one batch
+(`distill.views.mix_batch`), and the pairing depends on no batch size, worker or process count.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass, fields
@@ -30,6 +37,10 @@ from .schema import parse_section
 INTERPOLATIONS = ("bilinear", "bicubic")
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)  # timm.data's constants (tested equal), without importing timm
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+# The rule that pairs mixing partners; part of a mixing recipe's canonical form (hence of its hash), so a
+# store saved under another rule (before: a partner drawn per sample from the whole dataset) is refused.
+PAIRING = "epoch-pairs"
+_PAIRING_STREAM = 0x5041_4952  # "PAIR": the pairing's generator differs from the sampler's [seed, epoch]
 # timm's RandAugment config strings: "rand" then "-" separated options (m9, n2, mstd0.5, inc1, ...);
 # the string is parsed by timm itself when views are made (distill.views), this only refuses typos early.
 _RAND_AUGMENT = re.compile(r"rand(-(m|n|w|mstd|mmax|inc|p)\d+(\.\d+)?)*")
@@ -86,6 +97,10 @@ class AugRecipe:
         # before is refused instead of replayed with other views. Other recipes keep their hash.
         if self.auto_augment and self.interpolation != "random":
             out["rand_augment_interpolation"] = self.interpolation
+        # Partners used to be drawn per sample from the whole dataset; they are now pairs of one permutation
+        # per epoch (`pair_partners`). Mixing recipes name the rule, so their stores saved before are refused.
+        if self.mixing:
+            out["pairing"] = PAIRING
         return out
 
     def hash(self) -> str:
@@ -196,13 +211,26 @@ def _draw_crop(
     return (1 - w) / 2, (1 - h) / 2, w, h
 
 
-def draw_mix(recipe: AugRecipe, seed: int, sample_id: int, num_samples: int) -> MixParams:
-    """Partner and lambda of a sample: functions of its seed alone, so any batch size replays them."""
+@functools.lru_cache(maxsize=4)
+def pair_partners(global_seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """partner[id] of every id of an epoch: a permutation drawn from (global seed, epoch) cut into pairs
+    (a, b), a's partner b and b's a; with an odd count the permutation's last id is its own (unmixed).
+    A read-only array, cached: a sampler and every worker compute it once per epoch."""
+    order = np.random.default_rng([global_seed, epoch, _PAIRING_STREAM]).permutation(num_samples)
+    partner = np.arange(num_samples)
+    half = num_samples // 2 * 2
+    partner[order[0:half:2]] = order[1:half:2]
+    partner[order[1:half:2]] = order[0:half:2]
+    partner.flags.writeable = False
+    return partner
+
+
+def draw_mix(recipe: AugRecipe, seed: int, sample_id: int, partner: int) -> MixParams:
+    """Lambda (and CutMix box) of a sample mixed with `partner` (from `pair_partners`): functions of its seed
+    alone, so any batch size replays them. Unmixed (lambda 1) when the partner is itself."""
     rng = _rng(seed, 1)
-    if not recipe.mixing or num_samples < 2 or rng.random() >= recipe.mix_prob:
+    if not recipe.mixing or partner == sample_id or rng.random() >= recipe.mix_prob:
         return MixParams(sample_id, 1.0)
-    partner = int(rng.integers(num_samples - 1))
-    partner += partner >= sample_id
     use_cutmix = recipe.cutmix_alpha > 0 and (recipe.mixup_alpha <= 0 or rng.random() < recipe.switch_prob)
     alpha = recipe.cutmix_alpha if use_cutmix else recipe.mixup_alpha
     lam = float(rng.beta(alpha, alpha))
@@ -222,6 +250,7 @@ def recipe_manifest_entry(recipe: AugRecipe) -> dict[str, Any]:
 
 
 __all__ = [
+    "PAIRING",
     "PRESETS",
     "AugRecipe",
     "MixParams",
@@ -229,5 +258,6 @@ __all__ = [
     "draw_mix",
     "draw_view",
     "load_recipe",
+    "pair_partners",
     "recipe_manifest_entry",
 ]

@@ -76,6 +76,11 @@ def make_plan(recipe: Recipe, num_processes: int, device: torch.device, build_st
         )
     set_seed(recipe.seed)
     augmentation = load_recipe(recipe.augmentation)
+    if augmentation.mixing and recipe.batch_size % 2:
+        raise RecipeError(
+            f"batch_size: {recipe.batch_size} is odd, but the augmentation mixes views in pairs (Mixup/CutMix "
+            "partners share a batch); use an even batch_size"
+        )
     train_set = create_dataset(recipe.data.train, "train", recipe.data.skip_unreadable)
     val_set = create_dataset(recipe.data.val, "val", recipe.data.skip_unreadable)
     if train_set.has_labels and val_set.has_labels and val_set.classes != train_set.classes:
@@ -231,4 +236,10 @@ def _difference(name: str, m: Any, dataset: ImageDataset, aug_entry: dict[str, A
     else:
         return ""
     keys = sorted(k for k in set(stored) | set(ours) if stored.get(k) != ours.get(k))
-    return f" (differs in {', '.join(f'{k}: store {stored.get(k)!r}, {where} {ours.get(k)!r}' for k in keys)})"
+    differs = f" (differs in {', '.join(f'{k}: store {stored.get(k)!r}, {where} {ours.get(k)!r}' for k in keys)})"
+    if name == "augmentation.hash" and "pairing" in keys:
+        differs += (
+            "; the store's mixed views paired samples by another rule (before pairs per epoch: a partner drawn "
+            "per sample), so its records are of other views: save it again with distill-save-logits"
+        )
+    return differs

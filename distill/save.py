@@ -27,8 +27,8 @@ from .checkpoint import public
 from .cli import SaveConfig
 from .data import CAPTION_SPEC_FORMS, ImageDataset, create_dataset
 from .errors import RecipeError
-from .loader import ReplayDataset, ShardBatchSampler, collate, replay_loader
-from .views import ReplayAugment
+from .loader import ReplayDataset, ShardBatchSampler, replay_loader
+from .views import MIX_KEYS, ReplayAugment, mix_batch
 
 __all__ = ["build_manifest", "check_replay", "run"]
 
@@ -92,7 +92,8 @@ def save_epoch(
     with store.writer(epoch, mine) as writer:
         for batch in replay_loader(data, sampler, cfg.workers):
             ids = batch["id"].numpy()
-            images = batch["image"].to(state.device)
+            # The views mixed as training mixes them (`mix_batch`): the record is of the student's mixed view.
+            images = mix_batch({k: v if k in MIX_KEYS else v.to(state.device) for k, v in batch.items()})["image"]
             seeds = record_seeds(m.global_seed, epoch, ids)
             if m.kind == "embeddings":
                 embedding = teacher.image_embeddings(images, epoch, batch["id"])
@@ -144,7 +145,7 @@ def check_replay(
         return _check_embeddings(store, teacher, data, epochs, ids, device)
     max_diff, agree = 0.0, 0
     for epoch, sample_id in zip(epochs.tolist(), ids.tolist(), strict=True):
-        batch = collate([data[(epoch, sample_id)]])
+        batch = data.batch([(epoch, sample_id)])
         sparse = sparsify(teacher.logits(batch["image"].to(device), epoch, batch["id"]), m.k)
         stored = store.read(epoch, [sample_id])
         max_diff = max(
@@ -166,7 +167,7 @@ def _check_embeddings(
     """Largest difference between recomputed and stored image (per view) and text embeddings."""
     image_diff = 0.0
     for epoch, sample_id in zip(epochs.tolist(), ids.tolist(), strict=True):
-        batch = collate([data[(epoch, sample_id)]])
+        batch = data.batch([(epoch, sample_id)])
         fresh = teacher.image_embeddings(batch["image"].to(device), epoch).cpu().numpy()
         image_diff = max(image_diff, float(np.abs(fresh - store.read(epoch, [sample_id]).embedding).max()))
     tokens = teacher.tokenize([data.images.caption(int(i)) for i in ids]).to(device)

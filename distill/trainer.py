@@ -40,12 +40,13 @@ from .checkpoint import (
 )
 from .evaluate import teacher_accuracy
 from .export import export_model
-from .loader import TrainBatchSampler, collate
+from .loader import TrainBatchSampler, replay_loader
 from .plan import STORE_PIN, Plan
 from .plots import plot_training_curves
 from .recipe import Recipe, to_dict
 from .syncbn import convert_sync_batchnorm, has_batchnorm
 from .tracking import CsvTracker, RunLog
+from .views import MIX_KEYS, mix_batch
 
 __all__ = ["TrainState", "Trainer", "create_schedule"]
 
@@ -98,6 +99,7 @@ class Trainer:
         self.recipe, self.method, self.teacher = plan.recipe, plan.method, plan.teacher
         self.state = TrainState()
         self.lock: RangeLock | None = None
+        self.loader: torch.utils.data.DataLoader | None = None  # built at the first epoch, kept for the run
         # Sums and counts of the logged values since the last log, on the device: no sync per step.
         self.running: dict[str, torch.Tensor] = {}
         self.counts: dict[str, float] = {}
@@ -212,21 +214,26 @@ class Trainer:
         return self.finish()
 
     def batches(self, epoch: int) -> torch.utils.data.DataLoader:
-        """This process's micro-batches of `epoch`, from the step a resumed run stopped at."""
+        """This process's micro-batches of `epoch`, from the step a resumed run stopped at. One DataLoader serves
+        the whole run (its workers persist); its sampler is moved on to each epoch (the epoch travels with every
+        index, so the workers need no state)."""
         acc, recipe = self.accelerator, self.recipe
-        sampler = TrainBatchSampler(
-            self.plan.train_ids, recipe.batch_size, epoch, self.plan.view_epoch(epoch), recipe.seed,
-            acc.process_index, acc.num_processes, recipe.grad_accum, self.state.step_in_epoch,
-        )  # fmt: skip
-        return torch.utils.data.DataLoader(
-            self.plan.train_data, batch_sampler=sampler, num_workers=recipe.data.workers, collate_fn=collate,
-            generator=torch.Generator(),  # its own: drawing worker seeds from the global RNG would shift a resume
-        )  # fmt: skip
+        if self.loader is None:
+            data = self.plan.train_data
+            self.sampler = TrainBatchSampler(
+                self.plan.train_ids, recipe.batch_size, epoch, self.plan.view_epoch(epoch), recipe.seed,
+                acc.process_index, acc.num_processes, recipe.grad_accum, self.state.step_in_epoch, data.partners,
+            )  # fmt: skip
+            self.loader = replay_loader(data, self.sampler, recipe.data.workers, persistent=True)
+        else:
+            self.sampler.set_epoch(epoch, self.plan.view_epoch(epoch), self.state.step_in_epoch)
+        return self.loader
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> bool:
         """Forward, backward and (at the end of an accumulation) an optimizer step; True after a step."""
         acc, clip = self.accelerator, self.recipe.optimizer.clip_grad
-        batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+        # the views are mixed on the device; how they mix (MIX_KEYS) is read on the host
+        batch = mix_batch({k: v if k in MIX_KEYS else v.to(acc.device, non_blocking=True) for k, v in batch.items()})
         self.batch = batch
         with acc.accumulate(self.model), acc.autocast():
             losses = self.method.loss(self.model, batch, self.teacher)

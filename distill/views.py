@@ -4,6 +4,11 @@
 The same (recipe, global seed, epoch, id) always gives the same tensor, whoever computes it:
 the teacher that saved a store, any student replaying it, at any batch size or worker count.
 Evaluation views draw nothing: they depend on the image alone, and are never stored.
+
+Mixing happens on batches: every view is made once, unmixed, and `mix_batch` mixes each row of a
+collated batch with its partner's row (`distill.loader` puts both in the batch), on whichever device
+the batch is. The save pipeline and training call the same function, so the teacher's stored record
+is of the mixed view the student sees.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ from torchvision.transforms import InterpolationMode
 
 from logit_store import record_seeds
 
-from .augment import AugRecipe, MixParams, ViewParams, draw_mix, draw_view
+from .augment import AugRecipe, MixParams, ViewParams, draw_mix, draw_view, pair_partners
 
-__all__ = ["EvalView", "ReplayAugment"]
+__all__ = ["MIX_KEYS", "EvalView", "ReplayAugment", "mix_batch"]
 
 _RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -80,23 +85,20 @@ class ReplayAugment:
             x = _erase(x, params.erase, params.noise_seed)
         return x
 
+    def partners(self, epoch: int, num_samples: int) -> np.ndarray | None:
+        """Every id's mixing partner in `epoch` (`pair_partners`); None when the recipe does not mix."""
+        return pair_partners(self.global_seed, epoch, num_samples) if self.recipe.mixing else None
+
     def __call__(
         self, load: Callable[[int], Image.Image], sample_id: int, epoch: int, num_samples: int
     ) -> tuple[torch.Tensor, MixParams]:
-        """The view of `sample_id` in `epoch`, mixed with its partner's view when the recipe mixes."""
+        """The (unmixed) view of `sample_id` in `epoch`, and how `mix_batch` mixes it with its partner's."""
         seed = self.seed(epoch, sample_id)
         image = load(sample_id)
         x = self.view(image, draw_view(self.recipe, seed, *image.size))
-        mix = draw_mix(self.recipe, seed, sample_id, num_samples)
-        if mix.partner == sample_id:
-            return x, mix
-        partner_image = load(mix.partner)
-        other = self.view(partner_image, draw_view(self.recipe, self.seed(epoch, mix.partner), *partner_image.size))
-        if mix.box is None:
-            return x.mul_(mix.lam).add_(other, alpha=1 - mix.lam), mix
-        y0, y1, x0, x1 = _pixel_box(mix.box, self.img_size)
-        x[:, y0:y1, x0:x1] = other[:, y0:y1, x0:x1]
-        return x, mix
+        partners = self.partners(epoch, num_samples)
+        partner = sample_id if partners is None else int(partners[sample_id])
+        return x, draw_mix(self.recipe, seed, sample_id, partner)
 
 
 class EvalView:
@@ -130,20 +132,69 @@ class EvalView:
         img = TF.center_crop(TF.resize(image, self.resize_to, self.interpolation), self.img_size)
         return TF.normalize(TF.pil_to_tensor(img).float().div_(255), self.mean, self.std)
 
+    def partners(self, epoch: int, num_samples: int) -> None:
+        return None
+
     def __call__(
         self, load: Callable[[int], Image.Image], sample_id: int, epoch: int, num_samples: int
     ) -> tuple[torch.Tensor, MixParams]:
         return self.view(load(sample_id)), MixParams(sample_id, 1.0)
 
 
-def _pixel_box(box: tuple[float, float, float, float], size: int) -> tuple[int, int, int, int]:
+MIX_KEYS = ("partner_row", "cutmix", "box")  # how a batch mixes: host-side metadata, read by `mix_batch`
+
+
+def mix_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with its views mixed: row i becomes lam_i * view_i + (1 - lam_i) * view_partner(i) (Mixup), or
+    view_i with its CutMix box pasted from view_partner(i); unmixed rows stay as they are.
+
+    `batch` is `distill.loader.collate`'s: "image" holds the batch's unmixed views, then those of partners
+    outside the batch; `MIX_KEYS` say how each sample mixes: "partner_row" [B] the row of its partner's view,
+    "cutmix" [B] and "box" [B, 4] its CutMix box (pixel y0, y1, x0, x1). Those three are read on the host (keep
+    them there: only the images and "lam" need the device). Returns the batch of B mixed images without them; a
+    batch without them (already mixed, or never mixing) is returned as it is. "image" is mixed in place, as
+    timm's Mixup does (what a later row still reads of an earlier one is kept first), row by row: each row by
+    the same float32 operations in any batch and on any device, the one mixing of the save and of training."""
+    if "partner_row" not in batch:
+        return batch
+    out = {k: v for k, v in batch.items() if k not in MIX_KEYS}
+    images, n = batch["image"], len(batch["id"])
+    lam = batch["lam"].to(device=images.device, dtype=images.dtype)
+    partner, cutmix, boxes = batch["partner_row"].tolist(), batch["cutmix"].tolist(), batch["box"].tolist()
+    readers: dict[int, list[int]] = {}
+    for j in range(n):
+        if partner[j] != j:
+            readers.setdefault(partner[j], []).append(j)
+    views: dict[int, torch.Tensor] = {}  # earlier rows' unmixed views that a later row reads
+    boxes_kept: dict[int, torch.Tensor] = {}  # or only the box that its one later (CutMix) reader pastes
+    for i in range(n):
+        p = partner[i]
+        if p == i:
+            continue
+        later = [j for j in readers.get(i, ()) if j > i]
+        if len(later) == 1 and cutmix[later[0]]:
+            y0, y1, x0, x1 = boxes[later[0]]
+            boxes_kept[i] = images[i, :, y0:y1, x0:x1].clone()
+        elif later:
+            views[i] = images[i].clone()
+        y0, y1, x0, x1 = boxes[i]
+        if cutmix[i]:
+            box = boxes_kept.pop(p, None)
+            images[i, :, y0:y1, x0:x1] = box if box is not None else views.get(p, images[p])[:, y0:y1, x0:x1]
+        else:
+            images[i].mul_(lam[i]).add_(views.get(p, images[p]) * (1 - lam[i]))
+    out["image"] = images[:n]
+    return out
+
+
+def pixel_box(box: tuple[float, float, float, float], size: int) -> tuple[int, int, int, int]:
     left, top, w, h = box
     return round(top * size), round((top + h) * size), round(left * size), round((left + w) * size)
 
 
 def _erase(x: torch.Tensor, box: tuple[float, float, float, float], noise_seed: int) -> torch.Tensor:
     """Random erasing (timm's 'pixel' mode): the box is filled with per-pixel normal noise."""
-    y0, y1, x0, x1 = _pixel_box(box, x.shape[-1])
+    y0, y1, x0, x1 = pixel_box(box, x.shape[-1])
     g = torch.Generator().manual_seed(noise_seed)
     x[:, y0:y1, x0:x1] = torch.randn((x.shape[0], y1 - y0, x1 - x0), generator=g)
     return x

@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.augment import PRESETS, AugRecipe, draw_mix, draw_view, load_recipe
+from distill.augment import PRESETS, AugRecipe, draw_mix, draw_view, load_recipe, pair_partners
 from distill.data import create_dataset
 from distill.errors import RecipeError
 from distill.loader import ReplayDataset, ShardBatchSampler, collate, replay_loader
 from distill.losses import mixed_targets
-from distill.views import ReplayAugment
+from distill.views import ReplayAugment, mix_batch
 
 FULL = AugRecipe(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, re_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0)
 
@@ -28,7 +28,7 @@ def views_by_loader(
     sampler = [[(epoch, i) for i in ids[s : s + batch_size]] for s in range(0, len(ids), batch_size)]
     out = {}
     for batch in replay_loader(data, sampler, workers):
-        for i, x in zip(batch["id"].tolist(), batch["image"], strict=True):
+        for i, x in zip(batch["id"].tolist(), mix_batch(batch)["image"], strict=True):
             out[i] = x
     return out
 
@@ -65,38 +65,40 @@ def test_crop_boxes_agree_across_resolutions():
 
 def test_mixing_is_per_sample_and_replayable(digits):
     data = ReplayDataset(digits, ReplayAugment(FULL, 16, global_seed=1))
-    a = [data[(0, i)] for i in range(30)]
-    b = [data[(0, i)] for i in reversed(range(30))][::-1]
+    a = [data.batch([(0, i)]) for i in range(30)]
+    b = [data.batch([(0, i)]) for i in reversed(range(30))][::-1]
     for x, y in zip(a, b, strict=True):
         assert x["partner"] == y["partner"] and x["lam"] == y["lam"]
         assert torch.equal(x["image"], y["image"])
     mixed = [x for x in a if x["partner"] != x["id"]]
     assert mixed and all(0.0 <= x["lam"] <= 1.0 for x in mixed)
-    targets = mixed_targets(collate(a), 10)
-    for x, t in zip(a, targets, strict=True):
-        assert abs(float(t[x["label"]]) - (x["lam"] if x["label"] != x["partner_label"] else 1.0)) < 1e-6
+    for x in a:
+        t = mixed_targets(x, 10)[0]
+        label, partner_label, lam = int(x["label"]), int(x["partner_label"]), float(x["lam"])
+        assert abs(float(t[label]) - (lam if label != partner_label else 1.0)) < 1e-6
         torch.testing.assert_close(t.sum(), torch.tensor(1.0))
-    assert all(x["partner_label"] == int(digits.labels[x["partner"]]) for x in a)
-    # Mixup rebuilds from the two unmixed views.
+        assert partner_label == int(digits.labels[int(x["partner"])])
+    # Mixup rebuilds from the two unmixed views, the partner's as it is in its own batch.
     recipe = AugRecipe(mixup_alpha=0.8, interpolation="bilinear")
     aug = ReplayAugment(recipe, 16)
-    mix = draw_mix(recipe, aug.seed(0, 5), 5, len(digits))
-    assert mix.box is None and mix.partner != 5
-    x, _ = aug(digits.load, 5, 0, len(digits))
+    partner = int(pair_partners(0, 0, len(digits))[5])
+    mix = draw_mix(recipe, aug.seed(0, 5), 5, partner)
+    assert mix.box is None and mix.partner == partner != 5
+    x = ReplayDataset(digits, aug).batch([(0, 5)])["image"][0]
     plain = ReplayAugment(AugRecipe(interpolation="bilinear"), 16)
     own = plain.view(digits.load(5), draw_view(recipe, aug.seed(0, 5), *digits.load(5).size))
-    other = plain.view(
-        digits.load(mix.partner), draw_view(recipe, aug.seed(0, mix.partner), *digits.load(mix.partner).size)
-    )
+    other = plain.view(digits.load(partner), draw_view(recipe, aug.seed(0, partner), *digits.load(partner).size))
     torch.testing.assert_close(x, mix.lam * own + (1 - mix.lam) * other)
+    assert torch.equal(other, aug(digits.load, partner, 0, len(digits))[0])  # views are made unmixed
 
 
 def test_cutmix_lambda_matches_box():
     recipe = AugRecipe(cutmix_alpha=1.0)
     for seed in range(50):
-        mix = draw_mix(recipe, seed, 0, 100)
+        mix = draw_mix(recipe, seed, 0, 1)
         assert mix.box is not None
         assert abs(mix.lam - (1 - mix.box[2] * mix.box[3])) < 1e-12
+    assert draw_mix(recipe, 0, 3, 3).lam == 1.0  # an id that is its own partner is not mixed
 
 
 def test_rand_augment_leaves_global_rngs_alone():

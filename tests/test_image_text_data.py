@@ -23,7 +23,7 @@ from distill.data import (
     create_dataset,
     digit_caption,
 )
-from distill.loader import ReplayDataset, collate
+from distill.loader import ReplayDataset
 from distill.views import ReplayAugment
 
 # (relative path, colour, caption); "cat/a.png" has two captions, so two rows (two samples).
@@ -358,7 +358,7 @@ def test_replay_of_an_image_text_dataset(tmp_path):
         assert (item["partner"], item["lam"]) == (same["partner"], same["lam"])
         assert item["label"] == item["partner_label"] == NO_LABEL
         assert pairs.caption(item["id"]) == f"noise number {item['id']}"
-    batch = collate(items)
+    batch = replay.batch([(3, 4), (3, 0), (3, 5)])  # with the partners' views mixed in
     assert batch["image"].shape == (3, 3, 16, 16) and batch["id"].tolist() == [4, 0, 5]
     assert [pairs.caption(i) for i in batch["id"].tolist()] == ["noise number 4", "noise number 0", "noise number 5"]
     assert not torch.equal(replay[(4, 4)]["image"], items[0]["image"])  # another epoch, another view

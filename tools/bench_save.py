@@ -23,7 +23,7 @@ from distill.cli import SaveConfig
 from distill.data import create_dataset
 from distill.loader import ReplayDataset, ShardBatchSampler, replay_loader
 from distill.save import run
-from distill.views import ReplayAugment
+from distill.views import ReplayAugment, mix_batch
 from logit_store import Manifest
 from teachers import create_teacher
 
@@ -39,7 +39,7 @@ def forward_only(cfg: SaveConfig) -> int:
     for epoch in range(cfg.epochs):
         sampler = ShardBatchSampler(epoch, [layout.shard_range(s) for s in range(layout.num_shards)], cfg.batch_size)
         for batch in replay_loader(data, sampler, cfg.workers):
-            teacher.logits(batch["image"], epoch, batch["id"])
+            teacher.logits(mix_batch(batch)["image"], epoch, batch["id"])
             records += len(batch["id"])
     return records
 
