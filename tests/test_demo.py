@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from train_helpers import ROOT, env_for
 
 from logit_store import open_store
@@ -34,3 +35,31 @@ def test_demo_pipeline_end_to_end(tmp_path):
     table = proc.stdout[proc.stdout.index("run ") :]
     assert all(name in table for name in names)
     assert (out / "demo_results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_semi_supervised_demo_uses_the_ten_percent_labels_only(tmp_path):
+    """tools/demo_semisup.py's first part at one epoch: the teacher learns from the labelled 10% alone, its store
+    covers every training image, and the four students are reported per seed."""
+    out = tmp_path / "semisup"
+    args = ["--out", str(out), "--parts", "semi", "--seeds", "0", "--semi-epochs", "1", "--teacher-epochs", "1"]
+    proc = subprocess.run(
+        [sys.executable, "tools/demo_semisup.py", *args],
+        cwd=ROOT,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split(",") for line in (out / "semi" / "partial.csv").read_text().splitlines()[1:]]
+    labelled = [r for r in rows if r[1]]
+    assert len(rows) == 1437 and len(labelled) == 143  # 10% of each class, rounded per class
+    assert (out / "semi" / "labelled.csv").read_text().splitlines()[1:] == [",".join(r) for r in labelled]
+    teacher = yaml.safe_load((out / "semi" / "teacher" / "recipe.yaml").read_text())
+    assert teacher["data"]["train"] == f"csv:{out / 'semi' / 'labelled.csv'}"
+    assert open_store(out / "semi" / "store_0.zarr").manifest.num_samples == 1437
+    semi = json.loads((out / "results.json").read_text())["semi"]
+    assert semi["labelled_images"] == 143
+    for key in ("a_labels_10pct", "b_kd", "c_kd_labels_10pct", "d_all_labels"):
+        assert len(semi[key]["values"]) == 1 and 0 <= semi[key]["mean"] <= 100
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,187 @@
+"""Distillation that pays, on scikit-learn's digits: few labels and many images, ensembles, and the logit losses.
+
+    python tools/demo_semisup.py [--out runs/demo_semisup] [--seeds 0,1,2] [--epochs 10]
+
+1. Semi-supervised (SimCLRv2's third step): 10% of the training images keep their labels (stratified, fixed);
+   a teacher learns from those only (no other label is used anywhere), its store covers all training images,
+   and students (3 seeds each) learn (a) from the 10% labels alone, as many steps as the others, (b) from the
+   store over all images, (c) from the store and the 10% labels, and, for reference, (d) from all labels.
+2. Ensembles (MEAL V2): three teachers trained on all labels; students from the store of the best one and
+   from the store of their ensemble.
+3. Losses: students from the best teacher's store with Hinton KD, NKD, DKD and DIST.
+
+Every step is a toolkit command; re-running in the same --out skips what is finished. Prints the tables (mean
+and spread over the seeds) and writes `results.json` and `results.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from distill.data import prepare_digits
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(sys.executable).parent
+STUDENT = "resnet10t"
+TEACHERS = ("resnet18", "resnet26", "resnet34")  # the ensemble's members, trained on all labels
+LABELLED = 0.1
+
+
+def run(cmd: list[str]) -> None:
+    print("\n$ " + " ".join(cmd), flush=True)
+    subprocess.run([str(SCRIPTS / cmd[0]), *cmd[1:]], check=True, cwd=ROOT)
+
+
+def train(out: Path, recipe: str, sets: dict[str, Any]) -> float:
+    """Validation top-1 of a distill-train run of recipes/configs/`recipe` with --set overrides (a finished
+    run is read, not repeated)."""
+    if not (out / "summary.json").exists():
+        args = [a for k, v in (sets | {"output_dir": str(out)}).items() for a in ("--set", f"{k}={v}")]
+        run(["distill-train", f"recipes/configs/{recipe}", *args])
+    return json.loads((out / "summary.json").read_text())["top1"]
+
+
+def save(out: Path, teacher: str, weights: Path | None, data: str, epochs: int, seed: int) -> Path:
+    """A store of the teacher's whole distribution (k = 10 of 10 classes) over `data`, the views of `seed`
+    (a re-run resumes an interrupted store and finds a finished one complete)."""
+    checkpoint = ["--checkpoint", str(weights)] if weights else []
+    run(["distill-save-logits", "--teacher", teacher, *checkpoint, "--data", data, "--out", str(out),
+         "--epochs", str(epochs), "--k", "10", "--aug", "basic", "--img-size", "32", "--batch-size", "128",
+         "--seed", str(seed)])  # fmt: skip
+    return out
+
+
+def write_splits(out: Path, seed: int = 0) -> tuple[str, str, int]:
+    """CSVs over digits' training images: the labelled 10% alone (stratified, fixed by `seed`), and every
+    image with only those labels (the other label cells empty). Returns both specs and the labelled count."""
+    train = prepare_digits() / "train"
+    rng = np.random.default_rng(seed)
+    rows = []
+    for folder in sorted(p for p in train.iterdir() if p.is_dir()):
+        files = sorted(folder.iterdir())
+        keep = set(rng.choice(len(files), round(LABELLED * len(files)), replace=False).tolist())
+        rows += [(str(f), folder.name if i in keep else "") for i, f in enumerate(files)]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, kept in (("labelled.csv", [r for r in rows if r[1]]), ("partial.csv", rows)):
+        with open(out / name, "w", newline="") as f:
+            csv.writer(f).writerows([("path", "label"), *kept])
+    labelled = sum(1 for r in rows if r[1])
+    return f"csv:{out / 'labelled.csv'}", f"csv:{out / 'partial.csv'}", labelled
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo_semisup")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of the ensemble and loss students")
+    parser.add_argument("--semi-epochs", type=int, default=30, help="epochs of the semi-supervised students")
+    parser.add_argument("--teacher-epochs", type=int, default=200, help="epochs of the 10%%-label teacher")
+    parser.add_argument("--parts", default="semi,ensemble,losses", help="any of semi, ensemble, losses")
+    args = parser.parse_args()
+    out, seeds, parts = (ROOT / args.out).resolve(), [int(s) for s in args.seeds.split(",")], args.parts.split(",")
+    started, results = time.perf_counter(), {}
+    common = {"epochs": args.epochs, "student.model": STUDENT, "student.kwargs": "{}"}
+    if "semi" in parts:
+        results["semi"] = semi_supervised(out / "semi", seeds, args, common)
+    if "ensemble" in parts or "losses" in parts:
+        members = {m: train(out / f"teacher_{m}", "supervised_digits.yaml", {"student.model": m}) for m in TEACHERS}
+        best = max(members, key=members.get)
+        results["teachers"] = members
+        if "ensemble" in parts:
+            results["ensemble"] = ensemble(out, seeds, best, common)
+        if "losses" in parts:
+            results["losses"] = losses(out, seeds, best, common)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    report(results, out / "results.png")
+    print(f"\nfinished in {time.perf_counter() - started:.0f} s; {out / 'results.png'}")
+    return 0
+
+
+def semi_supervised(out: Path, seeds: list[int], args: argparse.Namespace, common: dict) -> dict[str, Any]:
+    labelled, partial, count = write_splits(out)
+    teacher = {"data.train": labelled, "epochs": args.teacher_epochs, "batch_size": 32}
+    teacher_top1 = train(out / "teacher", "supervised_digits.yaml", teacher)
+    weights = out / "teacher" / "model.safetensors"
+    rows: dict[str, list[float]] = {"a_labels_10pct": [], "b_kd": [], "c_kd_labels_10pct": [], "d_all_labels": []}
+    scale = round(1 / LABELLED)  # (a) sees a tenth of the images: ten times the epochs, the same steps
+    common = common | {"epochs": args.semi_epochs}
+    for seed in seeds:
+        store = save(out / f"store_{seed}.zarr", "timm:resnet18", weights, partial, args.semi_epochs, seed)
+        kd = common | {"seed": seed, "data.train": partial, "teacher.source": f"store:{store}"}
+        label_only = common | {"seed": seed, "data.train": labelled, "epochs": args.semi_epochs * scale}
+        rows["a_labels_10pct"].append(train(out / f"a_{seed}", "supervised_digits.yaml", label_only))
+        rows["b_kd"].append(train(out / f"b_{seed}", "tinyvit_digits.yaml", kd))
+        rows["c_kd_labels_10pct"].append(train(out / f"c_{seed}", "tinyvit_digits.yaml", kd | {"loss.label_weight": 1}))
+        rows["d_all_labels"].append(train(out / f"d_{seed}", "supervised_digits.yaml", common | {"seed": seed}))
+    return {"labelled_images": count, "teacher_top1": teacher_top1} | {k: spread(v) for k, v in rows.items()}
+
+
+def member_store(out: Path, member: str, seed: int, epochs: int) -> Path:
+    weights = out / f"teacher_{member}" / "model.safetensors"
+    return save(out / f"store_{member}_{seed}.zarr", f"timm:{member}", weights, "digits", epochs, seed)
+
+
+def ensemble(out: Path, seeds: list[int], best: str, common: dict) -> dict[str, Any]:
+    spec = "ensemble:" + ",".join(f"timm:{m}@{out / f'teacher_{m}' / 'model.safetensors'}" for m in TEACHERS)
+    rows: dict[str, list[float]] = {f"best_member_{best}": [], "ensemble_of_3": []}
+    for seed in seeds:
+        stores = {f"best_member_{best}": member_store(out, best, seed, common["epochs"]),
+                  "ensemble_of_3": save(out / f"store_ensemble_{seed}.zarr", spec, None, "digits", common["epochs"], seed)}  # fmt: skip
+        for name, store in stores.items():
+            sets = common | {"seed": seed, "teacher.source": f"store:{store}"}
+            rows[name].append(train(out / f"{name}_{seed}", "tinyvit_digits.yaml", sets))
+    return {k: spread(v) for k, v in rows.items()}
+
+
+def losses(out: Path, seeds: list[int], best: str, common: dict) -> dict[str, Any]:
+    rows: dict[str, list[float]] = {k: [] for k in ("hinton", "nkd", "dkd", "dist")}
+    for seed in seeds:
+        store = member_store(out, best, seed, common["epochs"])
+        for kd in rows:
+            sets = common | {"seed": seed, "teacher.source": f"store:{store}", "loss.kd": kd}
+            rows[kd].append(train(out / f"loss_{kd}_{seed}", "tinyvit_digits.yaml", sets))
+    return {k: spread(v) for k, v in rows.items()}
+
+
+def report(results: dict[str, Any], path: Path) -> None:
+    tables = [(name, rows) for name, rows in results.items() if name in ("semi", "ensemble", "losses")]
+    for name, rows in tables:
+        print(f"\n{name}: top-1 (%) over seeds, mean +- std")
+        for key, value in rows.items():
+            if isinstance(value, dict):
+                print(f"  {key:<22} {value['mean']:6.2f} +- {value['std']:.2f}   {value['values']}")
+    fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 4), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], tables, strict=True):
+        keys = [k for k, v in rows.items() if isinstance(v, dict)]
+        means, stds = [rows[k]["mean"] for k in keys], [rows[k]["std"] for k in keys]
+        ax.bar(range(len(keys)), means, yerr=stds, capsize=4, color="tab:blue")
+        ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize=8)
+        low = min(m - s for m, s in zip(means, stds, strict=True))
+        ax.set(ylim=(max(0, low - 5), 100), ylabel="validation top-1 (%)", title=name)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
