@@ -100,12 +100,23 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--ab-rounds", type=int, default=6, help="rounds of the in-process A/B (blocks of 10 steps)")
+    parser.add_argument("--ab-only", action="store_true", help="the store and the in-process A/B only, no whole runs")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     store = root / "teacher.zarr"
     # Throughput only: the teacher's weights do not matter, so it is saved from its random init.
     distill("distill-save-logits", "--teacher", f"timm:{args.teacher}", "--data", "digits", "--out", str(store),
             "--epochs", str(args.epochs), "--k", "5", "--aug", "basic", "--img-size", "32")  # fmt: skip
+    kwargs = {"window_sizes": (8, 4, 2, 1)} if args.student.startswith("tiny_vit") else {}
+    if args.ab_only:
+        ratio = in_process_step_ratio(store, args.student, kwargs, args.batch_size, args.ab_rounds)
+        print(
+            f"one process, same model and batches, {args.ab_rounds} rounds: label-loss steps / store-KD steps = "
+            f"{ratio:.3f}"
+        )
+        shutil.rmtree(root, ignore_errors=True)
+        return
     window = "{window_sizes: [8, 4, 2, 1]}" if args.student.startswith("tiny_vit") else "{}"
     common = {"student.model": args.student, "student.kwargs": window, "epochs": args.epochs,
               "batch_size": args.batch_size, "data.img_size": 32, "eval.every": args.epochs}  # fmt: skip
@@ -134,8 +145,7 @@ def main() -> None:
     print(f"\nstore read + rebuild: {store_batch_ms(store, args.batch_size, args.epochs):.3f} ms per batch "
           f"of {args.batch_size}, against a {step_ms:.0f} ms training step")  # fmt: skip
     print(f"(b)/(a) store / label-only = {store_ratio:.3f}  (target >= 0.95); per round {', '.join(per_round)}")
-    kwargs = {"window_sizes": (8, 4, 2, 1)} if args.student.startswith("tiny_vit") else {}
-    ratio = in_process_step_ratio(store, args.student, kwargs, args.batch_size)
+    ratio = in_process_step_ratio(store, args.student, kwargs, args.batch_size, args.ab_rounds)
     print(f"one process, same model and batches: label-loss steps / store-KD steps = {ratio:.3f}")
     print(f"(c)/(a) live / label-only  = {live_ratio:.3f}")
     shutil.rmtree(root, ignore_errors=True)
