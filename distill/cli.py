@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from logit_store.errors import DistillError
+from logit_store.errors import DistillError, disk_full_named
 from logit_store.location import redact_text
 
 from .errors import RecipeError
@@ -50,7 +50,8 @@ def train(argv: list[str] | None = None) -> int:
         recipe = parse_recipe(load_recipe_file(args.recipe, args.set))
         from .run import run_recipe  # torch, timm and accelerate load from here on
 
-        return run_recipe(recipe)
+        with disk_full_named(recipe.output_dir):  # any file of the run: logs, trackers, summary (files name themselves)
+            return run_recipe(recipe)
 
     ok, summaries = _guarded("distill-train", args.recipe, run)
     return _report(summaries) if ok else 2

@@ -158,3 +158,22 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_exit_2(digits, tmp_path, mo
     assert re.search(rf"distill-train: error: .*r\.yaml: disk full: cannot write {state} \(no space left on its "
                      r"file system\); free space, then run again$", err), err  # fmt: skip
     assert temporary_files(out / "x") == []
+
+
+def test_a_full_disk_at_the_runs_last_files_is_one_line_and_exit_2(digits, tmp_path, monkeypatch, capsys):
+    """A write the OS names no file for (summary.json here) is named by the run's output_dir."""
+    monkeypatch.setenv("DISTILL_CACHE", str(digits["root"] / "cache"))
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", base_recipe(digits, out, epochs=1))
+    write_text = Path.write_text
+
+    def full_at_summary(self, *args, **kwargs):
+        if self.name == "summary.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_at_summary)
+    assert train_main([str(recipe)]) == 2
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert err.endswith(f"r.yaml: disk full: cannot write {out} (no space left on its file system); free space, "
+                        "then run again"), err  # fmt: skip
