@@ -223,10 +223,10 @@ def keep_last_checkpoint(out: Path) -> None:
         steps[-1].rename(out / CHECKPOINTS / LAST)
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    """A safetensors state dict. Clones, so weights shared between modules are written under every name
-    and the file loads into any copy of the model as a plain state dict."""
-    data = save({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()})
+def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors state dict (with string `metadata`). Clones, so weights shared between modules are written
+    under every name and the file loads into any copy of the model as a plain state dict."""
+    data = save({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, metadata=metadata)
     write_file(path, lambda fh: fh.write(data))
 
 

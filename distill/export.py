@@ -20,51 +20,21 @@ from typing import Any
 
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save
 from torch import nn
 
-from .checkpoint import CHECKPOINTS, RECIPE_FILE, public, write_file
+from .checkpoint import CHECKPOINTS, RECIPE_FILE, public, save_weights
 from .errors import RecipeError
 from .views import EvalView
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "export_model", "find_run", "weights_metadata"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "eval_config", "export_model", "find_run", "weights_metadata"]
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 RECIPE_KEY = "distill.recipe"  # the run's recipe (credentials redacted), as JSON, in the weights' metadata
 
 
-def weights_metadata(
-    model: nn.Module, recipe: dict[str, Any], view: EvalView, class_names: list[str]
-) -> dict[str, str]:
-    """The safetensors metadata of a run's weights (string values, as the format requires)."""
-    student = recipe["student"]
-    fields = {
-        "architecture": student["model"],
-        "model_args": student.get("kwargs") or {},
-        "num_classes": getattr(model, "num_classes", len(class_names)),
-        "label_names": class_names,
-        "input_size": [3, view.img_size, view.img_size],
-        "mean": list(view.mean),
-        "std": list(view.std),
-        "interpolation": view.interpolation.value,
-        "crop_pct": view.crop_pct,
-        "crop_mode": "center",
-        "method": recipe["method"],
-    }
-    return {"format": "pt"} | {k: json.dumps(v) for k, v in fields.items()} | {RECIPE_KEY: json.dumps(public(recipe))}
-
-
-def export_model(model: nn.Module, out: Path, recipe: dict[str, Any], view: EvalView, class_names: list[str]) -> None:
-    """`out/model.safetensors` with its metadata, and `out/config.json` when the student is a timm model."""
-    metadata = weights_metadata(model, recipe, view, class_names)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    data = save(state, metadata=metadata)
-    write_file(out / WEIGHTS_FILE, lambda fh: fh.write(data))
-    if getattr(model, "pretrained_cfg", None) is None:  # not a timm model (an open_clip one): weights alone
-        return
-    from timm.models._hub import save_config_for_hf  # (timm exports it from no public module)
-
-    data_config = {
+def eval_config(view: EvalView) -> dict[str, Any]:
+    """The evaluation transform in timm's data-config keys (`resolve_data_config`, `create_transform`)."""
+    return {
         "input_size": (3, view.img_size, view.img_size),
         "interpolation": view.interpolation.value,
         "mean": tuple(view.mean),
@@ -72,29 +42,53 @@ def export_model(model: nn.Module, out: Path, recipe: dict[str, Any], view: Eval
         "crop_pct": view.crop_pct,
         "crop_mode": "center",
     }
+
+
+def weights_metadata(
+    model: nn.Module, recipe: dict[str, Any], view: EvalView, class_names: list[str]
+) -> dict[str, str]:
+    """The safetensors metadata of a run's weights (string values, as the format requires)."""
+    fields = {
+        "architecture": recipe["student"]["model"],
+        "model_args": recipe["student"].get("kwargs") or {},
+        "num_classes": getattr(model, "num_classes", len(class_names)),
+        "label_names": class_names,
+        "method": recipe["method"],
+    } | eval_config(view)
+    return {"format": "pt"} | {k: json.dumps(v) for k, v in fields.items()} | {RECIPE_KEY: json.dumps(public(recipe))}
+
+
+def export_model(model: nn.Module, out: Path, recipe: dict[str, Any], view: EvalView, class_names: list[str]) -> None:
+    """`out/model.safetensors` with its metadata, and `out/config.json` when the student is a timm model."""
+    save_weights(model, out / WEIGHTS_FILE, weights_metadata(model, recipe, view, class_names))
+    if getattr(model, "pretrained_cfg", None) is None:  # not a timm model (an open_clip one): weights alone
+        return
+    from timm.models._hub import save_config_for_hf  # (timm exports it from no public module)
+
     names = {"label_names": class_names} if class_names else {}
-    save_config_for_hf(model, str(out / CONFIG_FILE), model_config=names, data_config=data_config)
+    save_config_for_hf(model, str(out / CONFIG_FILE), model_config=names, data_config=eval_config(view))
 
 
-def find_run(target: str | Path) -> tuple[dict[str, Any], Path]:
-    """(the recipe, the weights) of a run folder, of a weights file in one (`RUN/model.safetensors`,
-    `RUN/checkpoints/best/model.safetensors`), or of weights carrying their recipe in their metadata."""
+def find_run(target: str | Path) -> tuple[dict[str, Any], Path, dict[str, str]]:
+    """(the recipe, the weights, their metadata) of a run folder, of a weights file in one
+    (`RUN/model.safetensors`, `RUN/checkpoints/best/model.safetensors`), or of weights carrying their recipe in
+    their metadata."""
     path = Path(target)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if not weights.is_file():
         raise RecipeError(f"{target}: expected a run folder with {WEIGHTS_FILE} or a .safetensors file; none found")
-    folders = [weights.parent] + ([weights.parents[2]] if weights.parent.parent.name == CHECKPOINTS else [])
-    for folder in folders:
-        if (folder / RECIPE_FILE).is_file():
-            return yaml.safe_load((folder / RECIPE_FILE).read_text()), weights
     try:
         with safe_open(str(weights), framework="pt") as f:
             metadata = f.metadata() or {}
     except Exception as err:  # safetensors raises its own errors for a file that is not one
         raise RecipeError(f"{weights}: not a readable safetensors file: {err}") from None
+    folders = [weights.parent] + ([weights.parents[2]] if weights.parent.parent.name == CHECKPOINTS else [])
+    for folder in folders:
+        if (folder / RECIPE_FILE).is_file():
+            return yaml.safe_load((folder / RECIPE_FILE).read_text()), weights, metadata
     if RECIPE_KEY not in metadata:
         raise RecipeError(
             f"{weights}: no {RECIPE_FILE} beside it and no recipe in its metadata (weights of a run of this "
             "toolkit carry one); give the run folder"
         )
-    return json.loads(metadata[RECIPE_KEY]), weights
+    return json.loads(metadata[RECIPE_KEY]), weights, metadata

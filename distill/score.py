@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors import safe_open
 
 from teachers import create_teacher
 from teachers.checkpoint import load_checkpoint
@@ -38,13 +37,13 @@ def score_run(
 ) -> dict[str, Any]:
     """The metrics of the run (folder or weights) `target` on `data` (default: the run's data.val), with
     `teacher_top1`/`teacher_top5` of `teacher` on the same views when given."""
-    raw, weights = find_run(target)
+    raw, weights, metadata = find_run(target)
     recipe = parse_recipe(raw)
     spec = data or recipe.data.val
     val_set = create_dataset(spec, "val", recipe.data.skip_unreadable)
     if not val_set.has_labels:
         raise RecipeError(f"--data: {spec} has no labels to score against")
-    outputs = _num_classes(weights) or val_set.num_classes
+    outputs = json.loads(metadata.get("num_classes", "0")) or val_set.num_classes  # (older weights: none)
     method = create_method(recipe, outputs)
     if method.spec.outputs == "logits" and val_set.num_classes != outputs:  # (zero-shot takes any classes)
         raise RecipeError(f"--data: {spec} has {val_set.num_classes} classes, the student outputs {outputs}")
@@ -63,10 +62,3 @@ def score_run(
             raise RecipeError(f"--teacher: {teacher} is not a live classifier (scores need its logits)")
         result |= {f"teacher_{k}": v for k, v in teacher_accuracy(model, views, size, accelerator).items()}
     return result
-
-
-def _num_classes(weights: Path) -> int | None:
-    """The class count written in the weights' metadata (runs of this toolkit write it), else None."""
-    with safe_open(str(weights), framework="pt") as f:
-        value = (f.metadata() or {}).get("num_classes")
-    return json.loads(value) if value else None
