@@ -6,6 +6,8 @@
    a teacher learns from those only (no other label is used anywhere), its store covers all training images,
    and students (3 seeds each) learn (a) from the 10% labels alone, as many steps as the others, (b) from the
    store over all images, (c) from the store and the 10% labels, and, for reference, (d) from all labels.
+   Every view of this part is recipes/configs/digits_augment.yaml's (no flip, RandAugment): with few labels
+   the views matter most, and a mirrored digit is no digit.
 2. Ensembles (MEAL V2): three teachers trained on all labels; students from the store of the best one and
    from the store of their ensemble.
 3. Losses: students from the best teacher's store with Hinton KD, NKD, DKD and DIST.
@@ -39,6 +41,7 @@ SCRIPTS = Path(sys.executable).parent
 STUDENT = "resnet10t"
 TEACHERS = ("resnet18", "resnet26", "resnet34")  # the ensemble's members, trained on all labels
 LABELLED = 0.1
+SEMI_AUG = "recipes/configs/digits_augment.yaml"  # views for few labels: no flip, RandAugment
 
 
 def run(cmd: list[str]) -> None:
@@ -55,12 +58,12 @@ def train(out: Path, recipe: str, sets: dict[str, Any]) -> float:
     return json.loads((out / "summary.json").read_text())["top1"]
 
 
-def save(out: Path, teacher: str, weights: Path | None, data: str, epochs: int, seed: int) -> Path:
+def save(out: Path, teacher: str, weights: Path | None, data: str, epochs: int, seed: int, aug: str = "basic") -> Path:
     """A store of the teacher's whole distribution (k = 10 of 10 classes) over `data`, the views of `seed`
     (a re-run resumes an interrupted store and finds a finished one complete)."""
     checkpoint = ["--checkpoint", str(weights)] if weights else []
     run(["distill-save-logits", "--teacher", teacher, *checkpoint, "--data", data, "--out", str(out),
-         "--epochs", str(epochs), "--k", "10", "--aug", "basic", "--img-size", "32", "--batch-size", "128",
+         "--epochs", str(epochs), "--k", "10", "--aug", aug, "--img-size", "32", "--batch-size", "128",
          "--seed", str(seed)])  # fmt: skip
     return out
 
@@ -118,14 +121,14 @@ def main() -> int:
 
 def semi_supervised(out: Path, seeds: list[int], args: argparse.Namespace, common: dict) -> dict[str, Any]:
     labelled, partial, count = write_splits(out)
-    teacher = {"data.train": labelled, "epochs": args.teacher_epochs, "batch_size": 32}
+    teacher = {"data.train": labelled, "epochs": args.teacher_epochs, "batch_size": 32, "augmentation": SEMI_AUG}
     teacher_top1 = train(out / "teacher", "supervised_digits.yaml", teacher)
     weights = out / "teacher" / "model.safetensors"
     rows: dict[str, list[float]] = {"a_labels_10pct": [], "b_kd": [], "c_kd_labels_10pct": [], "d_all_labels": []}
     scale = round(1 / LABELLED)  # (a) sees a tenth of the images: ten times the epochs, the same steps
-    common = common | {"epochs": args.semi_epochs}
+    common = common | {"epochs": args.semi_epochs, "augmentation": SEMI_AUG}
     for seed in seeds:
-        store = save(out / f"store_{seed}.zarr", "timm:resnet18", weights, partial, args.semi_epochs, seed)
+        store = save(out / f"store_{seed}.zarr", "timm:resnet18", weights, partial, args.semi_epochs, seed, SEMI_AUG)
         kd = common | {"seed": seed, "data.train": partial, "teacher.source": f"store:{store}"}
         label_only = common | {"seed": seed, "data.train": labelled, "epochs": args.semi_epochs * scale}
         rows["a_labels_10pct"].append(train(out / f"a_{seed}", "supervised_digits.yaml", label_only))
