@@ -57,7 +57,13 @@ def test_semi_supervised_demo_uses_the_ten_percent_labels_only(tmp_path):
     assert (out / "semi" / "labelled.csv").read_text().splitlines()[1:] == [",".join(r) for r in labelled]
     teacher = yaml.safe_load((out / "semi" / "teacher" / "recipe.yaml").read_text())
     assert teacher["data"]["train"] == f"csv:{out / 'semi' / 'labelled.csv'}"
-    assert open_store(out / "semi" / "store_0.zarr").manifest.num_samples == 1437
+    manifest = open_store(out / "semi" / "store_0.zarr").manifest
+    assert manifest.num_samples == 1437
+    # the views suited to digits, read from the file: no flip, RandAugment
+    views = yaml.safe_load((ROOT / "recipes" / "configs" / "digits_augment.yaml").read_text())
+    assert teacher["augmentation"] == "recipes/configs/digits_augment.yaml"
+    assert manifest.augmentation["recipe"]["hflip"] == views["hflip"] == 0
+    assert manifest.augmentation["recipe"]["auto_augment"] == views["auto_augment"]
     semi = json.loads((out / "results.json").read_text())["semi"]
     assert semi["labelled_images"] == 143
     for key in ("a_labels_10pct", "b_kd", "c_kd_labels_10pct", "d_all_labels"):
