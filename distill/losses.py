@@ -47,15 +47,18 @@ def mixed_targets(batch: dict[str, torch.Tensor], num_classes: int) -> torch.Ten
 def label_loss(
     logits: torch.Tensor, batch: dict[str, torch.Tensor], num_classes: int, smoothing: float = 0.0
 ) -> torch.Tensor:
-    """Cross-entropy against the (mixed, smoothed) labels, averaged over the rows whose labels are known: an
-    unlabelled image (label NO_LABEL, -1), or one mixed with an unlabelled partner, has no label term. A batch
-    with no labelled row gives 0 (with a gradient of zeros, so every process backpropagates alike)."""
+    """Cross-entropy against the (mixed, smoothed) labels of the rows whose labels are known, summed and divided
+    by the batch size: an unlabelled image (label NO_LABEL, -1), or one mixed with an unlabelled partner, adds
+    0. Each labelled image weighs as much as each image in a per-image KD term, as in SimCLRv2's
+    -(1 - a) sum_{D_L} log p(y|x) - a sum_{D} KD (Chen et al. 2020); with every label known this is the
+    plain mean. A batch with no labelled row gives 0 (with a gradient of zeros, so every process backpropagates
+    alike)."""
     known = (batch["label"] >= 0) & ((batch["partner_label"] >= 0) | (batch["lam"] >= 1))
     if not bool(known.any()):
         return logits.sum() * 0.0
     rows = {k: v[known] for k, v in batch.items() if k in ("label", "partner_label", "lam")}
     targets = mixed_targets(rows, num_classes) * (1 - smoothing) + smoothing / num_classes
-    return soft_target_cross_entropy(logits[known], targets)
+    return soft_target_cross_entropy(logits[known], targets) * (int(known.sum()) / len(known))
 
 
 # ---- logit distillation losses on a teacher's distribution (live, or a store's rebuild) ---------------------

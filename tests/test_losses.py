@@ -68,7 +68,7 @@ def test_tinyvit_method_asks_the_teacher_by_epoch_and_ids_and_weights_the_label_
     torch.testing.assert_close(mixed["loss"], soft_target_kd(logits, teacher.value, 2.0) + 0.5 * label)
 
 
-def test_label_loss_counts_the_labelled_rows_only():
+def test_label_loss_sums_the_labelled_rows_over_the_batch():
     from distill.losses import label_loss
 
     torch.manual_seed(3)
@@ -81,7 +81,7 @@ def test_label_loss_counts_the_labelled_rows_only():
     loss = label_loss(logits, batch, 4, smoothing=0.1)
     rows = [0, 2, 4]  # known labels (row 1 unlabelled, row 3's partner unlabelled)
     targets = torch.tensor([[0, 0, 1, 0], [0.7, 0.3, 0, 0], [0, 1, 0, 0]]) * 0.9 + 0.1 / 4
-    expected = -(targets * F.log_softmax(logits[rows], -1)).sum(-1).mean()
+    expected = -(targets * F.log_softmax(logits[rows], -1)).sum(-1).sum() / 5  # over the whole batch of 5
     torch.testing.assert_close(loss, expected)
     none = label_loss(logits, {k: v.clone().fill_(-1) if k != "lam" else v for k, v in batch.items()}, 4)
     none.backward()

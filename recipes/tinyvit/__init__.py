@@ -14,7 +14,8 @@ student learns the teacher's distribution, a live model's or a store's (its top-
 
 NKD and DKD need each image's class: its label, or the teacher's top-1 for an unlabelled image. The defaults
 of each loss are its paper's ImageNet setting. An optional label term (`label_weight`) counts the labelled
-images only, so a recipe can mix a few labels with a store over many unlabelled images.
+images only, each weighing as much as one image of the KD term (SimCLRv2's weighting), so a recipe can mix a
+few labels with a store over many unlabelled images.
 """
 
 from dataclasses import dataclass, field
