@@ -15,6 +15,7 @@ previous checkpoint intact.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -231,7 +232,14 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
 
 
 def write_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """A file written by `write` through a Python file object, so that a full disk fails as OSError(ENOSPC)
-    (torch's own writer says only "unexpected pos"), raised as one DiskFullError naming the file."""
-    with disk_full_named(path), open(path, "wb") as fh:
-        write(fh)
+    """A file written whole or not at all: `write` fills `path`.partial through a Python file object (so that a
+    full disk fails as OSError(ENOSPC), which torch's own writer reports only as "unexpected pos"), renamed over
+    `path` once complete. A failed write leaves neither file and raises one DiskFullError naming `path`."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with disk_full_named(path):
+            with open(partial, "wb") as fh:
+                write(fh)
+            os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

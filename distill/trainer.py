@@ -36,6 +36,7 @@ from .checkpoint import (
     lock_output_dir,
     public,
     save_checkpoint,
+    write_file,
     write_recipe,
 )
 from .evaluate import teacher_accuracy
@@ -341,7 +342,8 @@ class Trainer:
             title = f"{recipe.student.model} ({recipe.method})"
             plot_training_curves(state.history, out / "training_curves.png", title, self.plan.train_set.num_classes,
                                  state.teacher_top1)  # fmt: skip
-            (out / "summary.json").write_text(json.dumps(public(summary), indent=2) + "\n")
+            # written last and whole: its presence is what marks the run finished
+            write_file(out / SUMMARY_FILE, lambda fh: fh.write((json.dumps(public(summary), indent=2) + "\n").encode()))
             self.log(f"finished: top-1 {summary['top1']:.2f}, top-5 {summary['top5']:.2f}, "
                      f"{summary['images_per_s']:.0f} images/s, {summary['wall_seconds']:.0f} s; weights {out / 'model.safetensors'}")  # fmt: skip
             keep_last_checkpoint(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import json
 import os
 import re
 import subprocess
@@ -147,7 +148,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_exit_2(digits, tmp_path, mo
     recipe = write_recipe(tmp_path / "r.yaml", base_recipe(digits, out, epochs=1))
 
     def opener(path, mode="r", *args, **kwargs):
-        if Path(path).name == "state.pt":
+        if Path(path).name.startswith("state.pt"):
             return FullFile(path, room=1000)
         return builtins.open(path, mode, *args, **kwargs)
 
@@ -161,19 +162,44 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_exit_2(digits, tmp_path, mo
 
 
 def test_a_full_disk_at_the_runs_last_files_is_one_line_and_exit_2(digits, tmp_path, monkeypatch, capsys):
-    """A write the OS names no file for (summary.json here) is named by the run's output_dir."""
+    """A write the OS names no file for (the training curves here) is named by the run's output_dir."""
+    import distill.trainer
+
     monkeypatch.setenv("DISTILL_CACHE", str(digits["root"] / "cache"))
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", base_recipe(digits, out, epochs=1))
-    write_text = Path.write_text
 
-    def full_at_summary(self, *args, **kwargs):
-        if self.name == "summary.json":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return write_text(self, *args, **kwargs)
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(Path, "write_text", full_at_summary)
+    monkeypatch.setattr(distill.trainer, "plot_training_curves", full)
     assert train_main([str(recipe)]) == 2
     (err,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert err.endswith(f"r.yaml: disk full: cannot write {out} (no space left on its file system); free space, "
                         "then run again"), err  # fmt: skip
+
+
+def test_a_full_disk_at_the_summary_leaves_no_torn_file_and_the_rerun_finishes(digits, tmp_path, monkeypatch, capsys):
+    """summary.json marks a run finished: one torn by a full disk would make the folder look done (and unreadable).
+    It is written whole or not at all, so the error names it, nothing is left, and the same command finishes."""
+    import distill.checkpoint
+
+    monkeypatch.setenv("DISTILL_CACHE", str(digits["root"] / "cache"))
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", base_recipe(digits, out, epochs=1))
+
+    def opener(path, mode="r", *args, **kwargs):
+        if Path(path).name.startswith("summary.json"):
+            return FullFile(path, room=40)  # the first 40 bytes land, then the disk is full
+        return builtins.open(path, mode, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(distill.checkpoint, "open", opener, raising=False)
+        assert train_main([str(recipe)]) == 2
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert err.endswith(f"r.yaml: disk full: cannot write {out / 'summary.json'} (no space left on its file "
+                        "system); free space, then run again"), err  # fmt: skip
+    assert not (out / "summary.json").exists() and temporary_files(out / "x") == []
+    assert train_main([str(recipe)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["steps"] > 0
