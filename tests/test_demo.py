@@ -10,6 +10,8 @@ from train_helpers import ROOT, env_for
 
 from logit_store import open_store
 
+TEACHERS = ("resnet18", "resnet26", "resnet34")  # the ensemble members of tools/demo_semisup.py
+
 
 @pytest.mark.slow
 def test_demo_pipeline_end_to_end(tmp_path):
@@ -55,10 +57,16 @@ def test_semi_supervised_demo_uses_the_ten_percent_labels_only(tmp_path):
     labelled = [r for r in rows if r[1]]
     assert len(rows) == 1437 and len(labelled) == 143  # 10% of each class, rounded per class
     assert (out / "semi" / "labelled.csv").read_text().splitlines()[1:] == [",".join(r) for r in labelled]
-    teacher = yaml.safe_load((out / "semi" / "teacher" / "recipe.yaml").read_text())
-    assert teacher["data"]["train"] == f"csv:{out / 'semi' / 'labelled.csv'}"
+    members = {m: yaml.safe_load((out / "semi" / f"teacher_{m}" / "recipe.yaml").read_text()) for m in TEACHERS}
+    for name, recipe in members.items():  # every member of the ensemble learns from the 10% alone
+        assert recipe["student"]["model"] == name and recipe["data"]["train"] == f"csv:{out / 'semi' / 'labelled.csv'}"
+    teacher = members["resnet18"]
     manifest = open_store(out / "semi" / "store_0.zarr").manifest
     assert manifest.num_samples == 1437
+    ensemble = open_store(out / "semi" / "store_ensemble_0.zarr").manifest
+    assert ensemble.num_samples == 1437 and [m["spec"] for m in ensemble.teacher["members"]] == [
+        f"timm:{m}" for m in TEACHERS
+    ]
     # the views suited to digits, read from the file: no flip, RandAugment
     views = yaml.safe_load((ROOT / "recipes" / "configs" / "digits_augment.yaml").read_text())
     assert teacher["augmentation"] == "recipes/configs/digits_augment.yaml"
@@ -66,6 +74,14 @@ def test_semi_supervised_demo_uses_the_ten_percent_labels_only(tmp_path):
     assert manifest.augmentation["recipe"]["auto_augment"] == views["auto_augment"]
     semi = json.loads((out / "results.json").read_text())["semi"]
     assert semi["labelled_images"] == 143
-    for key in ("a_labels_10pct", "b_kd", "c_kd_labels_10pct", "d_all_labels"):
+    keys = (
+        "a_labels_10pct",
+        "b_kd",
+        "c_kd_labels_10pct",
+        "b_kd_ensemble",
+        "c_kd_ensemble_labels_10pct",
+        "d_all_labels",
+    )
+    for key in keys:
         assert len(semi[key]["values"]) == 1 and 0 <= semi[key]["mean"] <= 100
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
