@@ -50,8 +50,8 @@ def label_loss(
     """Cross-entropy against the (mixed, smoothed) labels of the rows whose labels are known, summed and divided
     by the batch size: an unlabelled image (label NO_LABEL, -1), or one mixed with an unlabelled partner, adds
     0. Each labelled image weighs as much as each image in a per-image KD term, as in SimCLRv2's
-    (1 - a) sum_{D_L} CE + a sum_{D} KD (Chen et al. 2020); with every label known this is the plain mean. A batch with no labelled row gives 0 (with a gradient of zeros, so every process backpropagates
-    alike)."""
+    (1 - a) sum_{D_L} CE + a sum_{D} KD (Chen et al. 2020); with every label known this is the plain mean.
+    A batch with no labelled row gives 0 (with a gradient of zeros, so every process backpropagates alike)."""
     known = (batch["label"] >= 0) & ((batch["partner_label"] >= 0) | (batch["lam"] >= 1))
     if not bool(known.any()):
         return logits.sum() * 0.0

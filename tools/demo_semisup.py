@@ -122,7 +122,7 @@ def main() -> int:
 
 def semi_supervised(out: Path, seeds: list[int], args: argparse.Namespace, common: dict) -> dict[str, Any]:
     """Students (a)-(d) of the resnet18 teacher on the 10%, and (b) and (c) again from the store of the ensemble
-    of the three TEACHERS, each trained on the same 10% (an ensemble is a better teacher: here it pays)."""
+    of the three TEACHERS, each trained on the same 10% (a better teacher, from the same labels)."""
     labelled, partial, count = write_splits(out)
     teacher = {"data.train": labelled, "epochs": args.teacher_epochs, "batch_size": 32, "augmentation": SEMI_AUG}
     members = {
