@@ -493,7 +493,8 @@ def test_digits_recipe_distills_a_mini_deit(data, teacher_ckpt):
         assert torch.equal(logits, again.eval()(batch["image"]))
     top1 = 100 * (logits.argmax(-1) == batch["label"]).sum().item() / len(val)
     assert top1 == pytest.approx(summary["top1"])
-    assert top1 > 15  # 8 short epochs from scratch on 160 images: above chance (10%, i.e. 6 of 60)
+    # no threshold on top1 itself: after 8 short epochs on 160 images, 60 validation images cannot tell it from
+    # chance (9 or more of 60 right happens by chance 1 time in 7); the falling losses above are what shows learning
 
 
 @pytest.mark.slow
