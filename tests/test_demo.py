@@ -67,6 +67,9 @@ def test_semi_supervised_demo_uses_the_ten_percent_labels_only(tmp_path):
     assert ensemble.num_samples == 1437 and [m["spec"] for m in ensemble.teacher["members"]] == [
         f"timm:{m}" for m in TEACHERS
     ]
+    for student in ("b_ensemble_0", "c_ensemble_0"):  # (b') and (c') read the ensemble's store
+        recipe = yaml.safe_load((out / "semi" / student / "recipe.yaml").read_text())
+        assert recipe["teacher"]["source"] == f"store:{out / 'semi' / 'store_ensemble_0.zarr'}"
     # the views suited to digits, read from the file: no flip, RandAugment
     views = yaml.safe_load((ROOT / "recipes" / "configs" / "digits_augment.yaml").read_text())
     assert teacher["augmentation"] == "recipes/configs/digits_augment.yaml"
