@@ -208,7 +208,7 @@ class Manifest:
             f"{key}: store has {mine.get(key)!r}, asked for {theirs.get(key)!r}" for key in self.differing_fields(other)
         ]
         if diffs:
-            raise ManifestMismatchError(f"{where} exists with a different manifest:\n  " + "\n  ".join(diffs))
+            raise ManifestMismatchError(f"{where} exists with a different manifest: " + "; ".join(diffs))
 
 
 def _is_int(value: Any) -> bool:

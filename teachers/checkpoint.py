@@ -100,7 +100,7 @@ def unwrap_state_dict(raw: Any, source: str = "checkpoint") -> dict[str, torch.T
 
 
 def mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """One line per kind of mismatch (shapes, missing keys, unexpected keys); empty when the state dict fits."""
+    """One entry per kind of mismatch (shapes, missing keys, unexpected keys); empty when the state dict fits."""
     expected = model.state_dict()
     shapes = [
         f"{key}: checkpoint {list(state_dict[key].shape)} vs model {list(expected[key].shape)}"
@@ -125,8 +125,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], what: str = 
     problems = mismatch_report(model, state_dict)
     if problems:
         raise CheckpointError(
-            f"checkpoint {path} does not fit {what} (saved for another model or another num_classes?):\n  "
-            + "\n  ".join(problems)
+            f"checkpoint {path} does not fit {what} (saved for another model or another num_classes?): "
+            + "; ".join(problems)
         )
     model.load_state_dict(state_dict, strict=True)
 

@@ -180,6 +180,7 @@ def test_reopen_with_a_different_manifest(store, tmp_path):
     with pytest.raises(ManifestMismatchError, match=r"k: store has 5, asked for 4") as err:
         create_store(tmp_path / "s", manifest(k=4, teacher={"spec": "timm:resnet18", "weights_sha256": "ab"}))
     assert "teacher.spec: store has None, asked for 'timm:resnet18'" in str(err.value)
+    assert "\n" not in str(err.value)  # every field on the one line
     with pytest.raises(ManifestMismatchError, match="backend: store has 'zarr', asked for 'lmdb'"):
         create_store(tmp_path / "s", manifest("lmdb"))
     assert_first_shard_intact(store)
