@@ -67,9 +67,13 @@ def test_semi_supervised_demo_uses_the_ten_percent_labels_only(tmp_path):
     assert ensemble.num_samples == 1437 and [m["spec"] for m in ensemble.teacher["members"]] == [
         f"timm:{m}" for m in TEACHERS
     ]
-    for student in ("b_ensemble_0", "c_ensemble_0"):  # (b') and (c') read the ensemble's store
-        recipe = yaml.safe_load((out / "semi" / student / "recipe.yaml").read_text())
-        assert recipe["teacher"]["source"] == f"store:{out / 'semi' / 'store_ensemble_0.zarr'}"
+    for student in ("resnet10t", "vit"):  # (b') and (c') read the ensemble's store
+        for run in ("b_ensemble_0", "c_ensemble_0"):
+            recipe = yaml.safe_load((out / "semi" / student / run / "recipe.yaml").read_text())
+            assert recipe["teacher"]["source"] == f"store:{out / 'semi' / 'store_ensemble_0.zarr'}"
+    vit = yaml.safe_load((out / "semi" / "vit" / "a_0" / "recipe.yaml").read_text())["student"]
+    assert vit["model"] == "deit_tiny_patch16_224"  # a plain ViT: 4 px patches of the 32 px digits
+    assert vit["kwargs"] == {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}
     # the views suited to digits, read from the file: no flip, RandAugment
     views = yaml.safe_load((ROOT / "recipes" / "configs" / "digits_augment.yaml").read_text())
     assert teacher["augmentation"] == "recipes/configs/digits_augment.yaml"
@@ -85,6 +89,6 @@ def test_semi_supervised_demo_uses_the_ten_percent_labels_only(tmp_path):
         "c_kd_ensemble_labels_10pct",
         "d_all_labels",
     )
-    for key in keys:
-        assert len(semi[key]["values"]) == 1 and 0 <= semi[key]["mean"] <= 100
+    for student in ("resnet10t", "vit"):
+        assert all(len(semi[student][k]["values"]) == 1 and 0 <= semi[student][k]["mean"] <= 100 for k in keys)
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"

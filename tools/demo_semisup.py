@@ -6,7 +6,9 @@
    a teacher learns from those only (no other label is used anywhere), its store covers all training images,
    and students (3 seeds each) learn (a) from the 10% labels alone, as many steps as the others, (b) from the
    store over all images, (c) from the store and the 10% labels, and, for reference, (d) from all labels; (b) and
-   (c) again from the store of the ensemble of three teachers, each trained on the same 10%.
+   (c) again from the store of the ensemble of three teachers, each trained on the same 10%. Two students: the
+   convolutional resnet10t, and a plain ViT (DeiT's architecture, 0.68M parameters), which has no convolution to
+   lean on when images are few (DeiT's case for a convolutional teacher).
    Every view of this part is recipes/configs/digits_augment.yaml's (no flip, RandAugment): with few labels
    the views matter most, and a mirrored digit is no digit.
 2. Ensembles (MEAL V2): three teachers trained on all labels; students from the store of the best one and
@@ -39,7 +41,12 @@ from distill.data import prepare_digits
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(sys.executable).parent
-STUDENT = "resnet10t"
+STUDENT = {"student.model": "resnet10t", "student.kwargs": "{}"}  # the ensemble and loss parts' student
+SEMI_STUDENTS = {  # the semi-supervised part's: a convolutional network and a plain ViT (4 px patches, 64 tokens)
+    "resnet10t": STUDENT,
+    "vit": {"student.model": "deit_tiny_patch16_224",
+            "student.kwargs": "{img_size: 32, patch_size: 4, embed_dim: 96, depth: 6, num_heads: 3}"},
+}  # fmt: skip
 TEACHERS = ("resnet18", "resnet26", "resnet34")  # the ensemble's members, trained on all labels
 LABELLED = 0.1
 SEMI_AUG = "recipes/configs/digits_augment.yaml"  # views for few labels: no flip, RandAugment
@@ -100,10 +107,11 @@ def main() -> int:
     parser.add_argument("--semi-epochs", type=int, default=30, help="epochs of the semi-supervised students")
     parser.add_argument("--teacher-epochs", type=int, default=200, help="epochs of the 10%%-label teacher")
     parser.add_argument("--parts", default="semi,ensemble,losses", help="any of semi, ensemble, losses")
+    parser.add_argument("--semi-students", default=",".join(SEMI_STUDENTS), help="any of " + ", ".join(SEMI_STUDENTS))
     args = parser.parse_args()
     out, seeds, parts = (ROOT / args.out).resolve(), [int(s) for s in args.seeds.split(",")], args.parts.split(",")
     started, results = time.perf_counter(), {}
-    common = {"epochs": args.epochs, "student.model": STUDENT, "student.kwargs": "{}"}
+    common = {"epochs": args.epochs} | STUDENT
     if "semi" in parts:
         results["semi"] = semi_supervised(out / "semi", seeds, args, common)
     if "ensemble" in parts or "losses" in parts:
@@ -122,7 +130,8 @@ def main() -> int:
 
 def semi_supervised(out: Path, seeds: list[int], args: argparse.Namespace, common: dict) -> dict[str, Any]:
     """Students (a)-(d) of the resnet18 teacher on the 10%, and (b) and (c) again from the store of the ensemble
-    of the three TEACHERS, each trained on the same 10% (a better teacher, from the same labels)."""
+    of the three TEACHERS, each trained on the same 10% (a better teacher, from the same labels); for each of
+    --semi-students, from the same stores (a store is the teacher's, whatever the student)."""
     labelled, partial, count = write_splits(out)
     teacher = {"data.train": labelled, "epochs": args.teacher_epochs, "batch_size": 32, "augmentation": SEMI_AUG}
     members = {
@@ -130,6 +139,23 @@ def semi_supervised(out: Path, seeds: list[int], args: argparse.Namespace, commo
     }
     weights = {m: out / f"teacher_{m}" / "model.safetensors" for m in TEACHERS}
     ensemble_spec = "ensemble:" + ",".join(f"timm:{m}@{weights[m]}" for m in TEACHERS)
+    stores = {seed: {"": save(out / f"store_{seed}.zarr", "timm:resnet18", weights["resnet18"], partial,
+                              args.semi_epochs, seed, SEMI_AUG),
+                     "_ensemble": save(out / f"store_ensemble_{seed}.zarr", ensemble_spec, None, partial,
+                                       args.semi_epochs, seed, SEMI_AUG)}
+              for seed in seeds}  # fmt: skip
+    common = common | {"epochs": args.semi_epochs, "augmentation": SEMI_AUG}
+    students = {
+        name: semi_students(out / name, seeds, stores, common | SEMI_STUDENTS[name], labelled, partial)
+        for name in args.semi_students.split(",")
+    }
+    return {"labelled_images": count, "teacher_top1": members["resnet18"], "members_top1": members} | students
+
+
+def semi_students(
+    out: Path, seeds: list[int], stores: dict[int, dict[str, Path]], common: dict, labelled: str, partial: str
+) -> dict[str, Any]:
+    """Rows (a) to (d), and (b) and (c) from the ensemble's store, of one student over the seeds."""
     keys = (
         "a_labels_10pct",
         "b_kd",
@@ -140,15 +166,10 @@ def semi_supervised(out: Path, seeds: list[int], args: argparse.Namespace, commo
     )
     rows: dict[str, list[float]] = {k: [] for k in keys}
     scale = round(1 / LABELLED)  # (a) sees a tenth of the images: ten times the epochs, the same steps
-    common = common | {"epochs": args.semi_epochs, "augmentation": SEMI_AUG}
     for seed in seeds:
-        stores = {"": save(out / f"store_{seed}.zarr", "timm:resnet18", weights["resnet18"], partial,
-                           args.semi_epochs, seed, SEMI_AUG),
-                  "_ensemble": save(out / f"store_ensemble_{seed}.zarr", ensemble_spec, None, partial,
-                                    args.semi_epochs, seed, SEMI_AUG)}  # fmt: skip
-        label_only = common | {"seed": seed, "data.train": labelled, "epochs": args.semi_epochs * scale}
+        label_only = common | {"seed": seed, "data.train": labelled, "epochs": common["epochs"] * scale}
         rows["a_labels_10pct"].append(train(out / f"a_{seed}", "supervised_digits.yaml", label_only))
-        for suffix, store in stores.items():
+        for suffix, store in stores[seed].items():
             kd = common | {"seed": seed, "data.train": partial, "teacher.source": f"store:{store}"}
             rows[f"b_kd{suffix}"].append(train(out / f"b{suffix}_{seed}", "tinyvit_digits.yaml", kd))
             with_labels = kd | {"loss.label_weight": 1}
@@ -156,9 +177,7 @@ def semi_supervised(out: Path, seeds: list[int], args: argparse.Namespace, commo
                 train(out / f"c{suffix}_{seed}", "tinyvit_digits.yaml", with_labels)
             )
         rows["d_all_labels"].append(train(out / f"d_{seed}", "supervised_digits.yaml", common | {"seed": seed}))
-    return {"labelled_images": count, "teacher_top1": members["resnet18"], "members_top1": members} | {
-        k: spread(v) for k, v in rows.items()
-    }
+    return {k: spread(v) for k, v in rows.items()}
 
 
 def member_store(out: Path, member: str, seed: int, epochs: int) -> Path:
@@ -194,14 +213,20 @@ def is_row(value: Any) -> bool:
 
 
 def report(results: dict[str, Any], path: Path) -> None:
-    tables = [(name, rows) for name, rows in results.items() if name in ("semi", "ensemble", "losses")]
+    tables = [(f"semi-supervised, {student} student", rows) for student, rows in results.get("semi", {}).items()
+              if isinstance(rows, dict) and any(is_row(v) for v in rows.values())]  # fmt: skip
+    tables += [(name, rows) for name, rows in results.items() if name in ("ensemble", "losses")]
     for name, rows in tables:
         print(f"\n{name}: top-1 (%) over seeds, mean +- std")
         for key, value in rows.items():
             if is_row(value):
                 print(f"  {key:<28} {value['mean']:6.2f} +- {value['std']:.2f}   {value['values']}")
-    fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 4), squeeze=False)
-    for ax, (name, rows) in zip(axes[0], tables, strict=True):
+    ncols = min(2, len(tables))
+    nrows = -(-len(tables) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(tables) :]:
+        ax.axis("off")
+    for ax, (name, rows) in zip(axes.flat, tables, strict=False):
         keys = [k for k, v in rows.items() if is_row(v)]
         means, stds = [rows[k]["mean"] for k in keys], [rows[k]["std"] for k in keys]
         ax.bar(range(len(keys)), means, yerr=stds, capsize=4, color="tab:blue")
