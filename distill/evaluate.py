@@ -25,13 +25,16 @@ def _batches(data: ReplayDataset, batch_size: int, accelerator: Accelerator) -> 
 
 def _topk(
     scores_of: Callable[[torch.Tensor], torch.Tensor],
-    model: nn.Module,
+    model: nn.Module | None,
     data: ReplayDataset,
     batch_size: int,
     accelerator: Accelerator,
 ) -> dict[str, float]:
-    """Top-1 / top-5 (%) of `scores_of(images)` over the dataset, `model` in eval mode meanwhile."""
-    model.eval()
+    """Top-1 / top-5 (%) of `scores_of(images)` over the dataset, `model` (if any) in eval mode meanwhile and
+    in its own mode after."""
+    training = model is not None and model.training
+    if model is not None:
+        model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for batch in _batches(data, batch_size, accelerator):
         with accelerator.autocast():
@@ -42,7 +45,8 @@ def _topk(
             [(top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum(), labels.new_tensor(len(labels))]
         )
     counts = accelerator.reduce(counts, "sum")
-    model.train()
+    if training:
+        model.train()
     return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item()}
 
 
@@ -56,8 +60,10 @@ def classification_accuracy(
 
 @torch.no_grad()
 def teacher_accuracy(teacher: Any, data: ReplayDataset, batch_size: int, accelerator: Accelerator) -> dict[str, float]:
-    """Top-1 / top-5 (%) of a live logits teacher on the same views as the student's evaluation."""
-    return _topk(teacher.logits, teacher.model, data, batch_size, accelerator)
+    """Top-1 / top-5 (%) of a live logits teacher (an ensemble too) on the same views as the student's
+    evaluation. A teacher's models are in eval mode from the start (teachers/live.py) and stay so: a model put in
+    train mode after this score would give the rest of a run its batch statistics (BatchNorm) and dropout."""
+    return _topk(teacher.logits, None, data, batch_size, accelerator)
 
 
 @torch.no_grad()

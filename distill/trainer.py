@@ -159,7 +159,7 @@ class Trainer:
         teacher = self.teacher
         if teacher is None or teacher.store is not None or teacher.outputs != "logits":
             return None
-        if not self.plan.val_set.has_labels or getattr(teacher, "model", None) is None:
+        if not self.plan.val_set.has_labels:
             return None
         top1 = teacher_accuracy(teacher, self.plan.val_data, self.recipe.eval.batch_size, self.accelerator)["top1"]
         self.log(f"teacher {teacher.spec}: validation top-1 {top1:.2f}")

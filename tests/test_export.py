@@ -76,6 +76,10 @@ def test_distill_eval_reproduces_the_runs_figures(run):
     # the run's weights as a live teacher are scored on the same views: the same figures
     _, both = evaluate(run, out, "--teacher", f"timm:{MODEL}", "--teacher-checkpoint", out / "model.safetensors")
     assert both["teacher_top1"] == both["top1"] and both["teacher_top5"] == both["top5"]
+    # an ensemble is a live teacher too: the mean of two equal distributions is that distribution
+    ckpt = out / "model.safetensors"
+    _, pair = evaluate(run, out, "--teacher", f"ensemble:timm:{MODEL}@{ckpt},timm:{MODEL}@{ckpt}")
+    assert pair["teacher_top1"] == both["top1"] and pair["teacher_top5"] == both["top5"]
 
 
 def test_distill_eval_input_errors_are_one_line(run, tmp_path):

@@ -204,6 +204,32 @@ def test_student_trains_from_the_store(data, store):
     assert losses[-1] < losses[0]
 
 
+def test_a_live_batchnorm_teacher_teaches_as_its_store_does(data, tmp_path):
+    """The run scores a live teacher once before training (the curves' reference line); the teacher must then
+    teach in eval mode, as distill-save-logits saved it: a BatchNorm teacher left in train mode would give
+    targets from each batch's statistics. With every class stored (k = C) the two runs' first losses agree."""
+    import timm
+    from safetensors.torch import save_file
+
+    from distill.cli import save_logits
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "resnet.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=10).state_dict(), str(checkpoint))
+    store = tmp_path / "resnet.zarr"
+    assert save_logits(["--teacher", "timm:test_resnet", "--checkpoint", str(checkpoint), "--data", data["train"],
+                        "--out", str(store), "--epochs", "1", "--k", "10", "--aug", "basic", "--img-size", "32"]) == 0  # fmt: skip
+
+    def first_losses(name: str, teacher: dict) -> list[float]:
+        run_recipe(base_recipe(data, tmp_path / name, method="tinyvit", epochs=1, teacher=teacher))
+        rows = (tmp_path / name / "metrics.csv").read_text().splitlines()
+        return [float(r.split(",")[2]) for r in rows if ",train/kd," in r][:2]
+
+    live = first_losses("live", {"source": "timm:test_resnet", "checkpoint": str(checkpoint)})
+    stored = first_losses("store", {"source": f"store:{store}"})
+    assert live == pytest.approx(stored, rel=2e-3)  # fp16 storage of the probabilities
+
+
 def test_cli_refuses_a_store_saved_with_other_augmentation(data, store, tmp_path):
     recipe = base_recipe(data, tmp_path / "run", method="tinyvit", teacher={"source": f"store:{store}"})
     recipe["augmentation"] = "none"
