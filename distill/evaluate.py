@@ -79,14 +79,17 @@ def zero_shot_accuracy(
     """Zero-shot top-1 / top-5 (%) of a CLIP model: each image against the mean embedding of its
     class's prompts (`template.format(class name)`)."""
     clip = accelerator.unwrap_model(model)
-    clip.eval()
+    training = clip.training
+    clip.eval()  # the classifier's text embeddings too are computed in eval mode
     with accelerator.autocast():
         classifier = zero_shot_classifier(clip, tokenizer, class_names, templates).float()
 
     def scores(images: torch.Tensor) -> torch.Tensor:
         return F.normalize(clip.encode_image(images).float(), dim=-1) @ classifier
 
-    return _topk(scores, clip, data, batch_size, accelerator)
+    result = _topk(scores, clip, data, batch_size, accelerator)
+    clip.train(training)
+    return result
 
 
 def _device(model: nn.Module) -> torch.device:
