@@ -30,9 +30,8 @@ def _topk(
     batch_size: int,
     accelerator: Accelerator,
 ) -> dict[str, float]:
-    """Top-1 / top-5 (%) of `scores_of(images)` over the dataset, `model` (if any) in eval mode meanwhile and
-    in its own mode after."""
-    training = model is not None and model.training
+    """Top-1 / top-5 (%) of `scores_of(images)` over the dataset; `model` (a student; None for a teacher) in eval
+    mode meanwhile and in train mode after."""
     if model is not None:
         model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
@@ -45,7 +44,7 @@ def _topk(
             [(top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum(), labels.new_tensor(len(labels))]
         )
     counts = accelerator.reduce(counts, "sum")
-    if training:
+    if model is not None:
         model.train()
     return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item()}
 
@@ -79,17 +78,14 @@ def zero_shot_accuracy(
     """Zero-shot top-1 / top-5 (%) of a CLIP model: each image against the mean embedding of its
     class's prompts (`template.format(class name)`)."""
     clip = accelerator.unwrap_model(model)
-    training = clip.training
-    clip.eval()  # the classifier's text embeddings too are computed in eval mode
+    clip.eval()
     with accelerator.autocast():
         classifier = zero_shot_classifier(clip, tokenizer, class_names, templates).float()
 
     def scores(images: torch.Tensor) -> torch.Tensor:
         return F.normalize(clip.encode_image(images).float(), dim=-1) @ classifier
 
-    result = _topk(scores, clip, data, batch_size, accelerator)
-    clip.train(training)
-    return result
+    return _topk(scores, clip, data, batch_size, accelerator)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -215,7 +215,7 @@ def test_zero_shot_evaluation_matches_a_direct_computation():
         scores = student.encode_image(batch["image"], normalize=True) @ classifier
     top1 = 100 * (scores.argmax(1) == batch["label"]).float().mean().item()
     assert metrics["top1"] == pytest.approx(top1) and metrics["top5"] >= metrics["top1"]
-    assert student.training  # evaluation hands the model back in the mode it was in (training, here)
+    assert student.training  # evaluation hands the model back in training mode
 
 
 # -- end to end ----------------------------------------------------------------------------------------------------
