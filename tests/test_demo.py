@@ -92,3 +92,10 @@ def test_semi_supervised_demo_uses_the_ten_percent_labels_only(tmp_path):
     for student in ("resnet10t", "vit"):
         assert all(len(semi[student][k]["values"]) == 1 and 0 <= semi[student][k]["mean"] <= 100 for k in keys)
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_semi_supervised_demo_refuses_an_unknown_student(tmp_path):
+    args = ["--out", str(tmp_path / "semisup"), "--semi-students", "vit,convnet"]
+    proc = subprocess.run([sys.executable, "tools/demo_semisup.py", *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--semi-students: unknown convnet; expected any of resnet10t, vit" in proc.stderr
+    assert not (tmp_path / "semisup").exists()

@@ -109,6 +109,9 @@ def main() -> int:
     parser.add_argument("--parts", default="semi,ensemble,losses", help="any of semi, ensemble, losses")
     parser.add_argument("--semi-students", default=",".join(SEMI_STUDENTS), help="any of " + ", ".join(SEMI_STUDENTS))
     args = parser.parse_args()
+    unknown = sorted(set(args.semi_students.split(",")) - set(SEMI_STUDENTS))
+    if unknown:
+        parser.error(f"--semi-students: unknown {', '.join(unknown)}; expected any of {', '.join(SEMI_STUDENTS)}")
     out, seeds, parts = (ROOT / args.out).resolve(), [int(s) for s in args.seeds.split(",")], args.parts.split(",")
     started, results = time.perf_counter(), {}
     common = {"epochs": args.epochs} | STUDENT
