@@ -49,6 +49,8 @@ SEMI_STUDENTS = {  # the semi-supervised part's: a convolutional network and a p
 }  # fmt: skip
 TEACHERS = ("resnet18", "resnet26", "resnet34")  # the ensemble's members, trained on all labels
 LABELLED = 0.1
+SEMI_ROWS = ("a_labels_10pct", "b_kd", "c_kd_labels_10pct", "b_kd_ensemble", "c_kd_ensemble_labels_10pct",
+             "d_all_labels")  # fmt: skip
 SEMI_AUG = "recipes/configs/digits_augment.yaml"  # views for few labels: no flip, RandAugment
 
 
@@ -108,10 +110,12 @@ def main() -> int:
     parser.add_argument("--teacher-epochs", type=int, default=200, help="epochs of the 10%%-label teacher")
     parser.add_argument("--parts", default="semi,ensemble,losses", help="any of semi, ensemble, losses")
     parser.add_argument("--semi-students", default=",".join(SEMI_STUDENTS), help="any of " + ", ".join(SEMI_STUDENTS))
+    parser.add_argument("--semi-rows", default=",".join(SEMI_ROWS), help="any of " + ", ".join(SEMI_ROWS))
     args = parser.parse_args()
-    unknown = sorted(set(args.semi_students.split(",")) - set(SEMI_STUDENTS))
-    if unknown:
-        parser.error(f"--semi-students: unknown {', '.join(unknown)}; expected any of {', '.join(SEMI_STUDENTS)}")
+    for option, known in (("--semi-students", SEMI_STUDENTS), ("--semi-rows", SEMI_ROWS)):
+        unknown = sorted(set(getattr(args, option[2:].replace("-", "_")).split(",")) - set(known))
+        if unknown:
+            parser.error(f"{option}: unknown {', '.join(unknown)}; expected any of {', '.join(known)}")
     out, seeds, parts = (ROOT / args.out).resolve(), [int(s) for s in args.seeds.split(",")], args.parts.split(",")
     started, results = time.perf_counter(), {}
     common = {"epochs": args.epochs} | STUDENT
@@ -142,45 +146,66 @@ def semi_supervised(out: Path, seeds: list[int], args: argparse.Namespace, commo
     }
     weights = {m: out / f"teacher_{m}" / "model.safetensors" for m in TEACHERS}
     ensemble_spec = "ensemble:" + ",".join(f"timm:{m}@{weights[m]}" for m in TEACHERS)
-    stores = {seed: {"": save(out / f"store_{seed}.zarr", "timm:resnet18", weights["resnet18"], partial,
-                              args.semi_epochs, seed, SEMI_AUG),
-                     "_ensemble": save(out / f"store_ensemble_{seed}.zarr", ensemble_spec, None, partial,
-                                       args.semi_epochs, seed, SEMI_AUG)}
-              for seed in seeds}  # fmt: skip
+    wanted = [row for row in SEMI_ROWS if row in args.semi_rows.split(",")]
+    teachers = {"": ("timm:resnet18", weights["resnet18"]), "_ensemble": (ensemble_spec, None)}
+    needed = [suffix for suffix in teachers if {f"b_kd{suffix}", f"c_kd{suffix}_labels_10pct"} & set(wanted)]
+    stores = {
+        seed: {
+            s: save(out / f"store{s}_{seed}.zarr", *teachers[s], partial, args.semi_epochs, seed, SEMI_AUG)
+            for s in needed
+        }
+        for seed in seeds
+    }
     common = common | {"epochs": args.semi_epochs, "augmentation": SEMI_AUG}
     students = {
-        name: semi_students(out / name, seeds, stores, common | SEMI_STUDENTS[name], labelled, partial)
+        name: semi_students(out / name, seeds, stores, common | SEMI_STUDENTS[name], labelled, partial, wanted)
         for name in args.semi_students.split(",")
     }
     return {"labelled_images": count, "teacher_top1": members["resnet18"], "members_top1": members} | students
 
 
 def semi_students(
-    out: Path, seeds: list[int], stores: dict[int, dict[str, Path]], common: dict, labelled: str, partial: str
+    out: Path,
+    seeds: list[int],
+    stores: dict[int, dict[str, Path]],
+    common: dict,
+    labelled: str,
+    partial: str,
+    wanted: list[str],
 ) -> dict[str, Any]:
-    """Rows (a) to (d), and (b) and (c) from the ensemble's store, of one student over the seeds."""
-    keys = (
-        "a_labels_10pct",
-        "b_kd",
-        "c_kd_labels_10pct",
-        "b_kd_ensemble",
-        "c_kd_ensemble_labels_10pct",
-        "d_all_labels",
-    )
-    rows: dict[str, list[float]] = {k: [] for k in keys}
+    """The `wanted` rows of SEMI_ROWS, (a) to (d) and (b) and (c) from the ensemble's store, of one student over
+    the seeds, and the ensemble's gain over its best member seed by seed where both are wanted."""
+    rows: dict[str, list[float]] = {k: [] for k in wanted}  # in SEMI_ROWS' order
     scale = round(1 / LABELLED)  # (a) sees a tenth of the images: ten times the epochs, the same steps
     for seed in seeds:
-        label_only = common | {"seed": seed, "data.train": labelled, "epochs": common["epochs"] * scale}
-        rows["a_labels_10pct"].append(train(out / f"a_{seed}", "supervised_digits.yaml", label_only))
+        runs = {"a_labels_10pct": ("a", "supervised_digits.yaml", {"data.train": labelled, "epochs": common["epochs"] * scale}),
+                "d_all_labels": ("d", "supervised_digits.yaml", {})}  # fmt: skip
         for suffix, store in stores[seed].items():
-            kd = common | {"seed": seed, "data.train": partial, "teacher.source": f"store:{store}"}
-            rows[f"b_kd{suffix}"].append(train(out / f"b{suffix}_{seed}", "tinyvit_digits.yaml", kd))
-            with_labels = kd | {"loss.label_weight": 1}
-            rows[f"c_kd{suffix}_labels_10pct"].append(
-                train(out / f"c{suffix}_{seed}", "tinyvit_digits.yaml", with_labels)
-            )
-        rows["d_all_labels"].append(train(out / f"d_{seed}", "supervised_digits.yaml", common | {"seed": seed}))
-    return {k: spread(v) for k, v in rows.items()}
+            kd = {"data.train": partial, "teacher.source": f"store:{store}"}
+            runs[f"b_kd{suffix}"] = (f"b{suffix}", "tinyvit_digits.yaml", kd)
+            runs[f"c_kd{suffix}_labels_10pct"] = (f"c{suffix}", "tinyvit_digits.yaml", kd | {"loss.label_weight": 1})
+        for key in rows:
+            name, recipe, sets = runs[key]
+            rows[key].append(train(out / f"{name}_{seed}", recipe, common | {"seed": seed} | sets))
+    return {k: spread(v) for k, v in rows.items()} | paired(rows)
+
+
+def paired(rows: dict[str, list[float]]) -> dict[str, Any]:
+    """The ensemble's store against its best member's, seed by seed (the same student, views and batches: the
+    teacher is the only difference, so the seeds' noise cancels in the difference)."""
+    pairs = {}
+    for single in ("b_kd", "c_kd_labels_10pct"):
+        ensemble = single.replace("kd", "kd_ensemble", 1)
+        if single in rows and ensemble in rows:
+            diff = [e - s for e, s in zip(rows[ensemble], rows[single], strict=True)]
+            sem = statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else 0.0
+            wins = {
+                "over": sum(d > 0 for d in diff),
+                "equal": sum(d == 0 for d in diff),
+                "under": sum(d < 0 for d in diff),
+            }
+            pairs[f"{ensemble} - {single}"] = {"mean": statistics.mean(diff), "sem": sem, "diffs": diff} | wins
+    return {"paired": pairs} if pairs else {}
 
 
 def member_store(out: Path, member: str, seed: int, epochs: int) -> Path:
@@ -224,6 +249,11 @@ def report(results: dict[str, Any], path: Path) -> None:
         for key, value in rows.items():
             if is_row(value):
                 print(f"  {key:<28} {value['mean']:6.2f} +- {value['std']:.2f}   {value['values']}")
+        for key, pair in rows.get("paired", {}).items():
+            print(f"  {key}, seed by seed: {pair['mean']:+.2f} +- {pair['sem']:.2f} (standard error); "
+                  f"over in {pair['over']}, equal in {pair['equal']}, under in {pair['under']} seeds")  # fmt: skip
+    if not tables:
+        return
     ncols = min(2, len(tables))
     nrows = -(-len(tables) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
