@@ -59,11 +59,20 @@ def test_semi_supervised_demo_uses_the_ten_percent_labels_only(tmp_path):
     assert len(rows) == 1437 and len(labelled) == 143  # 10% of each class, rounded per class
     assert (out / "semi" / "labelled.csv").read_text().splitlines()[1:] == [",".join(r) for r in labelled]
     members = {m: yaml.safe_load((out / "semi" / f"teacher_{m}" / "recipe.yaml").read_text()) for m in TEACHERS}
-    for name, recipe in members.items():  # every member of the ensemble learns from the 10% alone
+    for i, (name, recipe) in enumerate(members.items()):  # every member learns from the 10% alone, with its seed
         assert recipe["student"]["model"] == name and recipe["data"]["train"] == f"csv:{out / 'semi' / 'labelled.csv'}"
-    teacher = members["resnet18"]
-    manifest = open_store(out / "semi" / "store_0.zarr").manifest
-    assert manifest.num_samples == 1437
+        assert recipe["seed"] == i
+    semi = json.loads((out / "results.json").read_text())["semi"]
+    tops = {m: json.loads((out / "semi" / f"teacher_{m}" / "summary.json").read_text())["top1"] for m in TEACHERS}
+    best = semi["best_member"]
+    assert tops[best] == max(tops.values()) and semi["teacher_top1"] == tops[best]
+    teacher = members[best]
+    manifest = open_store(out / "semi" / f"store_{best}_0.zarr").manifest
+    assert manifest.num_samples == 1437 and manifest.teacher["spec"] == f"timm:{best}"
+    for student in ("resnet10t", "vit"):  # (b) and (c) read the best member's store
+        for run in ("b_0", "c_0"):
+            recipe = yaml.safe_load((out / "semi" / student / run / "recipe.yaml").read_text())
+            assert recipe["teacher"]["source"] == f"store:{out / 'semi' / f'store_{best}_0.zarr'}"
     ensemble = open_store(out / "semi" / "store_ensemble_0.zarr").manifest
     assert ensemble.num_samples == 1437 and [m["spec"] for m in ensemble.teacher["members"]] == [
         f"timm:{m}" for m in TEACHERS
@@ -80,7 +89,6 @@ def test_semi_supervised_demo_uses_the_ten_percent_labels_only(tmp_path):
     assert teacher["augmentation"] == "recipes/configs/digits_augment.yaml"
     assert manifest.augmentation["recipe"]["hflip"] == views["hflip"] == 0
     assert manifest.augmentation["recipe"]["auto_augment"] == views["auto_augment"]
-    semi = json.loads((out / "results.json").read_text())["semi"]
     assert semi["labelled_images"] == 143
     keys = (
         "a_labels_10pct",
@@ -114,12 +122,16 @@ def test_semi_rows_build_only_their_stores_and_pair_the_ensemble_with_its_member
     ensemble's gain over its member seed by seed (training and saving stubbed: the bookkeeping is tested)."""
     demo = load_demo_semisup()
     top1 = {"b": [97.0, 97.5, 96.9, 97.2], "b_ensemble": [97.5, 97.5, 97.8, 97.0]}
+    members = {"resnet18": 95.0, "resnet26": 96.0, "resnet34": 95.5}
     runs, saved = [], []
 
     def train(out, recipe, sets):
         runs.append(out.name)
+        if out.name.startswith("teacher_"):
+            assert sets["seed"] == TEACHERS.index(sets["student.model"])  # member i trains with seed i
+            return members[sets["student.model"]]
         name, _, seed = out.name.rpartition("_")
-        return top1[name][int(seed)] if name in top1 else 96.0
+        return top1[name][int(seed)]
 
     def save(out, teacher, weights, data, epochs, seed, aug="basic"):
         saved.append((out.name, teacher.split(":")[0], weights is None))
@@ -132,11 +144,8 @@ def test_semi_rows_build_only_their_stores_and_pair_the_ensemble_with_its_member
     monkeypatch.setattr(sys, "argv", [*argv, "--semi-students", "resnet10t", "--semi-rows", "b_kd_ensemble,b_kd"])
     assert demo.main() == 0
     assert runs == [f"teacher_{m}" for m in TEACHERS] + [f"{r}_{s}" for s in range(4) for r in ("b", "b_ensemble")]
-    assert saved == [
-        (f"store{x}_{s}.zarr", t, w)
-        for s in range(4)
-        for x, t, w in (("", "timm", False), ("_ensemble", "ensemble", True))
-    ]
+    stores = (("_resnet26", "timm", False), ("_ensemble", "ensemble", True))  # the best member's, the ensemble's
+    assert saved == [(f"store{x}_{s}.zarr", t, w) for s in range(4) for x, t, w in stores]
     semi = json.loads((tmp_path / "semisup" / "results.json").read_text())["semi"]["resnet10t"]
     assert list(semi) == ["b_kd", "b_kd_ensemble", "paired"]
     pair = semi["paired"]["b_kd_ensemble - b_kd"]
