@@ -137,7 +137,7 @@ def main() -> int:
 
 def semi_supervised(out: Path, seeds: list[int], args: argparse.Namespace, common: dict) -> dict[str, Any]:
     """The three TEACHERS trained on the 10%; students (a)-(d), (b) and (c) from the store of the best of them,
-    and (b) and (c) again from the store of their ensemble (a better teacher, from the same labels); for each of
+    and (b) and (c) again from the store of their ensemble (a better-scoring teacher, from the same labels); for each of
     --semi-students, from the same stores (a store is the teacher's, whatever the student)."""
     labelled, partial, count = write_splits(out)
     teacher = {"data.train": labelled, "epochs": args.teacher_epochs, "batch_size": 32, "augmentation": SEMI_AUG}
@@ -146,10 +146,11 @@ def semi_supervised(out: Path, seeds: list[int], args: argparse.Namespace, commo
     weights = {m: out / f"teacher_{m}" / "model.safetensors" for m in TEACHERS}
     ensemble_spec = "ensemble:" + ",".join(f"timm:{m}@{weights[m]}" for m in TEACHERS)
     wanted = [row for row in SEMI_ROWS if row in args.semi_rows.split(",")]
-    teachers = {"": (f"_{best}", f"timm:{best}", weights[best]), "_ensemble": ("_ensemble", ensemble_spec, None)}
-    needed = [suffix for suffix in teachers if {f"b_kd{suffix}", f"c_kd{suffix}_labels_10pct"} & set(wanted)]
-    stores = {seed: {s: save(out / f"store{teachers[s][0]}_{seed}.zarr", *teachers[s][1:], partial, args.semi_epochs,
-                             seed, SEMI_AUG) for s in needed}
+    # row suffix -> (store name, teacher spec, checkpoint)
+    teachers = {"": (best, f"timm:{best}", weights[best]), "_ensemble": ("ensemble", ensemble_spec, None)}
+    needed = {s: t for s, t in teachers.items() if {f"b_kd{s}", f"c_kd{s}_labels_10pct"} & set(wanted)}
+    stores = {seed: {s: save(out / f"store_{name}_{seed}.zarr", spec, ckpt, partial, args.semi_epochs, seed, SEMI_AUG)
+                     for s, (name, spec, ckpt) in needed.items()}
               for seed in seeds}  # fmt: skip
     common = common | {"epochs": args.semi_epochs, "augmentation": SEMI_AUG}
     students = {
@@ -166,8 +167,8 @@ def semi_supervised(out: Path, seeds: list[int], args: argparse.Namespace, commo
 
 def train_members(out: Path, sets: dict[str, Any]) -> dict[str, float]:
     """The ensemble's members, member i with seed i (init and batch order: a deep ensemble's diversity,
-    Lakshminarayanan et al. 2017; with one seed their errors coincide and the ensemble gains nothing).
-    Returns each member's validation top-1."""
+    Lakshminarayanan et al. 2017; retrained with one seed, the 10%-label members' ensemble scored under its best
+    member). Returns each member's validation top-1."""
     return {
         m: train(out / f"teacher_{m}", "supervised_digits.yaml", sets | {"student.model": m, "seed": i})
         for i, m in enumerate(TEACHERS)
