@@ -14,8 +14,21 @@ store_views = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(store_views)
 
 
-def test_view_figures_match_the_full_softmax(tmp_path):
-    store = create_store(tmp_path / "s.zarr", manifest(k=C))  # every class kept: the figures are exact
+def written_out(epoch: int, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """store_helpers.peaked_logits written out, as probabilities: the k largest classes' and, as one more
+    column, the rest's summed (all C columns and a zero column when k = C); and the top-k classes."""
+    logits = np.stack([np.random.default_rng([epoch, int(i)]).normal(0.0, 1.0, C) for i in ids])
+    logits[ids, ids % C] += 9.0
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    order = np.argsort(-p, axis=1)[:, :k]
+    top = np.take_along_axis(p, order, axis=1)
+    return np.concatenate([top, 1 - top.sum(1, keepdims=True)], axis=1), order
+
+
+@pytest.mark.parametrize("k", [C, 5], ids=["every class kept", "top-5 and the tail"])
+def test_view_figures_match_the_softmax_written_out(tmp_path, k):
+    store = create_store(tmp_path / "s.zarr", manifest(k=k))
     for epoch in range(EPOCHS):
         write_epoch(store, epoch, order_seed=epoch)
     ids = np.arange(N)
@@ -25,13 +38,11 @@ def test_view_figures_match_the_full_softmax(tmp_path):
     known = labels >= 0
     hits, p_true, entropy = [], [], []
     for epoch in range(EPOCHS):
-        logits = np.stack([np.random.default_rng([epoch, int(i)]).normal(0.0, 1.0, C) for i in ids])
-        logits[ids, ids % C] += 9.0  # store_helpers.peaked_logits, written out
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        hits.append((p.argmax(1) == labels)[known])
-        p_true.append(p[ids, np.maximum(labels, 0)][known])
-        entropy.append(-(p * np.log(p)).sum(1))
+        p, order = written_out(epoch, ids, k)
+        hits.append((order[:, 0] == labels)[known])
+        p_true.append((p[:, :-1] * (order == labels[:, None]))[known].sum(1))
+        q = np.clip(p, 1e-300, 1)  # 0 log 0 = 0
+        entropy.append(-(p * np.log(q)).sum(1))
     got = store_views.view_figures(open_store(tmp_path / "s.zarr"), labels)
     assert got["top1"] == pytest.approx(100 * np.concatenate(hits).mean())
     assert got["top1"] < 100  # the wrong labels count as misses
@@ -41,8 +52,27 @@ def test_view_figures_match_the_full_softmax(tmp_path):
 
 def test_a_dataset_of_another_size_is_one_line(tmp_path, capsys):
     store = create_store(tmp_path / "s.zarr", manifest())
-    write_epoch(store, 0, order_seed=0)
+    for epoch in range(EPOCHS):
+        write_epoch(store, epoch, order_seed=epoch)
     with pytest.raises(SystemExit) as exit_:
         store_views.main([str(tmp_path / "s.zarr"), "--labels", "digits"])
     assert exit_.value.code == 2
     assert f"{N} samples, but digits has 1437" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "epochs_written", "expected"),
+    [
+        ({"mixing": True}, 0, "a mixing logits store; expected logits without mixing"),
+        ({}, 1, "not complete (finish it with distill-save-logits)"),
+    ],
+    ids=["mixing", "incomplete"],
+)
+def test_a_store_it_cannot_score_is_one_line(tmp_path, capsys, overrides, epochs_written, expected):
+    store = create_store(tmp_path / "s.zarr", manifest(**overrides))
+    for epoch in range(epochs_written):
+        write_epoch(store, epoch, order_seed=epoch)
+    with pytest.raises(SystemExit) as exit_:
+        store_views.main([str(tmp_path / "s.zarr"), "--labels", "digits"])
+    assert exit_.value.code == 2
+    assert expected in capsys.readouterr().err

@@ -6,8 +6,9 @@ DATA on every stored (epoch, sample), the mean probability of the true class, an
 The labels come from DATA (any dataset spec, the one the store was saved from or the same images with more
 labels: a diagnosis may use labels no training run saw); unlabelled samples are left out of the top-1 and the
 true-class probability. Probabilities are the stored top-k and tail's: the true class counts 0 where the cut
-left it out, and the entropy takes the tail as one outcome (exact when k = num_classes, a lower bound otherwise; a store with
-k = num_classes holds a tail of -65504, probability 0).
+left it out, and the entropy takes the tail as one outcome (exact when k = num_classes, whose tail of -65504
+has probability 0; a lower bound otherwise). A logits store, complete and without mixing (a mixed view has
+no single label to score against).
 """
 
 from __future__ import annotations
@@ -53,8 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     except DistillError as e:
         parser.error(str(e))
     for path, store in stores.items():
-        if len(labels) != store.manifest.num_samples:
-            parser.error(f"{path}: {store.manifest.num_samples} samples, but {args.labels} has {len(labels)}")
+        m = store.manifest
+        if m.kind != "logits" or m.mixing:
+            parser.error(f"{path}: a {'mixing ' if m.mixing else ''}{m.kind} store; expected logits without mixing")
+        if any(store.pending_shards(epoch) for epoch in range(m.epochs)):
+            parser.error(f"{path}: not complete (finish it with distill-save-logits); expected every epoch committed")
+        if len(labels) != m.num_samples:
+            parser.error(f"{path}: {m.num_samples} samples, but {args.labels} has {len(labels)}")
     width = max(len(p) for p in stores)
     print(f"{'store':<{width}} {'top-1 on views':>14} {'p(true)':>8} {'entropy':>8}")
     for path, store in stores.items():
