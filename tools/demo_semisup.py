@@ -129,6 +129,7 @@ def main() -> int:
             results["ensemble"] = ensemble(out, seeds, best, common)
         if "losses" in parts:
             results["losses"] = losses(out, seeds, best, common)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report(results, out / "results.png")
     print(f"\nfinished in {time.perf_counter() - started:.0f} s; {out / 'results.png'}")
@@ -198,15 +199,16 @@ def semi_students(
         for key in rows:
             name, recipe, sets = runs[key]
             rows[key].append(train(out / f"{name}_{seed}", recipe, common | {"seed": seed} | sets))
-    return {k: spread(v) for k, v in rows.items()} | paired(rows)
+    pairs = [("b_kd_ensemble", "b_kd"), ("c_kd_ensemble_labels_10pct", "c_kd_labels_10pct")]
+    return {k: spread(v) for k, v in rows.items()} | paired(rows, pairs)
 
 
-def paired(rows: dict[str, list[float]]) -> dict[str, Any]:
-    """The ensemble's store against its best member's, seed by seed (the same student, views and batches: the
-    teacher is the only difference, so the seeds' noise cancels in the difference)."""
-    pairs = {}
-    for single in ("b_kd", "c_kd_labels_10pct"):
-        ensemble = single.replace("kd", "kd_ensemble", 1)
+def paired(rows: dict[str, list[float]], pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Each (ensemble, member) pair of rows, the ensemble's store against its member's, seed by seed (the same
+    student, views and batches: the teacher is the only difference, so the seeds' noise cancels in the
+    difference); pairs with a row missing are skipped."""
+    out = {}
+    for ensemble, single in pairs:
         if single in rows and ensemble in rows:
             diff = [e - s for e, s in zip(rows[ensemble], rows[single], strict=True)]
             sem = statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else 0.0
@@ -215,8 +217,8 @@ def paired(rows: dict[str, list[float]]) -> dict[str, Any]:
                 "equal": sum(d == 0 for d in diff),
                 "under": sum(d < 0 for d in diff),
             }
-            pairs[f"{ensemble} - {single}"] = {"mean": statistics.mean(diff), "sem": sem, "diffs": diff} | wins
-    return {"paired": pairs} if pairs else {}
+            out[f"{ensemble} - {single}"] = {"mean": statistics.mean(diff), "sem": sem, "diffs": diff} | wins
+    return {"paired": out} if out else {}
 
 
 def member_store(out: Path, member: str, seed: int, epochs: int) -> Path:
@@ -233,7 +235,7 @@ def ensemble(out: Path, seeds: list[int], best: str, common: dict) -> dict[str, 
         for name, store in stores.items():
             sets = common | {"seed": seed, "teacher.source": f"store:{store}"}
             rows[name].append(train(out / f"{name}_{seed}", "tinyvit_digits.yaml", sets))
-    return {k: spread(v) for k, v in rows.items()}
+    return {k: spread(v) for k, v in rows.items()} | paired(rows, [("ensemble_of_3", f"best_member_{best}")])
 
 
 def losses(out: Path, seeds: list[int], best: str, common: dict) -> dict[str, Any]:
