@@ -204,20 +204,20 @@ def semi_students(
 
 
 def paired(rows: dict[str, list[float]], pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """Each (ensemble, member) pair of rows, the ensemble's store against its member's, seed by seed (the same
-    student, views and batches: the teacher is the only difference, so the seeds' noise cancels in the
-    difference); pairs with a row missing are skipped."""
+    """Each (row, baseline) pair of rows (an ensemble's store against its member's, a loss against Hinton KD)
+    seed by seed: the same student, views and batches, one difference, so the seeds' noise cancels in the
+    difference; pairs with a row missing are skipped."""
     out = {}
-    for ensemble, single in pairs:
-        if single in rows and ensemble in rows:
-            diff = [e - s for e, s in zip(rows[ensemble], rows[single], strict=True)]
+    for row, baseline in pairs:
+        if row in rows and baseline in rows:
+            diff = [r - b for r, b in zip(rows[row], rows[baseline], strict=True)]
             sem = statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else 0.0
             wins = {
                 "over": sum(d > 0 for d in diff),
                 "equal": sum(d == 0 for d in diff),
                 "under": sum(d < 0 for d in diff),
             }
-            out[f"{ensemble} - {single}"] = {"mean": statistics.mean(diff), "sem": sem, "diffs": diff} | wins
+            out[f"{row} - {baseline}"] = {"mean": statistics.mean(diff), "sem": sem, "diffs": diff} | wins
     return {"paired": out} if out else {}
 
 
@@ -245,7 +245,7 @@ def losses(out: Path, seeds: list[int], best: str, common: dict) -> dict[str, An
         for kd in rows:
             sets = common | {"seed": seed, "teacher.source": f"store:{store}", "loss.kd": kd}
             rows[kd].append(train(out / f"loss_{kd}_{seed}", "tinyvit_digits.yaml", sets))
-    return {k: spread(v) for k, v in rows.items()}
+    return {k: spread(v) for k, v in rows.items()} | paired(rows, [(kd, "hinton") for kd in ("nkd", "dkd", "dist")])
 
 
 def is_row(value: Any) -> bool:

@@ -1,7 +1,7 @@
 """How good is a store's teacher on the views a student trains on? Per store: its top-1 against the labels of
-DATA on every stored (epoch, sample), the top-1 of its probabilities averaged over each sample's views (what
-a student fitting every epoch's views could at best take from it), the mean probability of the true class,
-and the mean entropy.
+DATA on every stored (epoch, sample), the top-1 of its probabilities averaged over each sample's views (the
+target a student fitting every epoch's views is pulled toward), the mean probability of the true class, and
+the mean entropy.
 
     python tools/store_views.py STORE [STORE ...] --labels DATA
 
@@ -10,8 +10,7 @@ labels: a diagnosis may use labels no training run saw); unlabelled samples are 
 true-class probability. Probabilities are the stored top-k and tail's: the true class counts 0 where the cut
 left it out, and the entropy takes the tail as one outcome (exact when k = num_classes, whose tail of -65504
 has probability 0; a lower bound otherwise); in the average over views a class outside a view's top-k counts 0
-there. A logits store, complete and without mixing (a mixed view has
-no single label to score against).
+there. A logits store, complete and without mixing (a mixed view has no single label to score against).
 """
 
 from __future__ import annotations
