@@ -157,12 +157,17 @@ def test_semi_rows_build_only_their_stores_and_pair_the_ensemble_with_its_member
     assert f"{mean:+.2f} +- {sem:.2f}" in capsys.readouterr().out
 
 
-def test_the_full_label_ensemble_part_pairs_the_ensemble_with_its_best_member(tmp_path, monkeypatch, capsys):
-    """--parts ensemble over 3 seeds: the best member (by its validation top-1) and the ensemble each get a store
-    and a student per seed, and the ensemble's gain over that member is taken seed by seed (stubbed runs)."""
+def test_the_full_label_parts_pair_the_ensemble_with_its_member_and_the_losses_with_hinton(
+    tmp_path, monkeypatch, capsys
+):
+    """--parts ensemble,losses over 3 seeds: the best member (by its validation top-1) and the ensemble each get
+    a store and a student per seed, and the ensemble's gain over that member and each loss's over Hinton KD are
+    taken seed by seed (stubbed runs)."""
     demo = load_demo_semisup()
     members = {"resnet18": 95.0, "resnet26": 94.0, "resnet34": 96.5}
-    top1 = {"best_member_resnet34": [96.0, 97.0, 96.5], "ensemble_of_3": [96.5, 96.5, 97.5]}
+    top1 = {"best_member_resnet34": [96.0, 97.0, 96.5], "ensemble_of_3": [96.5, 96.5, 97.5],
+            "loss_hinton": [96.0, 97.0, 96.5], "loss_nkd": [97.0, 97.0, 96.0], "loss_dkd": [96.0, 96.0, 96.0],
+            "loss_dist": [96.5, 97.5, 97.0]}  # fmt: skip
 
     def train(out, recipe, sets):
         if out.name.startswith("teacher_"):
@@ -172,10 +177,16 @@ def test_the_full_label_ensemble_part_pairs_the_ensemble_with_its_best_member(tm
 
     monkeypatch.setattr(demo, "train", train)
     monkeypatch.setattr(demo, "save", lambda out, *args, **kwargs: out)
-    monkeypatch.setattr(sys, "argv", ["demo_semisup.py", "--out", str(tmp_path / "o"), "--parts", "ensemble",
+    monkeypatch.setattr(sys, "argv", ["demo_semisup.py", "--out", str(tmp_path / "o"), "--parts", "ensemble,losses",
                                       "--seeds", "0,1,2"])  # fmt: skip
     assert demo.main() == 0
-    ensemble = json.loads((tmp_path / "o" / "results.json").read_text())["ensemble"]
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    ensemble = results["ensemble"]
+    losses = results["losses"]["paired"]  # each loss against Hinton KD on the same seeds
+    assert list(losses) == ["nkd - hinton", "dkd - hinton", "dist - hinton"]
+    assert losses["nkd - hinton"]["diffs"] == pytest.approx([1.0, 0.0, -0.5])
+    assert losses["dkd - hinton"]["diffs"] == pytest.approx([0.0, -1.0, -0.5])
+    assert losses["dist - hinton"]["mean"] == pytest.approx(0.5)
     pair = ensemble["paired"]["ensemble_of_3 - best_member_resnet34"]
     assert pair["diffs"] == pytest.approx([0.5, -0.5, 1.0]) and (pair["over"], pair["under"]) == (2, 1)
     assert pair["mean"] == pytest.approx(1 / 3) and pair["sem"] == pytest.approx(0.763762615 / 3**0.5)
