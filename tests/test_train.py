@@ -230,6 +230,41 @@ def test_a_live_batchnorm_teacher_teaches_as_its_store_does(data, tmp_path):
     assert live == pytest.approx(stored, rel=2e-3)  # fp16 storage of the probabilities
 
 
+def test_a_live_weighted_ensemble_is_scored_as_its_weighted_mean_softmax(data, teacher_run, tmp_path):
+    """A run's teacher_top1 for a live `ensemble:` with weights is the top-1 of the members' weighted mean
+    softmax on the evaluation views, computed here from the two timm models directly. The second member is
+    made to favour class 0, so that equal weights would score otherwise (checked: the weights matter)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from distill.plan import eval_view
+
+    trained = timm.create_model(TEACHER, num_classes=10)
+    trained.load_state_dict(load_file(str(teacher_run[0] / "model.safetensors")))
+    torch.manual_seed(0)
+    biased = timm.create_model("test_resnet", num_classes=10)
+    with torch.no_grad():
+        biased.fc.bias[0] += 4.0
+    save_file(biased.state_dict(), str(tmp_path / "biased.safetensors"))
+    spec = f"ensemble:timm:{TEACHER}@{teacher_run[0] / 'model.safetensors'}*0.8,timm:test_resnet@{tmp_path / 'biased.safetensors'}*0.2"
+    recipe = base_recipe(data, tmp_path / "run", method="tinyvit", epochs=1, teacher={"source": spec})
+    run_recipe(recipe)
+    reported = json.loads((tmp_path / "run" / "summary.json").read_text())["teacher_top1"]
+
+    parsed = parse_section(Recipe, recipe, "")
+    views = ReplayDataset(create_dataset(parsed.data.val), eval_view(parsed, load_recipe(parsed.augmentation)))
+    items = [views[0, i] for i in range(len(views.images))]  # (epoch, id): the evaluation view is fixed
+    images, labels = torch.stack([v["image"] for v in items]), torch.tensor([v["label"] for v in items])
+    with torch.no_grad():
+        probs = [torch.softmax(m.eval()(images), -1) for m in (trained, biased)]
+
+    def top1(w: float) -> float:
+        return 100 * ((w * probs[0] + (1 - w) * probs[1]).argmax(-1) == labels).float().mean().item()
+
+    assert top1(0.8) != top1(0.5)
+    assert reported == pytest.approx(top1(0.8))
+
+
 def test_cli_refuses_a_store_saved_with_other_augmentation(data, store, tmp_path):
     recipe = base_recipe(data, tmp_path / "run", method="tinyvit", teacher={"source": f"store:{store}"})
     recipe["augmentation"] = "none"
