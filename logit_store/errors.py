@@ -45,6 +45,11 @@ class StoreDamagedError(StoreError):
     a shard that fails its checksum or cannot be decoded. The message names file or range."""
 
 
+class StoreAccessError(StoreError):
+    """An object store that cannot be reached, refuses the credentials or lacks the bucket: the location's
+    fault, not the bytes'. Names the location (credentials redacted)."""
+
+
 class DiskFullError(DistillError):
     """A write failed because the file system is full (ENOSPC) or over quota; names the path."""
 

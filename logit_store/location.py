@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 import fsspec
 
-from .errors import StoreError, disk_full_named
+from .errors import StoreAccessError, StoreError, disk_full_named
 
 # user@ or user:password@, the password up to the first @ even where it holds a '/' (as secret keys do).
 _CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/@:\s]*:[^@\s]*?|[^/@\s]*)@")
@@ -134,7 +134,7 @@ class StoreLocation:
             detail = " ".join(str(err).split()) or type(err).__name__
             if isinstance(err, PermissionError):  # s3fs: 403, a refused key (botocore says only "Forbidden")
                 detail = f"access denied, check the credentials ({detail})"
-            raise StoreError(f"{self}: {redact_text(detail)}") from None
+            raise StoreAccessError(f"{self}: {redact_text(detail)}") from None
 
     def _forget_listings(self) -> None:
         """Drop the listings an object store's file system caches (s3fs keeps them for good): other

@@ -27,6 +27,7 @@ from .backends import Backend, create_backend
 from .cache import PlaneCache, default_cache_bytes
 from .errors import (
     NotCommittedError,
+    StoreAccessError,
     StoreDamagedError,
     StoreError,
     StoreInputError,
@@ -232,6 +233,8 @@ class LogitStore:
             b = min(a + piece, stop - start)
             try:
                 self.backend.read_rows(epoch, start + a, start + b, out[a:b])
+            except StoreAccessError:  # the location's fault, named already: not damage
+                raise
             except Exception as err:  # damaged bytes fail in the codec or the backend: name the range
                 raise StoreDamagedError(f"{where} [{start + a}, {start + b}) cannot be decoded: {err}{verify}") from err
             first = a // m.chunk_records
@@ -246,9 +249,13 @@ class LogitStore:
         start, stop = self.manifest.shard_range(shard)
         where = f"{self.location}: {plane_name(self.manifest, epoch)} records [{start}, {stop})"
         missing = NotCommittedError(f"{where} are not committed")
+        try:  # (apart from the parse: StoreAccessError is a ValueError too, and must say so)
+            raw = self.location.read_bytes(*commit_key(epoch, shard))
+        except FileNotFoundError:
+            raise missing from None
         try:
-            marker = json.loads(self.location.read_bytes(*commit_key(epoch, shard)))
-        except (FileNotFoundError, ValueError):
+            marker = json.loads(raw)
+        except ValueError:
             raise missing from None
         if not self._checked_marker(marker, epoch, shard):
             raise StoreDamagedError(f"{where} have a damaged commit marker; run distill-store verify {self.location}")

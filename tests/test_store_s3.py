@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from store_helpers import EPOCHS, manifest, records_for, write_epoch
 
-from logit_store import StoreError, create_store, open_store
+from logit_store import StoreAccessError, StoreError, create_store, open_store
 from logit_store.cli import main as store_cli
 from logit_store.location import StoreLocation, redact_text
 from logit_store.store import FAULT_COMMIT
@@ -252,6 +252,48 @@ def test_a_missing_bucket_or_an_unreachable_endpoint_is_one_line(s3, local_store
     assert unreachable.returncode == 2 and unreachable.stderr.count("\n") == 1
     assert 's3://***@bucket/x.zarr: Could not connect to the endpoint URL: "http://127.0.0.1:1/' in unreachable.stderr
     assert not any(form in unreachable.stderr for form in FORMS)
+
+
+def test_a_connection_lost_mid_save_is_one_line_and_the_same_save_resumes(reference):
+    """An endpoint that goes away amid a save's epoch 1: the write, and a read, are one error naming the store;
+    what was committed stays committed, and once the endpoint is back the same writes finish the uninterrupted content.
+    (A server of its own, stopped and started on the same port; moto keeps its buckets in this process.)"""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "moto-key", "secret": "moto-secret",
+               "config_kwargs": {"retries": {"max_attempts": 1}}}  # fmt: skip
+    s3fs.S3FileSystem(**options).mkdir("lost-connection")
+    url = "s3://lost-connection/x.zarr"
+    store = create_store(url, manifest(), options)
+    write_epoch(store, 0)
+    m, markers = store.manifest, store.commits(0)
+    with pytest.raises(StoreAccessError) as lost, store.writer(1) as writer:
+        for shard in range(m.num_shards):  # shard 0 is committed; then the endpoint goes, amid the writes
+            ids = np.arange(*m.shard_range(shard))
+            writer.write(ids, records_for(m, 1, ids), labels=ids % m.num_classes)
+            if shard == 0:
+                writer.flush()  # committed (on the writer's thread): now the endpoint goes
+                server.stop()
+    assert str(lost.value).startswith(f"{url}: ") and "\n" not in str(lost.value)
+    assert f"http://{host}:{port}" in str(lost.value)  # the endpoint that could not be reached
+    with pytest.raises(StoreAccessError, match=f"^{url}: Could not connect"):  # a reader (training) likewise
+        store.read(0, np.array([5, 2998]))
+    with pytest.raises(StoreAccessError, match=f"^{url}: Could not connect"):  # its data, the marker read before
+        store.read_shard(0, 0, markers[(0, 0)])
+    server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
+    server.start()
+    try:
+        again = open_store(url, options)
+        assert again.committed_shards(0) == set(range(again.manifest.num_shards))
+        assert again.committed_shards(1) == {0}
+        write_epoch(again, 1)
+        assert again.verify() == [] and again.info()["content_hashes"] == reference
+    finally:
+        server.stop()
 
 
 def scan(s3: dict, bucket: str, *folders: Path) -> str:

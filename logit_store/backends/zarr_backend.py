@@ -82,6 +82,12 @@ class ZarrBackend(Backend):
                 )
 
     def write_rows(self, epoch: int, start: int, rows: np.ndarray) -> None:
+        # An object store lost mid-save is one line naming it (`reaching`); the range stays uncommitted, the
+        # committed ones stay, and the same command resumes.
+        with self.location.reaching():
+            self._write_rows(epoch, start, rows)
+
+    def _write_rows(self, epoch: int, start: int, rows: np.ndarray) -> None:
         stop = start + len(rows)
         for name, array in self.arrays.items():
             # zarr re-reads an existing shard file before rewriting it; a torn file left by a
@@ -104,7 +110,8 @@ class ZarrBackend(Backend):
     def read_rows(self, epoch: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty(stop - start, dtype=self.row_dtype) if out is None else out
         for name, array in self.arrays.items():
-            data = array[epoch, start:stop]
+            with self.location.reaching():
+                data = array[epoch, start:stop]
             if name == "values" and self._delta_values:
                 data = np.cumsum(data, axis=1, dtype=data.dtype)  # uint16 wraps back exactly
             out[name] = data
