@@ -9,6 +9,7 @@ import pytest
 import yaml
 from train_helpers import ROOT, env_for
 
+from distill.data import prepare_digits
 from logit_store import open_store
 
 TEACHERS = ("resnet18", "resnet26", "resnet34")  # the ensemble members of tools/demo_semisup.py
@@ -155,6 +156,45 @@ def test_semi_rows_build_only_their_stores_and_pair_the_ensemble_with_its_member
     assert pair["diffs"] == pytest.approx(diffs) and (pair["over"], pair["equal"], pair["under"]) == (2, 1, 1)
     assert pair["mean"] == pytest.approx(mean) and pair["sem"] == pytest.approx(sem)
     assert f"{mean:+.2f} +- {sem:.2f}" in capsys.readouterr().out
+
+
+def test_labelled_fraction_sets_the_splits_and_the_label_only_steps(tmp_path, monkeypatch):
+    """--labelled 0.03: round(3%) of each class keeps its label (counted here from the digits folders), and the
+    label-only student (a) gets round(1 / 0.03) = 33 times the epochs, as many steps as the store's students."""
+    demo = load_demo_semisup()
+    epochs = {}
+
+    def train(out, recipe, sets):
+        epochs[out.name] = sets["epochs"]
+        return {"resnet18": 90.0}.get(sets["student.model"], 80.0)
+
+    monkeypatch.setattr(demo, "train", train)
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "semisup"
+    argv = ["demo_semisup.py", "--out", str(out), "--parts", "semi", "--seeds", "0", "--semi-epochs", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--labelled", "0.03", "--semi-students", "resnet10t",
+                                      "--semi-rows", "a_labels_10pct,d_all_labels"])  # fmt: skip
+    assert demo.main() == 0
+    train_dir = prepare_digits(str(tmp_path / "cache")) / "train"
+    per_class = {d.name: round(0.03 * len(list(d.iterdir()))) for d in train_dir.iterdir()}
+    labels = [line.split(",")[1] for line in (out / "semi" / "labelled.csv").read_text().splitlines()[1:]]
+    assert {c: labels.count(c) for c in per_class} == per_class and len(labels) == sum(per_class.values()) == 42
+    assert epochs["a_0"] == 2 * 33 and epochs["d_0"] == 2
+
+
+def test_a_labelled_fraction_other_than_the_out_folders_is_refused(tmp_path):
+    """Finished runs in --out are read, not repeated: splits of another --labelled there would pass for these."""
+    out = tmp_path / "semisup"
+    held = out / "semi" / "partial.csv"
+    held.parent.mkdir(parents=True)
+    held.write_text("path,label\n/x/0.png,0\n")
+    for fraction, message in (("0.05", f"--labelled 0.05: {held} holds other splits; choose another --out"),
+                              ("1.5", "--labelled: expected a fraction in (0, 1), got 1.5")):  # fmt: skip
+        args = ["--out", str(out), "--parts", "semi", "--labelled", fraction]
+        proc = subprocess.run([sys.executable, "tools/demo_semisup.py", *args], cwd=ROOT, env=env_for(tmp_path),
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert held.read_text() == "path,label\n/x/0.png,0\n" and sorted(out.rglob("*")) == [held.parent, held]
 
 
 def test_the_full_label_parts_pair_the_ensemble_with_its_member_and_the_losses_with_hinton(

@@ -2,7 +2,8 @@
 
     python tools/demo_semisup.py [--out runs/demo_semisup] [--seeds 0,1,2] [--epochs 10]
 
-1. Semi-supervised (SimCLRv2's third step): 10% of the training images keep their labels (stratified, fixed);
+1. Semi-supervised (SimCLRv2's third step): 10% of the training images keep their labels (stratified, fixed;
+   another fraction with --labelled);
    three teachers learn from those only (no other label is used anywhere), the best one's store covers all
    training images, and students (3 seeds each) learn (a) from the 10% labels alone, as many steps as the
    others, (b) from the store over all images, (c) from the store and the 10% labels, and, for reference, (d)
@@ -48,7 +49,6 @@ SEMI_STUDENTS = {  # the semi-supervised part's: a convolutional network and a p
             "student.kwargs": "{img_size: 32, patch_size: 4, embed_dim: 96, depth: 6, num_heads: 3}"},
 }  # fmt: skip
 TEACHERS = ("resnet18", "resnet26", "resnet34")  # the ensemble's members (each part trains its own)
-LABELLED = 0.1
 SEMI_ROWS = ("a_labels_10pct", "b_kd", "c_kd_labels_10pct", "b_kd_ensemble", "c_kd_ensemble_labels_10pct",
              "d_all_labels")  # fmt: skip
 SEMI_AUG = "recipes/configs/digits_augment.yaml"  # views for few labels: no flip, RandAugment
@@ -78,16 +78,29 @@ def save(out: Path, teacher: str, weights: Path | None, data: str, epochs: int, 
     return out
 
 
-def write_splits(out: Path, seed: int = 0) -> tuple[str, str, int]:
-    """CSVs over digits' training images: the labelled 10% alone (stratified, fixed by `seed`), and every
-    image with only those labels (the other label cells empty). Returns both specs and the labelled count."""
+def split_rows(fraction: float, seed: int = 0) -> list[tuple[str, str]]:
+    """(path, label) of every digits training image, the label kept for `fraction` of each class (stratified,
+    fixed by `seed`) and empty for the others."""
     train = prepare_digits() / "train"
     rng = np.random.default_rng(seed)
     rows = []
     for folder in sorted(p for p in train.iterdir() if p.is_dir()):
         files = sorted(folder.iterdir())
-        keep = set(rng.choice(len(files), round(LABELLED * len(files)), replace=False).tolist())
+        keep = set(rng.choice(len(files), round(fraction * len(files)), replace=False).tolist())
         rows += [(str(f), folder.name if i in keep else "") for i, f in enumerate(files)]
+    return rows
+
+
+def read_rows(path: Path) -> list[tuple[str, str]] | None:
+    if not path.exists():
+        return None
+    with open(path, newline="") as f:
+        return [(row[0], row[1]) for row in list(csv.reader(f))[1:]]
+
+
+def write_splits(out: Path, rows: list[tuple[str, str]]) -> tuple[str, str, int]:
+    """CSVs of `split_rows`: the labelled images alone, and every image with only those labels (the other label
+    cells empty). Returns both specs and the labelled count."""
     out.mkdir(parents=True, exist_ok=True)
     for name, kept in (("labelled.csv", [r for r in rows if r[1]]), ("partial.csv", rows)):
         with open(out / name, "w", newline="") as f:
@@ -107,7 +120,9 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the ensemble and loss students")
     parser.add_argument("--semi-epochs", type=int, default=30, help="epochs of the semi-supervised students")
-    parser.add_argument("--teacher-epochs", type=int, default=200, help="epochs of the 10%%-label teacher")
+    parser.add_argument("--teacher-epochs", type=int, default=200, help="epochs of the few-label teachers")
+    parser.add_argument("--labelled", type=float, default=0.1,
+                        help="the semi part's fraction of each class that keeps its labels (rows named 10pct use it)")  # fmt: skip
     parser.add_argument("--parts", default="semi,ensemble,losses", help="any of semi, ensemble, losses")
     parser.add_argument("--semi-students", default=",".join(SEMI_STUDENTS), help="any of " + ", ".join(SEMI_STUDENTS))
     parser.add_argument("--semi-rows", default=",".join(SEMI_ROWS), help="any of " + ", ".join(SEMI_ROWS))
@@ -117,10 +132,16 @@ def main() -> int:
         if unknown:
             parser.error(f"{option}: unknown {', '.join(unknown)}; expected any of {', '.join(known)}")
     out, seeds, parts = (ROOT / args.out).resolve(), [int(s) for s in args.seeds.split(",")], args.parts.split(",")
+    if not 0 < args.labelled < 1:
+        parser.error(f"--labelled: expected a fraction in (0, 1), got {args.labelled}")
+    if "semi" in parts:  # finished runs are read, not repeated: never those of other splits
+        rows, held = split_rows(args.labelled), out / "semi" / "partial.csv"
+        if read_rows(held) not in (None, rows):
+            parser.error(f"--labelled {args.labelled}: {held} holds other splits; choose another --out")
     started, results = time.perf_counter(), {}
     common = {"epochs": args.epochs} | STUDENT
     if "semi" in parts:
-        results["semi"] = semi_supervised(out / "semi", seeds, args, common)
+        results["semi"] = semi_supervised(out / "semi", seeds, args, common, rows)
     if "ensemble" in parts or "losses" in parts:
         members = train_members(out, {})
         best = max(members, key=members.get)
@@ -136,11 +157,13 @@ def main() -> int:
     return 0
 
 
-def semi_supervised(out: Path, seeds: list[int], args: argparse.Namespace, common: dict) -> dict[str, Any]:
+def semi_supervised(
+    out: Path, seeds: list[int], args: argparse.Namespace, common: dict, rows: list[tuple[str, str]]
+) -> dict[str, Any]:
     """The three TEACHERS trained on the 10%; students (a)-(d), (b) and (c) from the store of the best of them,
     and (b) and (c) again from the store of their ensemble (a better-scoring teacher, from the same labels); for each of
     --semi-students, from the same stores (a store is the teacher's, whatever the student)."""
-    labelled, partial, count = write_splits(out)
+    labelled, partial, count = write_splits(out, rows)
     teacher = {"data.train": labelled, "epochs": args.teacher_epochs, "batch_size": 32, "augmentation": SEMI_AUG}
     members = train_members(out, teacher)
     best = max(members, key=members.get)
@@ -154,8 +177,9 @@ def semi_supervised(out: Path, seeds: list[int], args: argparse.Namespace, commo
                      for s, (name, spec, ckpt) in needed.items()}
               for seed in seeds}  # fmt: skip
     common = common | {"epochs": args.semi_epochs, "augmentation": SEMI_AUG}
+    scale = round(1 / args.labelled)  # (a) sees that fraction of the images: as many steps as the others
     students = {
-        name: semi_students(out / name, seeds, stores, common | SEMI_STUDENTS[name], labelled, partial, wanted)
+        name: semi_students(out / name, seeds, stores, common | SEMI_STUDENTS[name], labelled, partial, wanted, scale)
         for name in args.semi_students.split(",")
     }
     return {
@@ -184,11 +208,11 @@ def semi_students(
     labelled: str,
     partial: str,
     wanted: list[str],
+    scale: int,
 ) -> dict[str, Any]:
     """The `wanted` rows of SEMI_ROWS, (a) to (d) and (b) and (c) from the ensemble's store, of one student over
     the seeds, and the ensemble's gain over its best member seed by seed where both are wanted."""
     rows: dict[str, list[float]] = {k: [] for k in wanted}  # in SEMI_ROWS' order
-    scale = round(1 / LABELLED)  # (a) sees a tenth of the images: ten times the epochs, the same steps
     for seed in seeds:
         runs = {"a_labels_10pct": ("a", "supervised_digits.yaml", {"data.train": labelled, "epochs": common["epochs"] * scale}),
                 "d_all_labels": ("d", "supervised_digits.yaml", {})}  # fmt: skip
