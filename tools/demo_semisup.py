@@ -161,7 +161,7 @@ def semi_supervised(
     out: Path, seeds: list[int], args: argparse.Namespace, common: dict, rows: list[tuple[str, str]]
 ) -> dict[str, Any]:
     """The three TEACHERS trained on the 10%; students (a)-(d), (b) and (c) from the store of the best of them,
-    and (b) and (c) again from the store of their ensemble (a better-scoring teacher, from the same labels); for each of
+    and (b) and (c) again from the store of their ensemble (from the same labels); for each of
     --semi-students, from the same stores (a store is the teacher's, whatever the student)."""
     labelled, partial, count = write_splits(out, rows)
     teacher = {"data.train": labelled, "epochs": args.teacher_epochs, "batch_size": 32, "augmentation": SEMI_AUG}
