@@ -134,7 +134,11 @@ class LogitStore:
                 continue
             key = (int(match.group(1)), int(match.group(2)))
             try:
-                out[key] = self._checked_marker(json.loads(self.location.fs.cat_file(path)), *key)
+                with self.location.reaching():
+                    raw = self.location.fs.cat_file(path)
+                out[key] = self._checked_marker(json.loads(raw), *key)
+            except StoreAccessError:  # an object store out of reach: no marker is damaged for that (nor dropped)
+                raise
             except (ValueError, OSError):
                 out[key] = {}
         return out
@@ -318,6 +322,8 @@ class LogitStore:
             return [Problem(epoch, start, stop, "damaged", "commit marker unreadable", text)]
         try:
             rows = self.backend.read_rows(epoch, start, stop)
+        except StoreAccessError:  # not damage: `repair` would drop an intact shard
+            raise
         except Exception as err:  # any decode failure of damaged bytes is reported, not raised
             return [Problem(epoch, start, stop, "damaged", f"cannot decode: {err}", text)]
         bad = damaged_blocks(rows, marker["digests"], m.chunk_records)

@@ -66,6 +66,31 @@ def test_memory_store_is_created_written_read_and_verified(reference, capsys):
     assert "OK: 2 epochs x 3000 records intact" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("failing", ["/commits/", "/c/"], ids=["commit markers", "shard data"])
+def test_an_object_store_out_of_reach_is_never_damage_to_verify_or_repair(failing, monkeypatch):
+    """Reads that fail on the way (an OSError, as s3fs makes of a 503) while listings succeed: verify and
+    repair raise StoreAccessError naming the store; neither reports damage, and repair drops no commit."""
+    url = f"memory://test-out-of-reach-{len(failing)}/x.zarr"
+    write_epoch(create_store(url, manifest()), 0)
+    cls = type(StoreLocation(url).fs)
+    read = cls.cat_file
+
+    def flaky(self, path, *args, **kwargs):
+        if failing in path:
+            raise OSError("SlowDown: please reduce your request rate")
+        return read(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "cat_file", flaky)
+    store = open_store(url)  # (zarr's wrapper of a synchronous file system binds its methods when built)
+    for call in (store.verify, store.repair):
+        with pytest.raises(StoreAccessError, match=f"^{url}: SlowDown"):
+            call()
+    monkeypatch.undo()
+    store = open_store(url)
+    assert store.committed_shards(0) == set(range(store.manifest.num_shards))
+    assert [p for p in store.verify() if p.epoch == 0] == []
+
+
 # ---- a protocol whose package is missing ----------------------------------------------------------
 
 
