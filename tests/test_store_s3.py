@@ -66,7 +66,9 @@ def test_memory_store_is_created_written_read_and_verified(reference, capsys):
     assert "OK: 2 epochs x 3000 records intact" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("failing", ["/commits/", "/c/"], ids=["commit markers", "shard data"])
+@pytest.mark.parametrize(
+    "failing", ["/commits/", "/c/", "/zarr.json"], ids=["commit markers", "shard data", "array metadata"]
+)
 def test_an_object_store_out_of_reach_is_never_damage_to_verify_or_repair(failing, monkeypatch):
     """Reads that fail on the way (an OSError, as s3fs makes of a 503) while listings succeed: verify and
     repair raise StoreAccessError naming the store; neither reports damage, and repair drops no commit."""

@@ -18,7 +18,7 @@ from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from ..errors import StoreDamagedError
+from ..errors import StoreAccessError, StoreDamagedError
 from ..records import CODED_VERSION
 from .base import Backend
 
@@ -55,7 +55,10 @@ class ZarrBackend(Backend):
     def _open_array(self, name: str, config: dict) -> zarr.Array:
         """One field's array; metadata that cannot be read is damage naming its file."""
         try:
-            return zarr.open_array(self._store, path=name, mode="r+", zarr_format=3, config=config)
+            with self.location.reaching():
+                return zarr.open_array(self._store, path=name, mode="r+", zarr_format=3, config=config)
+        except StoreAccessError:  # the location's fault, not damage
+            raise
         except Exception as err:  # zarr raises JSON, KeyError, ValueError and its own errors alike
             raise StoreDamagedError(f"{self.location.path(name, 'zarr.json')} cannot be read: {err}") from err
 
