@@ -283,8 +283,9 @@ def test_a_missing_bucket_or_an_unreachable_endpoint_is_one_line(s3, local_store
 
 def test_a_connection_lost_mid_save_is_one_line_and_the_same_save_resumes(reference):
     """An endpoint that goes away amid a save's epoch 1: the write, and a read, are one error naming the store;
-    what was committed stays committed, and once the endpoint is back the same writes finish the uninterrupted content.
-    (A server of its own, stopped and started on the same port; moto keeps its buckets in this process.)"""
+    what was committed stays committed, and once the endpoint is back the same writes finish the uninterrupted
+    content. (A server of its own, stopped and started on the same port; moto keeps its buckets in this
+    process.)"""
     import s3fs
     from moto.server import ThreadedMotoServer
 

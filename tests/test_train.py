@@ -246,7 +246,9 @@ def test_a_live_weighted_ensemble_is_scored_as_its_weighted_mean_softmax(data, t
     with torch.no_grad():
         biased.fc.bias[0] += 4.0
     save_file(biased.state_dict(), str(tmp_path / "biased.safetensors"))
-    spec = f"ensemble:timm:{TEACHER}@{teacher_run[0] / 'model.safetensors'}*0.8,timm:test_resnet@{tmp_path / 'biased.safetensors'}*0.2"
+    members = (f"timm:{TEACHER}@{teacher_run[0] / 'model.safetensors'}*0.8",
+               f"timm:test_resnet@{tmp_path / 'biased.safetensors'}*0.2")  # fmt: skip
+    spec = "ensemble:" + ",".join(members)
     recipe = base_recipe(data, tmp_path / "run", method="tinyvit", epochs=1, teacher={"source": spec})
     run_recipe(recipe)
     reported = json.loads((tmp_path / "run" / "summary.json").read_text())["teacher_top1"]
