@@ -4,6 +4,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -180,6 +181,40 @@ def test_labelled_fraction_sets_the_splits_and_the_label_only_steps(tmp_path, mo
     labels = [line.split(",")[1] for line in (out / "semi" / "labelled.csv").read_text().splitlines()[1:]]
     assert {c: labels.count(c) for c in per_class} == per_class and len(labels) == sum(per_class.values()) == 42
     assert epochs["a_0"] == 2 * 33 and epochs["d_0"] == 2
+
+
+def test_disjoint_member_labels_give_each_teacher_its_own_third_of_the_labelled_images(tmp_path, monkeypatch):
+    """--member-labels disjoint: teacher i learns from its own third of each class's labelled images (the three
+    disjoint, together the labelled set), in --out/semi_disjoint; the students' labels stay the whole 10%."""
+    demo = load_demo_semisup()
+    data = {}
+
+    def train(out, recipe, sets):
+        data[out.name] = sets.get("data.train")
+        return {"resnet18": 90.0}.get(sets["student.model"], 80.0)
+
+    monkeypatch.setattr(demo, "train", train)
+    monkeypatch.setattr(demo, "save", lambda out, *args, **kwargs: out)
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "semisup" / "semi_disjoint"
+    monkeypatch.setattr(sys, "argv", ["demo_semisup.py", "--out", str(out.parent), "--parts", "semi", "--seeds", "0",
+                                      "--member-labels", "disjoint", "--semi-students", "resnet10t",
+                                      "--semi-rows", "a_labels_10pct,c_kd_labels_10pct"])  # fmt: skip
+    assert demo.main() == 0
+
+    def rows(spec):
+        return [tuple(line.split(",")) for line in Path(spec.removeprefix("csv:")).read_text().splitlines()[1:]]
+
+    labelled = rows(f"csv:{out / 'labelled.csv'}")
+    thirds = [rows(data[f"teacher_{m}"]) for m in TEACHERS]
+    assert sorted(r for third in thirds for r in third) == sorted(labelled)  # disjoint, and every labelled image
+    train_dir = prepare_digits(str(tmp_path / "cache")) / "train"
+    for folder in train_dir.iterdir():
+        kept = round(0.1 * len(list(folder.iterdir())))
+        counts = sorted(sum(1 for r in third if r[1] == folder.name) for third in thirds)
+        assert counts[-1] - counts[0] <= 1 and sum(counts) == kept
+    assert (data["a_0"], data["c_0"]) == (f"csv:{out / 'labelled.csv'}", f"csv:{out / 'partial.csv'}")
+    assert not (out.parent / "semi").exists()
 
 
 def test_a_labelled_fraction_other_than_the_out_folders_is_refused(tmp_path):

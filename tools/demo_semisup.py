@@ -10,6 +10,8 @@
    from all labels; (b) and (c) again from the store of the three teachers' ensemble. Two students: the
    convolutional resnet10t, and a plain ViT (DeiT's architecture, 0.68M parameters), which has no convolution to
    lean on when images are few (DeiT's case for a convolutional teacher).
+   With --member-labels disjoint, teacher i learns from the i-th third of each class's labelled images instead
+   (bagging: members that err differently; the same labels in all), in --out/semi_disjoint.
    Every view of this part is recipes/configs/digits_augment.yaml's (no flip, RandAugment): with few labels
    the views matter most, and a mirrored digit is no digit.
 2. Ensembles (MEAL V2): three teachers trained on all labels; students from the store of the best one and
@@ -123,6 +125,8 @@ def main() -> int:
     parser.add_argument("--teacher-epochs", type=int, default=200, help="epochs of the few-label teachers")
     parser.add_argument("--labelled", type=float, default=0.1,
                         help="the semi part's fraction of each class that keeps its labels (rows named 10pct use it)")  # fmt: skip
+    parser.add_argument("--member-labels", choices=("shared", "disjoint"), default="shared",
+                        help="the semi part's teachers learn from all the labelled images, or each from its third")  # fmt: skip
     parser.add_argument("--parts", default="semi,ensemble,losses", help="any of semi, ensemble, losses")
     parser.add_argument("--semi-students", default=",".join(SEMI_STUDENTS), help="any of " + ", ".join(SEMI_STUDENTS))
     parser.add_argument("--semi-rows", default=",".join(SEMI_ROWS), help="any of " + ", ".join(SEMI_ROWS))
@@ -134,14 +138,15 @@ def main() -> int:
     out, seeds, parts = (ROOT / args.out).resolve(), [int(s) for s in args.seeds.split(",")], args.parts.split(",")
     if not 0 < args.labelled < 1:
         parser.error(f"--labelled: expected a fraction in (0, 1), got {args.labelled}")
+    semi = out / ("semi" if args.member_labels == "shared" else "semi_disjoint")
     if "semi" in parts:  # finished runs are read, not repeated: never those of other splits
-        rows, held = split_rows(args.labelled), out / "semi" / "partial.csv"
+        rows, held = split_rows(args.labelled), semi / "partial.csv"
         if read_rows(held) not in (None, rows):
             parser.error(f"--labelled {args.labelled}: {held} holds other splits; choose another --out")
     started, results = time.perf_counter(), {}
     common = {"epochs": args.epochs} | STUDENT
     if "semi" in parts:
-        results["semi"] = semi_supervised(out / "semi", seeds, args, common, rows)
+        results["semi"] = semi_supervised(semi, seeds, args, common, rows)
     if "ensemble" in parts or "losses" in parts:
         members = train_members(out, {})
         best = max(members, key=members.get)
@@ -160,12 +165,16 @@ def main() -> int:
 def semi_supervised(
     out: Path, seeds: list[int], args: argparse.Namespace, common: dict, rows: list[tuple[str, str]]
 ) -> dict[str, Any]:
-    """The three TEACHERS trained on the 10%; students (a)-(d), (b) and (c) from the store of the best of them,
-    and (b) and (c) again from the store of their ensemble (from the same labels); for each of
-    --semi-students, from the same stores (a store is the teacher's, whatever the student)."""
+    """The three TEACHERS trained on the 10% (or each on its third of it, --member-labels disjoint); students
+    (a)-(d), (b) and (c) from the store of the best of them, and (b) and (c) again from the store of their
+    ensemble; for each of --semi-students, from the same stores (a store is the teacher's, whatever the
+    student)."""
     labelled, partial, count = write_splits(out, rows)
-    teacher = {"data.train": labelled, "epochs": args.teacher_epochs, "batch_size": 32, "augmentation": SEMI_AUG}
-    members = train_members(out, teacher)
+    teacher = {"epochs": args.teacher_epochs, "batch_size": 32, "augmentation": SEMI_AUG}
+    if args.member_labels == "shared":
+        members = train_members(out, teacher | {"data.train": labelled})
+    else:
+        members = train_members(out, teacher, write_thirds(out, rows))
     best = max(members, key=members.get)
     weights = {m: out / f"teacher_{m}" / "model.safetensors" for m in TEACHERS}
     ensemble_spec = "ensemble:" + ",".join(f"timm:{m}@{weights[m]}" for m in TEACHERS)
@@ -190,14 +199,31 @@ def semi_supervised(
     } | students
 
 
-def train_members(out: Path, sets: dict[str, Any]) -> dict[str, float]:
+def write_thirds(out: Path, rows: list[tuple[str, str]]) -> list[str]:
+    """One CSV per member of TEACHERS: member i gets every len(TEACHERS)-th labelled image of each class from the
+    i-th on (disjoint; together, every labelled image). Returns their specs."""
+    by_class: dict[str, list[tuple[str, str]]] = {}
+    for row in rows:
+        if row[1]:
+            by_class.setdefault(row[1], []).append(row)
+    specs = []
+    for i in range(len(TEACHERS)):
+        kept = [row for labelled in by_class.values() for row in labelled[i :: len(TEACHERS)]]
+        with open(out / f"labelled_member{i}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("path", "label"), *kept])
+        specs.append(f"csv:{out / f'labelled_member{i}.csv'}")
+    return specs
+
+
+def train_members(out: Path, sets: dict[str, Any], data: list[str] | None = None) -> dict[str, float]:
     """The ensemble's members, member i with seed i (init and batch order: a deep ensemble's diversity,
     Lakshminarayanan et al. 2017; retrained with one seed, the 10%-label members' ensemble scored under its best
-    member). Returns each member's validation top-1."""
+    member) and, given `data`, from data[i]. Returns each member's validation top-1."""
     return {
-        m: train(out / f"teacher_{m}", "supervised_digits.yaml", sets | {"student.model": m, "seed": i})
+        m: train(out / f"teacher_{m}", "supervised_digits.yaml",
+                 sets | {"student.model": m, "seed": i} | ({"data.train": data[i]} if data else {}))
         for i, m in enumerate(TEACHERS)
-    }
+    }  # fmt: skip
 
 
 def semi_students(
