@@ -215,6 +215,7 @@ def test_disjoint_member_labels_give_each_teacher_its_own_third_of_the_labelled_
         assert counts[-1] - counts[0] <= 1 and sum(counts) == kept
     assert (data["a_0"], data["c_0"]) == (f"csv:{out / 'labelled.csv'}", f"csv:{out / 'partial.csv'}")
     assert not (out.parent / "semi").exists()
+    assert json.loads((out.parent / "results.json").read_text())["semi"]["member_labels"] == "disjoint"
 
 
 def test_a_labelled_fraction_other_than_the_out_folders_is_refused(tmp_path):

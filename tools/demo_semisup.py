@@ -171,10 +171,8 @@ def semi_supervised(
     student)."""
     labelled, partial, count = write_splits(out, rows)
     teacher = {"epochs": args.teacher_epochs, "batch_size": 32, "augmentation": SEMI_AUG}
-    if args.member_labels == "shared":
-        members = train_members(out, teacher | {"data.train": labelled})
-    else:
-        members = train_members(out, teacher, write_thirds(out, rows))
+    data = write_thirds(out, rows) if args.member_labels == "disjoint" else [labelled] * len(TEACHERS)
+    members = train_members(out, teacher, data)
     best = max(members, key=members.get)
     weights = {m: out / f"teacher_{m}" / "model.safetensors" for m in TEACHERS}
     ensemble_spec = "ensemble:" + ",".join(f"timm:{m}@{weights[m]}" for m in TEACHERS)
@@ -193,6 +191,7 @@ def semi_supervised(
     }
     return {
         "labelled_images": count,
+        "member_labels": args.member_labels,
         "best_member": best,
         "teacher_top1": members[best],
         "members_top1": members,
