@@ -1,6 +1,7 @@
 """TinyCLIP student configurations (Wu et al., ICCV 2023), registered with open_clip on import.
 
-After ``import students.tinyclip``, ``open_clip.create_model("TinyCLIP-ViT-8M-16-Text-3M")`` builds a student.
+After ``import students`` (or ``import students.tinyclip``), ``open_clip.create_model("TinyCLIP-ViT-8M-16-Text-3M")``
+builds a student.
 Each name states the size of its towers: the image tower's parameter count, and the text tower's without its
 token-embedding table (the 49408-row vocabulary would otherwise dominate every small text tower).
 

@@ -93,17 +93,29 @@ def create_open_clip_model(name: str, pretrained: str | None = None, spec: str =
         raise TeacherError(f"teacher {spec}: open_clip could not create '{name}': {err}") from err
 
 
+_OPEN_CLIP_DIR = os.path.dirname(os.path.abspath(open_clip.__file__)) + os.sep
+
+
+def _not_open_clip_warning(record: logging.LogRecord) -> bool:
+    """A root-logger filter: False (drop) for a record of warning level or below from open_clip's own files."""
+    return record.levelno > logging.WARNING or not os.path.abspath(record.pathname).startswith(_OPEN_CLIP_DIR)
+
+
 @contextlib.contextmanager
 def _quiet_random_init(pretrained: str | None) -> Iterator[None]:
-    """open_clip warns on the root logger at every model built without pretrained weights; here that is the intent."""
+    """open_clip warns at every model built without pretrained weights, and here that is the intent. It has no
+    logger of its own (it calls `logging.warning`, the root logger), so raising a level would silence every
+    library: instead, while the model is built, the root logger drops the warnings that open_clip's files log
+    on it. A root-logger filter sees only records logged on the root logger itself, never other loggers'."""
     if pretrained:
         yield
         return
-    logging.disable(logging.WARNING)
+    root = logging.getLogger()
+    root.addFilter(_not_open_clip_warning)
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        root.removeFilter(_not_open_clip_warning)
 
 
 def create_open_clip_teacher(

@@ -1,5 +1,7 @@
 """Replayable augmentation: a view depends on (recipe, global seed, epoch, id) only."""
 
+import hashlib
+import json
 import random
 
 import numpy as np
@@ -117,7 +119,9 @@ def test_rand_augment_leaves_global_rngs_alone():
 
 
 def test_recipe_canonical_form_and_hash(tmp_path):
-    assert AugRecipe().hash() == AugRecipe().hash()
+    # the hash is sha256 of the canonical form as sorted, unspaced JSON (computed here independently)
+    text = json.dumps(AugRecipe().canonical(), sort_keys=True, separators=(",", ":"))
+    assert AugRecipe().hash() == hashlib.sha256(text.encode()).hexdigest()
     assert AugRecipe(hflip=0.4).hash() != AugRecipe().hash()
     assert AugRecipe(hflip=1, scale=[1, 1]).hash() == AugRecipe(hflip=1.0, scale=(1.0, 1.0)).hash()
     assert "img_size" not in AugRecipe().canonical()

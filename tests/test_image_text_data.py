@@ -5,12 +5,12 @@ import io
 import json
 import os
 import pickle
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tar_helpers import write_shard
 
 from distill.augment import AugRecipe
 from distill.data import (
@@ -65,21 +65,6 @@ def encoded(color, fmt):
     buffer = io.BytesIO()
     Image.new("RGB", (6, 4), color).save(buffer, format=fmt)
     return buffer.getvalue()
-
-
-def add_member(tar, name, payload):
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    tar.addfile(info, io.BytesIO(payload))
-
-
-def write_shard(path, samples):
-    """samples: (key, {extension: payload}) in member order."""
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for extension, payload in members.items():
-                add_member(tar, f"{key}.{extension}", payload.encode() if isinstance(payload, str) else payload)
-    return path
 
 
 def wds_samples(start, count, labels=False):

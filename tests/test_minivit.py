@@ -4,7 +4,6 @@
 import copy
 import itertools
 import math
-from collections.abc import Iterator
 
 import pytest
 import safetensors
@@ -73,13 +72,7 @@ DEIT_SHARE = [2]
 SWIN_SHARE = [3, 2]  # a whole 3-block stage (shifted and unshifted blocks together), then a pair
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    # These models are tiny: a second OpenMP thread buys nothing, and on a loaded 2-core box it spins for seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_deit(**kwargs) -> nn.Module:

@@ -1,13 +1,16 @@
 """The MiniViT method (recipes/minivit/): loss section, teacher checks, hooks, checkpoints, end-to-end runs."""
 
 import json
-from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 from train_helpers import ROOT, make_method, run_cli, small_digits
 
 from distill.augment import PRESETS
@@ -15,6 +18,7 @@ from distill.augment import load_recipe as load_aug
 from distill.data import create_dataset
 from distill.loader import ReplayDataset, collate
 from distill.method import create_method
+from distill.plan import eval_view
 from distill.recipe import Recipe, RecipeError, StudentConfig, follow_ups, load_recipe_file, parse_recipe, parse_section
 from distill.run import run_recipe
 from distill.trainer import FAULT_AFTER_STEPS
@@ -33,12 +37,7 @@ TINY = tiny_deit_kwargs()
 STUDENT = "mini_deit_tiny_patch16_224"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +154,27 @@ def test_mini_swin_recipes_are_the_references_setting(size, drop_path):
     assert recipe.student.kwargs == {"drop_path_rate": drop_path} and recipe.student.checkpoint is None
     assert (recipe.epochs, recipe.batch_size, recipe.optimizer.lr, recipe.optimizer.clip_grad) == (300, 1024, 1e-3, 5.0)
     assert (recipe.schedule.warmup_epochs, recipe.schedule.warmup_lr, recipe.schedule.min_lr) == (20, 1e-6, 1e-5)
+
+
+def deit_eval_transform(size: int) -> Compose:
+    """Mini-DeiT/datasets.py build_transform(is_train=False), as Mini-Swin/data/build.py with TEST.CROP: the shorter
+    side resized to int(256 / 224 x size) bicubic, the centre size square cropped, ImageNet's mean and std."""
+    resize = Resize(int((256 / 224) * size), interpolation=InterpolationMode.BICUBIC)
+    return Compose([resize, CenterCrop(size), ToTensor(), Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+@pytest.mark.parametrize(
+    "name", [f"minivit_{m}_in1k" for m in ("deit_ti", "deit_s", "deit_b", "swin_t", "swin_s", "swin_b")]
+)
+def test_in1k_recipes_evaluate_on_the_references_views(name):
+    recipe = recipe_of(name)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)) for w, h in ((500, 420), (390, 520))]
+    for run in (recipe, *(parse_recipe(f.recipe) for f in follow_ups(recipe))):
+        view, reference = eval_view(run, load_aug(run.augmentation)), deit_eval_transform(run.data.img_size)
+        assert view.resize_to == int((256 / 224) * run.data.img_size)
+        for image in images:
+            torch.testing.assert_close(view.view(image), reference(image), rtol=0, atol=1e-6)
 
 
 def test_digits_recipe_uses_the_loss_defaults_from_scratch():

@@ -1,9 +1,11 @@
 """Teachers: timm / module / ensemble / store specs, checkpoints, identities and the store teacher."""
 
+import logging
 import math
 import sys
 
 import numpy as np
+import open_clip
 import pytest
 import timm
 import torch
@@ -14,6 +16,7 @@ from logit_store import create_store
 from logit_store.sparse import rebuild_log_probs, rebuild_probs
 from teachers import TeacherError, create_teacher
 from teachers.checkpoint import CheckpointError, file_sha256, state_dict_sha256
+from teachers.clip_teacher import create_open_clip_model
 from teachers.ensemble import EnsembleTeacher
 from teachers.live import ModelTeacher
 from teachers.store_teacher import StoreTeacher
@@ -386,3 +389,28 @@ def test_module_teacher_from_the_working_directory(tmp_path, monkeypatch, images
     assert len(teacher.model.blocks) == 2
     with pytest.raises(TeacherError, match=r"cannot import module 'no_nets'.*set PYTHONPATH"):
         create_teacher("module:no_nets:small", num_classes=NC)
+
+
+def test_open_clip_model_without_weights_drops_only_open_clips_warning(monkeypatch, caplog):
+    random_init = "No pretrained weights loaded for model 'TinyCLIP-test'. Model initialized randomly."
+    with caplog.at_level(logging.WARNING):  # open_clip alone warns, on the root logger
+        open_clip.create_model("TinyCLIP-test")
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [("root", random_init)]
+    caplog.clear()
+    real = open_clip.create_model
+
+    def create_and_log(*args, **kwargs):  # other code logging while the model is built is heard
+        model = real(*args, **kwargs)
+        logging.getLogger("another.library").warning("a library's warning")
+        logging.warning("a root warning from elsewhere")
+        return model
+
+    monkeypatch.setattr(open_clip, "create_model", create_and_log)
+    filters, disabled = list(logging.getLogger().filters), logging.root.manager.disable
+    with caplog.at_level(logging.WARNING):
+        create_open_clip_model("TinyCLIP-test")
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("another.library", "a library's warning"),
+        ("root", "a root warning from elsewhere"),
+    ]
+    assert logging.getLogger().filters == filters and logging.root.manager.disable == disabled  # restored

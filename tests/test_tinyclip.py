@@ -65,6 +65,30 @@ def test_tinyclip_config_tower_sizes(name):
         assert abs(count - nominal) <= max(0.1 * nominal, 500_000), (name, count, nominal)
 
 
+# A fresh interpreter: open_clip alone does not know the config, `import students` (the package) registers it.
+_REGISTRATION_PROBE = """
+import open_clip
+try:
+    open_clip.create_model("TinyCLIP-ViT-39M-16-Text-19M")
+except RuntimeError as error:
+    print("before:", str(error).split(" Available:")[0])
+import students
+model = open_clip.create_model("TinyCLIP-ViT-39M-16-Text-19M")
+print("after:", type(model).__name__, model.visual.conv1.kernel_size, model.visual.transformer.width)
+"""
+
+
+def test_importing_students_registers_the_configs_with_open_clip():
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", _REGISTRATION_PROBE], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    before = "before: Model config for 'TinyCLIP-ViT-39M-16-Text-19M' not found in built-ins."
+    after = f"after: CLIP (16, 16) {TINYCLIP_CONFIGS['TinyCLIP-ViT-39M-16-Text-19M']['vision_cfg']['width']}"
+    assert out.stdout.splitlines() == [before, after]
+
+
 def test_test_config_runs_with_open_clip_tokenizer():
     model = open_clip.create_model(TEST).eval()
     tokenizer = open_clip.get_tokenizer(TEST)

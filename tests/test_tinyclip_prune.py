@@ -33,15 +33,10 @@ from teachers.checkpoint import load_checkpoint
 TEACHER = "TinyCLIP-test-teacher"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread for this module's runs and checks. The pruned student's zero-shot scores of the ten digits are
-    close together after its short run, and with 2 threads the run's evaluation and the same evaluation
-    recomputed from its saved weights rank 2 of 60 images differently (1 thread: none)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread for this module's runs and checks. The pruned student's zero-shot scores of the ten digits are close
+# together after its short run, and with 2 threads the run's evaluation and the same evaluation recomputed from its
+# saved weights rank 2 of 60 images differently (1 thread: none).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

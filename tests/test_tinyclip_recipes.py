@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import open_clip
 import pytest
 import torch
+from PIL import Image
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 from train_helpers import ROOT
 
+from distill.augment import load_recipe
+from distill.plan import eval_view
 from distill.recipe import Recipe, follow_ups, load_recipe_file, method_config, parse_recipe
 from recipes.tinyclip.inheritance import inherit_weights
 
@@ -92,3 +97,27 @@ def test_manual_inheritance_recipes_chain_two_students_from_one_teacher(name, te
         models = [open_clip.create_model(n, device="meta") for n in (teacher, *students)]
     inherit_weights(models[0], models[1])
     inherit_weights(models[1], models[2])
+
+
+def reference_eval_transform() -> Compose:
+    """src/open_clip/transform.py image_transform(224, is_train=False): the shorter side resized to 224 (bicubic),
+    the centre 224 square cropped, CLIP's mean and std."""
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    resize = Resize(224, interpolation=InterpolationMode.BICUBIC)
+    return Compose([resize, CenterCrop(224), ToTensor(), Normalize(mean, std)])
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["tinyclip_auto_vit_b32_laion400m.yaml", "tinyclip_vit_61m_40m_32_laion400m.yaml",
+     "tinyclip_vit_39m_8m_16_yfcc15m.yaml"],
+)  # fmt: skip
+def test_published_recipes_evaluate_on_the_references_views(name: str) -> None:
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)) for w, h in ((300, 250), (240, 411))]
+    reference = reference_eval_transform()
+    for recipe, _ in runs(name):
+        view = eval_view(recipe, load_recipe(recipe.augmentation))
+        assert (view.resize_to, view.img_size, view.interpolation) == (224, 224, InterpolationMode.BICUBIC)
+        for image in images:
+            torch.testing.assert_close(view.view(image), reference(image), rtol=0, atol=1e-6)

@@ -229,12 +229,12 @@ class Cream(Method):
     # ---- the end -------------------------------------------------------------------------------------------
 
     def finish(self, model: nn.Module, output_dir: Path) -> dict[str, Any]:
-        """Print the board, pick its best path within the budget (the paper's pick: no evolution), export it
-        with BN statistics recalibrated on training batches."""
+        """Write the board to the run's log (printed and in train.log), pick its best path within the budget (the
+        paper's pick: no evolution), export it with BN statistics recalibrated on training batches."""
         board, budget = self.search.board, _flops(self.cfg.flops_budget)
         chosen = board.best(flops_limit=budget)
         rows = board_rows(board, self.config, self.num_classes, budget, chosen)
-        print(format_board(rows, self.cfg.flops_budget, self.heldout_size), flush=True)
+        self.trainer.log(format_board(rows, self.cfg.flops_budget, self.heldout_size))
         if chosen is None:
             smallest = min((e.flops for e in board), default=0) / 1e6
             raise RecipeError(
