@@ -1,21 +1,28 @@
 """A run's files on disk: the output-dir policy, the run lock, resumable checkpoints and the final weights.
 
 Policy: a run writes into its `output_dir` only, holding `output_dir/.lock` (an flock: released when the
-process ends, however it ends) so a second run there is refused. Re-running the same recipe resumes
-from the last checkpoint; another recipe's run, a finished run (summary.json) or a folder that holds
-no run of this toolkit is refused, naming the first differing key; nothing is ever overwritten. A run
-that stopped before its first checkpoint holds nothing worth keeping: a corrected recipe starts afresh.
+process ends, however it ends) so a second run there is refused. The lock is taken before the folder is
+checked and held to the run's end, so no run can finish or start there between the check and the writes.
+Re-running the same recipe resumes from the last checkpoint; another recipe's run, a finished run
+(summary.json) or a folder that holds no run of this toolkit is refused, naming the first differing key;
+nothing is ever overwritten. A run that stopped before its first checkpoint holds nothing worth keeping:
+a corrected recipe starts afresh.
 
 Checkpoints are the toolkit's own files under `checkpoints/step_N`: `model.safetensors`, `state.pt`
 (optimizer, schedule, progress, EMA, the method's state: tensors and plain data, read back with
 `torch.load(weights_only=True)`, so a planted file cannot run code) and `rng_R.pt` per process. They
-are written as `step_N.partial` and made visible by one rename, so a kill at any moment leaves the
-previous checkpoint intact.
+are written as `step_N.partial` (each file fsynced) and made visible by one rename, so a kill at any
+moment leaves the previous checkpoint intact. The step checkpoint before the newest is kept too: a newest
+one damaged all the same (an empty or cut-short file) is refused naming the file, and deleting it resumes
+from the one before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Callable
@@ -25,12 +32,14 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
 from logit_store.errors import disk_full_named
 from logit_store.location import redact_text
 from logit_store.locks import RangeLock
+from teachers.checkpoint import CheckpointError
 
 from .errors import RecipeError
 
@@ -80,7 +89,7 @@ def check_output_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
             raise RecipeError(
                 f"output_dir {out} holds a run of another recipe ({key} differs): choose another output_dir"
             )
-    elif not saved.exists() and out.exists() and any(p.name != ".lock" for p in out.iterdir()):
+    elif not saved.exists() and out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise RecipeError(f"output_dir {out} is not empty and holds no run of this toolkit (no {RECIPE_FILE})")
     return checkpoints[-1] if checkpoints else None
 
@@ -112,9 +121,33 @@ def extends(out: Path, resolved: dict[str, Any]) -> bool:
     return more and same_run(saved | {"epochs": resolved["epochs"]}, resolved)
 
 
-def lock_output_dir(out: Path) -> RangeLock:
+class OutputDirLock(RangeLock):
+    """`output_dir/.lock`, held by a run from before it checks the folder to its end, so that no other run
+    finishes or starts there between its check and its writes. `created`: the folder was made by this lock."""
+
+    def __init__(self, out: Path) -> None:
+        if out.exists() and not out.is_dir():
+            raise RecipeError(f"output_dir {out} is a file, not a folder")
+        self.out, self.created = out, not out.exists()
+        super().__init__(str(out), LOCK_FILE, f"output_dir {out}")
+
+    def abandon(self) -> None:
+        """Let go of a folder whose run was refused before it wrote anything: one this lock made is removed
+        again (the lock file first, while still held, so that no other run can take a lock on a removed file)."""
+        if self.created:
+            remove_quietly(self.out / LOCK_FILE)
+        self.release()
+        if self.created:
+            with contextlib.suppress(OSError):  # another run has made it its own meanwhile
+                self.out.rmdir()
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_output_dir(out: Path) -> OutputDirLock:
     """Hold `out` for this run; a second run there is refused while the first lives."""
-    return RangeLock(str(out), ".lock", f"output_dir {out}")
+    return OutputDirLock(out)
 
 
 def write_recipe(out: Path, resolved: dict[str, Any], fresh: bool) -> None:
@@ -162,17 +195,20 @@ def save_checkpoint(trainer: Trainer, step: int | None = None) -> None:
             final.rename(replaced)
         partial.rename(final)
         shutil.rmtree(replaced, ignore_errors=True)
-        for old in (out / CHECKPOINTS).glob("step_*") if step is not None else ():
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        if step is not None:  # the one before stays: what a damaged newest one is resumed from instead
+            earlier = [p for p in sorted((out / CHECKPOINTS).glob("step_*[0-9]")) if p.name < final.name]
+            _remove_steps(out, keep=[final, *earlier[-1:]])
     acc.wait_for_everyone()
 
 
 def load_checkpoint(trainer: Trainer, path: Path) -> None:
-    """Restore what `save_checkpoint` wrote; only tensors and plain data are read (weights_only)."""
+    """Restore what `save_checkpoint` wrote; only tensors and plain data are read (weights_only). Every file is
+    read before anything is restored; one that cannot be (empty, cut short) is a CheckpointError naming it."""
     acc = trainer.accelerator
-    acc.unwrap_model(trainer.model).load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"))
-    state = torch.load(path / "state.pt", map_location=acc.device, weights_only=True)
+    weights = _read(path / "model.safetensors", lambda file: load_file(str(file), device="cpu"))
+    state = _read(path / "state.pt", lambda file: torch.load(file, map_location=acc.device, weights_only=True))
+    rng = _read(path / f"rng_{acc.process_index}.pt", lambda file: torch.load(file, weights_only=True))
+    acc.unwrap_model(trainer.model).load_state_dict(weights)
     trainer.optimizer.load_state_dict(state["optimizer"])
     if not trainer.plan.extends:  # an extension runs the schedule made for its new length
         trainer.scheduler.load_state_dict(state["scheduler"])
@@ -182,7 +218,39 @@ def load_checkpoint(trainer: Trainer, path: Path) -> None:
     if acc.scaler is not None:
         acc.scaler.load_state_dict(state["scaler"])
     trainer.method.load_state_dict(state["method"])
-    _set_rng_state(torch.load(path / f"rng_{acc.process_index}.pt", weights_only=True))
+    _set_rng_state(rng)
+
+
+# What reading a damaged file raises: torch's zip reader (RuntimeError), its pickle reader (EOFError,
+# UnpicklingError), safetensors (SafetensorError), the OS.
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError)
+
+
+def _read(file: Path, load: Callable[[Path], Any]) -> Any:
+    """`load(file)`; a file that cannot be read is damage to its checkpoint, named with the way out."""
+    try:
+        return load(file)
+    except _UNREADABLE as err:
+        empty = file.is_file() and file.stat().st_size == 0
+        why = "is empty (0 bytes)" if empty else f"cannot be read ({_first_sentence(err)})"
+        where = file.parent
+        raise CheckpointError(f"checkpoint {where} is damaged: {file.name} {why}; {_way_out(where)}") from err
+
+
+def _first_sentence(err: BaseException) -> str:
+    """The gist of a reader's error for a one-line message (torch's run to a paragraph)."""
+    text = str(err).strip().split("\n")[0].split(". ")[0]
+    return text[:200] or type(err).__name__
+
+
+def _way_out(damaged: Path) -> str:
+    """What to do about a damaged checkpoint: resume from the one before it (kept for this), or start afresh."""
+    if damaged.name == LAST:
+        return "the finished run cannot be extended from it: train the longer run in another output_dir"
+    earlier = [p for p in sorted(damaged.parent.glob("step_*[0-9]")) if p.name < damaged.name]
+    if earlier:
+        return f"delete that folder to resume from the checkpoint before it, {earlier[-1]}"
+    return "delete that folder to start the run afresh (it is the run's only checkpoint)"
 
 
 def _state(trainer: Trainer) -> dict[str, Any]:
@@ -222,6 +290,14 @@ def keep_last_checkpoint(out: Path) -> None:
     if steps:
         shutil.rmtree(out / CHECKPOINTS / LAST, ignore_errors=True)
         steps[-1].rename(out / CHECKPOINTS / LAST)
+    _remove_steps(out, keep=[])
+
+
+def _remove_steps(out: Path, keep: list[Path]) -> None:
+    """Remove the step checkpoints (and any `.partial` or `.old` left of one) but those in `keep`."""
+    for old in (out / CHECKPOINTS).glob("step_*"):
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -240,6 +316,18 @@ def write_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
         with disk_full_named(path):
             with open(partial, "wb") as fh:
                 write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())  # its bytes are down before its name: a power cut leaves no empty file
             os.replace(partial, path)
     finally:
-        partial.unlink(missing_ok=True)
+        remove_quietly(partial)
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove `path` if it is there. A read-only file system (EROFS, even for a file that is not there) is
+    ignored: nothing can have been written there, and the write's own error is the one to report."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        if err.errno != errno.EROFS:
+            raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
@@ -22,7 +23,7 @@ import yaml
 from logit_store.errors import DistillError, disk_full_named
 from logit_store.location import redact_text
 
-from .errors import RecipeError
+from .errors import RecipeError, paths_named
 from .recipe import load_recipe_file, parse_recipe
 
 __all__ = ["SaveConfig", "evaluate", "parse_save_config", "save_logits", "train"]
@@ -50,10 +51,10 @@ def train(argv: list[str] | None = None) -> int:
         recipe = parse_recipe(load_recipe_file(args.recipe, args.set))
         from .run import run_recipe  # torch, timm and accelerate load from here on
 
-        with disk_full_named(recipe.output_dir):  # any file of the run: logs, trackers, summary (files name themselves)
-            return run_recipe(recipe)
+        with disk_full_named(recipe.output_dir), paths_named(recipe.output_dir):  # any file of the run: logs,
+            return run_recipe(recipe)  # trackers, summary (files name themselves)
 
-    ok, summaries = _guarded("distill-train", args.recipe, run)
+    ok, summaries = _guarded("distill-train", args.recipe, run, resumes="from its last checkpoint")
     return _report(summaries) if ok else 2
 
 
@@ -125,6 +126,9 @@ class SaveConfig:
         for name in ("epochs", "k", "img_size", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise RecipeError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
+        for name in ("workers", "check_replay"):  # refused here, before the teacher loads or a store is made
+            if getattr(self, name) < 0:
+                raise RecipeError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
         if self.fingerprint not in ("content", "fast"):
             raise RecipeError(f"option 'fingerprint' must be content or fast, got {self.fingerprint!r}")
 
@@ -216,9 +220,10 @@ def save_logits(argv: list[str] | None = None) -> int:
     def run() -> None:
         from .save import run as save  # torch, timm and accelerate load from here on
 
-        save(cfg)
+        with paths_named(cfg.out):
+            save(cfg)
 
-    ok, _ = _guarded("distill-save-logits", None, run)
+    ok, _ = _guarded("distill-save-logits", None, run, resumes="after its last committed shard")
     return 0 if ok else 2
 
 
@@ -263,13 +268,23 @@ def evaluate(argv: list[str] | None = None) -> int:
 # ---- shared --------------------------------------------------------------------------------------------
 
 
-def _guarded(prog: str, source: str | None, run: Callable[[], Any]) -> tuple[bool, Any]:
-    """(True, `run()`), or (False, None) after printing an input error as one line."""
+def _guarded(prog: str, source: str | None, run: Callable[[], Any], resumes: str | None = None) -> tuple[bool, Any]:
+    """(True, `run()`), or (False, None) after printing an input error as one line. A command that `resumes`
+    (where from, in words) answers Ctrl-C with one line saying so and exit code 130 (128 + SIGINT), as shells do."""
     try:
         return True, run()
     except DistillError as err:  # credentials of any URL in the message are never printed
         print(redact_text(f"{prog}: error: {source + ': ' if source else ''}{err}"), file=sys.stderr)
         return False, None
+    except KeyboardInterrupt:
+        if resumes is None:
+            raise
+        if os.environ.get("RANK", "0") == "0":  # once, not from every process of a launch
+            print(f"\n{prog}: interrupted; run the same command again to resume {resumes}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
+
+
+INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (128 + SIGINT)
 
 
 def _rounded(value: Any) -> Any:

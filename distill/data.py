@@ -41,11 +41,11 @@ import csv
 import glob
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
 import shutil
-import stat
 import tarfile
 import tempfile
 import threading
@@ -57,9 +57,11 @@ from typing import Any, BinaryIO, Literal, NamedTuple
 import numpy as np
 from PIL import Image
 
+from logit_store.errors import disk_full
 from logit_store.registry import Registry
 
 from .errors import DatasetError
+from .files import MiB, RefusedFile, read_regular_file, refuse_unless_regular, size_text
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -80,6 +82,11 @@ DIGITS_SEED = 0
 FINGERPRINT_VERSION = "distill-dataset-v1"
 FingerprintMode = Literal["fast", "content"]
 MAX_OPEN_SHARDS = 64  # per process; the least recently used shard file is closed past this
+# Larger image files or tar members are refused naming them: far above any photo (a 100-megapixel RGB TIFF is
+# 300 MB uncompressed), small enough that reading one cannot exhaust memory (an 8 GB sparse member would).
+MAX_IMAGE_BYTES = 512 * MiB
+MAX_TEXT_MEMBER_BYTES = 1 * MiB  # a tar shard's .cls or .txt member (a label, a caption)
+_AN_IMAGE = "an image file"
 NO_LABEL = -1  # the label of every sample of an image-text dataset that has no labels
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_CAPTION_TEMPLATE = "a photo of the number {}"  # str.format with a DIGIT_NAMES entry
@@ -298,9 +305,13 @@ class ImageDataset(ABC):
 
 
 def _verifies(data: bytes) -> bool:
+    """True if ``data`` decodes as ``load`` decodes it. ``verify()`` checks structure (PNG chunk CRCs) but
+    decodes no pixels, so a truncated JPEG passes it; decoding them all fails on it."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.verify()
+        with Image.open(io.BytesIO(data)) as image:  # verify() leaves the image unusable: open it again
+            image.convert("RGB")  # what load() does
     except Exception:
         return False
     return True
@@ -357,8 +368,10 @@ class _FileDataset(ImageDataset):
 
     def _read_bytes(self, i: int) -> bytes:
         path = self._path(i)
-        try:
-            return path.read_bytes()
+        try:  # a regular file of bounded size only: a FIFO would hang the reader, /dev/zero exhaust memory
+            return read_regular_file(path, MAX_IMAGE_BYTES, _AN_IMAGE)
+        except RefusedFile as err:
+            raise DatasetError(f"{path}: {err}") from None
         except OSError as err:
             raise DatasetError(f"{path}: cannot read the file ({err.strerror or err})") from err
 
@@ -369,6 +382,9 @@ class FolderDataset(_FileDataset):
     ``unlabeled:PATH``), is unlabelled: every image under it, ids sorted by relative path.
 
     Hidden entries (names starting with '.') are ignored, as are files without an image extension.
+    A class folder may be a link, but not to the dataset folder or an ancestor, nor into another class
+    folder (refused naming it); links below class folders are not followed. An image that is not a
+    regular file (a FIFO, a link to a device) or is larger than MAX_IMAGE_BYTES is refused naming it.
     With ``caption_of_class`` (class folder name -> text) it is an image-text dataset whose every
     sample is captioned from its class (used by ``digits-captions``).
     """
@@ -425,7 +441,30 @@ def _class_folders(root: Path) -> list[str]:
             f"{root}: no class sub-folders and no images (expected {root}/<class>/<image>, or images for "
             "an unlabelled dataset)"
         )
+    _refuse_overlapping_classes(root, classes)
     return classes
+
+
+def _refuse_overlapping_classes(root: Path, classes: list[str]) -> None:
+    """Class folders may be links (a dataset is often assembled from them), but none may lead back to the
+    dataset folder or an ancestor, nor into another class folder: its images would be listed again, under a
+    second class, with no word. Only class folders are followed; ``_images_in`` follows no link below them."""
+    real_root = Path(os.path.realpath(root)).parts
+    reals = sorted((Path(os.path.realpath(root / name)).parts, name) for name in classes)
+    for real, name in reals:
+        if real_root[: len(real)] == real:
+            raise DatasetError(
+                f"{root / name}: class folder '{name}' links to {Path(*real)}, which holds the dataset folder "
+                f"itself: its images would be listed again under '{name}' (remove the link or point it elsewhere)"
+            )
+    # Sorted by path parts, a folder is followed by its descendants: if any two overlap, two neighbours do.
+    for (outer, outer_name), (inner, inner_name) in itertools.pairwise(reals):
+        if inner[: len(outer)] == outer:
+            how = "the same folder as" if inner == outer else "inside"
+            raise DatasetError(
+                f"{root / inner_name}: class folder '{inner_name}' ({Path(*inner)}) is {how} class folder "
+                f"'{outer_name}' ({Path(*outer)}) once links are followed: its images would be listed under both"
+            )
 
 
 def _images_in(folder: Path) -> list[str]:
@@ -447,10 +486,16 @@ def _images_in(folder: Path) -> list[str]:
 
 
 def _file_size(path: Path) -> int:
+    """The size of the image file ``path``; DatasetError unless it is a regular file of at most MAX_IMAGE_BYTES
+    (refused when listed, not when first read, so a bad file stops a run before it starts)."""
     try:
-        return os.stat(path).st_size
+        info = os.stat(path)
+        refuse_unless_regular(info.st_mode, info.st_size, MAX_IMAGE_BYTES, _AN_IMAGE)
+    except RefusedFile as err:
+        raise DatasetError(f"{path}: {err}") from None
     except OSError as err:
         raise DatasetError(f"{path}: cannot read the file ({err.strerror or err})") from err
+    return info.st_size
 
 
 class _Row(NamedTuple):
@@ -530,8 +575,10 @@ def _row_sizes(csv_path: Path, root: Path, rows: list[_Row], path_column: int | 
             info = os.stat(full)
         except OSError:
             raise DatasetError(f"{where}: file '{row.path}' does not exist (looked for {full})") from None
-        if not stat.S_ISREG(info.st_mode):
-            raise DatasetError(f"{where}: '{row.path}' is not a file")
+        try:
+            refuse_unless_regular(info.st_mode, info.st_size, MAX_IMAGE_BYTES, _AN_IMAGE)
+        except RefusedFile as err:
+            raise DatasetError(f"{where}: '{row.path}': {err}") from None
         sizes.append(info.st_size)
     return sizes
 
@@ -731,12 +778,14 @@ def _find_shards(pattern: str) -> list[Path]:
         paths = sorted(p for p in glob.glob(expanded) if os.path.isfile(p))
         if not paths:
             raise DatasetError(f"no tar shards match '{pattern}'")
-    elif os.path.isdir(expanded):
-        paths = sorted(glob.glob(os.path.join(glob.escape(expanded), "*.tar")))
+    elif os.path.isdir(expanded):  # regular files only: tarfile would wait forever on a FIFO named x.tar
+        paths = sorted(p for p in glob.glob(os.path.join(glob.escape(expanded), "*.tar")) if os.path.isfile(p))
         if not paths:
             raise DatasetError(f"folder '{pattern}' holds no .tar shards")
     elif os.path.isfile(expanded):
         paths = [expanded]
+    elif os.path.exists(expanded):
+        raise DatasetError(f"tar shard '{pattern}' is not a regular file")
     else:
         raise DatasetError(f"tar shard '{pattern}' does not exist")
     return [Path(p).absolute() for p in paths]
@@ -764,8 +813,10 @@ def _index_shard(shard: Path) -> list[_ShardSample]:
                     continue
                 key, extension = match.group(1), match.group(2).lower()
                 if extension in WDS_IMAGE_EXTENSIONS and key not in images:
+                    _refuse_large_member(shard, member, MAX_IMAGE_BYTES, "an image member")
                     images[key] = member
                 elif extension in texts:
+                    _refuse_large_member(shard, member, MAX_TEXT_MEMBER_BYTES, f"a .{extension} member")
                     handle = tar.extractfile(member)
                     texts[extension][key] = (member, handle.read() if handle else b"")
                 else:
@@ -798,6 +849,14 @@ def _index_shard(shard: Path) -> list[_ShardSample]:
         image = images[key]
         samples.append(_ShardSample(key, image.name, image.offset_data, image.size, label, caption))
     return samples
+
+
+def _refuse_large_member(shard: Path, member: tarfile.TarInfo, limit: int, what: str) -> None:
+    """A member's header may claim any size (a sparse 8 GB member costs no disk): refuse it before it is read."""
+    if member.size > limit:
+        raise DatasetError(
+            f"{shard}:{member.name}: {size_text(member.size)}, more than the {size_text(limit)} allowed for {what}"
+        )
 
 
 # ---------------------------------------------------------------- digits and create_dataset
@@ -853,8 +912,13 @@ def _write_digits(folder: Path) -> None:
             pixels = np.round(digits.images[index] * (255 / 16)).astype(np.uint8)
             image = Image.fromarray(pixels).resize((DIGITS_SIZE, DIGITS_SIZE), Image.Resampling.BILINEAR)
             out = folder / split / str(label)
-            out.mkdir(parents=True, exist_ok=True)
-            image.save(out / f"{index:04d}.png", compress_level=0)
+            path = out / f"{index:04d}.png"
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                image.save(path, compress_level=0)
+            except OSError as err:  # the caller removes the half-built folder
+                full = disk_full(err, path)  # named by `path`: PIL's failed write names no file
+                raise full or DatasetError(f"{path}: cannot write the digits cache ({err.strerror or err})") from err
 
 
 def digit_caption(digit: int) -> str:

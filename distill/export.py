@@ -18,15 +18,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from safetensors import safe_open
 from torch import nn
 
 from .checkpoint import CHECKPOINTS, RECIPE_FILE, public, save_weights
 from .errors import RecipeError
+from .recipe import MAX_DEPTH, load_recipe_file, nesting_depth
 from .views import EvalView
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "eval_config", "export_model", "find_run", "weights_metadata"]
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "eval_config",
+    "export_model",
+    "find_run",
+    "metadata_value",
+    "untrusted_json",
+    "weights_metadata",
+]
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 RECIPE_KEY = "distill.recipe"  # the run's recipe (credentials redacted), as JSON, in the weights' metadata
@@ -84,11 +93,34 @@ def find_run(target: str | Path) -> tuple[dict[str, Any], Path, dict[str, str]]:
         raise RecipeError(f"{weights}: not a readable safetensors file: {err}") from None
     folders = [weights.parent] + ([weights.parents[2]] if weights.parent.parent.name == CHECKPOINTS else [])
     for folder in folders:
-        if (folder / RECIPE_FILE).is_file():
-            return yaml.safe_load((folder / RECIPE_FILE).read_text()), weights, metadata
+        if (folder / RECIPE_FILE).is_file():  # read as any recipe is: its aliases and depth capped
+            return load_recipe_file(folder / RECIPE_FILE), weights, metadata
     if RECIPE_KEY not in metadata:
         raise RecipeError(
             f"{weights}: no {RECIPE_FILE} beside it and no recipe in its metadata (weights of a run of this "
             "toolkit carry one); give the run folder"
         )
-    return json.loads(metadata[RECIPE_KEY]), weights, metadata
+    recipe = metadata_value(metadata, RECIPE_KEY, weights)
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"{weights}: metadata {RECIPE_KEY}: expected a recipe mapping, got {type(recipe).__name__}")
+    return recipe, weights, metadata
+
+
+def metadata_value(metadata: dict[str, str], key: str, weights: Path) -> Any:
+    """The JSON value of `key` in the metadata of `weights` (None when absent), decoded as untrusted JSON."""
+    return None if key not in metadata else untrusted_json(metadata[key], f"{weights}: metadata {key}")
+
+
+def untrusted_json(text: str, where: str) -> Any:
+    """JSON from a file that came from elsewhere: a RecipeError naming `where` when it does not parse or nests
+    deeper than MAX_DEPTH (json recurses per level: a deep enough document is a RecursionError, and anything
+    walking a merely deep one later may be)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise RecipeError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as err:
+        raise RecipeError(f"{where}: not valid JSON: {err}") from None
+    if nesting_depth(value) > MAX_DEPTH:
+        raise RecipeError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+    return value

@@ -3,12 +3,12 @@
 `make_plan` validates the output dir (resume or refuse), loads the datasets, builds the method, the
 teacher and the student, and checks a store against the data, augmentation, seed and epochs it
 will replay. A recipe that cannot run is refused here, naming its key; only then does the
-`Trainer` write a file.
+`Trainer` write a file. (A plan to train takes `output_dir/.lock` first, and removes the folder again
+if it made it and the plan is refused.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +17,16 @@ from typing import Any
 import numpy as np
 import timm
 import torch
+from accelerate import PartialState
 from accelerate.utils import set_seed
 from timm.data import DEFAULT_CROP_PCT
 from torch import nn
 
+from logit_store.pin import make_pin, pin_reads
 from teachers import Teacher, create_teacher
 
 from .augment import AugRecipe, load_recipe, recipe_manifest_entry
-from .checkpoint import LAST, check_output_dir
+from .checkpoint import LAST, OutputDirLock, check_output_dir, lock_output_dir
 from .data import ImageDataset, create_dataset
 from .errors import RecipeError
 from .loader import ReplayDataset
@@ -53,6 +55,7 @@ class Plan:
     val_data: ReplayDataset
     store_pin: dict[str, Any] | None  # what the run pins of a store teacher (see `pin_store`)
     extends: bool  # the run continues a finished run of fewer epochs (from its checkpoints/last)
+    lock: OutputDirLock | None = None  # output_dir held since before it was checked (main process; see make_plan)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -66,8 +69,24 @@ class Plan:
 
 
 def make_plan(recipe: Recipe, num_processes: int, device: torch.device, build_student: bool = True) -> Plan:
-    """Check and build a run of `recipe` on `num_processes` processes (see the module docstring)."""
+    """Check and build a run of `recipe` on `num_processes` processes (see the module docstring).
+
+    A plan to train (`build_student`) takes `output_dir/.lock` before it checks the folder and hands it to the
+    Trainer, which holds it to the run's end: a run that finished or started there after a check made without
+    the lock would otherwise be overwritten. A refused plan lets the folder go (removed again if it made it)."""
     out = Path(recipe.output_dir)
+    lock = lock_output_dir(out) if build_student and PartialState().is_main_process else None
+    try:
+        return _make_plan(recipe, out, num_processes, device, build_student, lock)
+    except BaseException:
+        if lock is not None:
+            lock.abandon()
+        raise
+
+
+def _make_plan(
+    recipe: Recipe, out: Path, num_processes: int, device: torch.device, build_student: bool, lock: OutputDirLock | None
+) -> Plan:
     resume_from = check_output_dir(out, to_dict(recipe))
     if recipe.batch_size % (num_processes * recipe.grad_accum):
         raise RecipeError(
@@ -104,7 +123,7 @@ def make_plan(recipe: Recipe, num_processes: int, device: torch.device, build_st
     pin = pin_store(teacher, recipe, out, resume_from) if teacher is not None and teacher.store is not None else None
     return Plan(
         recipe, out, resume_from, augmentation, train_set, val_set, train_ids, method, teacher, student,
-        train_data, val_data, pin, resume_from is not None and resume_from.name == LAST,
+        train_data, val_data, pin, resume_from is not None and resume_from.name == LAST, lock,
     )  # fmt: skip
 
 
@@ -191,25 +210,27 @@ STORE_PIN = "teacher_store.json"
 def pin_store(teacher: Teacher, recipe: Recipe, out: Path, resume_from: Path | None) -> dict[str, Any]:
     """The store's identity as this run reads it: its manifest's identity and a digest of the commits of every
     plane the run replays. A resumed run must find the same (the run pinned it at its start, in STORE_PIN):
-    a store saved again at the same path by another teacher would mix two teachers in one run."""
+    a store saved again at the same path by another teacher would mix two teachers in one run. Planes the
+    saved pin does not cover (an extension's new epochs, committed since) are pinned now. The store checks
+    the pin again at every plane it loads while the run goes on (`logit_store.pin`)."""
     m = teacher.store.manifest
     planes = [*range(min(recipe.epochs, m.epochs)), *([m.epochs] if m.kind == "embeddings" else [])]
-    pin = {"manifest": m.identity(), "planes": {str(p): _commits_digest(teacher.store, p) for p in planes}}
-    pin = json.loads(json.dumps(pin))  # as it reads back from STORE_PIN
+    pin = make_pin(teacher.store, planes)
     saved = out / STORE_PIN
     if resume_from is not None and saved.exists():
         before = json.loads(saved.read_text())
-        if before != pin:
+        common = set(before["planes"]) & set(pin["planes"])  # those pinned before must be as they were
+        before, now = _restricted(before, common), _restricted(pin, common)
+        if before != now:
             raise RecipeError(f"teacher.source {teacher.source} changed since this run started in {out}: "
-                              f"{_pin_difference(before, pin)}; resume with the store it started with, or "
+                              f"{_pin_difference(before, now)}; resume with the store it started with, or "
                               "train in another output_dir")  # fmt: skip
+    pin_reads(teacher.store, pin)
     return pin
 
 
-def _commits_digest(store: Any, plane: int) -> str:
-    markers = store.commits(plane)
-    text = json.dumps([markers[key].get("digests") for key in sorted(markers)])
-    return hashlib.sha256(text.encode()).hexdigest()
+def _restricted(pin: dict[str, Any], planes: set[str]) -> dict[str, Any]:
+    return {"manifest": pin["manifest"], "planes": {p: d for p, d in pin["planes"].items() if p in planes}}
 
 
 def _pin_difference(before: dict[str, Any], now: dict[str, Any]) -> str:

@@ -52,7 +52,11 @@ def run_recipe(raw: dict[str, Any] | Recipe) -> list[dict[str, Any]]:
         if i > 0:  # the previous run has just finished: its result is this run's student
             run = _with_student(run, summaries[i - 1]["result_student"] | changes)
         plan = _named(name, lambda run=run: make_plan(run, state.num_processes, state.device))
-        summaries[i] = Trainer(plan).fit()
+        try:
+            summaries[i] = Trainer(plan).fit()
+        finally:
+            if plan.lock is not None:  # (fit lets it go; this is for a Trainer that failed before fit)
+                plan.lock.release()
     return summaries
 
 

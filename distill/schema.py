@@ -9,6 +9,7 @@ with None. A dataclass's `__post_init__` may raise RecipeError for rules the typ
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -78,12 +79,27 @@ def _coerce(kind: Any, value: Any, path: str) -> Any:
     if origin is dict or kind is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise RecipeError(f"{path}: expected a mapping with string keys, got {_show(value)}")
+        _check_finite(value, path)  # free-form sections (kwargs, an inline augmentation) hold numbers too
         return dict(value)
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        _check_finite(value, path)
         return float(value)
     if kind in (int, str, bool) and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     raise RecipeError(f"{path}: expected {_describe(kind)}, got {_show(value)}")
+
+
+def _check_finite(value: Any, path: str) -> None:
+    """Refuse nan and inf (YAML's `.nan`, `.inf`) anywhere in `value`: an lr or temperature of inf trains
+    to nan weights without a word, so no float of a recipe may be non-finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{path}: expected a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, _join(path, str(key)))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{path}[{i}]")
 
 
 def _describe(kind: Any) -> str:

@@ -5,13 +5,16 @@ the main process also prints."""
 from __future__ import annotations
 
 import csv
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from accelerate.tracking import GeneralTracker, on_main_process
 from tqdm.auto import tqdm
 
-__all__ = ["CsvTracker", "RunLog"]
+__all__ = ["CsvTracker", "RunLog", "writer_thread_errors"]
 
 
 class CsvTracker(GeneralTracker):
@@ -65,3 +68,32 @@ class RunLog:
         tqdm.write(text)
         with self.path.open("a") as f:
             f.write(text + "\n")
+
+
+# The modules whose threads write TensorBoard's event files (tensorboard's own writer, used by torch's, or
+# tensorboardX's).
+_WRITER_MODULES = ("tensorboard.", "tensorboardX.")
+
+
+@contextmanager
+def writer_thread_errors() -> Iterator[list[BaseException]]:
+    """The errors of TensorBoard's writer threads while inside, kept in the list yielded instead of printed.
+
+    TensorBoard writes events on a thread of its own: a failed write (a full disk) ends that thread, which
+    Python reports with a traceback, and the writer raises the same error again in the caller's thread at its
+    next write or flush (accelerate flushes at every log). That error is the run's one line; the thread's
+    traceback would come before it. Errors of any other thread are reported as before."""
+    caught: list[BaseException] = []
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__module__.startswith(_WRITER_MODULES) and isinstance(args.exc_value, Exception):
+            caught.append(args.exc_value)
+        else:
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield caught
+    finally:
+        threading.excepthook = previous

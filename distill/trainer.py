@@ -39,6 +39,7 @@ from .checkpoint import (
     write_file,
     write_recipe,
 )
+from .errors import DivergedError
 from .evaluate import teacher_accuracy
 from .export import export_model
 from .loader import TrainBatchSampler, replay_loader
@@ -46,7 +47,7 @@ from .plan import STORE_PIN, Plan
 from .plots import plot_training_curves
 from .recipe import Recipe, to_dict
 from .syncbn import convert_sync_batchnorm, has_batchnorm
-from .tracking import CsvTracker, RunLog
+from .tracking import CsvTracker, RunLog, writer_thread_errors
 from .views import MIX_KEYS, mix_batch
 
 __all__ = ["TrainState", "Trainer", "create_schedule"]
@@ -54,6 +55,11 @@ __all__ = ["TrainState", "Trainer", "create_schedule"]
 # Weights shared between modules (MiniViT) are written once per checkpoint by design and tied again by
 # load_state (tested); accelerate would warn about it at every checkpoint.
 logging.getLogger("accelerate.utils.other").addFilter(lambda r: "Removed shared tensor" not in r.getMessage())
+
+DIVERGED_HINT = (
+    "the run diverged and stopped; its checkpoints hold no non-finite weights. Lower optimizer.lr or set "
+    "optimizer.clip_grad, and train in another output_dir"
+)
 
 # A deterministic fault for the kill-and-resume tests: "N" kills the process right after step N of a run,
 # "NAME:N" after step N of the run whose output_dir is named NAME (a follow-up under `then`).
@@ -100,6 +106,7 @@ class Trainer:
         self.recipe, self.method, self.teacher = plan.recipe, plan.method, plan.teacher
         self.state = TrainState()
         self.lock: RangeLock | None = None
+        self.thread_errors: list[BaseException] = []  # of TensorBoard's writer threads (see fit, end_trackers)
         self.loader: torch.utils.data.DataLoader | None = None  # built at the first epoch, kept for the run
         # Sums and counts of the logged values since the last log, on the device: no sync per step.
         self.running: dict[str, torch.Tensor] = {}
@@ -108,12 +115,12 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """The output dir locked; optimizer, schedule, EMA, trackers; the run's recipe written; a checkpoint
-        loaded when resuming."""
+        """The output dir held (locked by the plan); optimizer, schedule, EMA, trackers; the run's recipe
+        written; a checkpoint loaded when resuming."""
         recipe, acc = self.recipe, self.accelerator
-        if acc.is_main_process:
-            self.plan.out.mkdir(parents=True, exist_ok=True)
-            self.lock = lock_output_dir(self.plan.out)
+        if acc.is_main_process:  # held since the plan checked the folder (a plan made otherwise takes it now)
+            self.lock = self.plan.lock or lock_output_dir(self.plan.out)
+        self.first_bad_step = torch.zeros((), dtype=torch.long, device=acc.device)  # see watch_loss
         student = self.plan.student
         self.sync_bn = bool(recipe.sync_bn) or (recipe.sync_bn is None and acc.num_processes > 1)
         if self.sync_bn and has_batchnorm(student):
@@ -129,8 +136,9 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             write_recipe(self.plan.out, to_dict(recipe), fresh=self.plan.resume_from is None)
-            if self.plan.store_pin is not None and not self.plan.resume_from:
-                (self.plan.out / STORE_PIN).write_text(json.dumps(self.plan.store_pin, indent=1))
+            if self.plan.store_pin is not None and (not self.plan.resume_from or self.plan.extends):
+                pin = json.dumps(self.plan.store_pin, indent=1).encode()  # an extension's: its new epochs too
+                write_file(self.plan.out / STORE_PIN, lambda fh: fh.write(pin))
         self.model, self.optimizer = acc.prepare(self.plan.student, optimizer)
         self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=recipe.ema.decay) if recipe.ema else None
         self.method.setup(self)
@@ -188,7 +196,8 @@ class Trainer:
         """Train for the recipe's epochs (from where a resumed run stopped); returns the summary. The output
         dir is held from setup to the end (released here too, when the run fails, for a caller that goes on)."""
         try:
-            return self._fit()
+            with writer_thread_errors() as self.thread_errors:  # kept, not printed (see end_trackers)
+                return self._fit()
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -238,6 +247,7 @@ class Trainer:
         self.batch = batch
         with acc.accumulate(self.model), acc.autocast():
             losses = self.method.loss(self.model, batch, self.teacher)
+            self.watch_loss(losses["loss"])
             acc.backward(losses["loss"])
             if acc.sync_gradients and clip:
                 acc.clip_grad_norm_(self.model.parameters(), clip)
@@ -269,8 +279,25 @@ class Trainer:
         self.tick = time.perf_counter()
 
     def checkpoint(self) -> None:
+        self.check_finite(self.accelerator.unwrap_model(self.model))  # a checkpoint never holds a diverged run
         self.state.wall_seconds = self.wall_before + time.perf_counter() - self.started
         save_checkpoint(self, self.state.global_step)
+
+    def watch_loss(self, loss: torch.Tensor) -> None:
+        """Remember the first step whose loss is not finite. Kept on the device (no sync per step) and checked
+        by `check_finite` wherever the run logs, evaluates or writes, so nothing of a diverged run is kept."""
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step == 0)
+        self.first_bad_step = self.first_bad_step.masked_fill(bad, self.state.global_step + 1)
+
+    def check_finite(self, model: torch.nn.Module | None = None) -> None:
+        """Stop the run (DivergedError, naming the step) once a loss, or a weight of `model`, is not finite."""
+        firsts = [s for s in self.accelerator.gather(self.first_bad_step.reshape(1)).tolist() if s]
+        if firsts:
+            raise DivergedError(f"step {min(firsts)}: the loss is not finite (nan or inf): {DIVERGED_HINT}")
+        if model is not None and not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+            raise DivergedError(
+                f"step {self.state.global_step}: the student's weights are not finite (nan or inf): {DIVERGED_HINT}"
+            )
 
     def _add(self, values: dict[str, Any], weight: float) -> None:
         """Add one micro-batch's (weight 1 / grad_accum) or one step's (weight 1) values to the sums."""
@@ -282,6 +309,7 @@ class Trainer:
     def log_training(self) -> None:
         """Log the mean of each value since the last log, per step it was given at (over processes too)."""
         acc, state = self.accelerator, self.state
+        self.check_finite()
         names = sorted(self.running)
         sums = acc.reduce(torch.stack([self.running[n].to(acc.device) for n in names]), "mean")
         values = {n: v / self.counts[n] for n, v in zip(names, sums.tolist(), strict=True)}
@@ -299,6 +327,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         state = self.state
+        self.check_finite(self.accelerator.unwrap_model(self.model))  # before a diverged model is kept as the best
         model = self.ema.module if self.ema else self.model
         metrics = self.method.evaluate(model, self.plan.val_data, self.recipe.eval.batch_size, self.accelerator)
         state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
@@ -316,6 +345,7 @@ class Trainer:
         """Write the final weights, summary, curves; remove the checkpoints; end the trackers."""
         acc, recipe, state, out = self.accelerator, self.recipe, self.state, self.plan.out
         final = self.ema.module if self.ema else acc.unwrap_model(self.model)
+        self.check_finite(final)  # a diverged model is never written as a finished run
         summary = {
             "method": recipe.method,
             "student": recipe.student.model,
@@ -342,15 +372,24 @@ class Trainer:
             title = f"{recipe.student.model} ({recipe.method})"
             plot_training_curves(state.history, out / "training_curves.png", title, self.plan.train_set.num_classes,
                                  state.teacher_top1)  # fmt: skip
+        self.end_trackers()
+        if acc.is_main_process:
             # written last and whole: its presence is what marks the run finished
             write_file(out / SUMMARY_FILE, lambda fh: fh.write((json.dumps(public(summary), indent=2) + "\n").encode()))
             self.log(f"finished: top-1 {summary['top1']:.2f}, top-5 {summary['top5']:.2f}, "
                      f"{summary['images_per_s']:.0f} images/s, {summary['wall_seconds']:.0f} s; weights {out / 'model.safetensors'}")  # fmt: skip
             keep_last_checkpoint(out)
         acc.wait_for_everyone()
-        for tracker in acc.trackers:
-            tracker.finish()
         return summary
+
+    def end_trackers(self) -> None:
+        """End the trackers before the summary is written: a tracker's failed write (a full disk) stops the run
+        before the mark of a finished one. An error of a TensorBoard writer thread that its writer did not raise
+        again (one closed without a flush) is raised here."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        if self.thread_errors:
+            raise self.thread_errors[0]
 
 
 def create_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, updates_per_epoch: int) -> Scheduler:

@@ -20,6 +20,7 @@ shard refilled by the next reader.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -31,18 +32,33 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import StoreError
+from .errors import DISK_FULL_ERRNOS, DiskFullError, StoreError
 
 if TYPE_CHECKING:
     from .store import LogitStore
 
 STAMP_BYTES = 16
 DEFAULT_CACHE_BYTES = 256 << 20  # private decoded rows per reader, unless LOGIT_STORE_CACHE_BYTES says otherwise
+CACHE_BYTES_ENV = "LOGIT_STORE_CACHE_BYTES"
 _PIECE_SHARE = 4  # a shared plane decodes in pieces of at most 1/4 of the budget
 
 
 def default_cache_bytes() -> int:
-    return int(os.environ.get("LOGIT_STORE_CACHE_BYTES", DEFAULT_CACHE_BYTES))
+    """LOGIT_STORE_CACHE_BYTES, a whole number of bytes >= 1, else DEFAULT_CACHE_BYTES; another value is
+    one line naming the variable."""
+    raw = os.environ.get(CACHE_BYTES_ENV)
+    if raw is None:
+        return DEFAULT_CACHE_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise StoreError(
+            f"{CACHE_BYTES_ENV}={raw!r}: expected a whole number of bytes >= 1 (the decoded rows a reader keeps "
+            f"in its own memory; unset, {DEFAULT_CACHE_BYTES})"
+        )
+    return value
 
 
 def default_cache_dir() -> str:
@@ -116,11 +132,12 @@ class SharedPlane:
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_SH)  # in use: nobody deletes it under us
-            if os.fstat(self._fd).st_size != size:
-                os.ftruncate(self._fd, size)  # sparse: unfilled shards take no disk
+            if os.fstat(self._fd).st_size > size:
+                os.ftruncate(self._fd, size)
+            _allocate(self._fd, size, self.path)
             self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
-            os.close(self._fd)
+            _release_file(self._fd, self.path, os.getpid())  # no file of ours left behind (unless in use)
             raise
         self.rows = np.frombuffer(self._map, dtype=dtype, count=m.num_samples)
         self._opaque = self.rows.view(np.dtype((np.void, dtype.itemsize)))
@@ -184,6 +201,23 @@ def _release_file(fd: int, path: str, pid: int) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _allocate(fd: int, size: int, path: str) -> None:
+    """Give the file its `size` bytes on the disk now. A sparse file would get its blocks when the map is
+    written, and a full disk then kills the process with SIGBUS and no message; here it is ENOSPC, one line.
+    (Cheap when the blocks are there already: another reader allocated them.)"""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(
+                f"disk full: cannot allocate the reader cache file {path} ({size} bytes, no space left on its file "
+                f"system); free space, or set LOGIT_STORE_CACHE_DIR (cache_dir) to a local disk with room"
+            ) from None
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)  # a file system that cannot allocate ahead: sparse, as the best it allows
 
 
 def _private_dir(directory: str) -> None:

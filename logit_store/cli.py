@@ -11,7 +11,7 @@ from typing import Any
 from .backends import BACKENDS
 from .errors import DistillError
 from .location import StoreLocation
-from .store import convert_store, open_store, plane_name
+from .store import LogitStore, convert_store, open_store, plane_name
 
 
 def _fmt(value: Any) -> str:
@@ -58,13 +58,30 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{store.location}: {problem}")
     m = store.manifest
     if problems:
-        print(f"FAILED: {len(problems)} damaged or missing range(s)")
-        if any(p.kind == "damaged" for p in problems):
-            print(f"to rewrite the damaged shards: distill-store repair {store.location}, then run the save again")
+        ranges = [p for p in problems if p.kind != "shared"]
+        found = [f"{len(ranges)} damaged or missing range(s)"] if ranges else []
+        if len(ranges) < len(problems):
+            found.insert(0, "a damaged file every record range depends on")
+        print(f"FAILED: {' and '.join(found)}")
+        _advise(store, {p.kind for p in problems})
         return 1
     planes = f"{m.planes} planes ({m.epochs} epochs + text plane)" if m.planes > m.epochs else f"{m.epochs} epochs"
     print(f"OK: {planes} x {m.num_samples} records intact")
     return 0
+
+
+def _advise(store: LogitStore, kinds: set[str]) -> None:
+    """What to do about the problems verify found. Repair is advised only where it mends: a file every range
+    depends on, or a manifest that does not fit intact records, is not a shard's damage."""
+    if "shared" in kinds:
+        print(
+            "a file every record range depends on is damaged (named above): distill-store repair cannot mend it; "
+            f"restore that file from a copy (the commits then stand), or delete {store.location} and save again"
+        )
+    elif "damaged" in kinds:
+        print(f"to rewrite the damaged shards: distill-store repair {store.location}, then run the save again")
+    if "invalid" in kinds:
+        print(f"intact records do not fit {store.location}/manifest.json (was it edited?): restore the manifest")
 
 
 def cmd_repair(args: argparse.Namespace) -> int:

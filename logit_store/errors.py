@@ -45,6 +45,11 @@ class StoreDamagedError(StoreError):
     a shard that fails its checksum or cannot be decoded. The message names file or range."""
 
 
+class StoreChangedError(StoreError):
+    """A store that is no longer the one a reader pinned (`logit_store.pin`): replaced or written again under a
+    running training. Names the store and the plane."""
+
+
 class StoreAccessError(StoreError):
     """An object store that cannot be reached, refuses the credentials or lacks the bucket: the location's
     fault, not the bytes'. Names the location (credentials redacted)."""

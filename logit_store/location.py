@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import os
 import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import fsspec
 
@@ -64,12 +64,18 @@ class StoreLocation:
             self.fs = fsspec.filesystem("file")
         else:
             target, options = _split_credentials(url, self.storage_options)
+            s3 = target.split("://", 1)[0].lower() in _KEY_SECRET_PROTOCOLS
+            if s3:
+                _check_s3_endpoint(url, options)
+                options = _with_timeouts(options)
             try:
                 self.fs, self.root = fsspec.core.url_to_fs(target, **options)
             except ImportError as err:  # fsspec names the package its protocol needs: "Install s3fs to access S3"
                 raise StoreError(_missing_package(url, err)) from None
             except ValueError as err:  # an unknown protocol
                 raise StoreError(f"{redact(url)}: {err}") from None
+            if s3:  # an attribute, not an option, of s3fs (zarr's asynchronous copy takes it over: zarr_backend)
+                self.fs.retries = S3_TRIES
 
     def __str__(self) -> str:
         return redact(self.url)
@@ -100,8 +106,11 @@ class StoreLocation:
                 write_file(tmp, data)
                 os.replace(tmp, target)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(tmp)  # no temporary file outlives a failed write
+            except OSError as err:  # none there; a read-only mount says EROFS even then: the write's error tells
+                if not isinstance(err, FileNotFoundError) and err.errno != errno.EROFS:
+                    raise
             raise
         dir_fd = os.open(os.path.dirname(target), os.O_RDONLY)  # make the rename itself durable
         try:
@@ -134,6 +143,9 @@ class StoreLocation:
             detail = " ".join(str(err).split()) or type(err).__name__
             if isinstance(err, PermissionError):  # s3fs: 403, a refused key (botocore says only "Forbidden")
                 detail = f"access denied, check the credentials ({detail})"
+            elif "Timeout" in type(err).__name__ and self.fs.protocol == ("s3", "s3a"):  # botocore's: name the limit
+                limit = self.fs.storage_options.get("config_kwargs", {}).get("read_timeout")
+                detail += f" (no answer within {limit} s; {S3_TIMEOUT_ENV} sets the limit)"
             raise StoreAccessError(f"{self}: {redact_text(detail)}") from None
 
     def _forget_listings(self) -> None:
@@ -151,6 +163,66 @@ def _split_credentials(url: str, options: dict[str, Any]) -> tuple[str, dict[str
         return url, options
     found = {"key": unquote(match.group("user")), "secret": unquote(match.group("password") or "")}
     return f"{match.group('scheme')}://{url[match.end() :]}", {**options, **{k: v for k, v in found.items() if v}}
+
+
+# An endpoint that accepts a connection and never answers would hang a run for s3fs's 5 tries x botocore's
+# 5 attempts x 15 s: here a request fails after S3_TIMEOUT seconds without a byte, tried S3_ATTEMPTS times
+# by botocore (its standard mode: backoff, throttling retried) and once by s3fs, so a frozen endpoint is a
+# StoreAccessError within about S3_ATTEMPTS x S3_TIMEOUT (+ backoff). Storage options given override them.
+S3_TIMEOUT_ENV = "LOGIT_STORE_S3_TIMEOUT"
+DEFAULT_S3_TIMEOUT = 20.0
+S3_ATTEMPTS = 3
+S3_TRIES = 1  # s3fs's own tries around botocore's attempts (its default, 5, multiplies them)
+
+
+def s3_timeout() -> float:
+    """Seconds an S3 request may wait to connect, or for the next bytes: LOGIT_STORE_S3_TIMEOUT, else 20."""
+    raw = os.environ.get(S3_TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_S3_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise StoreError(f"{S3_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0 (unset, {DEFAULT_S3_TIMEOUT:g})")
+    return value
+
+
+def _with_timeouts(options: dict[str, Any]) -> dict[str, Any]:
+    """s3fs options with this toolkit's timeouts and attempts under the ones given (in the options, or in
+    fsspec's configuration, which s3fs would otherwise apply and these would hide)."""
+    timeout, conf = s3_timeout(), fsspec.config.conf.get("s3", {})
+    attempts = {"max_attempts": S3_ATTEMPTS, "mode": "standard"}
+    config = {"connect_timeout": timeout, "read_timeout": timeout, "retries": attempts}
+    for given in (conf, options):
+        config |= given.get("config_kwargs") or {}
+    return {**options, "config_kwargs": config}
+
+
+_ENDPOINT_SOURCES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # botocore's, after the options and fsspec's
+
+
+def _check_s3_endpoint(url: str, options: dict[str, Any]) -> None:
+    """An S3 endpoint that is not an http(s) URL is one line naming where it was set (botocore would raise
+    a bare ValueError at the first request)."""
+    conf = fsspec.config.conf.get("s3", {})
+    sources = [
+        ("storage option endpoint_url", options.get("endpoint_url")),
+        ("storage option client_kwargs.endpoint_url", (options.get("client_kwargs") or {}).get("endpoint_url")),
+        ("FSSPEC_S3_ENDPOINT_URL" if "FSSPEC_S3_ENDPOINT_URL" in os.environ else "fsspec's s3 endpoint_url",
+         conf.get("endpoint_url")),
+        *((name, os.environ.get(name)) for name in _ENDPOINT_SOURCES),
+    ]  # fmt: skip
+    name, endpoint = next(((n, e) for n, e in sources if e), (None, None))
+    if endpoint is None:
+        return
+    parts = urlsplit(str(endpoint))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StoreError(
+            f"{redact(url)}: {name}={redact(str(endpoint))!r}: expected the S3 endpoint as an http:// or https:// "
+            "URL (such as http://127.0.0.1:9000)"
+        )
 
 
 def _missing_package(url: str, err: ImportError) -> str:

@@ -6,6 +6,7 @@ embeddings store (docs/STORE_FORMAT.md).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,10 +16,10 @@ import signal
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -47,7 +48,11 @@ from .records import (
     validate_records,
 )
 
+if TYPE_CHECKING:
+    from .pin import PinnedReads
+
 MANIFEST_KEY = "manifest.json"
+REPAIR_LOCK = "repair"  # under .locks/: held by the one repair of a local store at a time
 _MARKER_NAME = re.compile(r"e(\d{5,})-s(\d{6,})\.json")
 
 
@@ -93,6 +98,7 @@ class LogitStore:
         self.cache_dir = cache_dir
         self._cache = PlaneCache(self, cache_epochs, self.cache_bytes, cache_dir)
         self._batch: type[Records] | type[Embeddings] = Embeddings if manifest.kind == "embeddings" else Records
+        self.pinned: PinnedReads | None = None  # a run's pin: every plane and shard loaded is checked (`pin.py`)
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -109,13 +115,14 @@ class LogitStore:
 
     def __getstate__(self) -> dict[str, Any]:
         cache = {"cache_epochs": self.cache_epochs, "cache_bytes": self.cache_bytes, "cache_dir": self.cache_dir}
-        return {"url": self.location.url, "options": self.location.storage_options} | cache
+        return {"url": self.location.url, "options": self.location.storage_options, "pinned": self.pinned} | cache
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         location = StoreLocation(state["url"], state["options"])
         self.__init__(
             location, _read_manifest(location), state["cache_epochs"], state["cache_bytes"], state["cache_dir"]
         )
+        self.pinned = state.get("pinned")
 
     @property
     def private_cache_bytes(self) -> int:
@@ -196,6 +203,8 @@ class LogitStore:
         plane = self._cache.get(epoch)
         if plane is None or not plane.complete:  # the hot path of a training epoch skips all this
             self._check_epoch(epoch)
+            if plane is None and self.pinned is not None:  # a plane loaded (again): still the pinned one?
+                self.pinned.check_plane(self, epoch)
             plane = self._cache.plane(epoch)
             plane.ensure(np.unique(ids // self.manifest.shard_records).tolist())
         return self.decode(plane.gather(ids))
@@ -247,6 +256,10 @@ class LogitStore:
             if bad:
                 a, b = start + a + bad[0][0], start + a + bad[0][1]
                 raise StoreDamagedError(f"{where} [{a}, {b}) fail their checksum{verify}")
+            # Intact rows may still not fit an edited manifest: an index past num_classes fails later, unnamed.
+            wrong = class_index_error(out[a:b], start + a, m.num_classes, f"{self.location}/{MANIFEST_KEY}")
+            if wrong is not None:
+                raise StoreDamagedError(f"{where} [{start + a}, {start + b}) do not fit the manifest: {wrong}{verify}")
         return out
 
     def _marker(self, epoch: int, shard: int) -> dict[str, Any]:
@@ -263,6 +276,8 @@ class LogitStore:
             raise missing from None
         if not self._checked_marker(marker, epoch, shard):
             raise StoreDamagedError(f"{where} have a damaged commit marker; run distill-store verify {self.location}")
+        if self.pinned is not None:  # every shard a reader decodes: the commit its plane was checked with
+            self.pinned.check_marker(self, epoch, shard, marker)
         return marker
 
     def _check_writable(self) -> None:
@@ -280,36 +295,88 @@ class LogitStore:
 
     # ---- integrity -----------------------------------------------------------------
     def verify(self) -> list[Problem]:
-        """Every missing or damaged record range of the planned planes (empty when intact). Writes nothing."""
+        """Every missing or damaged record range of the planned planes (empty when intact). Damage to a file
+        every range depends on (`shared_damage`) is one problem of kind "shared" naming it, instead of every
+        committed range. Writes nothing."""
         m, commits, problems = self.manifest, self.commits(), []
+        shared = self.shared_damage()
+        if shared is not None:
+            problems.append(Problem(-1, 0, m.num_samples, "shared", str(shared)))
         for epoch in range(m.planes):
             for shard in range(m.num_shards):
                 marker = commits.get((epoch, shard))
                 if marker is None:
                     start, stop = m.shard_range(shard)
                     problems.append(Problem(epoch, start, stop, "missing", "not committed", self._is_text(epoch)))
-                    continue
-                problems += self._check_shard(epoch, shard, marker)
+                elif shared is None or not marker:  # (an unreadable marker is its own problem, whatever the data)
+                    problems += self._check_shard(epoch, shard, marker)
         return problems
+
+    def shared_damage(self) -> StoreDamagedError | None:
+        """Damage to a file that every record range depends on (a zarr array's `zarr.json`; lmdb's data.mdb:
+        missing, its header invalid, shorter than its header says), or None. It is no shard's damage: dropping
+        commit markers cannot mend it, and restoring the one file recovers every commit."""
+        try:
+            self.backend.check_shared()
+        except StoreDamagedError as err:
+            return err
+        return None
+
+    def _refuse_shared_damage(self) -> None:
+        shared = self.shared_damage()
+        if shared is not None:
+            raise StoreDamagedError(
+                f"{shared}: every record range depends on this file, so distill-store repair cannot mend it (it drops "
+                f"no commit); restore the file from a copy, or delete {self.location} and save again (or convert a good copy)"
+            )
 
     def damaged_commits(self) -> list[Problem]:
         """The damaged ranges of every committed shard whose marker parses (what `verify` reports
-        as damaged, less unreadable markers: those shards count as uncommitted and are rewritten)."""
+        as damaged, less unreadable markers: those shards count as uncommitted and are rewritten).
+        Damage to a file every range depends on is raised (StoreDamagedError naming it): no rewrite mends it."""
+        self._refuse_shared_damage()
         return [
-            p for (e, s), marker in sorted(self.commits().items()) if marker for p in self._check_shard(e, s, marker)
+            p
+            for (e, s), marker in sorted(self.commits().items())
+            if marker
+            for p in self._check_shard(e, s, marker)
+            if p.kind == "damaged"
         ]
 
     def repair(self) -> list[tuple[int, int]]:
         """Drop the commit marker of every damaged shard (data and every other marker stay), so that a
         re-run save rewrites exactly those shards, and fold the remaining commits' statistics into the
-        manifest. Returns the (plane, shard) keys dropped, in order."""
+        manifest. Returns the (plane, shard) keys dropped, in order. Refused, dropping nothing, for damage
+        to a file every range depends on, and while another process repairs the store (StoreLockedError)."""
         self._check_writable()
-        shard_records = self.manifest.shard_records
-        dropped = sorted({(p.epoch, p.start // shard_records) for p in self.verify() if p.kind == "damaged"})
-        for key in dropped:
-            self.location.fs.rm(self.location.path(*commit_key(*key)))
-        self.refresh_statistics()
+        with self._repairing():
+            self._refuse_shared_damage()
+            shard_records = self.manifest.shard_records
+            dropped = sorted({(p.epoch, p.start // shard_records) for p in self.verify() if p.kind == "damaged"})
+            for key in dropped:
+                self.location.fs.rm(self.location.path(*commit_key(*key)))
+            self.refresh_statistics()
         return dropped
+
+    @contextlib.contextmanager
+    def _repairing(self) -> Iterator[None]:
+        """One repair at a time (locally: a flock on `.locks/repair`): two would drop the same markers, the
+        second failing on files the first removed. Object stores have no locks."""
+        if not self.location.is_local:
+            yield
+            return
+        directory = self.location.path(".locks")
+        try:
+            lock = RangeLock(directory, REPAIR_LOCK, str(self.location))
+        except StoreLockedError:
+            raise StoreLockedError(
+                f"{self.location} is being repaired by another process (lock {os.path.join(directory, REPAIR_LOCK)}); "
+                "let it finish, then verify again"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _is_text(self, plane: int) -> bool:
         return plane_name(self.manifest, plane) == "text plane"
@@ -327,7 +394,12 @@ class LogitStore:
         except Exception as err:  # any decode failure of damaged bytes is reported, not raised
             return [Problem(epoch, start, stop, "damaged", f"cannot decode: {err}", text)]
         bad = damaged_blocks(rows, marker["digests"], m.chunk_records)
-        return [Problem(epoch, start + a, start + b, "damaged", "checksum mismatch", text) for a, b in bad]
+        if bad:
+            return [Problem(epoch, start + a, start + b, "damaged", "checksum mismatch", text) for a, b in bad]
+        wrong = class_index_error(rows, start, m.num_classes, f"{self.location}/{MANIFEST_KEY}")
+        if wrong is None:
+            return []
+        return [Problem(epoch, start, stop, "invalid", f"{wrong}; the records match their commit", text)]
 
     def epoch_hash(self, epoch: int) -> str:
         """sha256 of a plane's decoded records in id order: equal across backends and layouts."""
@@ -373,11 +445,16 @@ class Problem:
     epoch: int  # the plane; with text=True, the text plane of an embeddings store
     start: int
     stop: int
-    kind: str  # "missing" or "damaged"
+    # "missing"; "damaged" (a shard's bytes: `repair` uncommits it); "invalid" (intact by its digests but
+    # not fitting the manifest, e.g. a class index >= num_classes); "shared" (a file every range depends on,
+    # named in `detail`; epoch -1: no one plane)
+    kind: str
     detail: str
     text: bool = False
 
     def __str__(self) -> str:
+        if self.kind == "shared":
+            return f"every record range: damaged ({self.detail})"
         where = "text plane" if self.text else f"epoch {self.epoch}"
         return f"{where} records [{self.start}, {self.stop}): {self.kind} ({self.detail})"
 
@@ -733,6 +810,21 @@ def aggregate_statistics(markers: Any) -> dict[str, Any]:
         **kl,
         "teacher_top1_agreement": mean("top1_agree", "labeled"),
     }
+
+
+def class_index_error(rows: np.ndarray, first_id: int, num_classes: int, manifest: str) -> str | None:
+    """What is wrong when packed logits rows hold a class index outside [0, num_classes), or None (also for
+    rows without indices: embeddings). Writers refuse such indices, so in rows that pass their digests it is
+    the manifest's num_classes that does not fit (edited)."""
+    if "indices" not in (rows.dtype.names or ()) or not len(rows):
+        return None
+    indices = rows["indices"]
+    if indices.max() < num_classes and indices.min() >= 0:  # the common case: one pass each, no temporaries
+        return None
+    outside = (indices < 0) | (indices >= num_classes)
+    row = int(np.flatnonzero(outside.any(axis=1))[0])
+    index = int(indices[row][outside[row]][0])
+    return f"record {first_id + row} holds class index {index}, but {manifest} says num_classes = {num_classes}"
 
 
 def damaged_blocks(rows: np.ndarray, digests: list[str], block: int) -> list[tuple[int, int]]:

@@ -30,7 +30,10 @@ from logit_store.records import block_digest
 def random_rows(m: Manifest, dtype: np.dtype, epoch: int, start: int, stop: int) -> np.ndarray:
     """Packed rows of arbitrary bytes (a backend stores rows, not records), fixed by (epoch, start)."""
     raw = np.random.default_rng([epoch, start]).integers(0, 256, (stop - start) * dtype.itemsize, dtype=np.uint8)
-    return raw.view(dtype)
+    rows = raw.view(dtype)
+    if "indices" in dtype.names:  # but for the class indices, which the store's reads check against num_classes
+        rows["indices"] %= m.num_classes
+    return rows
 
 
 def listing(root: Path) -> dict[str, tuple[int, int, int]]:

@@ -4,12 +4,14 @@ import io
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
+from tar_helpers import add_member, write_shard
 
 from distill import data
 from distill.data import DatasetError, create_dataset
@@ -43,12 +45,6 @@ def png_bytes(array, compress_level=6):
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
-
-
-def add_member(tar, name, payload):
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    tar.addfile(info, io.BytesIO(payload))
 
 
 def write_csv(path, lines):
@@ -194,7 +190,7 @@ def test_fingerprint_tracks_sizes_and_paths(tmp_path):
     root = make_folder(tmp_path / "ds")
     ds = create_dataset(str(root))
     before = ds.fingerprint()
-    assert len(before) == 64 and int(before, 16) >= 0
+    assert re.fullmatch("[0-9a-f]{64}", before)  # a sha256 hex digest
     assert create_dataset(str(root)).fingerprint() == before
 
     size = (root / "cat" / "b.png").stat().st_size
@@ -286,15 +282,13 @@ def write_shards(folder_ds, out, per_shard=4):
     out.mkdir()
     starts = list(range(0, len(folder_ds), per_shard))
     for start in reversed(starts):
-        with tarfile.open(out / f"shard-{start // per_shard:03d}.tar", "w") as tar:
-            for i in range(start, min(start + per_shard, len(folder_ds))):
-                key = f"sample{i:05d}"
-                payload = png_bytes(np.asarray(folder_ds.load(i)))
-                members = [(f"{key}.png", payload), (f"{key}.cls", f"{folder_ds.labels[i]}\n".encode())]
-                if i % 2:  # member order within a sample does not matter; extra members are ignored
-                    members = [*members[::-1], (f"{key}.json", b"{}")]
-                for name, blob in members:
-                    add_member(tar, name, blob)
+        samples = []
+        for i in range(start, min(start + per_shard, len(folder_ds))):
+            members = {"png": png_bytes(np.asarray(folder_ds.load(i))), "cls": f"{folder_ds.labels[i]}\n"}
+            if i % 2:  # member order within a sample does not matter; extra members are ignored
+                members = {**dict(reversed(members.items())), "json": b"{}"}
+            samples.append((f"sample{i:05d}", members))
+        write_shard(out / f"shard-{start // per_shard:03d}.tar", samples)
     return out
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from store_helpers import EPOCHS, manifest, write_epoch
 
-from logit_store import ShardWriter, StoreLockedError, convert_store, create_store, open_store
+from logit_store import ShardWriter, StoreDamagedError, StoreLockedError, convert_store, create_store, open_store
 from logit_store.cli import main as store_cli
 from logit_store.store import FAULT_COMMIT
 
@@ -114,7 +115,8 @@ def test_verify_names_a_corrupted_byte(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "epoch 1 records [1024, 1536): damaged" in out
     assert "epoch 0" not in out
-    with pytest.raises(Exception, match="epoch 1 records"):
+    location = re.escape(str(tmp_path / "s"))
+    with pytest.raises(StoreDamagedError, match=rf"^{location}: epoch 1 records \[1024, 1536\) cannot be decoded: "):
         open_store(tmp_path / "s").read(1, [1100])
 
 
@@ -168,9 +170,12 @@ def test_malformed_marker_is_damaged_not_a_crash(tmp_path, capsys):
     (tmp_path / "s" / "commits" / "notes.json").write_text("{}")
     problems = open_store(tmp_path / "s").verify()
     assert "epoch 0 records [1024, 1536): damaged (commit marker unreadable)" in [str(p) for p in problems]
-    with pytest.raises(Exception, match=r"epoch 0 records \[1024, 1536\) have a damaged commit marker"):
+    location = re.escape(str(tmp_path / "s"))
+    marker = rf"^{location}: epoch 0 records \[1024, 1536\) have a damaged commit marker; run distill-store verify "
+    with pytest.raises(StoreDamagedError, match=marker):
         open_store(tmp_path / "s").read(0, [1100])
-    with pytest.raises(Exception, match=r"damaged commit markers for \(epoch, shard\) \[\(0, 2\)\]"):
+    markers = rf"^{location}: damaged commit markers for \(epoch, shard\) \[\(0, 2\)\]; run distill-store verify "
+    with pytest.raises(StoreDamagedError, match=markers):
         convert_store(open_store(tmp_path / "s"), tmp_path / "t", "lmdb")
 
 

@@ -34,5 +34,10 @@ class Backend(ABC):
         """Records [start, stop) of a plane as packed rows (into `out` when given);
         raises if they cannot be decoded."""
 
+    def check_shared(self) -> None:  # noqa: B027 (optional hook)
+        """Raise StoreDamagedError naming a damaged file that every record range depends on (an array's
+        metadata, a data file's header): such damage is not a shard's, so `repair` must not drop commits
+        for it. The default: the backend has no such file."""
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release handles (the default holds none)."""

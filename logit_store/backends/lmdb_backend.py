@@ -12,6 +12,8 @@ Before any environment is mapped, data.mdb is checked against its own meta pages
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import struct
 import threading
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import lmdb
 import numpy as np
 
-from ..errors import StoreDamagedError, StoreInputError
+from ..errors import DiskFullError, StoreDamagedError, StoreInputError
 from .base import Backend
 
 MAP_SIZE = 1 << 40  # address space only; the file grows with what is written
@@ -74,6 +76,33 @@ def _meta(page: bytes) -> tuple[int, int, int] | None:
     return txnid, psize, last
 
 
+def full_disk_eio(err: lmdb.Error, directory: str, needed: int) -> DiskFullError | None:
+    """The DiskFullError for lmdb's EIO (`mdb_txn_commit: Input/output error`), which is what lmdb reports
+    when a commit's page writes fail on a full disk, or None. The rule: an EIO while the store's file system
+    has less room left than the commit writes (`needed`) is the full disk; with room enough it is a real
+    I/O error, and stays one."""
+    if os.strerror(errno.EIO) not in str(err):
+        return None
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    # root may write into the blocks the file system reserves: what it has left is f_bfree, not f_bavail
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    if free >= needed:
+        return None
+    return DiskFullError(
+        f"disk full: cannot write {os.path.join(directory, DATA_FILE)} (lmdb reports an I/O error, and its file "
+        f"system has {free} bytes free, fewer than the {needed} this commit writes); free space, then run again"
+    )
+
+
+def commit_bytes(values: list[bytes], page: int) -> int:
+    """What a commit of these values writes at least: each in overflow pages (a 16-byte page header), plus
+    a leaf, a branch and a meta page."""
+    return sum(-(-(len(value) + 16) // page) * page for value in values) + 3 * page
+
+
 @dataclass
 class _Shared:
     """One environment of a path in this process, and how many backends use it."""
@@ -81,6 +110,7 @@ class _Shared:
     env: lmdb.Environment
     readonly: bool
     users: int = 0
+    file: tuple[int, ...] | None = None  # data.mdb as it was when a read-only env mapped it (`_file_stamp`)
 
 
 # lmdb allows one open environment per path and process: share it, counting users.
@@ -98,17 +128,35 @@ def _open(path: str, write: bool) -> lmdb.Environment:
     return lmdb.open(path, map_size=MAP_SIZE, subdir=True, max_dbs=0, readonly=True, lock=False, create=False)
 
 
+def _file_stamp(path: str) -> tuple[int, ...] | None:
+    """What tells one data.mdb from another at `path` (a store replaced there) or from itself written since."""
+    try:
+        st = os.stat(os.path.join(path, DATA_FILE))
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _acquire(path: str, write: bool) -> _Shared:
     """The process's environment of `path`; a read-only one is reopened for writing when a writer asks."""
     key = (os.getpid(), path)
     shared = _OPEN.get(key)
     if shared is None:
-        shared = _OPEN[key] = _Shared(_open(path, write), readonly=not write)
+        shared = _OPEN[key] = _Shared(_open(path, write), readonly=not write, file=_file_stamp(path))
     elif write and shared.readonly:
         shared.env.close()
         shared.env, shared.readonly = _open(path, True), False
     shared.users += 1
     return shared
+
+
+def _follow_file(shared: _Shared, path: str) -> None:
+    """Reopen a read-only environment whose data.mdb changed since it was mapped: a store replaced at the
+    path (its folder removed, another copied in) would otherwise still be read from the deleted file."""
+    now = _file_stamp(path)
+    if shared.readonly and now != shared.file:
+        shared.env.close()
+        shared.env, shared.file = _open(path, False), now
 
 
 def _release(path: str) -> None:
@@ -137,6 +185,8 @@ class LmdbBackend(Backend):
             elif write and self._shared.readonly:
                 _release(path)
                 self._shared = _acquire(path, write)
+            elif not write:
+                _follow_file(self._shared, path)
             return self._shared.env
 
     @property
@@ -155,8 +205,25 @@ class LmdbBackend(Backend):
             (block_key(epoch, (start + i) // size), rows[i : i + size].tobytes()) for i in range(0, len(rows), size)
         ]
         env = self._env(write=True)
-        with _WRITE_LOCK, env.begin(write=True) as txn:
-            txn.cursor().putmulti(items, dupdata=False, overwrite=True)
+        try:
+            with _WRITE_LOCK, env.begin(write=True) as txn:
+                txn.cursor().putmulti(items, dupdata=False, overwrite=True)
+        except lmdb.Error as err:
+            # lmdb's page is the OS page (mdb_env_create); no lmdb call here, on an environment that just failed
+            needed = commit_bytes([value for _, value in items], mmap.PAGESIZE)
+            full = full_disk_eio(err, self.location.path("lmdb"), needed)
+            if full is None:
+                raise
+            raise full from err
+
+    def check_shared(self) -> None:
+        """data.mdb (its meta pages, its length, the file itself) serves every range: it must be whole and open."""
+        path = self.location.path("lmdb")
+        check_data_file(path, must_exist=True)
+        try:
+            self.env  # noqa: B018 (opening it is the check)
+        except (lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.CorruptedError) as err:
+            raise StoreDamagedError(f"{os.path.join(path, DATA_FILE)} cannot be opened: {err}") from err
 
     def read_rows(self, epoch: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Any [start, stop): each block it touches is checked whole (its value's exact length), then cut."""

@@ -62,6 +62,10 @@ class ZarrBackend(Backend):
         except Exception as err:  # zarr raises JSON, KeyError, ValueError and its own errors alike
             raise StoreDamagedError(f"{self.location.path(name, 'zarr.json')} cannot be read: {err}") from err
 
+    def check_shared(self) -> None:
+        """Every field's array metadata (its zarr.json) must read: each serves every range of its field."""
+        self.arrays  # noqa: B018 (opening them is the check: a damaged one raises, naming its file)
+
     @cached_property
     def _delta_values(self) -> bool:
         m = self.manifest
@@ -134,7 +138,11 @@ def _async_fs(fs: AbstractFileSystem) -> AsyncFileSystem:
     gcsfs) as a second instance of the same options, made asynchronous; a synchronous one
     (memory://, sftp://, ...) wrapped, its calls run on threads."""
     if fs.async_impl:
-        return fs if fs.asynchronous else type(fs)(**{**fs.storage_options, "asynchronous": True})
+        if fs.asynchronous:
+            return fs
+        copy = type(fs)(**{**fs.storage_options, "asynchronous": True})
+        copy.retries = getattr(fs, "retries", copy.retries)  # s3fs's tries are an attribute (`StoreLocation` sets it)
+        return copy
     return AsyncFileSystemWrapper(fs, asynchronous=True)
 
 
