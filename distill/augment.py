@@ -1,6 +1,7 @@
-"""Replayable augmentation: the view of (epoch, id) is a pure function of the recipe and seeds.
+"""Replayable augmentation: the view of (epoch, id) is a pure function of the `Augmentation` and seeds.
 
-This module holds the recipe and the draws (numpy only, so recipes validate without torch);
+This module holds the `Augmentation` (what a view is made of: a preset, a YAML file or a recipe's
+`augmentation` mapping) and the draws (numpy only, so it validates without torch);
 `distill.views.ReplayAugment` applies the draws to images.
 
 Every random draw of a view comes from generators seeded with
@@ -27,17 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from logit_store.manifest import recipe_hash
 
 from .errors import RecipeError
+from .files import BadYaml, load_yaml_file
 from .schema import parse_section
 
 INTERPOLATIONS = ("bilinear", "bicubic")
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)  # timm.data's constants (tested equal), without importing timm
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-# The rule that pairs mixing partners; part of a mixing recipe's canonical form (hence of its hash), so a
+# The rule that pairs mixing partners; part of a mixing augmentation's canonical form (hence of its hash), so a
 # store saved under another rule (before: a partner drawn per sample from the whole dataset) is refused.
 PAIRING = "epoch-pairs"
 _PAIRING_STREAM = 0x5041_4952  # "PAIR": the pairing's generator differs from the sampler's [seed, epoch]
@@ -47,7 +48,7 @@ _RAND_AUGMENT = re.compile(r"rand(-(m|n|w|mstd|mmax|inc|p)\d+(\.\d+)?)*")
 
 
 @dataclass(frozen=True)
-class AugRecipe:
+class Augmentation:
     """What a training view is made of. Its canonical form (no output size) is hashed into
     the store manifest; `img_size` is chosen by each consumer."""
 
@@ -93,12 +94,12 @@ class AugRecipe:
     def canonical(self) -> dict[str, Any]:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(asdict(self).items())}
         # RandAugment resamples with `interpolation` unless it is "random"; it used to resample at random
-        # whatever the crop did. The views of such recipes changed, so their hash does too: a store saved
-        # before is refused instead of replayed with other views. Other recipes keep their hash.
+        # whatever the crop did. The views of such augmentations changed, so their hash does too: a store saved
+        # before is refused instead of replayed with other views. Other augmentations keep their hash.
         if self.auto_augment and self.interpolation != "random":
             out["rand_augment_interpolation"] = self.interpolation
         # Partners used to be drawn per sample from the whole dataset; they are now pairs of one permutation
-        # per epoch (`pair_partners`). Mixing recipes name the rule, so their stores saved before are refused.
+        # per epoch (`pair_partners`). Mixing augmentations name the rule, so their stores saved before are refused.
         if self.mixing:
             out["pairing"] = PAIRING
         return out
@@ -106,38 +107,43 @@ class AugRecipe:
     def hash(self) -> str:
         return recipe_hash(self.canonical())
 
+    def manifest_entry(self) -> dict[str, Any]:
+        """The `augmentation` entry of a store manifest: {"recipe": canonical form, "hash": its hash} (the on-disk
+        format's key names, docs/STORE_FORMAT.md)."""
+        return {"recipe": self.canonical(), "hash": self.hash()}
+
     @classmethod
-    def from_dict(cls, data: Any) -> AugRecipe:
+    def from_dict(cls, data: Any) -> Augmentation:
         """Validated fields from plain data; errors name the field (RecipeError)."""
         return parse_section(cls, data, "")
 
 
 # tinyvit: the TinyViT reference's training views (its DATA.INTERPOLATION is bicubic, for the crop and for
 # RandAugment; colour jitter is off under RandAugment); tinyvit-mix adds its ImageNet-1k Mixup/CutMix.
-PRESETS: dict[str, AugRecipe] = {
-    "none": AugRecipe(scale=(1.0, 1.0), ratio=(1.0, 1.0), interpolation="bilinear", hflip=0.0),
-    "basic": AugRecipe(scale=(0.35, 1.0), interpolation="bilinear"),
-    "tinyvit": AugRecipe(interpolation="bicubic", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25),
-    "tinyvit-mix": AugRecipe(
+PRESETS: dict[str, Augmentation] = {
+    "none": Augmentation(scale=(1.0, 1.0), ratio=(1.0, 1.0), interpolation="bilinear", hflip=0.0),
+    "basic": Augmentation(scale=(0.35, 1.0), interpolation="bilinear"),
+    "tinyvit": Augmentation(interpolation="bicubic", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25),
+    "tinyvit-mix": Augmentation(
         interpolation="bicubic", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0
     ),
 }
 
 
-def load_recipe(preset_or_yaml: str | dict[str, Any] | AugRecipe) -> AugRecipe:
-    """A preset name, a YAML file path, or a mapping of AugRecipe fields; a RecipeError names what is wrong."""
-    if isinstance(preset_or_yaml, AugRecipe):
+def load_augmentation(preset_or_yaml: str | dict[str, Any] | Augmentation) -> Augmentation:
+    """A preset name, a YAML file path, or a mapping of Augmentation fields; a RecipeError names what is wrong."""
+    if isinstance(preset_or_yaml, Augmentation):
         return preset_or_yaml
     if isinstance(preset_or_yaml, dict):
-        return AugRecipe.from_dict(preset_or_yaml)
+        return Augmentation.from_dict(preset_or_yaml)
     if preset_or_yaml in PRESETS:
         return PRESETS[preset_or_yaml]
     path = Path(preset_or_yaml)
     if not path.is_file():
         raise RecipeError(f"{preset_or_yaml!r} is neither a preset {sorted(PRESETS)} nor a YAML file")
     try:
-        return AugRecipe.from_dict(yaml.safe_load(path.read_text()) or {})
-    except (RecipeError, yaml.YAMLError) as err:
+        return Augmentation.from_dict(load_yaml_file(path, "an augmentation file") or {})
+    except (RecipeError, BadYaml) as err:
         raise RecipeError(f"{path}: {err}") from None
 
 
@@ -169,19 +175,19 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream])
 
 
-def draw_view(recipe: AugRecipe, seed: int, width: int, height: int) -> ViewParams:
+def draw_view(aug: Augmentation, seed: int, width: int, height: int) -> ViewParams:
     """Draw the view's parameters for a source image of width x height pixels."""
     rng = _rng(seed, 0)
-    crop = _draw_crop(rng, recipe.scale, recipe.ratio, width / height)
-    interp = recipe.interpolation if recipe.interpolation != "random" else ("bilinear", "bicubic")[int(rng.integers(2))]
-    flip = bool(rng.random() < recipe.hflip)
+    crop = _draw_crop(rng, aug.scale, aug.ratio, width / height)
+    interp = aug.interpolation if aug.interpolation != "random" else ("bilinear", "bicubic")[int(rng.integers(2))]
+    flip = bool(rng.random() < aug.hflip)
     jitter = None
-    if recipe.color_jitter > 0:
-        s = recipe.color_jitter
+    if aug.color_jitter > 0:
+        s = aug.color_jitter
         jitter = tuple(float(rng.uniform(max(0.0, 1 - s), 1 + s)) for _ in range(3))
     erase = None
-    if recipe.re_prob > 0 and rng.random() < recipe.re_prob:
-        erase = _draw_box(rng, recipe.re_scale, recipe.re_ratio, 1.0)
+    if aug.re_prob > 0 and rng.random() < aug.re_prob:
+        erase = _draw_box(rng, aug.re_scale, aug.re_ratio, 1.0)
     return ViewParams(crop, interp, flip, jitter, int(rng.integers(2**31)), erase, int(rng.integers(2**31)))
 
 
@@ -225,14 +231,14 @@ def pair_partners(global_seed: int, epoch: int, num_samples: int) -> np.ndarray:
     return partner
 
 
-def draw_mix(recipe: AugRecipe, seed: int, sample_id: int, partner: int) -> MixParams:
+def draw_mix(aug: Augmentation, seed: int, sample_id: int, partner: int) -> MixParams:
     """Lambda (and CutMix box) of a sample mixed with `partner` (from `pair_partners`): functions of its seed
     alone, so any batch size replays them. Unmixed (lambda 1) when the partner is itself."""
     rng = _rng(seed, 1)
-    if not recipe.mixing or partner == sample_id or rng.random() >= recipe.mix_prob:
+    if not aug.mixing or partner == sample_id or rng.random() >= aug.mix_prob:
         return MixParams(sample_id, 1.0)
-    use_cutmix = recipe.cutmix_alpha > 0 and (recipe.mixup_alpha <= 0 or rng.random() < recipe.switch_prob)
-    alpha = recipe.cutmix_alpha if use_cutmix else recipe.mixup_alpha
+    use_cutmix = aug.cutmix_alpha > 0 and (aug.mixup_alpha <= 0 or rng.random() < aug.switch_prob)
+    alpha = aug.cutmix_alpha if use_cutmix else aug.mixup_alpha
     lam = float(rng.beta(alpha, alpha))
     if not use_cutmix:
         return MixParams(partner, lam)
@@ -244,20 +250,14 @@ def draw_mix(recipe: AugRecipe, seed: int, sample_id: int, partner: int) -> MixP
     return MixParams(partner, 1.0 - box[2] * box[3], box)  # lambda follows the clipped box
 
 
-def recipe_manifest_entry(recipe: AugRecipe) -> dict[str, Any]:
-    """The `augmentation` entry of a store manifest."""
-    return {"recipe": recipe.canonical(), "hash": recipe.hash()}
-
-
 __all__ = [
     "PAIRING",
     "PRESETS",
-    "AugRecipe",
+    "Augmentation",
     "MixParams",
     "ViewParams",
     "draw_mix",
     "draw_view",
-    "load_recipe",
+    "load_augmentation",
     "pair_partners",
-    "recipe_manifest_entry",
 ]

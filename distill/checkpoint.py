@@ -9,8 +9,9 @@ nothing is ever overwritten. A run that stopped before its first checkpoint hold
 a corrected recipe starts afresh.
 
 Checkpoints are the toolkit's own files under `checkpoints/step_N`: `model.safetensors`, `state.pt`
-(optimizer, schedule, progress, EMA, the method's state: tensors and plain data, read back with
-`torch.load(weights_only=True)`, so a planted file cannot run code) and `rng_R.pt` per process. They
+(what the Trainer gathers: optimizer, schedule, progress, EMA, the method's state; tensors and plain data,
+read back with `torch.load(weights_only=True)`, so a planted file cannot run code) and `rng_R.pt` per
+process. This module writes and reads the files; the Trainer gathers and restores its parts. They
 are written as `step_N.partial` (each file fsynced) and made visible by one rename, so a kill at any
 moment leaves the previous checkpoint intact. The step checkpoint before the newest is kept too: a newest
 one damaged all the same (an empty or cut-short file) is refused naming the file, and deleting it resumes
@@ -27,11 +28,12 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 import yaml
+from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
@@ -42,17 +44,16 @@ from logit_store.locks import RangeLock
 from teachers.checkpoint import CheckpointError
 
 from .errors import RecipeError
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from .files import BadYaml, load_yaml_file
 
 __all__ = [
     "check_output_dir",
     "extends",
     "keep_last_checkpoint",
-    "load_checkpoint",
     "lock_output_dir",
     "public",
+    "read_checkpoint",
+    "restore_rng",
     "same_run",
     "save_checkpoint",
     "save_weights",
@@ -83,7 +84,7 @@ def check_output_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
     checkpoints = sorted((out / CHECKPOINTS).glob("step_*[0-9]"))
     saved = out / RECIPE_FILE
     if saved.exists() and checkpoints:
-        previous = yaml.safe_load(saved.read_text())
+        previous = saved_recipe(out)
         if not same_run(previous, resolved):
             key = _first_difference(previous, public(resolved))
             raise RecipeError(
@@ -92,6 +93,18 @@ def check_output_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
     elif not saved.exists() and out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise RecipeError(f"output_dir {out} is not empty and holds no run of this toolkit (no {RECIPE_FILE})")
     return checkpoints[-1] if checkpoints else None
+
+
+def saved_recipe(out: Path) -> Any:
+    """The recipe a run wrote to `out` (its RECIPE_FILE, read as any YAML the toolkit reads: bounded plain data),
+    None when there is none; a RecipeError naming the file when it cannot be read."""
+    path = out / RECIPE_FILE
+    if not path.exists():
+        return None
+    try:
+        return load_yaml_file(path, "a run's recipe")
+    except BadYaml as err:
+        raise RecipeError(f"{path}: {err}") from None
 
 
 def public(data: Any) -> Any:
@@ -114,7 +127,7 @@ def same_run(saved: Any, resolved: dict[str, Any]) -> bool:
 
 def extends(out: Path, resolved: dict[str, Any]) -> bool:
     """Whether this recipe continues the finished run in `out`: the same recipe with more epochs."""
-    saved = yaml.safe_load((out / RECIPE_FILE).read_text()) if (out / RECIPE_FILE).exists() else None
+    saved = saved_recipe(out)
     if not isinstance(saved, dict) or not (out / CHECKPOINTS / LAST).is_dir():
         return False
     more = isinstance(saved.get("epochs"), int) and resolved["epochs"] > saved["epochs"]
@@ -170,10 +183,12 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
 # ---- checkpoints -------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(trainer: Trainer, step: int | None = None) -> None:
-    """The run's state into checkpoints/step_N (older step_* removed after), or into checkpoints/best with no
-    step; made visible by one rename, so a kill at any moment leaves the previous one whole."""
-    acc, out = trainer.accelerator, trainer.plan.out
+def save_checkpoint(
+    acc: Accelerator, out: Path, model: nn.Module, state: dict[str, Any], step: int | None = None
+) -> None:
+    """A run's checkpoint into `out`/checkpoints/step_N (older step_* removed after), or checkpoints/best with no
+    step: `model`'s weights, `state` (tensors and plain data: read back weights_only) and each process's RNG
+    state. Made visible by one rename, so a kill at any moment leaves the previous one whole."""
     final = out / CHECKPOINTS / (BEST if step is None else f"step_{step:08d}")
     partial = final.with_name(final.name + ".partial")
     if acc.is_main_process:
@@ -182,8 +197,8 @@ def save_checkpoint(trainer: Trainer, step: int | None = None) -> None:
     acc.wait_for_everyone()
     try:
         if acc.is_main_process:
-            save_weights(acc.unwrap_model(trainer.model), partial / "model.safetensors")
-            write_file(partial / "state.pt", lambda fh: torch.save(_state(trainer), fh))
+            save_weights(model, partial / "model.safetensors")
+            write_file(partial / "state.pt", lambda fh: torch.save(state, fh))
         write_file(partial / f"rng_{acc.process_index}.pt", lambda fh: torch.save(_rng_state(), fh))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # a failed checkpoint (a full disk) leaves no partial files
@@ -201,24 +216,14 @@ def save_checkpoint(trainer: Trainer, step: int | None = None) -> None:
     acc.wait_for_everyone()
 
 
-def load_checkpoint(trainer: Trainer, path: Path) -> None:
-    """Restore what `save_checkpoint` wrote; only tensors and plain data are read (weights_only). Every file is
-    read before anything is restored; one that cannot be (empty, cut short) is a CheckpointError naming it."""
-    acc = trainer.accelerator
+def read_checkpoint(path: Path, acc: Accelerator) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(weights on the CPU, state on this process's device, this process's RNG state) of what `save_checkpoint`
+    wrote; only tensors and plain data are read (weights_only). Every file is read before the caller restores
+    anything; one that cannot be (empty, cut short) is a CheckpointError naming it."""
     weights = _read(path / "model.safetensors", lambda file: load_file(str(file), device="cpu"))
     state = _read(path / "state.pt", lambda file: torch.load(file, map_location=acc.device, weights_only=True))
     rng = _read(path / f"rng_{acc.process_index}.pt", lambda file: torch.load(file, weights_only=True))
-    acc.unwrap_model(trainer.model).load_state_dict(weights)
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    if not trainer.plan.extends:  # an extension runs the schedule made for its new length
-        trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.state.load_state_dict(state["train"])
-    if trainer.ema is not None:
-        trainer.ema.load_state_dict(state["ema"])
-    if acc.scaler is not None:
-        acc.scaler.load_state_dict(state["scaler"])
-    trainer.method.load_state_dict(state["method"])
-    _set_rng_state(rng)
+    return weights, state, rng
 
 
 # What reading a damaged file raises: torch's zip reader (RuntimeError), its pickle reader (EOFError,
@@ -253,18 +258,6 @@ def _way_out(damaged: Path) -> str:
     return "delete that folder to start the run afresh (it is the run's only checkpoint)"
 
 
-def _state(trainer: Trainer) -> dict[str, Any]:
-    acc = trainer.accelerator
-    return {
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
-        "train": trainer.state.state_dict(),
-        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
-        "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-        "method": trainer.method.state_dict(),
-    }
-
-
 def _rng_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
@@ -275,7 +268,8 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any]) -> None:
+    """Set Python's, numpy's, torch's and CUDA's generators as `read_checkpoint`'s RNG state has them."""
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))

@@ -14,19 +14,18 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
+from dataclasses import MISSING, fields
 from typing import Any
-
-import yaml
 
 from logit_store.errors import DistillError, disk_full_named
 from logit_store.location import redact_text
 
 from .errors import RecipeError, paths_named
+from .files import BadYaml, load_yaml_file
 from .recipe import load_recipe_file, parse_recipe
+from .save_config import OPTION_TYPES, SaveConfig
 
-__all__ = ["SaveConfig", "evaluate", "parse_save_config", "save_logits", "train"]
+__all__ = ["evaluate", "parse_save_config", "save_logits", "train"]
 
 TRAIN_DOC = """Train a student by a method recipe: `distill-train RECIPE.yaml [--set key.path=value ...]`.
 
@@ -87,53 +86,6 @@ after the last committed shard.
 """
 
 
-def _option(text: str, default: Any = MISSING) -> Any:
-    return field(default=default, metadata={"help": text if default is MISSING else f"{text} (default: {default})"})
-
-
-@dataclass
-class SaveConfig:
-    """The options of distill-save-logits (command line over `--config FILE.yaml`)."""
-
-    teacher: str = _option("teacher spec: timm:NAME, module:pkg.mod:factory, ensemble:..., open_clip:NAME")
-    data: str = _option("dataset spec: a class-folder PATH, csv:PATH, wds:PATTERN, pairs:PATH, digits")
-    out: str = _option("the store to write: a path or an fsspec URL")
-    epochs: int = _option("epochs of views to save")
-    k: int | None = _option("classes kept per record (logits teachers; a CLIP teacher stores embeddings)", None)
-    backend: str = _option("zarr or lmdb", "zarr")
-    checkpoint: str | None = _option("the teacher's weights (.safetensors, or .pth read with weights_only)", None)
-    aug: str | dict = field(  # a mapping of AugRecipe fields only through --from-recipe or --config
-        default="basic",
-        metadata={"help": "augmentation preset or YAML file: the views students will replay (default: basic)"},
-    )
-    img_size: int = _option("the teacher's input size", 224)
-    batch_size: int = _option("teacher batch (part of the store's identity: a resume must keep it)", 64)
-    workers: int = _option("DataLoader worker processes", 0)
-    seed: int = _option("global seed of the views (a student's recipe must use the same)", 0)
-    skip_unreadable: bool = _option("drop images that cannot be decoded instead of failing", False)
-    fingerprint: str = _option(
-        "dataset fingerprint: content (every image's bytes hashed, cached) or fast (names, sizes, labels only: "
-        "for datasets too large to read once)",
-        "content",
-    )
-    check_replay: int = _option("after saving, recompute this many stored records and compare", 0)
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value, kind = getattr(self, f.name), _TYPES[str(f.type)]
-            if value is not None and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
-                raise RecipeError(f"option '{f.name}' must be {f.type.replace(' | None', '')}, got {value!r}")
-        for name in ("epochs", "k", "img_size", "batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise RecipeError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "check_replay"):  # refused here, before the teacher loads or a store is made
-            if getattr(self, name) < 0:
-                raise RecipeError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
-        if self.fingerprint not in ("content", "fast"):
-            raise RecipeError(f"option 'fingerprint' must be content or fast, got {self.fingerprint!r}")
-
-
-_TYPES = {"str": str, "int": int, "bool": bool, "str | None": str, "int | None": int, "str | dict": (str, dict)}
 _REQUIRED = [f.name for f in fields(SaveConfig) if f.default is MISSING]
 
 
@@ -155,7 +107,7 @@ def parse_save_config(argv: list[str] | None = None) -> SaveConfig:
             parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
         else:
             parser.add_argument(
-                flag, type=_TYPES[str(f.type).replace(" | dict", "")], default=None, help=f.metadata["help"]
+                flag, type=OPTION_TYPES[str(f.type).replace(" | dict", "")], default=None, help=f.metadata["help"]
             )
     args = vars(parser.parse_args(argv))
     config_path, recipe_path = args.pop("config"), args.pop("from_recipe")
@@ -175,8 +127,8 @@ def parse_save_config(argv: list[str] | None = None) -> SaveConfig:
 
 def _read_options(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
+        data = load_yaml_file(path, "a --config file")
+    except BadYaml as err:
         parser.error(f"--config {path}: {err}")
     if not isinstance(data, dict):
         parser.error(f"--config {path}: expected a mapping of options")
@@ -271,6 +223,9 @@ def evaluate(argv: list[str] | None = None) -> int:
 def _guarded(prog: str, source: str | None, run: Callable[[], Any], resumes: str | None = None) -> tuple[bool, Any]:
     """(True, `run()`), or (False, None) after printing an input error as one line. A command that `resumes`
     (where from, in words) answers Ctrl-C with one line saying so and exit code 130 (128 + SIGINT), as shells do."""
+    from logit_store.cli import log_to_stderr  # imported with the run: it loads zarr
+
+    log_to_stderr()  # the store's log lines ("replacing ...") print as plain lines, whatever logging is set up
     try:
         return True, run()
     except DistillError as err:  # credentials of any URL in the message are never printed

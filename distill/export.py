@@ -23,7 +23,8 @@ from torch import nn
 
 from .checkpoint import CHECKPOINTS, RECIPE_FILE, public, save_weights
 from .errors import RecipeError
-from .recipe import MAX_DEPTH, load_recipe_file, nesting_depth
+from .files import MAX_DEPTH, nesting_depth
+from .recipe import load_recipe_file
 from .views import EvalView
 
 __all__ = [

@@ -2,28 +2,39 @@
 
 A method builds its student and turns a batch into losses; the trainer owns everything else
 (data, devices, optimizer, checkpoints), so it never asks which method it runs, and a method
-never asks whether its teacher is live or a store. Hooks with a default may be left alone:
+never asks whether its teacher is live or a store. Hooks with a default may be left alone.
+They are called in this order (each at most once unless said; `tests/test_method_contract.py`
+records a run and checks it), every hook given what it needs as arguments:
 
-    build_student   the student module (default: a timm model by name, optionally from a checkpoint)
-    check_run       refuse, before anything runs, a run the method cannot do (processes, views)
-    check_teacher   refuse, before anything runs, a teacher the loss cannot use
-    training_ids    the sample ids the run trains on (default: all)
-    optimized_module  the part of the student the trainer's optimizer trains (default: all of it)
-    setup           once the run's accelerator, model and optimizer exist
-    state_dict      what it carries between steps, checkpointed with the run (and load_state_dict)
-    loss            the losses of one batch: "loss" is backpropagated, the others are logged
-    after_step      after each optimizer step; returns values to log
-    evaluate        validation metrics, top1/top5 among them
-    finish          on the main process with the final model; entries for the summary
-    result_student  the student a follow-up run (`then`) starts from
+    the plan (`distill.plan.make_plan`), before anything is written:
+      check_run(num_processes, augmentation)   refuse a run the method cannot do (processes, views)
+      check_teacher(teacher)                   refuse a teacher the loss cannot use (None: no teacher)
+      training_ids(train_set, val_set)         the sample ids the run trains on (default: all)
+      build_student(cfg, img_size, teacher)    the student module (default: a timm model by name)
+    the run (`distill.trainer.Trainer`), in every process:
+      optimized_module(student)                the part of the student the trainer's optimizer trains
+      setup(context)                           once the run's model and optimizer exist (`MethodContext`)
+      load_state_dict(state)                   a resumed run only: what `state_dict` returned
+      per optimizer step: loss(student, batch, teacher) once per micro-batch, then after_step(student, batch)
+      evaluate(model, data, batch_size, accelerator)   at the end of each epoch that evaluates
+      state_dict()                             at every checkpoint (after the evaluation at an epoch's end)
+    the end, on the main process:
+      finish(model, output_dir)                entries for the summary
+      result_student(output_dir, summary)      the student a follow-up run (`then`) starts from
+
+What a hook learns of the run comes in its arguments or the `MethodContext` of `setup`, never from
+an earlier hook's side effect. A method may keep what it derives of its own student in
+`build_student` (`tokenizer`, a config): `distill-eval` calls `build_student` then `evaluate`.
+docs/methods/README.md holds the contract with a complete minimal method.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import timm
@@ -36,21 +47,53 @@ from logit_store.registry import import_path
 from teachers import Teacher
 from teachers.checkpoint import load_checkpoint
 
-from .augment import AugRecipe
+from .augment import Augmentation
 from .data import ImageDataset
 from .errors import RecipeError
 from .evaluate import classification_accuracy
 from .loader import ReplayDataset
 from .recipe import MethodSpec, Recipe, StudentConfig, method_config, to_dict
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+__all__ = ["Method", "MethodContext", "create_method"]
 
-__all__ = ["Method", "create_method"]
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may use of its run, handed to `setup` once the model and optimizer exist; nothing else of
+    the trainer is a method's to touch. The trainer owns the loop, the schedule, EMA and checkpoints: a method's
+    own state goes into checkpoints through `state_dict`.
+
+    accelerator   the run's Accelerator (device, process index, mixed precision, unwrap_model)
+    model         the prepared student as `loss` receives it (wrapped in several processes)
+    param_groups  the trainer's optimizer's parameter groups as they are now (the schedule sets their "lr" every
+                  step; a resume replaces the list, so it is asked for each time, not kept)
+    teacher       the run's teacher (None: none), as `loss` receives it
+    train_data    data.train's views: `train_data[(view_epoch(epoch), id)]`; `train_data.images` is data.train
+    train_ids     the ids the run trains on (what `training_ids` returned)
+    val_data      data.val's evaluation views (`val_data.augment` is the evaluation transform)
+    view_epoch    the epoch of views (and stored teacher outputs) that training epoch `epoch` replays
+    global_step   optimizer steps done so far: in `loss` the step being computed is global_step() + 1, in
+                  `after_step` it counts the step just taken
+    epoch         the training epoch under way (from 0)
+    log           a line for the run's log (printed and in train.log, main process)
+    """
+
+    accelerator: Accelerator
+    model: nn.Module
+    param_groups: Callable[[], list[dict[str, Any]]]
+    teacher: Teacher | None
+    train_data: ReplayDataset
+    train_ids: np.ndarray
+    val_data: ReplayDataset
+    view_epoch: Callable[[int], int]
+    global_step: Callable[[], int]
+    epoch: Callable[[], int]
+    log: Callable[[str], None]
 
 
 class Method:
-    """Base class of a method (see the module docstring); `self.cfg` is the recipe's parsed `loss` section.
+    """Base class of a method: its hooks and their order are in the module docstring; `self.cfg` is the recipe's
+    parsed `loss` section, `self.recipe` the whole recipe, `self.num_classes` the classes the student outputs.
 
     A method that trains on captions sets `tokenizer` in `build_student`; the trainer then adds each
     sample's caption tokens to the batch as "text".
@@ -61,8 +104,9 @@ class Method:
     def __init__(self, recipe: Recipe, spec: MethodSpec, cfg: Any, num_classes: int) -> None:
         self.recipe, self.spec, self.cfg, self.num_classes = recipe, spec, cfg, num_classes
 
-    def build_student(self, cfg: StudentConfig, img_size: int) -> nn.Module:
-        """A timm model by name (any registered one, at any input size), optionally from a checkpoint."""
+    def build_student(self, cfg: StudentConfig, img_size: int, teacher: Teacher | None) -> nn.Module:
+        """A timm model by name (any registered one, at any input size), optionally from a checkpoint. `teacher`
+        is the checked teacher of the run (None without one, and in `distill-eval`), for checks of the pair."""
         kwargs = {"num_classes": self.num_classes} | cfg.kwargs
         try:
             model = timm.create_model(cfg.model, **kwargs)
@@ -82,11 +126,12 @@ class Method:
             load_checkpoint(model, cfg.checkpoint, what=f"student.model {cfg.model}")
         return model
 
-    def check_run(self, num_processes: int, augmentation: AugRecipe) -> None:
+    def check_run(self, num_processes: int, augmentation: Augmentation) -> None:
         """Refuse, before anything runs, a run this method cannot do: on this many processes, with these views."""
 
     def check_teacher(self, teacher: Teacher | None) -> None:
-        """Refuse, before training, a teacher this method's loss cannot use (e.g. a store for feature losses)."""
+        """Refuse, before training, a teacher this method's loss cannot use (e.g. a store for feature losses);
+        None when the recipe has no teacher."""
 
     def training_ids(self, train_set: ImageDataset, val_set: ImageDataset) -> np.ndarray:
         """The ids of data.train the run trains on, in id order."""
@@ -101,8 +146,10 @@ class Method:
         """
         return student
 
-    def setup(self, trainer: Trainer) -> None:
-        """Called once the run's accelerator, model, optimizer and scheduler exist, before a resume is loaded."""
+    def setup(self, context: MethodContext) -> None:
+        """Called once the run's accelerator, model, optimizer and scheduler exist, before a resume is loaded
+        (`load_state_dict`): build what the method carries (its own optimizer, held-out batches); keep `context`
+        to read the run's progress later."""
 
     def loss(
         self, student: nn.Module, batch: dict[str, torch.Tensor], teacher: Teacher | None

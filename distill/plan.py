@@ -25,7 +25,7 @@ from torch import nn
 from logit_store.pin import make_pin, pin_reads
 from teachers import Teacher, create_teacher
 
-from .augment import AugRecipe, load_recipe, recipe_manifest_entry
+from .augment import Augmentation, load_augmentation
 from .checkpoint import LAST, OutputDirLock, check_output_dir, lock_output_dir
 from .data import ImageDataset, create_dataset
 from .errors import RecipeError
@@ -44,7 +44,7 @@ class Plan:
     recipe: Recipe
     out: Path
     resume_from: Path | None
-    augmentation: AugRecipe
+    augmentation: Augmentation
     train_set: ImageDataset
     val_set: ImageDataset
     train_ids: np.ndarray
@@ -94,7 +94,7 @@ def _make_plan(
             f"{num_processes} process(es) x grad_accum {recipe.grad_accum}"
         )
     set_seed(recipe.seed)
-    augmentation = load_recipe(recipe.augmentation)
+    augmentation = load_augmentation(recipe.augmentation)
     if augmentation.mixing and recipe.batch_size % 2:
         raise RecipeError(
             f"batch_size: {recipe.batch_size} is odd, but the augmentation mixes views in pairs (Mixup/CutMix "
@@ -109,11 +109,11 @@ def _make_plan(
     method = create_method(recipe, num_classes(train_set, val_set))
     method.check_run(num_processes, augmentation)
     with torch.random.fork_rng(devices=[]):  # a live teacher's init must not shift the student's
-        teacher = build_teacher(recipe, method, train_set, recipe_manifest_entry(augmentation), device)
+        teacher = build_teacher(recipe, method, train_set, augmentation.manifest_entry(), device)
     train_ids = method.training_ids(train_set, val_set)
     if len(train_ids) < recipe.batch_size:
         raise RecipeError(f"batch_size: {recipe.batch_size} is larger than the {len(train_ids)} training samples")
-    student = method.build_student(recipe.student, recipe.data.img_size) if build_student else None
+    student = method.build_student(recipe.student, recipe.data.img_size, teacher) if build_student else None
     if student is not None and method.tokenizer is not None and not train_set.has_captions:
         raise RecipeError(f"data.train: method {recipe.method!r} trains on captions; {recipe.data.train} has none")
     train_data = ReplayDataset(
@@ -132,7 +132,7 @@ def num_classes(train_set: ImageDataset, val_set: ImageDataset) -> int:
     return train_set.num_classes or val_set.num_classes
 
 
-def eval_view(recipe: Recipe, augmentation: AugRecipe) -> EvalView:
+def eval_view(recipe: Recipe, augmentation: Augmentation) -> EvalView:
     """The run's evaluation transform (`EvalConfig`): recipe.eval's crop_pct and interpolation, else the
     student's timm defaults, else timm's (0.875, bicubic); normalised as the training views are."""
     try:
@@ -150,6 +150,7 @@ def build_teacher(
     """The recipe's teacher (a store or a live model), checked against the method and the data."""
     source = recipe.teacher.source
     if not source:
+        method.check_teacher(None)
         return None
     teacher = create_teacher(source, method.num_classes or None, recipe.teacher.checkpoint, device)
     if teacher.outputs != method.spec.outputs:

@@ -13,22 +13,18 @@ A recipe may name follow-up runs under `then`; each one trains the previous run'
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from logit_store.registry import Registry
 
-from .augment import load_recipe
+from .augment import load_augmentation
 from .errors import RecipeError
-from .files import read_regular_file
+from .files import BadYaml, load_yaml_file, load_yaml_text
 from .schema import parse_section, to_dict
 
 __all__ = [
@@ -166,7 +162,7 @@ class Recipe:
     batch_size: int  # images per optimizer step, summed over processes and accumulation steps
     output_dir: str
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    augmentation: str | dict[str, Any] = "basic"  # preset, YAML file, or AugRecipe fields
+    augmentation: str | dict[str, Any] = "basic"  # preset, YAML file, or Augmentation fields
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EmaConfig | None = None  # with EMA, the EMA weights are the run's result
@@ -200,7 +196,7 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
     recipe = parse_section(Recipe, raw, "")
     method_config(recipe)
     try:
-        load_recipe(recipe.augmentation)
+        load_augmentation(recipe.augmentation)
     except RecipeError as err:
         raise RecipeError(f"augmentation: {err}") from None
     for run in follow_ups(recipe):
@@ -281,103 +277,6 @@ def _positive(obj: Any, name: str, prefix: str = "") -> None:
 # ---- files and overrides ---------------------------------------------------------------------------------
 
 
-# Aliases may repeat a section (`zero_shot: *zero_shot`), but every value they add to the document counts: a
-# "billion laughs" of nested aliases loads in microseconds as shared objects, then takes minutes and gigabytes
-# once anything walks or copies it. Nesting is capped as well, so that nothing walking a recipe recurses too deep.
-MAX_ALIAS_VALUES = 10_000  # values (scalars and collections) all aliases of one document may add
-MAX_DEPTH = 32  # levels of nested collections in a recipe (the published ones use 6)
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """A SafeLoader (plain data only) within MAX_ALIAS_VALUES; no alias inside its own anchor (a cycle).
-    YAML 1.1 reads `3e-4` as a string (its floats need a dot); recipes mean a number."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._alias_values = 0
-        self._open: set[str] = set()  # anchors of collections being composed
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            if event.anchor in self._open:  # a cycle: anything walking the data would never end
-                problem = f"alias *{event.anchor} inside its own anchor"
-                raise yaml.composer.ComposerError(None, None, problem, event.start_mark)
-            if event.anchor in self.anchors:
-                self._alias_values += _values(self.anchors[event.anchor], {})
-                if self._alias_values > MAX_ALIAS_VALUES:
-                    problem = f"aliases add more than {MAX_ALIAS_VALUES} values (an alias bomb?); write them out"
-                    raise yaml.composer.ComposerError(None, None, problem, event.start_mark)
-        return super().compose_node(parent, index)
-
-    def compose_sequence_node(self, anchor: str | None) -> yaml.SequenceNode:
-        with self._composing(anchor):
-            return super().compose_sequence_node(anchor)
-
-    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
-        with self._composing(anchor):
-            return super().compose_mapping_node(anchor)
-
-    @contextlib.contextmanager
-    def _composing(self, anchor: str | None) -> Iterator[None]:
-        if anchor is not None:
-            self._open.add(anchor)
-        try:
-            yield
-        finally:
-            self._open.discard(anchor)
-
-
-def _values(node: yaml.Node, seen: dict[int, int]) -> int:
-    """The values `node` stands for once its aliases are expanded (itself included); `seen` memoises shared
-    nodes, so this costs one visit per distinct node."""
-    if id(node) not in seen:
-        children = node.value if isinstance(node, yaml.SequenceNode) else []
-        if isinstance(node, yaml.MappingNode):
-            children = [part for pair in node.value for part in pair]
-        seen[id(node)] = 1 + sum(_values(child, seen) for child in children)
-    return seen[id(node)]
-
-
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.[\d_]+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def _load_yaml(text: str) -> Any:
-    """Plain data within MAX_ALIAS_VALUES and MAX_DEPTH; any problem is a yaml.YAMLError."""
-    try:
-        data = yaml.load(text, Loader=_RecipeLoader)
-    except RecursionError:  # the composer recurses per level: deep enough, it runs out of stack
-        raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels") from None
-    if nesting_depth(data) > MAX_DEPTH:
-        raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels")
-    return data
-
-
-def nesting_depth(data: Any) -> int:
-    """Levels of nested lists and mappings in `data` (0 for a scalar), walked without recursion."""
-    deepest, stack = 0, [(data, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict | list):
-            deepest = max(deepest, depth + 1)
-            if depth < MAX_DEPTH:  # deeper than that is refused: no need to walk on
-                stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
-    return deepest
-
-
-def yaml_problem(err: yaml.YAMLError) -> str:
-    """A YAML error on one line: what is wrong and where (PyYAML's own text spans several)."""
-    if not isinstance(err, yaml.MarkedYAMLError):
-        return str(err)
-    mark = err.problem_mark or err.context_mark
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-    return f"{err.context + ': ' if err.context else ''}{err.problem}{where}"
-
-
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`key.path=value` pairs over a recipe mapping; values are parsed as YAML (`lr=3e-4`, `ema=null`)."""
     for item in overrides:
@@ -394,30 +293,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise RecipeError(f"--set {item!r}: {'.'.join(parents[: i + 1])} is not a mapping")
             node = child
         try:
-            node[leaf] = _load_yaml(raw) if raw else ""
-        except yaml.YAMLError as err:  # `[unclosed`, a `!!python/object` tag, an alias bomb
+            node[leaf] = load_yaml_text(raw) if raw else ""
+        except BadYaml as err:  # `[unclosed`, a `!!python/object` tag, an alias bomb
             raise RecipeError(
-                f"--set {item!r}: expected a YAML value (a number, a string, [a, list], {{a: mapping}}, null): "
-                f"{yaml_problem(err)}"
+                f"--set {item!r}: expected a YAML value (a number, a string, [a, list], {{a: mapping}}, null): {err}"
             ) from None
     return data
-
-
-MAX_RECIPE_BYTES = 1 << 20  # the largest recipe read: recipes are a few KiB; /dev/zero would fill memory
 
 
 def load_recipe_file(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     """The recipe mapping of a YAML file with `--set` overrides applied (validated by the trainer).
 
-    Only a regular file of at most MAX_RECIPE_BYTES is read: a FIFO would hang, /dev/zero never end."""
+    Read by `load_yaml_file`: a regular file of at most MAX_YAML_BYTES (a FIFO would hang, /dev/zero never end)
+    within its alias and depth caps."""
     try:
-        data = _load_yaml(read_regular_file(path, MAX_RECIPE_BYTES, "a recipe").decode("utf-8"))
-    except OSError as err:
-        raise RecipeError(f"recipe {path}: cannot read: {err}") from None
-    except UnicodeDecodeError as err:
-        raise RecipeError(f"recipe {path}: not UTF-8 text ({err})") from None
-    except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {path}: not valid YAML: {yaml_problem(err)}") from None
+        data = load_yaml_file(path, "a recipe")
+    except BadYaml as err:
+        raise RecipeError(f"recipe {path}: {err}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path}: expected a mapping of sections, got {type(data).__name__}")
     return apply_overrides(data, list(overrides))

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import PartialState
 
-from .checkpoint import RECIPE_FILE, SUMMARY_FILE, same_run
+from .checkpoint import RECIPE_FILE, SUMMARY_FILE, same_run, saved_recipe
 from .errors import RecipeError
 from .plan import Plan, make_plan
 from .recipe import Recipe, follow_ups, parse_recipe, parse_section, to_dict
@@ -69,7 +68,7 @@ def _finished_summary(run: Recipe) -> dict[str, Any] | None:
     out = Path(run.output_dir)
     if not (out / SUMMARY_FILE).exists() or not (out / RECIPE_FILE).exists():
         return None
-    if not same_run(yaml.safe_load((out / RECIPE_FILE).read_text()), to_dict(run)):
+    if not same_run(saved_recipe(out), to_dict(run)):
         return None  # another recipe's run: the plan refuses it, naming the key
     return json.loads((out / SUMMARY_FILE).read_text())
 

@@ -22,12 +22,12 @@ from logit_store import Embeddings, LogitStore, Manifest, StoreDamagedError, Sto
 from logit_store.sparse import sparsify
 from teachers import Teacher, create_teacher
 
-from .augment import load_recipe, recipe_manifest_entry
+from .augment import Augmentation, load_augmentation
 from .checkpoint import public
-from .cli import SaveConfig
 from .data import CAPTION_SPEC_FORMS, ImageDataset, create_dataset
 from .errors import RecipeError
 from .loader import ReplayDataset, ShardBatchSampler, replay_loader
+from .save_config import SaveConfig
 from .views import MIX_KEYS, ReplayAugment, mix_batch
 
 __all__ = ["build_manifest", "check_replay", "run"]
@@ -37,8 +37,7 @@ def build_manifest(
     cfg: SaveConfig,
     dataset: ImageDataset,
     teacher: Teacher,
-    recipe_entry: dict[str, Any],
-    mixing: bool,
+    augmentation: Augmentation,
 ) -> Manifest:
     if teacher.outputs == "embeddings":
         if teacher.store is not None:
@@ -49,7 +48,7 @@ def build_manifest(
             raise StoreError(
                 f"--data {cfg.data}: a CLIP teacher needs image-caption data ({', '.join(CAPTION_SPEC_FORMS)})"
             )
-        if mixing:
+        if augmentation.mixing:
             raise StoreError(f"--aug {cfg.aug}: mixes images, but a mixed image has no caption of its own")
         shape = {"kind": "embeddings", "embed_dim": teacher.embed_dim, "num_classes": 0, "k": 0}
     else:
@@ -64,13 +63,46 @@ def build_manifest(
         **shape,
         epochs=cfg.epochs,
         backend=cfg.backend,
-        mixing=mixing,
+        mixing=augmentation.mixing,
         global_seed=cfg.seed,
         # Batches are part of the teacher's numerics: a resume with another batch size is refused.
         teacher=teacher.describe() | {"img_size": cfg.img_size, "batch_size": cfg.batch_size},
         dataset=public(dataset.describe(cfg.fingerprint)),  # a spec may be a URL: no credentials in it
-        augmentation=recipe_entry,
+        augmentation=augmentation.manifest_entry(),
     )
+
+
+def my_shards(shards: list[int], state: PartialState) -> list[int]:
+    """This process's part of a plane's pending shards: every num_processes-th, from its index."""
+    return [s for s in shards if s % state.num_processes == state.process_index]
+
+
+def records_of(manifest: Manifest, shards: list[int]) -> int:
+    """The records the shards hold (the last shard of a plane may be short)."""
+    return sum(stop - start for start, stop in map(manifest.shard_range, shards))
+
+
+class PlaneProgress:
+    """The bar's count of one plane (an epoch, or the text plane) that several processes save, each its own
+    shards, the bar shown by the main process only: this process has saved `done` of its `mine` records and the
+    plane's pending ones number `total`. The others are taken to progress alike, so the bar shows
+    `done * total // mine`. Invariant: the bar never passes the plane's `total` and ends it at exactly `total`,
+    each record counted once, whatever the shares (a process may hold one shard more than another, and the
+    last shard may be short); a process with no shard of the plane counts it done at once."""
+
+    def __init__(self, bar: tqdm, total: int, mine: int) -> None:
+        self.bar, self.total, self.mine, self.done, self.shown = bar, total, mine, 0, 0
+        if mine == 0:
+            self._show(total)
+
+    def add(self, records: int) -> None:
+        """This process has saved `records` more of its own."""
+        self.done += records
+        self._show(self.total if self.done >= self.mine else self.done * self.total // self.mine)
+
+    def _show(self, count: int) -> None:
+        self.bar.update(count - self.shown)
+        self.shown = count
 
 
 def save_epoch(
@@ -85,7 +117,8 @@ def save_epoch(
 ) -> None:
     """Compute and commit this process's pending shards of one epoch."""
     m = store.manifest
-    mine = [s for s in pending if s % state.num_processes == state.process_index]
+    mine = my_shards(pending, state)
+    share = PlaneProgress(progress, records_of(m, pending), records_of(m, mine))
     if not mine:
         return
     sampler = ShardBatchSampler(epoch, [m.shard_range(s) for s in mine], cfg.batch_size)
@@ -107,7 +140,7 @@ def save_epoch(
                 )
                 records = sparse.to_records(m.num_classes, seeds, **mixing)
                 writer.write(ids, records, labels=batch["label"].numpy(), kl=sparse.kl.cpu().numpy())
-            progress.update(len(ids) * state.num_processes)  # the others progress alike
+            share.add(len(ids))
 
 
 def save_text_plane(
@@ -119,18 +152,19 @@ def save_text_plane(
     progress: tqdm,
 ) -> None:
     """Compute and commit this process's pending shards of the text plane: one embedding per caption."""
-    m, plane = store.manifest, store.text_plane
-    mine = [s for s in store.pending_shards(plane) if s % state.num_processes == state.process_index]
+    m, pending = store.manifest, store.pending_shards(store.text_plane)
+    mine = my_shards(pending, state)
+    share = PlaneProgress(progress, records_of(m, pending), records_of(m, mine))
     if not mine:
         return
-    with store.writer(plane, mine) as writer:
+    with store.writer(store.text_plane, mine) as writer:
         for start, stop in map(m.shard_range, mine):
             for first in range(start, stop, cfg.batch_size):
                 ids = np.arange(first, min(first + cfg.batch_size, stop))
                 tokens = teacher.tokenize([dataset.caption(int(i)) for i in ids]).to(state.device)
                 embedding = teacher.text_embeddings(tokens).cpu().numpy().astype(np.float16)
                 writer.write(ids, Embeddings(embedding, np.zeros(len(ids), np.uint32)))
-                progress.update(len(ids) * state.num_processes)
+                share.add(len(ids))
 
 
 def check_replay(
@@ -196,20 +230,20 @@ def run(cfg: SaveConfig) -> LogitStore:
         cfg.teacher, num_classes=dataset.num_classes or None, checkpoint=cfg.checkpoint, device=state.device
     )
     try:
-        recipe = load_recipe(cfg.aug)
+        augmentation = load_augmentation(cfg.aug)
     except RecipeError as err:
         raise RecipeError(f"--aug: {err}") from None
-    manifest = build_manifest(cfg, dataset, teacher, recipe_manifest_entry(recipe), recipe.mixing)
+    manifest = build_manifest(cfg, dataset, teacher, augmentation)
     if state.is_main_process:
         create_store(cfg.out, manifest)
     state.wait_for_everyone()
     store = create_store(cfg.out, manifest)
     check_committed(store)
-    data = ReplayDataset(dataset, ReplayAugment(recipe, cfg.img_size, cfg.seed))
+    data = ReplayDataset(dataset, ReplayAugment(augmentation, cfg.img_size, cfg.seed))
 
     pending = {epoch: store.pending_shards(epoch) for epoch in range(manifest.planes)}
     done = manifest.planes * manifest.num_shards - sum(map(len, pending.values()))
-    total = sum(stop - start for shards in pending.values() for start, stop in map(manifest.shard_range, shards))
+    total = sum(records_of(manifest, shards) for shards in pending.values())
     if state.is_main_process and done:
         print(f"resuming {store.location}: {done} shard(s) already committed", file=sys.stderr)
     started = time.perf_counter()

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from teachers import create_teacher
 from teachers.checkpoint import load_checkpoint
 
-from .augment import load_recipe
+from .augment import load_augmentation
 from .data import create_dataset
 from .errors import RecipeError
 from .evaluate import teacher_accuracy
@@ -62,10 +62,10 @@ def score_run(
         raise RecipeError(f"--data: {spec} has {val_set.num_classes} classes, the student outputs {outputs}")
     # Built as the run built it, less its initial weights (they may not be on this machine), then the run's:
     # the whole module's state (a TinyCLIP run's masks with its CLIP model, for one).
-    student = method.build_student(offline_student(recipe.student, weights), recipe.data.img_size)
+    student = method.build_student(offline_student(recipe.student, weights), recipe.data.img_size, None)
     load_checkpoint(student, weights, what=f"the student of {target} ({recipe.student.model})")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    views = ReplayDataset(val_set, eval_view(recipe, load_recipe(recipe.augmentation)))
+    views = ReplayDataset(val_set, eval_view(recipe, load_augmentation(recipe.augmentation)))
     size = batch_size or recipe.eval.batch_size
     result = {"weights": str(weights), "data": spec, "images": len(val_set)}
     result |= method.evaluate(student.to(accelerator.device).eval(), views, size, accelerator)

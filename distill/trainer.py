@@ -5,8 +5,10 @@ parallel; `batch_size` is the global batch, so the steps are the same for any pr
 A run in an `output_dir` that holds its checkpoints resumes exactly where it stopped. Outputs:
 `model.safetensors`, `summary.json`, `metrics.csv`, TensorBoard logs, `training_curves.png`.
 
-Methods take part through hooks (`distill.method`): `setup` once the model and optimizer
-exist, `loss` for every batch, `after_step` after every optimizer step, `evaluate`, `finish`.
+Methods take part through hooks (`distill.method`, in the order documented there): `setup` with a
+`MethodContext` once the model and optimizer exist, `loss` for every batch, `after_step` after every
+optimizer step, `evaluate`, `finish`. The trainer gathers and restores its own checkpoints (`save`, `load`);
+`distill.checkpoint` writes and reads the files.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,9 +35,10 @@ from logit_store.locks import RangeLock
 from .checkpoint import (
     SUMMARY_FILE,
     keep_last_checkpoint,
-    load_checkpoint,
     lock_output_dir,
     public,
+    read_checkpoint,
+    restore_rng,
     save_checkpoint,
     write_file,
     write_recipe,
@@ -43,6 +47,7 @@ from .errors import DivergedError
 from .evaluate import teacher_accuracy
 from .export import export_model
 from .loader import TrainBatchSampler, replay_loader
+from .method import MethodContext
 from .plan import STORE_PIN, Plan
 from .plots import plot_training_curves
 from .recipe import Recipe, to_dict
@@ -141,13 +146,13 @@ class Trainer:
                 write_file(self.plan.out / STORE_PIN, lambda fh: fh.write(pin))
         self.model, self.optimizer = acc.prepare(self.plan.student, optimizer)
         self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=recipe.ema.decay) if recipe.ema else None
-        self.method.setup(self)
+        self.method.setup(self.method_context())
         self.banner()
         if self.plan.extends and acc.is_main_process:  # the finished run's summary stays, under its epochs
             previous = json.loads((self.plan.out / SUMMARY_FILE).read_text())
             (self.plan.out / SUMMARY_FILE).rename(self.plan.out / f"summary.epochs_{previous['epochs']}.json")
         if self.plan.resume_from:
-            load_checkpoint(self, self.plan.resume_from)
+            self.load(self.plan.resume_from)
             self.scheduler.step_update(self.state.global_step)  # (an extension's new schedule, where it stands)
             what = "extending" if self.plan.extends else "resuming"
             self.log(f"{what} from {self.plan.resume_from} (epoch {self.state.epoch}, step {self.state.global_step})")
@@ -160,6 +165,16 @@ class Trainer:
         acc.init_trackers(
             "tensorboard", config=_flat(public(to_dict(recipe))), init_kwargs=purge
         )  # no step logged twice
+
+    def method_context(self) -> MethodContext:
+        """What the method may use of this run (`MethodContext`): progress read-only, through callables."""
+        plan, state = self.plan, self.state
+        return MethodContext(
+            accelerator=self.accelerator, model=self.model, param_groups=lambda: self.optimizer.param_groups,
+            teacher=self.teacher, train_data=plan.train_data, train_ids=plan.train_ids, val_data=plan.val_data,
+            view_epoch=plan.view_epoch, global_step=lambda: state.global_step, epoch=lambda: state.epoch,
+            log=self.log,
+        )  # fmt: skip
 
     def teacher_top1(self) -> float | None:
         """A live teacher that classifies the data's classes, scored once on the evaluation views (for the
@@ -281,7 +296,40 @@ class Trainer:
     def checkpoint(self) -> None:
         self.check_finite(self.accelerator.unwrap_model(self.model))  # a checkpoint never holds a diverged run
         self.state.wall_seconds = self.wall_before + time.perf_counter() - self.started
-        save_checkpoint(self, self.state.global_step)
+        self.save(self.state.global_step)
+
+    def save(self, step: int | None = None) -> None:
+        """The run into checkpoints/step_N, or checkpoints/best with no step (`distill.checkpoint`)."""
+        acc = self.accelerator
+        save_checkpoint(acc, self.plan.out, acc.unwrap_model(self.model), self.state_dict(), step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's state beside the weights and RNG: tensors and plain data only (read back weights_only)."""
+        acc = self.accelerator
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "train": self.state.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "method": self.method.state_dict(),
+        }
+
+    def load(self, path: Path) -> None:
+        """Restore the run `save` wrote into `path`; every file is read before anything is restored."""
+        acc = self.accelerator
+        weights, state, rng = read_checkpoint(path, acc)
+        acc.unwrap_model(self.model).load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.plan.extends:  # an extension runs the schedule made for its new length
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.state.load_state_dict(state["train"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if acc.scaler is not None:
+            acc.scaler.load_state_dict(state["scaler"])
+        self.method.load_state_dict(state["method"])
+        restore_rng(rng)
 
     def watch_loss(self, loss: torch.Tensor) -> None:
         """Remember the first step whose loss is not finite. Kept on the device (no sync per step) and checked
@@ -336,7 +384,7 @@ class Trainer:
         self.log(f"epoch {state.epoch}: " + ", ".join(f"val {k} {v:.4g}" for k, v in metrics.items()))
         if metrics["top1"] > state.best_top1:
             state.best_top1, state.best_epoch = metrics["top1"], state.epoch
-            save_checkpoint(self)  # checkpoints/best: weights and state, to fine-tune or compare
+            self.save()  # checkpoints/best: weights and state, to fine-tune or compare
         return metrics
 
     # ---- the end -------------------------------------------------------------------------------------------

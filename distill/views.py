@@ -1,7 +1,7 @@
 """Views from draws: `ReplayAugment` applies the parameters drawn in `distill.augment` to an image;
 `EvalView` is the evaluation transform.
 
-The same (recipe, global seed, epoch, id) always gives the same tensor, whoever computes it:
+The same (augmentation, global seed, epoch, id) always gives the same tensor, whoever computes it:
 the teacher that saved a store, any student replaying it, at any batch size or worker count.
 Evaluation views draw nothing: they depend on the image alone, and are never stored.
 
@@ -27,7 +27,7 @@ from torchvision.transforms import InterpolationMode
 
 from logit_store import record_seeds
 
-from .augment import AugRecipe, MixParams, ViewParams, draw_mix, draw_view, pair_partners
+from .augment import Augmentation, MixParams, ViewParams, draw_mix, draw_view, pair_partners
 
 __all__ = ["MIX_KEYS", "EvalView", "ReplayAugment", "mix_batch"]
 
@@ -51,15 +51,15 @@ def _seeded_global_rngs(seed: int) -> Iterator[None]:
 class ReplayAugment:
     """Turns (image loader, sample id, epoch) into the replayed view tensor at `img_size`."""
 
-    def __init__(self, recipe: AugRecipe, img_size: int, global_seed: int = 0) -> None:
-        self.recipe, self.img_size, self.global_seed = recipe, img_size, global_seed
+    def __init__(self, augmentation: Augmentation, img_size: int, global_seed: int = 0) -> None:
+        self.augmentation, self.img_size, self.global_seed = augmentation, img_size, global_seed
         self.rand_augment = None
-        if recipe.auto_augment:
-            fill = tuple(round(255 * m) for m in recipe.mean)
+        if augmentation.auto_augment:
+            fill = tuple(round(255 * m) for m in augmentation.mean)
             hparams: dict[str, object] = {"img_mean": fill, "translate_pct": 0.45}
-            if recipe.interpolation != "random":  # else timm's own: bilinear or bicubic at random, per op
-                hparams["interpolation"] = _RESAMPLING[recipe.interpolation]
-            self.rand_augment = rand_augment_transform(recipe.auto_augment, hparams)
+            if augmentation.interpolation != "random":  # else timm's own: bilinear or bicubic at random, per op
+                hparams["interpolation"] = _RESAMPLING[augmentation.interpolation]
+            self.rand_augment = rand_augment_transform(augmentation.auto_augment, hparams)
 
     def seed(self, epoch: int, sample_id: int) -> int:
         return int(record_seeds(self.global_seed, epoch, np.array([sample_id]))[0])
@@ -80,14 +80,14 @@ class ReplayAugment:
         if self.rand_augment is not None:
             with _seeded_global_rngs(params.augment_seed):
                 img = self.rand_augment(img)
-        x = TF.normalize(TF.pil_to_tensor(img).float().div_(255), self.recipe.mean, self.recipe.std)
+        x = TF.normalize(TF.pil_to_tensor(img).float().div_(255), self.augmentation.mean, self.augmentation.std)
         if params.erase is not None:
             x = _erase(x, params.erase, params.noise_seed)
         return x
 
     def partners(self, epoch: int, num_samples: int) -> np.ndarray | None:
-        """Every id's mixing partner in `epoch` (`pair_partners`); None when the recipe does not mix."""
-        return pair_partners(self.global_seed, epoch, num_samples) if self.recipe.mixing else None
+        """Every id's mixing partner in `epoch` (`pair_partners`); None when the augmentation does not mix."""
+        return pair_partners(self.global_seed, epoch, num_samples) if self.augmentation.mixing else None
 
     def __call__(
         self, load: Callable[[int], Image.Image], sample_id: int, epoch: int, num_samples: int
@@ -95,10 +95,10 @@ class ReplayAugment:
         """The (unmixed) view of `sample_id` in `epoch`, and how `mix_batch` mixes it with its partner's."""
         seed = self.seed(epoch, sample_id)
         image = load(sample_id)
-        x = self.view(image, draw_view(self.recipe, seed, *image.size))
+        x = self.view(image, draw_view(self.augmentation, seed, *image.size))
         partners = self.partners(epoch, num_samples)
         partner = sample_id if partners is None else int(partners[sample_id])
-        return x, draw_mix(self.recipe, seed, sample_id, partner)
+        return x, draw_mix(self.augmentation, seed, sample_id, partner)
 
 
 class EvalView:

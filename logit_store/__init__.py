@@ -2,10 +2,15 @@
 
 Format: docs/STORE_FORMAT.md. numpy, zarr and lmdb only; the torch helpers for
 sparsifying and rebuilding live in `logit_store.sparse`.
+
+Modules, each importing only those below it: `errors`; `registry`, `location`, `locks`, `records`, `codec`;
+`manifest`; `backends` (by entry point); `commits`, `statistics`; `cache`, `writer`, `integrity`; `store`
+(LogitStore); `api` (open, create, convert); `pin`; `cli`. `logit_store.testing` is the back-end contract
+suite (it needs pytest; nothing else imports it).
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__ as __version__
+from .api import convert_store, create_store, open_store
 from .errors import (
     DiskFullError,
     DistillError,
@@ -18,9 +23,11 @@ from .errors import (
     StoreInputError,
     StoreLockedError,
 )
+from .integrity import Problem
 from .manifest import FORMAT_VERSION, KINDS, Manifest, recipe_hash
 from .records import Embeddings, Records, record_seeds
-from .store import LogitStore, Problem, ShardWriter, convert_store, create_store, open_store
+from .store import LogitStore
+from .writer import ShardWriter
 
 __all__ = [
     "FORMAT_VERSION",

@@ -28,19 +28,33 @@ import mmap
 import os
 import tempfile
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from .backends.base import Backend
 from .errors import DISK_FULL_ERRNOS, DiskFullError, StoreError
-
-if TYPE_CHECKING:
-    from .store import LogitStore
+from .location import StoreLocation
+from .manifest import Manifest
 
 STAMP_BYTES = 16
 DEFAULT_CACHE_BYTES = 256 << 20  # private decoded rows per reader, unless LOGIT_STORE_CACHE_BYTES says otherwise
 CACHE_BYTES_ENV = "LOGIT_STORE_CACHE_BYTES"
 _PIECE_SHARE = 4  # a shared plane decodes in pieces of at most 1/4 of the budget
+
+
+class ShardSource(Protocol):
+    """What a plane needs of its store (`LogitStore` is one): this module imports no store."""
+
+    location: StoreLocation
+    manifest: Manifest
+    backend: Backend
+
+    def marker(self, epoch: int, shard: int) -> dict[str, Any]: ...
+    def read_shard(
+        self, epoch: int, shard: int, marker: dict[str, Any] | None = None, out: np.ndarray | None = None,
+        piece: int | None = None,
+    ) -> np.ndarray: ...  # fmt: skip
 
 
 def default_cache_bytes() -> int:
@@ -74,7 +88,7 @@ def marker_stamp(marker: dict[str, Any]) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=STAMP_BYTES).digest()
 
 
-def store_key(store: LogitStore) -> str:
+def store_key(store: ShardSource) -> str:
     """Names a store's shared files: its location and manifest (identity and creation time),
     so a store rebuilt at the same path never meets the files of its predecessor."""
     m = store.manifest
@@ -85,7 +99,7 @@ def store_key(store: LogitStore) -> str:
 class MemoryPlane:
     """All rows of one plane in process memory, filled shard by shard as reads need them."""
 
-    def __init__(self, store: LogitStore, epoch: int) -> None:
+    def __init__(self, store: ShardSource, epoch: int) -> None:
         self.store, self.epoch = store, epoch
         m = store.manifest
         self.rows = np.zeros(m.num_samples, dtype=store.backend.row_dtype)
@@ -121,7 +135,7 @@ class SharedPlane:
     shared flock on the file while it uses it; the last one to let go deletes it.
     """
 
-    def __init__(self, store: LogitStore, epoch: int, directory: str, piece_records: int) -> None:
+    def __init__(self, store: ShardSource, epoch: int, directory: str, piece_records: int) -> None:
         self.store, self.epoch, self.piece_records = store, epoch, piece_records
         m = store.manifest
         dtype = store.backend.row_dtype
@@ -163,7 +177,7 @@ class SharedPlane:
     def _fill(self, shard: int, wait: bool) -> bool:
         """Fill one shard under its stamp's lock unless its stamp is current; False if the lock
         is held elsewhere and not `wait`."""
-        marker = self.store._marker(self.epoch, shard)
+        marker = self.store.marker(self.epoch, shard)
         stamp = np.frombuffer(marker_stamp(marker), dtype=np.uint8)
         where = self._stamps_at + shard * STAMP_BYTES
         try:
@@ -236,7 +250,7 @@ class PlaneCache:
     locks are the parent's).
     """
 
-    def __init__(self, store: LogitStore, epochs: int, cache_bytes: int, cache_dir: str | None) -> None:
+    def __init__(self, store: ShardSource, epochs: int, cache_bytes: int, cache_dir: str | None) -> None:
         if epochs < 1 or cache_bytes < 1:
             raise StoreError(f"a reader needs cache_epochs >= 1 and cache_bytes >= 1, got {epochs}, {cache_bytes}")
         self.store, self.epochs, self.cache_bytes = store, epochs, cache_bytes

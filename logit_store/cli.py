@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any
 
+from .api import convert_store, open_store
 from .backends import BACKENDS
 from .errors import DistillError
 from .location import StoreLocation
-from .store import LogitStore, convert_store, open_store, plane_name
+from .manifest import plane_name
+from .store import LogitStore
 
 
 def _fmt(value: Any) -> str:
@@ -19,7 +22,8 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    info = open_store(args.store).info()
+    with open_store(args.store, read_only=True) as store:
+        info = store.info()
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
@@ -52,8 +56,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    store = open_store(args.store)
-    problems = store.verify()
+    with open_store(args.store, read_only=True) as store:
+        problems = store.verify()
     for problem in problems:
         print(f"{store.location}: {problem}")
     m = store.manifest
@@ -98,7 +102,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    src = open_store(args.src)
+    src = open_store(args.src, read_only=True)
     local = StoreLocation(args.dst).is_local  # lmdb stores are local only
     other = "lmdb" if src.manifest.backend == "zarr" and local else "zarr"
     backend = args.backend or (src.manifest.backend if args.upgrade else other)
@@ -140,8 +144,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.Handler):
+    """The library's log messages (`logit_store.api`'s "replacing ...") as plain lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+_STDERR = _Stderr()
+
+
+def log_to_stderr() -> None:
+    """Print the library's log messages as plain lines on stderr (once, however often called): what a
+    command-line tool does, the library itself only logs (`logging.getLogger("logit_store")`)."""
+    library = logging.getLogger("logit_store")
+    if _STDERR not in library.handlers:
+        library.addHandler(_STDERR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log_to_stderr()
     try:
         return args.func(args)
     except DistillError as err:

@@ -5,6 +5,11 @@ a teacher spec, a checkpoint file or a store that cannot be used. Every package 
 errors from it, and the command-line tools catch exactly it: an input error is one line and
 exit code 2, anything else (a bug) is a traceback. It lives here because the store is the
 package every other one imports and that imports none of them.
+
+An error that is also an operating-system failure (a full disk, an object store out of reach) derives from
+OSError too, as Python's own `io.UnsupportedOperation` does: a caller's `except OSError` sees it. Code that
+translates raw OSErrors into errors of this toolkit must therefore let a `DistillError` pass first (it is
+named already).
 """
 
 import errno
@@ -50,12 +55,12 @@ class StoreChangedError(StoreError):
     running training. Names the store and the plane."""
 
 
-class StoreAccessError(StoreError):
+class StoreAccessError(StoreError, OSError):
     """An object store that cannot be reached, refuses the credentials or lacks the bucket: the location's
     fault, not the bytes'. Names the location (credentials redacted)."""
 
 
-class DiskFullError(DistillError):
+class DiskFullError(DistillError, OSError):
     """A write failed because the file system is full (ENOSPC) or over quota; names the path."""
 
 

@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 
 import fsspec
 
-from .errors import StoreAccessError, StoreError, disk_full_named
+from .errors import DistillError, StoreAccessError, StoreError, disk_full_named
 
 # user@ or user:password@, the password up to the first @ even where it holds a '/' (as secret keys do).
 _CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/@:\s]*:[^@\s]*?|[^/@\s]*)@")
@@ -136,6 +136,8 @@ class StoreLocation:
         read it as absent. Local errors pass.)"""
         try:
             yield
+        except DistillError:  # named already (an inner `reaching`'s StoreAccessError is an OSError too)
+            raise
         except Exception as err:
             remote = isinstance(err, OSError) or type(err).__module__.split(".")[0] in _CLIENT_PACKAGES
             if self.is_local or not remote or (isinstance(err, FileNotFoundError) and not absent_is_error):

@@ -1,4 +1,8 @@
-"""The manifest: what a store holds and where it came from (docs/STORE_FORMAT.md)."""
+"""The manifest: what a store holds and where it came from (docs/STORE_FORMAT.md).
+
+A manifest checks its own fields; the back-end's name it leaves to `logit_store.backends.create_backend`,
+the one check of that name (it lists the installed back-ends, entry points included).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import ManifestMismatchError, StoreInputError
+from ._version import __version__
+from .errors import ManifestMismatchError, StoreError, StoreInputError
+from .location import StoreLocation
 from .records import CODED_VERSION, field_dtypes
 
+MANIFEST_KEY = "manifest.json"
 FORMAT_VERSION = 3
 # A version-1 manifest is a logits manifest without `kind` and `embed_dim`; versions 1-2
 # keep float16 logits, version 3 coded ones (records.field_dtypes).
@@ -104,8 +111,6 @@ class Manifest:
         if not self.created_at:
             self.created_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         if not self.toolkit_version:
-            from . import __version__
-
             self.toolkit_version = __version__
 
     def _check(self) -> None:
@@ -113,10 +118,8 @@ class Manifest:
             raise StoreInputError(
                 f"manifest: format_version {self.format_version} is not supported (this toolkit reads {READABLE_VERSIONS})"
             )
-        from .backends import BACKENDS  # (the back-ends import this module)
-
-        if self.backend not in BACKENDS:
-            raise StoreInputError(f"manifest: backend '{self.backend}' is not one of {BACKENDS.names()}")
+        if not isinstance(self.backend, str) or not self.backend:  # its name is `create_backend`'s to check
+            raise StoreInputError(f"manifest: 'backend' must be a back-end's name, got {self.backend!r}")
         if self.kind not in KINDS:
             raise StoreInputError(f"manifest: kind '{self.kind}' is not one of {KINDS}")
         if self.kind != "logits" and self.format_version < 2:
@@ -224,3 +227,35 @@ def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[path] = value
     return out
+
+
+def read_manifest(location: StoreLocation) -> Manifest:
+    """The manifest of the store at `location`; StoreError naming the file if there is none or it is not one."""
+    try:
+        raw = location.read_bytes(MANIFEST_KEY)
+    except FileNotFoundError:
+        raise StoreError(f"{location} is not a logit store: it has no {MANIFEST_KEY}") from None
+    try:
+        data = json.loads(raw)
+    except ValueError as err:
+        raise StoreError(f"{location}/{MANIFEST_KEY} is not valid JSON: {err}") from None
+    return Manifest.from_dict(data, source=f"{location}/{MANIFEST_KEY}")
+
+
+def a_kind(kind: str) -> str:
+    """'a logits', 'an embeddings': how messages name a store's kind."""
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+def plane_name(manifest: Manifest, plane: int) -> str:
+    """'epoch E', or 'text plane' for an embeddings store's text plane: how messages name a plane."""
+    return "text plane" if manifest.kind == "embeddings" and plane == manifest.epochs else f"epoch {plane}"
+
+
+def old_version_message(where: str, version: int) -> str:
+    """Why a version-1/2 logits store is not written, and the command that converts it."""
+    return (
+        f"{where} is a format-version-{version} logits store: this toolkit reads it as it is but writes "
+        f"version {FORMAT_VERSION} only; to add to it, convert it first: "
+        f"distill-store convert {where} NEW_STORE --upgrade"
+    )

@@ -7,7 +7,7 @@ given to a reader (`pin_reads`) is checked as the reader goes on:
 
 - each time a plane is loaded into the reader's cache, the manifest and that plane's commits are read again
   and compared with the pin (`LogitStore.read`);
-- each shard then decoded into the plane must have the marker that comparison found (`LogitStore._marker`),
+- each shard then decoded into the plane must have the marker that comparison found (`LogitStore.marker`),
   so a store replaced in the middle of a plane is caught at its next shard.
 
 A mismatch is a StoreChangedError naming the store and the plane. Rows decoded before were checked against
@@ -23,7 +23,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import StoreChangedError
-from .store import LogitStore, _read_manifest, plane_name
+from .manifest import plane_name, read_manifest
+from .store import LogitStore
 
 __all__ = ["PinnedReads", "commits_digest", "make_pin", "pin_reads"]
 
@@ -60,7 +61,7 @@ class PinnedReads:
         pinned = self.pin["planes"].get(str(plane))
         if pinned is None:  # a plane the pin does not cover
             return
-        identity = json.loads(json.dumps(_read_manifest(store.location).identity()))
+        identity = json.loads(json.dumps(read_manifest(store.location).identity()))
         fields = _differing(self.pin["manifest"], identity)
         if fields:
             raise _changed(store, plane, "its manifest differs in " + ", ".join(fields))

@@ -5,8 +5,8 @@ time it is asked for, so listing names never imports torch, zarr or open_clip. A
 also read a group of Python entry points (`pyproject.toml`'s `[project.entry-points.GROUP]`),
 which is how other installed packages add entries.
 
-    BACKENDS = Registry("store back-end", StoreInputError)
-    BACKENDS.register("zarr", "logit_store.backends.zarr_backend:ZarrBackend")
+    BACKENDS = Registry("store back-end", StoreInputError, group="logit_store.backends")
+    BACKENDS.register("zarr", "logit_store.backends.zarr_backend:ZarrBackend")  # or from the group
     BACKENDS.get("zarr")       # imports the module on first use
     BACKENDS.names("z*")       # ['zarr']
 

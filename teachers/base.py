@@ -26,6 +26,8 @@ class Teacher(ABC):
 
     `store` is the logit store a teacher replays, None for a live model: a replayed teacher answers
     by (epoch, ids) and ignores the images, and holds `store.manifest.epochs` epochs of views.
+    `model` is the one live module behind a live teacher (for methods that hook into it), None for a store
+    or an ensemble; `context_length` the caption tokens a live CLIP teacher reads, None otherwise.
     """
 
     spec: str
@@ -34,6 +36,8 @@ class Teacher(ABC):
     embed_dim: int = 0
     weights_sha256: str | None = None
     store: LogitStore | None = None
+    model: torch.nn.Module | None = None
+    context_length: int | None = None
 
     def logits(self, images: torch.Tensor, epoch: int | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
         """[B, num_classes] float32 logits for a batch of views."""

@@ -8,10 +8,12 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from types import FrameType
 
 import pytest
+import torch
 import yaml
-from train_helpers import ROOT, SCRIPTS, env_for, small_digits
+from train_helpers import ROOT, SCRIPTS, base_recipe, env_for, small_digits
 
 from distill.errors import DatasetError, RecipeError
 from logit_store.errors import DistillError, StoreError
@@ -48,15 +50,137 @@ def test_packages_import_only_the_floors_below(package):
         assert ours <= MAY_IMPORT[package] | {package}, f"{path.relative_to(ROOT)} imports {ours - MAY_IMPORT[package]}"
 
 
-def test_one_training_loop():
-    """Only the Trainer steps an optimizer over data batches: no method or program has a loop of its own."""
-    steppers = []
-    for package in MAY_IMPORT:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            text = path.read_text()
-            if ".backward(" in text and "optimizer.step()" in text:
-                steppers.append(str(path.relative_to(ROOT)))
-    assert steppers == ["distill/trainer.py"]
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(packages: list[str]) -> dict[str, list[str]]:
+    """Module -> the modules of `packages` it imports: every import statement, at any depth (functions, TYPE_CHECKING
+    blocks), relative ones resolved; `from P import N` is an edge to module P.N when there is one, else to P."""
+    files = {module_name(path): path for package in packages for path in sorted((ROOT / package).rglob("*.py"))}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, *([node.module] if node.module else [])])
+                targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names}
+        graph[name] = sorted(t for t in targets if t in files and t != name)
+    return graph
+
+
+def import_cycles(graph: dict[str, list[str]]) -> list[list[str]]:
+    """A cycle through each back edge of a depth-first search: none means the graph has no cycle."""
+    cycles: list[list[str]] = []
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = "open"
+        stack.append(node)
+        for target in graph[node]:
+            if state.get(target) == "open":
+                cycles.append([*stack[stack.index(target) :], target])
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[node] = "done"
+
+    for node in graph:
+        if node not in state:
+            visit(node)
+    return cycles
+
+
+def test_import_cycle_search_finds_a_cycle():
+    graph = {"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}
+    assert import_cycles(graph) == [["a", "b", "c", "a"]] and import_cycles({"a": ["b"], "b": []}) == []
+
+
+@pytest.mark.parametrize("package", ["distill", "logit_store"])
+def test_no_import_cycles_inside_a_package(package):
+    """No module of the package imports, at any depth or only for type checking, one that imports it back."""
+    graph = import_graph([package])
+    assert len(graph) > 10 and any(graph.values())  # the walk found the modules and their imports
+    cycles = import_cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+# The toolkit's own code, where a call stack is walked for its callers (the environment's packages are not).
+TOOLKIT = set(MAY_IMPORT)
+
+
+def toolkit_frames(frame: FrameType | None) -> list[tuple[str, str]]:
+    """(file relative to the repository, function) of each frame of the toolkit's code, innermost first."""
+    frames = []
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if path.is_relative_to(ROOT) and path.relative_to(ROOT).parts[0] in TOOLKIT:
+            frames.append((path.relative_to(ROOT).as_posix(), frame.f_code.co_name))
+        frame = frame.f_back
+    return frames
+
+
+def run_recording_updates(recipe: dict) -> tuple[dict, list[tuple[str, list[tuple[str, str]]]]]:
+    """Run `recipe` in this process; its summary and every backward pass and optimizer step (any optimizer) taken,
+    as ("backward" or the optimizer's class, the toolkit frames it was called from)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from distill.run import run_recipe
+
+    calls = []
+    real_backward = torch.autograd.backward
+
+    def backward(*args, **kwargs):
+        calls.append(("backward", toolkit_frames(sys._getframe(1))))
+        return real_backward(*args, **kwargs)
+
+    def step(optimizer, args, kwargs):
+        calls.append((type(optimizer).__name__, toolkit_frames(sys._getframe(1))))
+
+    handle = register_optimizer_step_pre_hook(step)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.autograd, "backward", backward)  # what Tensor.backward and accelerate's call
+            (summary,) = run_recipe(recipe)
+    finally:
+        handle.remove()
+    return summary, calls
+
+
+LOOP = ("distill/trainer.py", "_fit")  # the one training loop
+TRAIN_STEP = ("distill/trainer.py", "train_step")
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_one_training_loop(tmp_path):
+    """Every backward pass and optimizer step of a run is taken inside the Trainer's loop: the trainer's own, from
+    its train_step, once per step; a method's own optimizer (Cream's meta network) only from a hook the loop calls."""
+    data = small_digits(tmp_path)
+    supervised = base_recipe(data, tmp_path / "supervised", epochs=1, batch_size=32)
+    summary, calls = run_recording_updates(supervised)
+    assert summary["steps"] == 5
+    assert [(what, frames[0]) for what, frames in calls] == [("backward", TRAIN_STEP), ("AdamW", TRAIN_STEP)] * 5
+    cream = base_recipe(
+        data, tmp_path / "cream", "cream", epochs=1, batch_size=16, student={"model": "cream_supernet",
+        "kwargs": {"tiny": True}}, loss={"flops_budget": 3.5, "board_size": 32, "board_start_epoch": 0,
+        "meta_update_every": 2, "heldout_every": 5, "heldout_batch_size": 16},
+    )  # fmt: skip
+    summary, calls = run_recording_updates(cream)
+    assert summary["steps"] == 8 and summary["meta_updates"] > 0
+    assert all(LOOP in frames for _, frames in calls)  # all of them inside the loop
+    trainer = [what for what, frames in calls if frames[0] == TRAIN_STEP]
+    assert trainer == ["backward", "AdamW"] * 8
+    own = [(what, frames[0]) for what, frames in calls if frames[0] != TRAIN_STEP]
+    assert own == [("Adam", ("recipes/cream/board.py", "meta_update"))] * summary["meta_updates"]
+    assert all(("recipes/cream/method.py", "loss") in frames for what, frames in calls if what == "Adam")
 
 
 def test_every_input_error_derives_from_one_root():

@@ -9,8 +9,8 @@ import pytest
 from store_helpers import manifest, write_epoch
 from train_helpers import SCRIPTS, base_recipe, make_method
 
-from distill.cli import SaveConfig
 from distill.recipe import RecipeError, StudentConfig
+from distill.save_config import SaveConfig
 from logit_store import create_store
 
 
@@ -32,7 +32,7 @@ def test_store_info_into_a_closed_pipe_exits_quietly(tmp_path):
 
 def test_an_unknown_student_suggests_timm_names():
     with pytest.raises(RecipeError, match=r"student\.model: Unknown model \(resnt18\); did you mean resnet18"):
-        make_method("supervised").build_student(StudentConfig("resnt18"), 32)
+        make_method("supervised").build_student(StudentConfig("resnt18"), 32, None)
 
 
 def test_an_unknown_tracker_is_named(tmp_path):

@@ -17,15 +17,16 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from train_helpers import ROOT, env_for, make_method
 
-from distill.augment import PRESETS, load_recipe
-from distill.cli import SaveConfig
+from distill.augment import PRESETS, load_augmentation
 from distill.cli import save_logits as save_main
-from distill.data import DIGIT_NAMES, create_dataset
+from distill.data import create_dataset
+from distill.data_digits import DIGIT_NAMES
 from distill.evaluate import zero_shot_classifier
 from distill.loader import ReplayDataset, collate
 from distill.recipe import RecipeError, StudentConfig
 from distill.run import run_recipe
 from distill.save import run as save_run
+from distill.save_config import SaveConfig
 from distill.views import ReplayAugment
 from logit_store import open_store
 from teachers import TeacherError, create_teacher
@@ -55,7 +56,7 @@ def env(tmp_path_factory):
 def tinyclip_student(**loss):
     method = make_method("tinyclip", {"zero_shot": ZERO_SHOT} | loss)
     torch.manual_seed(1)
-    return method, method.build_student(StudentConfig(model="TinyCLIP-test"), 32)
+    return method, method.build_student(StudentConfig(model="TinyCLIP-test"), 32, None)
 
 
 def batch_of(method, ids, epoch=0):
@@ -207,7 +208,7 @@ def test_recipe_inheritance_copies_the_teachers_leading_slices(env):
 def test_zero_shot_evaluation_matches_a_direct_computation():
     method, student = tinyclip_student()
     val = create_dataset("digits-captions", "val")
-    plain = ReplayAugment(load_recipe("none"), 32, 0)
+    plain = ReplayAugment(load_augmentation("none"), 32, 0)
     metrics = method.evaluate(student, ReplayDataset(val, plain), 64, Accelerator(cpu=True))
     with torch.no_grad():
         classifier = zero_shot_classifier(student, method.tokenizer, DIGIT_NAMES, ZERO_SHOT["templates"])

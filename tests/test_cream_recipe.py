@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from store_helpers import manifest, write_epoch
 from train_helpers import make_method, run_cli, small_digits, write_recipe
 
-from distill.augment import PRESETS, recipe_manifest_entry
+from distill.augment import PRESETS
 from distill.data import create_dataset
 from distill.recipe import RecipeError
 from distill.run import run_recipe
@@ -48,7 +48,7 @@ def store(data):
     train_set = create_dataset(data["train"])
     m = manifest(
         num_samples=len(train_set), num_classes=NUM_CLASSES, k=3, epochs=2, global_seed=0,
-        dataset={"fingerprint": train_set.fingerprint()}, augmentation=recipe_manifest_entry(PRESETS["basic"]),
+        dataset={"fingerprint": train_set.fingerprint()}, augmentation=PRESETS["basic"].manifest_entry(),
     )  # fmt: skip
     out = data["root"] / "outer.zarr"
     created = create_store(str(out), m)
@@ -168,18 +168,21 @@ class _Memorizer(nn.Module):
 
 
 def _cream(model: nn.Module, board: PrioritizedBoard, heldout, epoch: int = 0, **loss):
-    """The Cream method in the state its `setup` leaves it, on a stand-in trainer at `epoch`, step 0."""
+    """The Cream method in the state its `setup` leaves it, on a stand-in context at `epoch`, step 0 (the
+    context's `step` list holds the global step)."""
     method = make_method("cream", {"flops_budget": 10.0, "board_start_epoch": 0} | loss, epochs=2)
     method.config, method.img_size, method.device = SupernetConfig.tiny(), 32, torch.device("cpu")
-    method.weights = method._sampling_weights()
+    method.weights = method._sampling_weights(method.config)
     method.heldout, method.flops = heldout, lambda path: 1
     method._heldout_batch = lambda update: heldout  # the held-out stream: this batch every time
     method.meta = MetaMatchingNetwork(NUM_CLASSES)
     method.meta_images = heldout[0][:4]
     method.meta_optimizer = torch.optim.Adam(method.meta.parameters())
     method.search = SearchState(0, board)
-    state = SimpleNamespace(epoch=epoch, global_step=0)
-    method.trainer = SimpleNamespace(state=state, optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
+    step, optimizer = [0], torch.optim.SGD(model.parameters(), lr=0.01)
+    method.context = SimpleNamespace(
+        step=step, global_step=lambda: step[0], epoch=lambda: epoch, param_groups=lambda: optimizer.param_groups
+    )
     return method
 
 
@@ -253,7 +256,7 @@ def test_step_mixes_the_board_teacher_meta_update_and_store_kd():
     assert method.choose_teacher(model, method.path)[0] in board.entries and 0 < losses["m"] < 1
     assert teacher.calls == [(1, [7, 3, 9, 1])]  # the store is read at the batch's (epoch, ids)
     assert losses["store_kd"] >= np.log(NUM_CLASSES) - 1e-5  # soft CE against a uniform store distribution
-    method.trainer.state.global_step = 1
+    method.context.step[0] = 1
     method.loss(model, batch, teacher)
     assert method.search.meta_updates == 1  # every 2 steps: not on step 1
 
@@ -316,12 +319,14 @@ def test_outer_store_is_checked_naming_the_field(data, store, tmp_path, change, 
 def test_heldout_split_is_disjoint_and_deterministic(data):
     train_set, val_set = create_dataset(data["train"]), create_dataset(data["val"])
     method = make_method("cream", {"flops_budget": 1.0, "heldout_every": 5, "board_start_epoch": 0})
-    train_ids = method.training_ids(train_set, val_set)
-    assert method.heldout_set is train_set and set(train_ids).isdisjoint(method.heldout_ids)
-    assert list(method.heldout_ids) == list(range(0, 160, 5)) and len(train_ids) == 128
+    train_ids, heldout_set, heldout_ids = method.split(train_set, val_set)
+    assert list(method.training_ids(train_set, val_set)) == list(train_ids)
+    assert heldout_set is train_set and set(train_ids).isdisjoint(heldout_ids)
+    assert list(heldout_ids) == list(range(0, 160, 5)) and len(train_ids) == 128
     method = make_method("cream", {"flops_budget": 1.0, "heldout": "val", "board_start_epoch": 0})
-    train_ids = method.training_ids(train_set, val_set)
-    assert method.heldout_set is val_set and len(train_ids) == 160 and len(method.heldout_ids) == 60
+    train_ids, heldout_set, heldout_ids = method.split(train_set, val_set)
+    assert list(method.training_ids(train_set, val_set)) == list(train_ids)
+    assert heldout_set is val_set and len(train_ids) == 160 and len(heldout_ids) == 60
 
 
 def test_retrain_store_is_checked_before_the_search(data, store, tmp_path):
@@ -353,8 +358,7 @@ def test_a_run_killed_during_its_retraining_resumes_the_retraining(data, tmp_pat
 def test_paths_are_drawn_with_the_reference_prior_by_default():
     def weights(**loss):
         method = make_method("cream", {"flops_budget": 1.0, "board_start_epoch": 0} | loss)
-        method.config = SupernetConfig.tiny()
-        return method._sampling_weights()
+        return method._sampling_weights(SupernetConfig.tiny())
 
     # The reference's PRE_PROB, for k3e4, k3e6, k5e4, k5e6, k7e4, k7e6 at every layer.
     assert weights().tolist() == [0.05, 0.2, 0.05, 0.5, 0.05, 0.15]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from tar_helpers import add_member, write_shard
 
-from distill import data
+from distill import data, data_digits, data_files
 from distill.data import DatasetError, create_dataset
 
 # Folder layout used by several tests: (relative path, colour); listed in id order.
@@ -101,7 +101,7 @@ def test_digits_builds_once_with_a_fixed_split(digits_cache, monkeypatch):
     )
 
     # a second create_dataset reuses the cache: building again would fail here
-    monkeypatch.setattr(data, "_write_digits", lambda folder: pytest.fail("digits were rebuilt"))
+    monkeypatch.setattr(data_digits, "_write_digits", lambda folder: pytest.fail("digits were rebuilt"))
     again = create_dataset("digits", cache_dir=str(digits_cache))
     assert again.fingerprint() == train.fingerprint()
     assert train.fingerprint() != val.fingerprint()
@@ -141,7 +141,7 @@ def fake_digits(folder, per_split=1):
 
 def test_digits_cache_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "env-cache"))
-    monkeypatch.setattr(data, "_write_digits", fake_digits)
+    monkeypatch.setattr(data_digits, "_write_digits", fake_digits)
     ds = create_dataset("digits", split="val")
     assert (tmp_path / "env-cache" / "digits" / "val" / "0" / "0000.png").is_file()
     assert len(ds) == 1
@@ -154,7 +154,7 @@ def test_digits_lost_race_uses_the_winners_copy(tmp_path, monkeypatch):
         fake_digits(folder, per_split=1)
         fake_digits(tmp_path / "digits", per_split=3)  # the other process finishes first
 
-    monkeypatch.setattr(data, "_write_digits", write_and_lose)
+    monkeypatch.setattr(data_digits, "_write_digits", write_and_lose)
     ds = create_dataset("digits", cache_dir=str(tmp_path))
     assert len(ds) == 3  # theirs
     assert sorted(os.listdir(tmp_path)) == ["digits"]  # our temporary copy was removed
@@ -557,7 +557,7 @@ def test_content_fingerprint_sees_swapped_images_and_caches_the_bytes_hashes(tmp
     fast, content = first.fingerprint(), first.fingerprint("content")
     assert first.describe("content")["fingerprint_mode"] == "content" and fast != content
     # The same bytes again: the cache answers, no image is read.
-    monkeypatch.setattr(data.FolderDataset, "_read_bytes", lambda self, i: pytest.fail("read an image"))
+    monkeypatch.setattr(data_files.FolderDataset, "_read_bytes", lambda self, i: pytest.fail("read an image"))
     assert create_dataset(str(root)).fingerprint("content") == content
     monkeypatch.undo()
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from train_helpers import ROOT, env_for
 
-from distill.data import prepare_digits
+from distill.data_digits import prepare_digits
 from logit_store import open_store
 
 TEACHERS = ("resnet18", "resnet26", "resnet34")  # the ensemble members of tools/demo_semisup.py

@@ -12,17 +12,11 @@ import torch
 from PIL import Image
 from tar_helpers import write_shard
 
-from distill.augment import AugRecipe
-from distill.data import (
-    DIGIT_CAPTION_TEMPLATE,
-    DIGIT_NAMES,
-    NO_LABEL,
-    DatasetError,
-    PairsDataset,
-    TarDataset,
-    create_dataset,
-    digit_caption,
-)
+from distill.augment import Augmentation
+from distill.data import NO_LABEL, DatasetError, create_dataset
+from distill.data_digits import DIGIT_CAPTION_TEMPLATE, DIGIT_NAMES, digit_caption
+from distill.data_files import PairsDataset
+from distill.data_tar import TarDataset
 from distill.loader import ReplayDataset
 from distill.views import ReplayAugment
 
@@ -334,7 +328,7 @@ def test_replay_of_an_image_text_dataset(tmp_path):
         rows.append([f"c/{k}.png", f"noise number {k}"])
     pairs = create_dataset(f"pairs:{write_table(root / 'pairs.csv', rows)}")
     folder = create_dataset(str(root))
-    augment = ReplayAugment(AugRecipe(color_jitter=0.4, re_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0), 16, 7)
+    augment = ReplayAugment(Augmentation(color_jitter=0.4, re_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0), 16, 7)
     replay, reference = ReplayDataset(pairs, augment), ReplayDataset(folder, augment)
     items = [replay[(3, i)] for i in (4, 0, 5)]
     for item in items:

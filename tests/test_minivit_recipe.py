@@ -13,8 +13,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 from train_helpers import ROOT, make_method, run_cli, small_digits
 
-from distill.augment import PRESETS
-from distill.augment import load_recipe as load_aug
+from distill.augment import PRESETS, load_augmentation
 from distill.data import create_dataset
 from distill.loader import ReplayDataset, collate
 from distill.method import create_method
@@ -28,7 +27,7 @@ from recipes.minivit import MiniVitLoss
 from recipes.minivit.method import MiniVit, deit_kl_prediction, soft_ce_prediction
 from recipes.minivit.relations import reference_layer_pairs
 from students.minivit import tiny_deit_kwargs, tiny_deit_teacher
-from teachers import create_teacher
+from teachers import Teacher, create_teacher
 from teachers.checkpoint import load_checkpoint
 from teachers.live import ModelTeacher
 from teachers.store_teacher import StoreTeacher
@@ -59,8 +58,8 @@ def batch_of(n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def student(method: MiniVit, **kwargs) -> torch.nn.Module:
-    return method.build_student(StudentConfig(STUDENT, {**TINY, **kwargs}), 32)
+def student(method: MiniVit, teacher: Teacher | None = None, **kwargs) -> torch.nn.Module:
+    return method.build_student(StudentConfig(STUDENT, {**TINY, **kwargs}), 32, teacher)
 
 
 # ---- the loss section ------------------------------------------------------------------------------------
@@ -125,7 +124,7 @@ def test_mini_deit_recipes_are_the_references_setting(size, drop_path):
         None,
     )
     assert (recipe.schedule.warmup_epochs, recipe.schedule.min_lr, recipe.ema) == (5, 1e-5, None)
-    views = load_aug(recipe.augmentation)
+    views = load_augmentation(recipe.augmentation)
     assert (views.auto_augment, views.re_prob, views.mixup_alpha, views.cutmix_alpha) == (
         "rand-m9-mstd0.5-inc1",
         0.25,
@@ -171,7 +170,7 @@ def test_in1k_recipes_evaluate_on_the_references_views(name):
     rng = np.random.default_rng(0)
     images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)) for w, h in ((500, 420), (390, 520))]
     for run in (recipe, *(parse_recipe(f.recipe) for f in follow_ups(recipe))):
-        view, reference = eval_view(run, load_aug(run.augmentation)), deit_eval_transform(run.data.img_size)
+        view, reference = eval_view(run, load_augmentation(run.augmentation)), deit_eval_transform(run.data.img_size)
         assert view.resize_to == int((256 / 224) * run.data.img_size)
         for image in images:
             torch.testing.assert_close(view.view(image), reference(image), rtol=0, atol=1e-6)
@@ -229,38 +228,38 @@ def test_layer_pairs_and_relation_heads_are_checked_against_the_models():
     method = make_method("minivit", {"layer_pairs": [[-7, 0]]})
     method.check_teacher(teacher)
     with pytest.raises(RecipeError, match=r"loss\.layer_pairs\[0\]\[0\]: student block -7 does not exist"):
-        student(method)
+        student(method, teacher)
     method = make_method("minivit", {"relation_heads": 5})
     method.check_teacher(teacher)
     with pytest.raises(
         RecipeError, match=r"loss\.relation_heads is 5: that does not divide the student's qkv width 96"
     ):
-        student(method)
+        student(method, teacher)
     method = make_method("minivit", {"relation_heads": 0})
     method.check_teacher(teacher)
     with pytest.raises(RecipeError, match=r"relation_heads is 0, so the student's 5 heads: .* teacher's qkv width 96"):
-        student(method, embed_dim=80, num_heads=5)
+        student(method, teacher, embed_dim=80, num_heads=5)
     method = make_method("minivit", {})
     shape = {k: TINY[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
-    distilled = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, **shape)
-    method.check_teacher(ModelTeacher(distilled, "distilled"))
+    distilled = ModelTeacher(timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, **shape), "distilled")
+    method.check_teacher(distilled)
     with pytest.raises(RecipeError, match=r"loss\.layer_pairs\[0\]: student block blocks\.1 and teacher block blo"):
-        student(method)  # 16 tokens against the distilled DeiT's 16 + 2
+        student(method, distilled)  # 16 tokens against the distilled DeiT's 16 + 2
     with pytest.raises(RecipeError, match=r"relation losses need a transformer student"):
-        method.build_student(StudentConfig("test_resnet"), 32)
+        method.build_student(StudentConfig("test_resnet"), 32, distilled)
 
 
 def test_null_layer_pairs_become_the_references_for_the_two_models():
     teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
     method = make_method("minivit", {})
     method.check_teacher(teacher)
-    student(method)
+    student(method, teacher)
     assert method._pairs == [[1, 1], [3, 3], [5, 5]]  # 6 blocks on both sides: 3 evenly spaced, ending at the last
     method = make_method("minivit", {})
     method.check_teacher(teacher)
     swin = StudentConfig("mini_swin_tiny_patch4_window7_224", {"img_size": 32, "window_size": 4, "embed_dim": 16})
     with pytest.raises(RecipeError, match=r"loss\.layer_pairs is empty .* stage to stage.*; set it"):
-        method.build_student(swin, 32)
+        method.build_student(swin, 32, teacher)
 
 
 def test_init_from_in_student_kwargs_starts_from_the_trained_model(tmp_path):
@@ -296,7 +295,7 @@ def test_loss_hooks_once_one_forward_each_and_keeps_nothing():
     teacher = create_teacher("module:students.minivit:tiny_deit_teacher", 10)
     method = make_method("minivit", {})
     method.check_teacher(teacher)
-    model = student(method)
+    model = student(method, teacher)
     wrapped = Wrapper(model)
     calls = {"student": 0, "teacher": 0}
     model.register_forward_hook(lambda *a: calls.__setitem__("student", calls["student"] + 1))
@@ -339,7 +338,7 @@ def test_prediction_only_needs_no_live_model_and_logs_only_weighted_parts():
     torch.testing.assert_close(out["loss"], out["prediction"] + 0.5 * out["label"])
     method = make_method("minivit", {"prediction_weight": 0, "hidden_weight": 0})
     method.check_teacher(teacher)
-    assert set(method.loss(student(method), batch_of(), teacher)) == {"loss", "attention"}
+    assert set(method.loss(student(method, teacher), batch_of(), teacher)) == {"loss", "attention"}
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -375,7 +374,7 @@ def test_loss_under_bf16_autocast_with_a_bf16_inference_mode_teacher():
     teacher = Bf16Teacher(tiny_deit_teacher(10), "bf16")
     method = make_method("minivit", {})
     method.check_teacher(teacher)
-    model = student(method)
+    model = student(method, teacher)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's accelerator.autocast() with bf16
         out = method.loss(model, batch_of(), teacher)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for k, v in out.items() if k != "prediction")
@@ -444,7 +443,7 @@ def test_digits_teacher_recipe_builds_the_teacher_factorys_model(data):
     assert teacher_recipe.method == "supervised" and student_recipe.method == "minivit"
     assert student_recipe.teacher.source == "module:students.minivit:tiny_deit_teacher"
     assert student_recipe.teacher.checkpoint == f"{teacher_recipe.output_dir}/model.safetensors"
-    trained = create_method(teacher_recipe, 10).build_student(teacher_recipe.student, 32)
+    trained = create_method(teacher_recipe, 10).build_student(teacher_recipe.student, 32, None)
     assert trained.state_dict().keys() == tiny_deit_teacher(10).state_dict().keys()
     assert {k: v.shape for k, v in trained.state_dict().items()} == {
         k: v.shape for k, v in tiny_deit_teacher(10).state_dict().items()
@@ -504,7 +503,7 @@ def test_digits_recipe_distills_a_mini_deit(data, teacher_ckpt):
     load_checkpoint(fresh, out / "model.safetensors")
     assert fresh.blocks[1].attn.qkv is fresh.blocks[0].attn.qkv
     again = make_method("minivit", {}).build_student(
-        StudentConfig(STUDENT, dict(TINY), checkpoint=str(out / "model.safetensors")), 32
+        StudentConfig(STUDENT, dict(TINY), checkpoint=str(out / "model.safetensors")), 32, None
     )
     val = ReplayDataset(create_dataset(data["val"], "val"), ReplayAugment(PRESETS["none"], 32, 0))
     batch = collate([val[(0, i)] for i in range(len(val))])

@@ -9,8 +9,7 @@ import torch
 from safetensors.torch import save_file
 from train_helpers import base_recipe, small_digits
 
-from distill.augment import PAIRING, PRESETS, AugRecipe, pair_partners, recipe_manifest_entry
-from distill.cli import SaveConfig
+from distill.augment import PAIRING, PRESETS, Augmentation, pair_partners
 from distill.data import create_dataset
 from distill.errors import RecipeError
 from distill.loader import ReplayDataset, TrainBatchSampler, collate, replay_loader, with_partners
@@ -18,12 +17,15 @@ from distill.losses import mixed_targets
 from distill.plan import _difference, make_plan
 from distill.recipe import parse_recipe
 from distill.save import run as save_run
+from distill.save_config import SaveConfig
 from distill.views import ReplayAugment, mix_batch
 from logit_store import open_store
 from logit_store.sparse import sparsify
 from teachers import create_teacher
 
-FULL = AugRecipe(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, re_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0)
+FULL = Augmentation(
+    auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, re_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0
+)
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +135,10 @@ def test_collate_names_a_missing_partner(data):
         collate([data[(0, 3)]])
 
 
-def test_a_mixing_recipe_names_its_pairing_and_old_stores_are_refused_by_it():
-    entry = recipe_manifest_entry(PRESETS["tinyvit-mix"])
+def test_a_mixing_augmentation_names_its_pairing_and_old_stores_are_refused_by_it():
+    entry = PRESETS["tinyvit-mix"].manifest_entry()
     assert entry["recipe"]["pairing"] == PAIRING
-    assert "pairing" not in PRESETS["tinyvit"].canonical()  # recipes without mixing keep their hash
+    assert "pairing" not in PRESETS["tinyvit"].canonical()  # augmentations without mixing keep their hash
     before = {k: v for k, v in entry["recipe"].items() if k != "pairing"}  # a store saved before the pairs
     message = _difference("augmentation.hash", SimpleNamespace(augmentation={"recipe": before}), None, entry)
     assert f"pairing: store None, recipe {PAIRING!r}" in message and "save it again" in message
@@ -153,7 +155,7 @@ def test_stored_record_is_the_live_teacher_on_the_students_mixed_view(small, tmp
     assert store.manifest.mixing and store.manifest.augmentation["recipe"]["pairing"] == PAIRING
     teacher = create_teacher("timm:test_vit", 10, str(ckpt))
     dataset = create_dataset(small["train"], "train")
-    data = ReplayDataset(dataset, ReplayAugment(AugRecipe.from_dict(aug), 32, 2))
+    data = ReplayDataset(dataset, ReplayAugment(Augmentation.from_dict(aug), 32, 2))
     # a student's micro-batch: batch 6 over 2 processes, rank 1 (its odd micro-batches split a pair)
     sampler = TrainBatchSampler(len(dataset), 6, 1, 1, seed=0, rank=1, world=2, partners=data.partners)
     for batch_ids in list(sampler)[:4]:

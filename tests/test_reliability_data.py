@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill import data
+from distill import data_files, data_tar
 from distill.data import DatasetError, create_dataset
 from distill.errors import RecipeError
 from distill.recipe import load_recipe_file
@@ -128,7 +128,7 @@ def test_a_huge_sparse_image_file_is_refused_naming_its_size(tmp_path):
 def test_an_image_file_grown_past_the_cap_after_listing_is_refused_on_load(tmp_path, monkeypatch):
     root = two_classes(tmp_path / "ds")
     ds = create_dataset(str(root))
-    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 16)  # the same check as for 512 MiB, without writing that much
+    monkeypatch.setattr(data_files, "MAX_IMAGE_BYTES", 16)  # the same check as for 512 MiB, without writing that much
     with pytest.raises(DatasetError, match=f"^{root / 'cat' / 'a.png'}: .* more than the 16 bytes allowed"):
         ds.load(0)
 
@@ -151,11 +151,11 @@ def test_a_sparse_8_gib_tar_member_is_refused_when_indexed(tmp_path):
 
 
 def test_tar_members_over_their_caps_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 1000)
+    monkeypatch.setattr(data_tar, "MAX_IMAGE_BYTES", 1000)
     shard = sparse_tar(tmp_path / "small.tar", 1001)
     with pytest.raises(DatasetError, match=f"^{shard}:k.png: 1001 bytes, more than the 1000 bytes allowed"):
         create_dataset(f"wds:{shard}")
-    monkeypatch.setattr(data, "MAX_TEXT_MEMBER_BYTES", 10)
+    monkeypatch.setattr(data_tar, "MAX_TEXT_MEMBER_BYTES", 10)
     shard = tmp_path / "caption.tar"
     with tarfile.open(shard, "w") as tar:
         for name, payload in (("k.png", png_bytes()), ("k.txt", b"a caption longer than ten bytes")):

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ from PIL import Image
 from train_helpers import base_recipe, small_digits
 
 from distill import cli
-from distill.checkpoint import save_weights
+from distill.checkpoint import check_output_dir, save_weights
 from distill.errors import RecipeError
-from distill.recipe import MAX_ALIAS_VALUES, MAX_DEPTH, load_recipe_file
+from distill.files import MAX_ALIAS_VALUES, MAX_DEPTH
+from distill.recipe import load_recipe_file
 
 MODEL = "test_convnext"  # timm's registry gives it hf_hub_id 'timm/...': pretrained=True would fetch it
 EVIL_URL = "https://weights.example.invalid/planted.pth"
@@ -93,6 +95,38 @@ def test_a_malformed_set_value_is_one_line_naming_the_item(tmp_path, capsys, val
     path.write_text(recipe_text("    a: 1"))
     err = one_line_error(capsys, cli.train([str(path), "--set", f"student.kwargs={value}"]))
     assert f"--set 'student.kwargs={value}': expected a YAML value" in err
+
+
+def test_an_alias_bomb_in_an_augmentation_file_is_one_line_exit_2_at_once(tmp_path, capsys):
+    views = tmp_path / "views.yaml"
+    views.write_text(f"hflip: 0.5\nextra:\n{alias_bomb()}\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text("    a: 1") + f"augmentation: {views}\n")
+    started = time.perf_counter()
+    err = one_line_error(capsys, cli.train([str(path)]))
+    assert time.perf_counter() - started < 2  # refused while loading, before anything walks the values
+    assert f"augmentation: {views}: not valid YAML: " in err and "alias bomb" in err, err
+
+
+def test_an_alias_bomb_in_a_save_config_file_is_one_error_line_exit_2_at_once(tmp_path, capsys):
+    config = tmp_path / "save.yaml"
+    config.write_text(f"teacher: timm:test_vit\ndata: digits\nout: s.zarr\nepochs: 1\naug:\n{alias_bomb()}\n")
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as stop:
+        cli.save_logits(["--config", str(config)])
+    assert time.perf_counter() - started < 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("distill-save-logits: error:")]
+    assert stop.value.code == 2 and "Traceback" not in err and len(errors) == 1, err  # after argparse's usage
+    assert f"--config {config}: not valid YAML: " in errors[0] and "alias bomb" in errors[0], err
+
+
+def test_an_alias_bomb_in_the_recipe_of_a_run_to_resume_is_refused_naming_it(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_3").mkdir(parents=True)
+    (out / "recipe.yaml").write_text(recipe_text(alias_bomb()))
+    with pytest.raises(RecipeError, match=rf"^{out / 'recipe.yaml'}: not valid YAML: .*\(an alias bomb\?\)"):
+        check_output_dir(out, {})
 
 
 def test_a_recipe_file_that_is_not_yaml_is_one_line(tmp_path, capsys):

@@ -3,10 +3,12 @@
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -16,9 +18,10 @@ from safetensors.torch import save_file
 
 import logit_store.location
 from distill.cli import save_logits as save_main
+from distill.save import PlaneProgress, my_shards, records_of
 from logit_store import ShardWriter, open_store
 from logit_store.cli import main as store_cli
-from logit_store.store import FAULT_COMMIT
+from logit_store.writer import FAULT_COMMIT
 
 TEACHER = "timm:test_vit"
 
@@ -92,6 +95,35 @@ def test_check_replay_is_exact_on_cpu(reference):
     assert "topk_index_agreement=1" in line and "max_abs_logit_diff=0" in line, line
 
 
+class Bar:
+    """What PlaneProgress uses of a tqdm bar: `update(n)`; `shown` is every count it showed, in order."""
+
+    def __init__(self) -> None:
+        self.n, self.shown = 0, []
+
+    def update(self, n: int) -> None:
+        self.n += n
+        self.shown.append(self.n)
+
+
+@pytest.mark.parametrize(("processes", "pending"), [(1, range(6)), (2, range(6)), (3, range(6)), (2, [1, 4, 5])])
+def test_the_progress_bar_counts_each_record_once_whatever_the_process_count(processes, pending):
+    # digits' 1437 ids in shards of 256, the last one short, over two epochs: with two processes the main one
+    # holds shards 0, 2 and 4 (768 records), and counting its batches times the process count showed 3.07k of
+    # 2.87k. A resume may leave the main process no shard of a plane ([1, 4, 5] with two: 4 only).
+    manifest = SimpleNamespace(shard_range=lambda s: (256 * s, min(256 * (s + 1), 1437)))
+    main = SimpleNamespace(num_processes=processes, process_index=0)
+    plane, bar = records_of(manifest, list(pending)), Bar()
+    for epoch in range(2):
+        mine = my_shards(list(pending), main)
+        share = PlaneProgress(bar, plane, records_of(manifest, mine))
+        for start, stop in map(manifest.shard_range, mine):
+            for first in range(start, stop, 64):  # the save's batches: a shard's last one may be short
+                share.add(min(first + 64, stop) - first)
+        assert bar.n == plane * (epoch + 1), bar.shown
+    assert bar.shown == sorted(bar.shown) and bar.n == 2 * plane  # never back, never past the total
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(env, reference):
     out = env["root"] / "two.zarr"
@@ -107,6 +139,8 @@ def test_two_processes_equal_one(env, reference):
     proc = run_cli(env, save_args(env, out), launcher=cmd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert content(out) == content(reference[0])
+    counts = re.findall(r"\| ?([\d.]+k?)/2\.87k ", proc.stderr)  # the bar: each of the 2,874 records once
+    assert counts and counts[-1] == "2.87k", proc.stderr[-3000:]
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(env, reference):

@@ -8,7 +8,7 @@ import torch
 
 from logit_store import StoreInputError
 from logit_store.sparse import rebuild_log_probs, rebuild_probs, sparsify
-from logit_store.store import topk_mass
+from logit_store.statistics import topk_mass
 
 
 def tinyvit_rebuild(probs_topk: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:

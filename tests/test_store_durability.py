@@ -13,13 +13,13 @@ from store_helpers import EPOCHS, manifest, write_epoch
 
 from logit_store import ShardWriter, StoreDamagedError, StoreLockedError, convert_store, create_store, open_store
 from logit_store.cli import main as store_cli
-from logit_store.store import FAULT_COMMIT
+from logit_store.writer import FAULT_COMMIT
 
 HELPER = str(Path(__file__).with_name("store_helpers.py"))
 
 
 def run_writer(store: Path, *args: str, fault: str | None = None) -> subprocess.Popen:
-    """A writer process; `fault` ("after:3", "before:2") kills it at that commit (logit_store.store.FAULT_COMMIT)."""
+    """A writer process; `fault` ("after:3", "before:2") kills it at that commit (logit_store.writer.FAULT_COMMIT)."""
     env = os.environ | ({FAULT_COMMIT: fault} if fault else {})
     return subprocess.Popen(
         [sys.executable, HELPER, str(store), *args],

@@ -23,7 +23,7 @@ from store_helpers import EPOCHS, manifest, records_for, write_epoch
 from logit_store import StoreAccessError, StoreError, create_store, open_store
 from logit_store.cli import main as store_cli
 from logit_store.location import StoreLocation, redact_text
-from logit_store.store import FAULT_COMMIT
+from logit_store.writer import FAULT_COMMIT
 
 HELPER = str(Path(__file__).with_name("store_helpers.py"))
 KEY, SECRET = "AKIDTESTKEY4S3", "s3cret/with+chars"  # a '/' and a '+', as real secrets have: percent-encoded in URLs

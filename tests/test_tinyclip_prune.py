@@ -19,7 +19,8 @@ from train_helpers import make_method, run_cli
 
 import distill.trainer
 from distill.augment import PRESETS
-from distill.data import DIGIT_NAMES, create_dataset, digit_caption, prepare_digits
+from distill.data import create_dataset
+from distill.data_digits import DIGIT_NAMES, digit_caption, prepare_digits
 from distill.evaluate import zero_shot_accuracy
 from distill.loader import ReplayDataset
 from distill.recipe import RecipeError, StudentConfig
@@ -185,7 +186,7 @@ def test_finish_writes_a_pruned_student_that_computes_what_the_masked_model_comp
 
     # The masked model, as training left it (masks attached to the teacher, the run's weights loaded).
     method = make_method("tinyclip", stage_recipe(data, out)["loss"])
-    masked = method.build_student(StudentConfig(TEACHER, checkpoint=data["teacher"]), 32)
+    masked = method.build_student(StudentConfig(TEACHER, checkpoint=data["teacher"]), 32, None)
     masked.load_state_dict(load_file(str(out / "model.safetensors")))
     image, text = masked.masks.towers["image"], masked.masks.towers["text"]
     assert tower_param_counts(pruned) == (image.pruned_param_count(), text.pruned_param_count())
@@ -216,18 +217,17 @@ def test_finish_writes_a_pruned_student_that_computes_what_the_masked_model_comp
 def test_resume_restores_masks_multipliers_and_the_ramp(data, pruned_run, monkeypatch):
     """Interrupted after epoch 1 and resumed from its checkpoint, the run ends where the uninterrupted one does."""
     out = data["root"] / "resumed"
-    save = distill.trainer.save_checkpoint
+    step_checkpoint = distill.trainer.Trainer.checkpoint  # the step checkpoints (not checkpoints/best)
 
     class Stop(Exception):
         pass
 
-    def save_then_stop(trainer, step=None):
-        save(trainer, step)
-        if step is not None:  # the step checkpoint, not checkpoints/best
-            raise Stop  # stands in for the process dying right after the checkpoint
+    def checkpoint_then_stop(trainer):
+        step_checkpoint(trainer)
+        raise Stop  # stands in for the process dying right after the checkpoint
 
     with monkeypatch.context() as patch:
-        patch.setattr(distill.trainer, "save_checkpoint", save_then_stop)
+        patch.setattr(distill.trainer.Trainer, "checkpoint", checkpoint_then_stop)
         with pytest.raises(Stop):
             run_recipe(stage_recipe(data, out))
     checkpoint = load_file(str(out / "checkpoints" / "step_00000005" / "model.safetensors"))

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 from train_helpers import ROOT
 
-from distill.augment import load_recipe
+from distill.augment import load_augmentation
 from distill.plan import eval_view
 from distill.recipe import Recipe, follow_ups, load_recipe_file, method_config, parse_recipe
 from recipes.tinyclip.inheritance import inherit_weights
@@ -117,7 +117,7 @@ def test_published_recipes_evaluate_on_the_references_views(name: str) -> None:
     images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)) for w, h in ((300, 250), (240, 411))]
     reference = reference_eval_transform()
     for recipe, _ in runs(name):
-        view = eval_view(recipe, load_recipe(recipe.augmentation))
+        view = eval_view(recipe, load_augmentation(recipe.augmentation))
         assert (view.resize_to, view.img_size, view.interpolation) == (224, 224, InterpolationMode.BICUBIC)
         for image in images:
             torch.testing.assert_close(view.view(image), reference(image), rtol=0, atol=1e-6)

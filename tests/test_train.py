@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import base_recipe, make_method, run_cli, small_digits, write_recipe
 
-from distill.augment import load_recipe, recipe_manifest_entry
+from distill.augment import load_augmentation
 from distill.cli import train as main
 from distill.data import create_dataset
 from distill.loader import ReplayDataset, TrainBatchSampler, collate
@@ -154,7 +154,7 @@ def _check(data, store, **changes):
     )
     train_set = create_dataset(recipe.data.train)
     method = make_method("tinyvit")
-    entry = recipe_manifest_entry(load_recipe(recipe.augmentation))
+    entry = load_augmentation(recipe.augmentation).manifest_entry()
     return build_teacher(recipe, method, train_set, entry, torch.device("cpu"))
 
 
@@ -179,7 +179,7 @@ def test_training_views_replay_the_stored_ones(data, store, teacher_run):
     """The trainer's batch for (epoch, ids) is the view the store's teacher saw: live and stored agree."""
     recipe = parse_section(Recipe, base_recipe(data, "u", method="tinyvit"), "")
     train_set = create_dataset(recipe.data.train)
-    views = ReplayDataset(train_set, ReplayAugment(load_recipe(recipe.augmentation), 32, recipe.seed))
+    views = ReplayDataset(train_set, ReplayAugment(load_augmentation(recipe.augmentation), 32, recipe.seed))
     stored = create_teacher(f"store:{store}", 10)
     live = create_teacher(f"timm:{TEACHER}", 10, str(teacher_run[0] / "model.safetensors"))
     for epoch in (0, 1):
@@ -254,7 +254,7 @@ def test_a_live_weighted_ensemble_is_scored_as_its_weighted_mean_softmax(data, t
     reported = json.loads((tmp_path / "run" / "summary.json").read_text())["teacher_top1"]
 
     parsed = parse_section(Recipe, recipe, "")
-    views = ReplayDataset(create_dataset(parsed.data.val), eval_view(parsed, load_recipe(parsed.augmentation)))
+    views = ReplayDataset(create_dataset(parsed.data.val), eval_view(parsed, load_augmentation(parsed.augmentation)))
     items = [views[0, i] for i in range(len(views.images))]  # (epoch, id): the evaluation view is fixed
     images, labels = torch.stack([v["image"] for v in items]), torch.tensor([v["label"] for v in items])
     with torch.no_grad():

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from distill.data import prepare_digits
+from distill.data_digits import prepare_digits
 from distill.recipe import METHODS, Recipe
 from distill.schema import parse_section
 

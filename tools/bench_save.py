@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from distill.augment import load_recipe
-from distill.cli import SaveConfig
+from distill.augment import load_augmentation
 from distill.data import create_dataset
 from distill.loader import ReplayDataset, ShardBatchSampler, replay_loader
 from distill.save import run
+from distill.save_config import SaveConfig
 from distill.views import ReplayAugment, mix_batch
 from logit_store import Manifest
 from teachers import create_teacher
@@ -34,7 +34,7 @@ def forward_only(cfg: SaveConfig) -> int:
     dataset = create_dataset(cfg.data, split="train")
     teacher = create_teacher(cfg.teacher, num_classes=dataset.num_classes, checkpoint=cfg.checkpoint)
     layout = Manifest(num_samples=len(dataset), num_classes=dataset.num_classes, k=cfg.k, epochs=cfg.epochs)
-    data = ReplayDataset(dataset, ReplayAugment(load_recipe(cfg.aug), cfg.img_size, cfg.seed))
+    data = ReplayDataset(dataset, ReplayAugment(load_augmentation(cfg.aug), cfg.img_size, cfg.seed))
     records = 0
     for epoch in range(cfg.epochs):
         sampler = ShardBatchSampler(epoch, [layout.shard_range(s) for s in range(layout.num_shards)], cfg.batch_size)

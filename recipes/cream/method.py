@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,16 +14,16 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from distill.augment import AugRecipe
+from distill.augment import Augmentation
 from distill.checkpoint import save_weights
 from distill.data import ImageDataset
 from distill.errors import RecipeError
 from distill.evaluate import classification_accuracy
 from distill.loader import ReplayDataset, collate
 from distill.losses import soft_target_kd
-from distill.method import Method
+from distill.method import Method, MethodContext
 from distill.recipe import StudentConfig
-from students.supernet import SKIP, Supernet, path_flops, sample_path
+from students.supernet import SKIP, Supernet, SupernetConfig, path_flops, sample_path
 from teachers import Teacher
 
 from . import REFERENCE_PRIOR
@@ -39,9 +39,6 @@ from .board import (
     update_board,
 )
 from .export import board_rows, config_dict, export_path, format_board
-
-if TYPE_CHECKING:
-    from distill.trainer import Trainer
 
 __all__ = ["Cream", "SearchState"]
 
@@ -68,23 +65,22 @@ class Cream(Method):
 
     # ---- the plan ------------------------------------------------------------------------------------------
 
-    def check_run(self, num_processes: int, augmentation: AugRecipe) -> None:
+    def check_run(self, num_processes: int, augmentation: Augmentation) -> None:
         if num_processes > 1:
             raise RecipeError("the Cream search runs on one process: start it without accelerate launch / torchrun")
         if augmentation.mixing:
             raise RecipeError("augmentation: the search trains on hard labels; mixup/cutmix are not supported")
 
-    def build_student(self, cfg: StudentConfig, img_size: int) -> nn.Module:
-        model = super().build_student(cfg, img_size)
+    def build_student(self, cfg: StudentConfig, img_size: int, teacher: Teacher | None) -> nn.Module:
+        model = super().build_student(cfg, img_size, teacher)
         if not isinstance(model, Supernet):
             raise RecipeError(f"student.model: method cream trains a supernet (cream_supernet), not {cfg.model}")
-        self.config, self.img_size = model.config, img_size
-        self.weights = self._sampling_weights()
+        self._sampling_weights(model.config)  # refused before anything runs
         return model
 
-    def _sampling_weights(self) -> torch.Tensor | None:
+    def _sampling_weights(self, config: SupernetConfig) -> torch.Tensor | None:
         """The per-layer draw of a path: None (uniform), or one weight per choice (and one for skipping)."""
-        cfg, config = self.cfg, self.config
+        cfg = self.cfg
         if cfg.sampling == "uniform":
             return None
         names = ", ".join(f"k{k}e{e:g}" for k, e in config.choices)
@@ -102,31 +98,34 @@ class Cream(Method):
 
     def training_ids(self, train_set: ImageDataset, val_set: ImageDataset) -> np.ndarray:
         """All of data.train, or (heldout: train) all but every heldout_every-th id, held out for scores."""
-        ids = np.arange(len(train_set))
-        if self.cfg.heldout == "val":
-            self.heldout_set, self.heldout_ids = val_set, np.arange(len(val_set))
-            self._check_meta_slice()
-            return ids
-        held = ids % self.cfg.heldout_every == 0
-        self.heldout_set, self.heldout_ids = train_set, ids[held]
-        self._check_meta_slice()
-        return ids[~held]
-
-    def _check_meta_slice(self) -> None:
-        available = min(self.cfg.heldout_batch_size, len(self.heldout_ids))
+        train_ids, _, heldout_ids = self.split(train_set, val_set)
+        available = min(self.cfg.heldout_batch_size, len(heldout_ids))
         if self.cfg.meta_input == "slice" and self.cfg.meta_slice > available:
             raise RecipeError(f"loss.meta_slice: {self.cfg.meta_slice} images, but the held-out batch has {available}")
+        return train_ids
+
+    def split(self, train_set: ImageDataset, val_set: ImageDataset) -> tuple[np.ndarray, ImageDataset, np.ndarray]:
+        """(training ids, held-out dataset, held-out ids): disjoint, a function of the data and `loss` alone."""
+        ids = np.arange(len(train_set))
+        if self.cfg.heldout == "val":
+            return ids, val_set, np.arange(len(val_set))
+        held = ids % self.cfg.heldout_every == 0
+        return ids[~held], train_set, ids[held]
 
     # ---- the run -------------------------------------------------------------------------------------------
 
-    def setup(self, trainer: Trainer) -> None:
-        """The held-out batches, the board, the meta network and its optimizer (checkpointed: `state_dict`)."""
-        cfg, acc = self.cfg, trainer.accelerator
+    def setup(self, context: MethodContext) -> None:
+        """The supernet's path sampler, the held-out batches, the board, the meta network and its optimizer
+        (checkpointed: `state_dict`)."""
+        cfg, acc = self.cfg, context.accelerator
         if acc.mixed_precision != "no":  # the launcher's: the recipe said nothing
             raise RecipeError("mixed_precision: the search runs in float32; set mixed_precision: 'no' in the recipe")
-        self.trainer, self.device = trainer, acc.device
+        self.context, self.device = context, acc.device
+        self.config, self.img_size = acc.unwrap_model(context.model).config, self.recipe.data.img_size
+        self.weights = self._sampling_weights(self.config)
+        self.heldout_set, self.heldout_ids = self.split(context.train_data.images, context.val_data.images)[1:]
         # Held-out images are seen as validation images are: the recipe's evaluation transform.
-        self.heldout_data = ReplayDataset(self.heldout_set, trainer.plan.val_data.augment)
+        self.heldout_data = ReplayDataset(self.heldout_set, context.val_data.augment)
         self.heldout_size = min(cfg.heldout_batch_size, len(self.heldout_ids))
         slice_size = cfg.meta_slice if cfg.meta_input == "slice" else None  # (checked by training_ids)
         chosen = np.sort(
@@ -157,11 +156,11 @@ class Cream(Method):
         self.path = sample_path(self.config, search.generator, self.weights)
         prioritized = self.board_on and len(search.board) > 0
         logs: dict[str, Any] = {}
-        if prioritized and self.trainer.state.global_step % cfg.meta_update_every == 0:
+        if prioritized and self.context.global_step() % cfg.meta_update_every == 0:
             # Before the real step, on its batch: this step's m already follows the updated meta network.
             result = meta_update(
                 self.meta, student, self.path, (images, labels), self._heldout_batch(search.meta_updates),
-                search.board, self.meta_images, lr=self.trainer.optimizer.param_groups[0]["lr"],
+                search.board, self.meta_images, lr=self.context.param_groups()[0]["lr"],
                 meta_optimizer=self.meta_optimizer,
                 loss_fn=partial(prioritized_loss, label_smoothing=cfg.label_smoothing),
             )  # fmt: skip
@@ -193,7 +192,7 @@ class Cream(Method):
 
     @property
     def board_on(self) -> bool:
-        return self.trainer.state.epoch >= self.cfg.board_start_epoch
+        return self.context.epoch() >= self.cfg.board_start_epoch
 
     def choose_teacher(self, student: nn.Module, path: PathKey) -> tuple[BoardEntry, torch.Tensor]:
         """The best-matching board entry and its m = sigmoid(-score), detached: m only weighs the student's loss.
@@ -234,7 +233,7 @@ class Cream(Method):
         board, budget = self.search.board, _flops(self.cfg.flops_budget)
         chosen = board.best(flops_limit=budget)
         rows = board_rows(board, self.config, self.num_classes, budget, chosen)
-        self.trainer.log(format_board(rows, self.cfg.flops_budget, self.heldout_size))
+        self.context.log(format_board(rows, self.cfg.flops_budget, self.heldout_size))
         if chosen is None:
             smallest = min((e.flops for e in board), default=0) / 1e6
             raise RecipeError(
@@ -263,12 +262,12 @@ class Cream(Method):
     def _recalibration_batches(self) -> Iterator[torch.Tensor]:
         """The first `recalibration_batches` training batches of a fixed shuffle of the training ids, as the last
         epoch's views (the recipe's batch size)."""
-        plan, size = self.trainer.plan, self.recipe.batch_size
-        ids = np.random.default_rng([self.recipe.seed, 3]).permutation(plan.train_ids)
+        context, size = self.context, self.recipe.batch_size
+        ids = np.random.default_rng([self.recipe.seed, 3]).permutation(context.train_ids)
         ids = ids[: self.cfg.recalibration_batches * size]
-        epoch = plan.view_epoch(self.recipe.epochs - 1)
+        epoch = context.view_epoch(self.recipe.epochs - 1)
         for start in range(0, len(ids), size):
-            chunk = [plan.train_data[(epoch, int(i))] for i in ids[start : start + size]]
+            chunk = [context.train_data[(epoch, int(i))] for i in ids[start : start + size]]
             yield collate(chunk)["image"].to(self.device)
 
     def _choice_name(self, choice: int) -> str:

@@ -1,7 +1,7 @@
 """The MiniViT method: hooks on the student and the live teacher, and the loss they feed (see `recipes.minivit`).
 
-Before training, `check_teacher` refuses a teacher without a model and `build_student` resolves the layer pairs
-(the recipe's, or the reference's for the two models) and checks them, the relation heads and (with one zero image
+Before training, `check_teacher` refuses a teacher without a model and `build_student` (given the checked teacher)
+resolves the layer pairs (the recipe's, or the reference's for the two models) and checks them, the relation heads and (with one zero image
 through both models) token counts, each error naming its `loss.` field.
 Hooks are put on the (unwrapped) student and the teacher's model at the first `loss` call and kept; they record
 only inside `loss` and their records are dropped at its end, so evaluation forwards record nothing and no
@@ -72,7 +72,6 @@ class MiniVit(Method):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._captures: tuple[nn.Module, nn.Module, _Capture, _Capture] | None = None
-        self._teacher_model: nn.Module | None = None  # the checked teacher's model
         self._pairs: list[list[int]] | None = self.cfg.layer_pairs or None  # resolved once both models are known
 
     @property
@@ -94,7 +93,7 @@ class MiniVit(Method):
             raise RecipeError("teacher.source: method 'minivit' needs a teacher: a live spec or store:PATH")
         if not self.uses_relations:
             return
-        model = getattr(teacher, "model", None)
+        model = teacher.model
         if not isinstance(model, nn.Module):
             raise RecipeError(
                 f"{self._relation_fields()}, but relation losses need a live teacher model and teacher "
@@ -103,17 +102,17 @@ class MiniVit(Method):
                 "or use a live transformer teacher"
             )
         self._check_layers(model, 1, "teacher")  # explicit pairs only: the reference's need the student too
-        self._teacher_model = model
 
-    def build_student(self, cfg: StudentConfig, img_size: int) -> nn.Module:
-        model = super().build_student(cfg, img_size)
+    def build_student(self, cfg: StudentConfig, img_size: int, teacher: Teacher | None) -> nn.Module:
+        """The student, checked against the teacher's model (relation terms): layer pairs, heads, token counts."""
+        model = super().build_student(cfg, img_size, teacher)
         if self.uses_relations:
             self._check_layers(model, 0, "student")  # a transformer, holding the recipe's paired blocks
-            teacher = self._teacher_model  # the trainer checks the teacher before building the student
-            if teacher is not None:
-                self._resolve_pairs(model, teacher)
-                self._check_heads(self._check_layers(model, 0, "student"), self._check_layers(teacher, 1, "teacher"))
-                self._check_tokens(model, teacher, img_size)
+            live = teacher.model if teacher is not None else None  # (check_teacher refused a teacher without)
+            if live is not None:
+                self._resolve_pairs(model, live)
+                self._check_heads(self._check_layers(model, 0, "student"), self._check_layers(live, 1, "teacher"))
+                self._check_tokens(model, live, img_size)
         return model
 
     def _resolve_pairs(self, student: nn.Module, teacher: nn.Module) -> list[list[int]]:
@@ -229,7 +228,7 @@ class MiniVit(Method):
 
     def _hook(self, student: nn.Module, teacher: Teacher) -> tuple[_Capture, _Capture]:
         """Captures on `student` and the teacher's model: made at the first call, kept while both stay the same."""
-        model = getattr(teacher, "model", None)
+        model = teacher.model
         if not isinstance(model, nn.Module):
             self.check_teacher(teacher)  # raises the RecipeError that names the loss fields
         if self._captures is None or self._captures[0] is not student or self._captures[1] is not model:

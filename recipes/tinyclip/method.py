@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -13,13 +13,13 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from distill.augment import AugRecipe
+from distill.augment import Augmentation
 from distill.checkpoint import save_weights
 from distill.data import ImageDataset
 from distill.errors import RecipeError
 from distill.evaluate import zero_shot_accuracy
 from distill.loader import ReplayDataset
-from distill.method import Method
+from distill.method import Method, MethodContext
 from distill.recipe import StudentConfig
 from students.clip_pruned import create_pruned_model
 from students.tinyclip import tower_param_counts
@@ -30,9 +30,6 @@ from teachers.clip_teacher import create_open_clip_model
 from .affinity import affinity_loss, clip_contrastive_loss
 from .inheritance import inherit_weights
 from .masks import CLIPPruningMasks, MaskedCLIP, SparsityLagrangian
-
-if TYPE_CHECKING:
-    from distill.trainer import Trainer
 
 __all__ = ["Clip", "ClipMethod", "TinyClip", "create_clip_student"]
 
@@ -61,7 +58,7 @@ def create_clip_student(cfg: StudentConfig) -> tuple[nn.Module, str]:
 class ClipMethod(Method):
     """Student building, caption tokenization and zero-shot evaluation shared by the CLIP methods."""
 
-    def build_student(self, cfg: StudentConfig, img_size: int) -> nn.Module:
+    def build_student(self, cfg: StudentConfig, img_size: int, teacher: Teacher | None) -> nn.Module:
         if cfg.kwargs:
             raise RecipeError("student.kwargs: CLIP students take their shape from the open_clip config; none allowed")
         model, tokenizer_name = create_clip_student(cfg)
@@ -113,12 +110,9 @@ class Clip(ClipMethod):
 class TinyClip(ClipMethod):
     """Affinity mimicking (with manual or automatic inheritance: see `recipes.tinyclip`)."""
 
-    def check_teacher(self, teacher: Teacher | None) -> None:
-        self.teacher_context = getattr(teacher, "context_length", None)
-
-    def build_student(self, cfg: StudentConfig, img_size: int) -> nn.Module:
-        model = super().build_student(cfg, img_size)
-        live_context = getattr(self, "teacher_context", None)
+    def build_student(self, cfg: StudentConfig, img_size: int, teacher: Teacher | None) -> nn.Module:
+        model = super().build_student(cfg, img_size, teacher)
+        live_context = teacher.context_length if teacher is not None else None
         if live_context is not None and live_context != self.context_length:
             raise RecipeError(
                 f"student.model: its context length {self.context_length} differs from the live teacher's "
@@ -137,7 +131,7 @@ class TinyClip(ClipMethod):
         lagrangian = SparsityLagrangian(spec.target_sparsity, spec.ramp_steps, 0.0, spec.init_lambda)
         return MaskedCLIP(model, masks, lagrangian, getattr(model, "pruned_cfg", None) or cfg.model)
 
-    def check_run(self, num_processes: int, augmentation: AugRecipe) -> None:
+    def check_run(self, num_processes: int, augmentation: Augmentation) -> None:
         spec, recipe = self.cfg.prune, self.recipe
         if spec is None:
             return
@@ -170,11 +164,11 @@ class TinyClip(ClipMethod):
         """With loss.prune, the CLIP model only: the masks and multipliers have their own optimizer (`setup`)."""
         return student.model if self.cfg.prune is not None else student
 
-    def setup(self, trainer: Trainer) -> None:
+    def setup(self, context: MethodContext) -> None:
         """With loss.prune: the masks' optimizer (constant rates, ascent on the multipliers), checkpointed."""
         if self.cfg.prune is None:
             return
-        self.masked = trainer.accelerator.unwrap_model(trainer.model)
+        self.masked = context.accelerator.unwrap_model(context.model)
         self.mask_optimizer = self.masked.mask_optimizer(self.cfg.prune.mask_lr, self.cfg.prune.lagrangian_lr)
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,7 +1,20 @@
-"""The contract every storage backend keeps, as one base test class (in the style of zarr's `zarr.testing.store`).
+"""The contract every storage back-end keeps, as one base test class (in the style of zarr's `zarr.testing.store`).
 
-A backend's test class subclasses `StoreContract`, names the backend (`backend = "zarr"`) and says how to damage
-the bytes of one written block (`damage_block`); pytest collects the subclass (tests/test_store_backends.py).
+For the authors of a back-end, in this package or another: register it under the entry-point group
+`logit_store.backends` (in pyproject.toml: `[project.entry-points."logit_store.backends"]`,
+`mine = "my_package.backend:MyBackend"`, a subclass of `logit_store.backends.Backend`), then subclass
+`StoreContract` in a test module, name the back-end and say how to damage the bytes of one written block:
+
+    from logit_store.testing import StoreContract
+
+    class TestMine(StoreContract):
+        backend = "mine"
+
+        def damage_block(self, path, epoch, record, row_bytes):
+            ...  # change one byte of `record`'s block in `epoch`, leaving the rest intact
+
+pytest collects the subclass's tests (this toolkit's own: tests/test_store_backends.py). This module imports
+pytest: only tests import it, and nothing in the library does.
 
 The contract (logit_store.backends.base.Backend): `create` lays out an empty store; `write_rows` takes one whole
 shard of packed rows; `read_rows(epoch, start, stop)` gives them back bit for bit for any [start, stop), within or
@@ -19,12 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from store_helpers import manifest as store_manifest
 
-from logit_store import Manifest, NotCommittedError, StoreDamagedError, create_store, open_store
-from logit_store.backends import create_backend
-from logit_store.location import StoreLocation
-from logit_store.records import block_digest
+from . import Manifest, NotCommittedError, StoreDamagedError, create_store, open_store
+from .backends import create_backend
+from .location import StoreLocation
+from .records import block_digest
+
+__all__ = ["StoreContract", "listing", "random_rows"]
 
 
 def random_rows(m: Manifest, dtype: np.dtype, epoch: int, start: int, stop: int) -> np.ndarray:
@@ -43,7 +57,9 @@ def listing(root: Path) -> dict[str, tuple[int, int, int]]:
 
 
 class StoreContract:
-    backend: str  # the subclass's backend name
+    """The contract's tests; a subclass sets `backend` and implements `damage_block` (module docstring)."""
+
+    backend: str  # the subclass's back-end name, as registered
 
     def damage_block(self, path: Path, epoch: int, record: int, row_bytes: int) -> None:
         """Change one byte of the stored bytes of `record`'s block in `epoch`, leaving the rest intact."""
@@ -53,9 +69,11 @@ class StoreContract:
 
     @pytest.fixture
     def m(self) -> Manifest:
-        return store_manifest(
-            self.backend, num_samples=1100, epochs=2, shard_records=512, chunk_records=128
-        )  # 3 shards
+        """A small logits store of 3 shards (the last one short), 4 blocks per shard."""
+        return Manifest(
+            num_samples=1100, num_classes=50, k=5, epochs=2, backend=self.backend, global_seed=7,
+            shard_records=512, chunk_records=128,
+        )  # fmt: skip
 
     @pytest.fixture
     def written(self, tmp_path, m) -> tuple[Path, dict[int, np.ndarray]]:
