@@ -3,9 +3,10 @@
 Policy: a run writes into its `output_dir` only, holding `output_dir/.lock` (an flock: released when the
 process ends, however it ends) so a second run there is refused. The lock is taken before the folder is
 checked and held to the run's end, so no run can finish or start there between the check and the writes.
-Re-running the same recipe resumes from the last checkpoint; another recipe's run, a finished run
-(summary.json) or a folder that holds no run of this toolkit is refused, naming the first differing key;
-nothing is ever overwritten. A run that stopped before its first checkpoint holds nothing worth keeping:
+Re-running the same recipe resumes from the last checkpoint (a finished run of it is done: `run_recipe` returns
+its summary.json and writes nothing); another recipe's run, finished (summary.json) or not, or a folder that
+holds no run of this toolkit is refused, naming the first differing key; nothing is ever overwritten. The
+same recipe with more epochs extends a finished run from its `checkpoints/last`. A run that stopped before its first checkpoint holds nothing worth keeping:
 a corrected recipe starts afresh.
 
 Checkpoints are the toolkit's own files under `checkpoints/step_N`: `model.safetensors`, `state.pt`
@@ -77,9 +78,12 @@ def check_output_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
     if (out / SUMMARY_FILE).exists():
         if extends(out, resolved):
             return out / CHECKPOINTS / LAST
+        previous = saved_recipe(out)
+        other = isinstance(previous, dict) and not same_run(previous, resolved)
+        which = f" of another recipe ({_first_difference(previous, public(resolved))} differs)" if other else ""
         raise RecipeError(
-            f"output_dir {out} holds a finished run ({SUMMARY_FILE}): choose another output_dir, or ask for more "
-            "epochs to extend it"
+            f"output_dir {out} holds a finished run ({SUMMARY_FILE}){which}: choose another output_dir, or ask for "
+            "more epochs to extend it"
         )
     checkpoints = sorted((out / CHECKPOINTS).glob("step_*[0-9]"))
     saved = out / RECIPE_FILE

@@ -22,8 +22,9 @@ from logit_store.location import redact_text
 
 from .errors import RecipeError, paths_named
 from .files import BadYaml, load_yaml_file
+from .precheck import check_recipe_inputs, check_save_inputs
 from .recipe import load_recipe_file, parse_recipe
-from .save_config import OPTION_TYPES, SaveConfig
+from .save_config import OPTION_TYPES, TEACHER_SPECS, SaveConfig
 
 __all__ = ["evaluate", "parse_save_config", "save_logits", "train"]
 
@@ -31,7 +32,8 @@ TRAIN_DOC = """Train a student by a method recipe: `distill-train RECIPE.yaml [-
 
 Runs as it is on one process, or under `accelerate launch` / `torchrun` with several (data
 parallel; `batch_size` is the global batch, so the steps are the same for any process count).
-Re-running the same command in the same `output_dir` resumes from the last checkpoint; runs
+Re-running the same command in the same `output_dir` resumes from the last checkpoint (a finished
+run is done: it says so, prints its summary line and writes nothing; more `epochs` extend it); runs
 under the recipe's `then` follow in `output_dir/NAME`. Writes `model.safetensors`,
 `summary.json`, `metrics.csv`, TensorBoard logs and `training_curves.png` to each run's folder.
 """
@@ -40,7 +42,10 @@ under the recipe's `then` follow in `output_dir/NAME`. Writes `model.safetensors
 def train(argv: list[str] | None = None) -> int:
     """`distill-train`: prints one JSON line of figures per run."""
     parser = argparse.ArgumentParser(
-        prog="distill-train", description=TRAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="distill-train",
+        description=TRAIN_DOC,
+        epilog=TEACHER_SPECS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("recipe", help="recipe YAML file (see recipes/configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
@@ -48,6 +53,7 @@ def train(argv: list[str] | None = None) -> int:
 
     def run() -> list[dict[str, Any]]:
         recipe = parse_recipe(load_recipe_file(args.recipe, args.set))
+        check_recipe_inputs(recipe)  # what the recipe alone shows wrong, before the engine loads
         from .run import run_recipe  # torch, timm and accelerate load from here on
 
         with disk_full_named(recipe.output_dir), paths_named(recipe.output_dir):  # any file of the run: logs,
@@ -92,7 +98,10 @@ _REQUIRED = [f.name for f in fields(SaveConfig) if f.default is MISSING]
 def parse_save_config(argv: list[str] | None = None) -> SaveConfig:
     """Options from the command line over those of `--config FILE.yaml`."""
     parser = argparse.ArgumentParser(
-        prog="distill-save-logits", description=SAVE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="distill-save-logits",
+        description=SAVE_DOC,
+        epilog=TEACHER_SPECS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file with the same keys as the options (underscores or dashes)")
     parser.add_argument(
@@ -107,7 +116,7 @@ def parse_save_config(argv: list[str] | None = None) -> SaveConfig:
             parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
         else:
             parser.add_argument(
-                flag, type=OPTION_TYPES[str(f.type).replace(" | dict", "")], default=None, help=f.metadata["help"]
+                flag, type=OPTION_TYPES[str(f.type).replace(" | dict", "")], default=None, help=_option_help(f)
             )
     args = vars(parser.parse_args(argv))
     config_path, recipe_path = args.pop("config"), args.pop("from_recipe")
@@ -123,6 +132,14 @@ def parse_save_config(argv: list[str] | None = None) -> SaveConfig:
     except RecipeError as err:
         parser.error(str(err))
         raise
+
+
+def _option_help(f: Any) -> str:
+    """An option's meaning and its default, or that it is required (and where --from-recipe gives it)."""
+    if f.default is not MISSING:
+        return f.metadata["help"]
+    given = " (required, unless --from-recipe gives it)" if f.name in RECIPE_KEYS else " (required)"
+    return f.metadata["help"] + given
 
 
 def _read_options(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -170,6 +187,7 @@ def save_logits(argv: list[str] | None = None) -> int:
     cfg = parse_save_config(argv)
 
     def run() -> None:
+        check_save_inputs(cfg)  # what the options alone show wrong, before the engine loads
         from .save import run as save  # torch, timm and accelerate load from here on
 
         with paths_named(cfg.out):
@@ -195,11 +213,16 @@ zero-shot top-1. --teacher scores a live classifier on the same views (teacher_t
 def evaluate(argv: list[str] | None = None) -> int:
     """`distill-eval`."""
     parser = argparse.ArgumentParser(
-        prog="distill-eval", description=EVAL_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="distill-eval",
+        description=EVAL_DOC,
+        epilog=TEACHER_SPECS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run", metavar="RUN_DIR|WEIGHTS", help="a run folder or a weights file of a run")
     parser.add_argument("--data", help="dataset spec to score on (default: the run's data.val)")
-    parser.add_argument("--teacher", help="a live teacher spec to score on the same views (timm:NAME, ...)")
+    parser.add_argument(
+        "--teacher", help="a live teacher spec to score on the same views (timm:NAME[?file=PATH&...], see below)"
+    )
     parser.add_argument("--teacher-checkpoint", help="the teacher's weights (.safetensors, or .pth)")
     parser.add_argument("--batch-size", type=int, help="evaluation batch (default: the recipe's eval.batch_size)")
     args = parser.parse_args(argv)
@@ -207,6 +230,8 @@ def evaluate(argv: list[str] | None = None) -> int:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
 
     def run() -> dict[str, Any]:
+        if not os.path.exists(args.run):  # a typo: said before the engine loads
+            raise RecipeError(f"{args.run} does not exist (expected a run folder or a run's .safetensors weights)")
         from .score import score_run  # torch, timm and accelerate load from here on
 
         return score_run(args.run, args.data, args.teacher, args.teacher_checkpoint, args.batch_size)
@@ -229,7 +254,8 @@ def _guarded(prog: str, source: str | None, run: Callable[[], Any], resumes: str
     try:
         return True, run()
     except DistillError as err:  # credentials of any URL in the message are never printed
-        print(redact_text(f"{prog}: error: {source + ': ' if source else ''}{err}"), file=sys.stderr)
+        named = source and not str(err).startswith(source)  # a message naming the file already is not told it twice
+        print(redact_text(f"{prog}: error: {source + ': ' if named else ''}{err}"), file=sys.stderr)
         return False, None
     except KeyboardInterrupt:
         if resumes is None:

@@ -39,6 +39,13 @@ __all__ = [
 ]
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+# What a timm pretrained_cfg says of the weights it names (where they come from, what they were trained on, their
+# licence and paper): kept in config.json only for a student that started from those weights (student.kwargs
+# pretrained: true). What describes the model's input (mean, std, input_size, crop_pct, interpolation) always stays.
+WEIGHTS_SOURCE_KEYS = frozenset(
+    {"tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source", "state_dict", "origin_url", "license",
+     "paper_ids", "paper_name", "notes"}
+)  # fmt: skip
 RECIPE_KEY = "distill.recipe"  # the run's recipe (credentials redacted), as JSON, in the weights' metadata
 
 
@@ -76,7 +83,13 @@ def export_model(model: nn.Module, out: Path, recipe: dict[str, Any], view: Eval
     from timm.models._hub import save_config_for_hf  # (timm exports it from no public module)
 
     names = {"label_names": class_names} if class_names else {}
-    save_config_for_hf(model, str(out / CONFIG_FILE), model_config=names, data_config=eval_config(view))
+    source_cfg = model.pretrained_cfg
+    if not (recipe["student"].get("kwargs") or {}).get("pretrained"):  # its tag would claim weights it never had
+        model.pretrained_cfg = {k: v for k, v in source_cfg.items() if k not in WEIGHTS_SOURCE_KEYS}
+    try:
+        save_config_for_hf(model, str(out / CONFIG_FILE), model_config=names, data_config=eval_config(view))
+    finally:
+        model.pretrained_cfg = source_cfg
 
 
 def find_run(target: str | Path) -> tuple[dict[str, Any], Path, dict[str, str]]:

@@ -31,6 +31,8 @@ docs/methods/README.md holds the contract with a complete minimal method.
 from __future__ import annotations
 
 import difflib
+import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,16 +108,19 @@ class Method:
 
     def build_student(self, cfg: StudentConfig, img_size: int, teacher: Teacher | None) -> nn.Module:
         """A timm model by name (any registered one, at any input size), optionally from a checkpoint. `teacher`
-        is the checked teacher of the run (None without one, and in `distill-eval`), for checks of the pair."""
+        is the checked teacher of the run (None without one, and in `distill-eval`), for checks of the pair.
+
+        A model whose constructor takes `img_size` (ViT, DeiT, Swin, ...) and is built for another size than the
+        data's is built at `img_size` (as timm's train.py passes its --img-size), unless student.kwargs sets it or
+        the model takes any size already (`dynamic_img_size`).
+        A checkpoint whose classifier has another class count (a pretrained 1000-class head) loads all but that
+        classifier, which stays newly initialised, and a warning says so (see `load_checkpoint`)."""
         kwargs = {"num_classes": self.num_classes} | cfg.kwargs
-        try:
-            model = timm.create_model(cfg.model, **kwargs)
-        except RuntimeError as err:  # timm's "Unknown model"
-            close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(close)}?" if close else "; see timm.list_models()"
-            raise RecipeError(f"student.model: {err}{hint}") from None
-        except (TypeError, ValueError) as err:  # a model's own refusal of its keyword arguments
-            raise RecipeError(f"student.kwargs: {cfg.model}: {err}") from None
+        model = self._create(cfg, kwargs)
+        if "img_size" not in kwargs and _takes_img_size(model) and not getattr(model, "dynamic_img_size", False):
+            built = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", ())[-2:])
+            if built != (img_size, img_size):  # (timm resamples pretrained position embeddings to it)
+                model = self._create(cfg, kwargs | {"img_size": img_size})
         found = getattr(model, "num_classes", self.num_classes)
         if found != self.num_classes:
             raise RecipeError(
@@ -123,8 +128,24 @@ class Method:
                 f"but data.train (and so its teacher) has {self.num_classes}"
             )
         if cfg.checkpoint:
-            load_checkpoint(model, cfg.checkpoint, what=f"student.model {cfg.model}")
+            note = load_checkpoint(model, cfg.checkpoint, what=f"student.model {cfg.model}", new_head=True)
+            if note:
+                logging.getLogger(__name__).warning("student.checkpoint: %s", note)
         return model
+
+    @staticmethod
+    def _create(cfg: StudentConfig, kwargs: dict[str, Any]) -> nn.Module:
+        """`timm.create_model(cfg.model, **kwargs)`; its refusals as RecipeErrors naming the key."""
+        try:
+            return timm.create_model(cfg.model, **kwargs)
+        except RuntimeError as err:  # timm's "Unknown model", or its pretrained weights that would not load
+            if "unknown model" not in str(err).lower():
+                raise RecipeError(f"student.kwargs: {cfg.model}: {err}") from None
+            close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else "; see timm.list_models()"
+            raise RecipeError(f"student.model: {err}{hint}") from None
+        except (TypeError, ValueError) as err:  # a model's own refusal of its keyword arguments
+            raise RecipeError(f"student.kwargs: {cfg.model}: {err}") from None
 
     def check_run(self, num_processes: int, augmentation: Augmentation) -> None:
         """Refuse, before anything runs, a run this method cannot do: on this many processes, with these views."""
@@ -182,6 +203,14 @@ class Method:
     def result_student(self, output_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
         """The student a follow-up run starts from: this run's model with its trained weights."""
         return to_dict(self.recipe.student) | {"checkpoint": str(output_dir / "model.safetensors")}
+
+
+def _takes_img_size(model: nn.Module) -> bool:
+    """Whether the model's class names `img_size` among its constructor's parameters (timm's ViTs, Swins...)."""
+    try:
+        return "img_size" in inspect.signature(type(model)).parameters
+    except (TypeError, ValueError):  # a class without a signature to read
+        return False
 
 
 def create_method(recipe: Recipe, num_classes: int) -> Method:

@@ -193,6 +193,7 @@ class Recipe:
 def parse_recipe(raw: dict[str, Any]) -> Recipe:
     """A validated Recipe: its schema, the method and its loss section, the augmentation, the teacher the
     method takes, and every follow-up run under `then`. Errors name the key path."""
+    _check_teacher_keys(raw)
     recipe = parse_section(Recipe, raw, "")
     method_config(recipe)
     try:
@@ -205,6 +206,19 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
         except RecipeError as err:
             raise RecipeError(f"then[{run.index}].{err}") from None
     return recipe
+
+
+def _check_teacher_keys(raw: Any) -> None:
+    """A teacher key the section does not have (kwargs, file, class_map...): its options go in the spec."""
+    section = raw.get("teacher") if isinstance(raw, dict) else None
+    known = {f.name for f in dataclasses.fields(TeacherConfig)}
+    unknown = sorted(str(key) for key in section if key not in known) if isinstance(section, dict) else []
+    if unknown:
+        raise RecipeError(
+            f"teacher.{unknown[0]}: not a key (teacher takes {', '.join(sorted(known))}); a live teacher's options "
+            "go in its spec: source: timm:NAME?file=PATH&class_map=FILE&img_size=32 (model keyword arguments as "
+            "KEY=VALUE, YAML values; `distill-train --help` lists the specs)"
+        )
 
 
 def method_config(recipe: Recipe) -> tuple[MethodSpec, Any]:

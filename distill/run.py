@@ -4,7 +4,8 @@ A follow-up trains what the run before it produced (`Method.result_student`, rec
 run's summary.json), with the follow-up's own `student` fields over it: Cream retrains the
 path its search chose, a TinyCLIP pruning stage prunes the model the stage before left,
 a fine-tune starts from the pretrained weights. Every run is checked before the first one
-starts; re-running the recipe skips the runs that finished and resumes the one that did not.
+starts; re-running the recipe skips the runs that finished (saying so, their summaries returned as they
+are: a recipe whose runs all finished is done, and writes nothing) and resumes the one that did not.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ __all__ = ["run_recipe"]
 
 def run_recipe(raw: dict[str, Any] | Recipe) -> list[dict[str, Any]]:
     """Train a recipe (a mapping as in a recipe file, or a parsed Recipe) and its follow-ups; the summary of
-    each run, in order. A recipe that cannot run is a RecipeError (or another DistillError) naming its key."""
+    each run, in order (of a finished one, its summary.json). A recipe that cannot run is a RecipeError (or
+    another DistillError) naming its key."""
     recipe = raw if isinstance(raw, Recipe) else parse_recipe(raw)
     runs: list[tuple[str | None, Recipe, dict[str, Any]]] = [(None, recipe, {})]
     runs += [(f.name, parse_recipe(f.recipe), f.student_changes) for f in follow_ups(recipe)]
@@ -43,8 +45,9 @@ def run_recipe(raw: dict[str, Any] | Recipe) -> list[dict[str, Any]]:
         if summary is None:
             _named(name, lambda run=run: make_plan(run, state.num_processes, state.device, build_student=False))
         summaries.append(summary)
-    if all(s is not None for s in summaries):
-        raise RecipeError(f"output_dir {recipe.output_dir} holds a finished run ({SUMMARY_FILE}): choose another")
+    for (_, run, _), summary in zip(runs, summaries, strict=True):
+        if summary is not None and state.is_main_process:  # done: kept as it is, nothing written
+            print(f"already finished: {run.output_dir} ({SUMMARY_FILE})", flush=True)
     for i, (name, run, changes) in enumerate(runs):
         if summaries[i] is not None:
             continue

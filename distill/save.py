@@ -28,6 +28,7 @@ from .data import CAPTION_SPEC_FORMS, ImageDataset, create_dataset
 from .errors import RecipeError
 from .loader import ReplayDataset, ShardBatchSampler, replay_loader
 from .save_config import SaveConfig
+from .threads import cpu_threads, launch_warning
 from .views import MIX_KEYS, ReplayAugment, mix_batch
 
 __all__ = ["build_manifest", "check_replay", "run"]
@@ -224,6 +225,9 @@ def check_committed(store: LogitStore) -> None:
 def run(cfg: SaveConfig) -> LogitStore:
     # accelerate sets up gloo for several CPU processes only when told the run is on the CPU.
     state = PartialState(cpu=not torch.cuda.is_available())
+    for line in (cpu_threads(state.num_processes, state.device.type), launch_warning(state.num_processes)):
+        if line and state.is_main_process:
+            print(line, file=sys.stderr)
     torch.manual_seed(cfg.seed)  # a teacher without a checkpoint gets the same weights on every process
     dataset = create_dataset(cfg.data, split="train", skip_unreadable=cfg.skip_unreadable)
     teacher = create_teacher(

@@ -11,7 +11,24 @@ from typing import Any
 
 from .errors import RecipeError
 
-__all__ = ["OPTION_TYPES", "SaveConfig"]
+__all__ = ["OPTION_TYPES", "TEACHER_SPECS", "SaveConfig"]
+
+# The teacher spec syntax (teachers/registry.py and the teacher modules), for the tools' --help epilogs.
+TEACHER_SPECS = """teacher specs (--teacher here, a recipe's teacher.source): options and model keyword arguments
+go in the spec after a "?", joined by "&" (a recipe's teacher section takes only source, checkpoint, epochs)
+  timm:NAME                           a timm model for the data's classes: random, or the weights of --checkpoint
+                                      (teacher.checkpoint), which must fit its head
+  timm:NAME?file=PATH                 pretrained weights from a local file, with their own head (timm's
+                                      pretrained_cfg_overlay file); ?pretrained=1: timm's own (download or cache)
+  timm:NAME?file=PATH&class_map=FILE  a pretrained head of other classes: FILE holds the teacher's class index
+                                      of each data class, one per line, in the data's class order
+  timm:NAME?KEY=VALUE&...             model keyword arguments, values read as YAML: img_size=32 (a ViT at
+                                      another size), window_sizes=[8,4,2,1], drop_path_rate=0.1
+  module:pkg.mod:factory?KEY=VALUE    factory(num_classes=..., KEY=VALUE): your own nn.Module
+  ensemble:SPEC@CKPT,SPEC@CKPT*0.3    the members' weighted mean softmax
+  store:PATH                          a saved store (training recipes)
+  open_clip:NAME?pretrained=TAG       a CLIP teacher: embeddings
+"""
 
 
 def _option(text: str, default: Any = MISSING) -> Any:
@@ -23,7 +40,10 @@ class SaveConfig:
     """The options of distill-save-logits (command line over `--config FILE.yaml`). Invariant: every field has
     its annotated type and range (a RecipeError naming the option otherwise)."""
 
-    teacher: str = _option("teacher spec: timm:NAME, module:pkg.mod:factory, ensemble:..., open_clip:NAME")
+    teacher: str = _option(
+        "teacher spec: timm:NAME[?file=PATH&class_map=FILE&KEY=VALUE], module:pkg.mod:factory, ensemble:..., "
+        "open_clip:NAME (the specs are listed below)"
+    )
     data: str = _option("dataset spec: a class-folder PATH, csv:PATH, wds:PATTERN, pairs:PATH, digits")
     out: str = _option("the store to write: a path or an fsspec URL")
     epochs: int = _option("epochs of views to save")

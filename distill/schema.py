@@ -9,6 +9,7 @@ with None. A dataclass's `__post_init__` may raise RecipeError for rules the typ
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -29,7 +30,9 @@ def parse_section(cls: type, data: Any, path: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise RecipeError(f"{_join(path, unknown[0])}: unknown key; expected one of {sorted(known)}")
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise RecipeError(f"{_join(path, unknown[0])}: unknown key; expected one of {sorted(known)}{hint}")
     values = {}
     for name, f in known.items():
         if name not in data:

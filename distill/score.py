@@ -9,6 +9,7 @@ replaced by the architecture its config.json names) and the local weights loaded
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from .loader import ReplayDataset
 from .method import create_method
 from .plan import eval_view
 from .recipe import StudentConfig, parse_recipe
+from .threads import cpu_threads
 
 __all__ = ["offline_student", "score_run"]
 
@@ -65,6 +67,9 @@ def score_run(
     student = method.build_student(offline_student(recipe.student, weights), recipe.data.img_size, None)
     load_checkpoint(student, weights, what=f"the student of {target} ({recipe.student.model})")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    threads = cpu_threads(accelerator.num_processes, accelerator.device.type)
+    if threads and accelerator.is_main_process:
+        print(threads, file=sys.stderr)  # (stdout is the result's JSON line)
     views = ReplayDataset(val_set, eval_view(recipe, load_augmentation(recipe.augmentation)))
     size = batch_size or recipe.eval.batch_size
     result = {"weights": str(weights), "data": spec, "images": len(val_set)}

@@ -52,6 +52,7 @@ from .plan import STORE_PIN, Plan
 from .plots import plot_training_curves
 from .recipe import Recipe, to_dict
 from .syncbn import convert_sync_batchnorm, has_batchnorm
+from .threads import cpu_threads, launch_warning
 from .tracking import CsvTracker, RunLog, writer_thread_errors
 from .views import MIX_KEYS, mix_batch
 
@@ -200,6 +201,9 @@ class Trainer:
         self.log(f"  {acc.device.type} x {acc.num_processes} process(es), precision {acc.mixed_precision} "
                  f"(from {source}){', SyncBatchNorm' if self.sync_bn else ''}; images {sizes}; "
                  f"{plan.steps_per_epoch} steps of {recipe.batch_size} per epoch, {recipe.epochs} epochs")  # fmt: skip
+        for line in (cpu_threads(acc.num_processes, acc.device.type), launch_warning(acc.num_processes)):
+            if line:
+                self.log(f"  {line}")
         if dropped / max(len(plan.train_ids), 1) > 0.05:
             self.log(f"  warning: the last partial batch drops {dropped} of {len(plan.train_ids)} training images "
                      f"every epoch ({100 * dropped / len(plan.train_ids):.0f}%): a batch_size dividing the data "
@@ -227,6 +231,7 @@ class Trainer:
         )  # fmt: skip
         self.model.train()
         while state.epoch < recipe.epochs:
+            self.progress.set_description(f"epoch {state.epoch + 1}/{recipe.epochs}")  # from 1, as train.log
             self.tick = time.perf_counter()
             for batch in self.batches(state.epoch):
                 if self.train_step(batch):
@@ -370,7 +375,8 @@ class Trainer:
         if self.log.enabled:
             with self.log.path.open("a") as f:  # the progress bar shows these; the file keeps them
                 parts = " ".join(f"{n} {v:.4g}" for n, v in values.items())
-                f.write(f"epoch {state.epoch} step {state.global_step}: {parts} lr {lr:.3g} img/s {img_s:.0f}\n")
+                epoch = state.epoch + 1  # counted from 1, as the validation lines, summary.json and the curves do
+                f.write(f"epoch {epoch} step {state.global_step}: {parts} lr {lr:.3g} img/s {img_s:.0f}\n")
         self.running, self.counts = {}, {}
 
     def evaluate(self) -> dict[str, float]:

@@ -10,6 +10,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -234,6 +235,8 @@ def read_manifest(location: StoreLocation) -> Manifest:
     try:
         raw = location.read_bytes(MANIFEST_KEY)
     except FileNotFoundError:
+        if location.is_local and not os.path.exists(location.root):  # a typo, most often: say so
+            raise StoreError(f"{location} does not exist (no store there)") from None
         raise StoreError(f"{location} is not a logit store: it has no {MANIFEST_KEY}") from None
     try:
         data = json.loads(raw)

@@ -18,6 +18,7 @@ from logit_store import DistillError
 __all__ = [
     "SUFFIXES",
     "CheckpointError",
+    "classifier_keys",
     "file_sha256",
     "load_checkpoint",
     "load_state_dict_file",
@@ -119,9 +120,25 @@ def mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
     return lines
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], what: str = "the model") -> None:
-    """Load a checkpoint file into `model`, strictly; any mismatch is a CheckpointError listing all of them."""
+def load_checkpoint(
+    model: nn.Module, path: str | os.PathLike[str], what: str = "the model", new_head: bool = False
+) -> str | None:
+    """Load a checkpoint file into `model`, strictly; any mismatch is a CheckpointError listing all of them.
+
+    With `new_head` (fine-tuning a pretrained model on other classes), a checkpoint whose only mismatch is the
+    shape of the model's classifier (timm's `pretrained_cfg["classifier"]` names, as timm's pretrained loading
+    drops a head of another class count) loads all but the classifier, which keeps its new initialisation: the
+    returned line says so, naming its tensors and shapes. None when everything was loaded."""
     state_dict = load_state_dict_file(path)
+    kept = {}
+    if new_head:
+        expected = model.state_dict()
+        kept = {
+            key: f"{key}: checkpoint {list(state_dict[key].shape)} vs model {list(expected[key].shape)}"
+            for key in classifier_keys(model)
+            if key in expected and key in state_dict and state_dict[key].shape != expected[key].shape
+        }
+        state_dict = {**state_dict, **{key: expected[key] for key in kept}}  # the model's own: left as built
     problems = mismatch_report(model, state_dict)
     if problems:
         raise CheckpointError(
@@ -129,6 +146,21 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], what: str = 
             + "; ".join(problems)
         )
     model.load_state_dict(state_dict, strict=True)
+    if not kept:
+        return None
+    return (
+        f"checkpoint {path}: loaded into {what} but its classifier, which has another class count and is left "
+        f"newly initialised ({'; '.join(kept.values())})"
+    )
+
+
+def classifier_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of a timm model's classifier: `NAME.weight` and `NAME.bias` of each name in its
+    `pretrained_cfg["classifier"]` (or `default_cfg`), a string or a tuple ("head", "head_dist")."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = cfg.get("classifier") if isinstance(cfg, Mapping) else None
+    names = [names] if isinstance(names, str) else list(names or [])
+    return [f"{name}.{part}" for name in names for part in ("weight", "bias")]
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -6,6 +6,9 @@
                                                     pretrained_cfg_overlay=dict(file=...))
     timm:hf-hub:timm/resnet50.a1_in1k?pretrained=1  a Hugging Face hub name
     timm:tiny_vit_5m_224?window_sizes=[8,4,2,1]&drop_path_rate=0.1   model kwargs (YAML values)
+    timm:vit_tiny_patch16_224?img_size=32&file=in1k.safetensors      a ViT at another input size: a teacher is
+                                                    built at its name's size unless the spec says img_size (timm
+                                                    resamples pretrained position embeddings to it)
 
 A pretrained head with another class count than the data's is refused, naming both, unless
 `class_map=FILE` says which teacher class each data class is (one teacher index per line, in the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import subprocess
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
 import pytest
 from store_helpers import manifest, write_epoch
@@ -20,6 +20,12 @@ def test_save_help_lists_every_option_with_its_meaning_and_default():
     for f in fields(SaveConfig):
         assert "--" + f.name.replace("_", "-") in text
     assert "the teacher's input size (default: 224)" in text and "zarr or lmdb (default: zarr)" in text
+    for f in fields(SaveConfig):  # each option says its default, or that it is required
+        meaning = " ".join(f.metadata["help"].split())
+        if f.default is MISSING:
+            assert meaning + " (required" in text, f.name
+        else:
+            assert "(default: " in meaning and meaning in text, f.name
 
 
 def test_store_info_into_a_closed_pipe_exits_quietly(tmp_path):

@@ -89,7 +89,7 @@ def test_distill_eval_input_errors_are_one_line(run, tmp_path):
         shutil.copy(next((run["out"].parent / "small" / "val" / "0").iterdir()), three / c / "x.png")
     for args, message in [
         ([run["out"], "--data", three], "has 3 classes, the student outputs 10"),
-        ([tmp_path / "nothing"], "expected a run folder with model.safetensors"),
+        ([tmp_path / "nothing"], "nothing does not exist (expected a run folder or a run's .safetensors weights)"),
         ([run["out"], "--batch-size", "0"], "--batch-size must be >= 1"),
     ]:
         proc, _ = evaluate(run, *args)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -33,16 +35,57 @@ def test_yaml_snippet_is_a_valid_recipe(snippet):
     parse_recipe(yaml.safe_load(snippet))
 
 
-@pytest.mark.slow
-def test_your_own_data_walkthrough_runs_as_pasted(tmp_path):
+WALKTHROUGH = re.findall(r"## Your own data.*?```sh\n(.*?)```", README, flags=re.S)
+
+
+def run_walkthrough(folder: Path) -> subprocess.CompletedProcess:
     """The walkthrough's shell block in a folder holding the repository's .venv and recipes (a fresh clone's
-    root, as far as the block can tell): teacher, store, student and scores, every step exiting 0."""
-    (block,) = re.findall(r"## Your own data.*?```sh\n(.*?)```", README, flags=re.S)
+    root, as far as the block can tell), stopping at the first step that fails."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(folder), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", "-e", "-c", WALKTHROUGH[0]], cwd=folder, capture_output=True, text=True, env=env)
+
+
+def walkthrough_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file the walkthrough wrote or read under `folder` (the repository's links left out)."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink() and path.relative_to(folder).parts[0] not in (".venv", "recipes"):
+            files[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+@pytest.fixture(scope="module")
+def walkthrough(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("walkthrough")
     for name in (".venv", "recipes"):
-        (tmp_path / name).symlink_to(ROOT / name)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        (folder / name).symlink_to(ROOT / name)
+    return folder, run_walkthrough(folder)
+
+
+@pytest.mark.slow
+def test_your_own_data_walkthrough_runs_as_pasted(walkthrough):
+    """Teacher fine-tuned from a file with a 1000-class head, store, ViT student at 32 px and scores, every step
+    exiting 0."""
+    folder, proc = walkthrough
+    assert len(WALKTHROUGH) == 1 and proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "in1k.safetensors" in proc.stderr and "fc.weight: checkpoint [1000, 512] vs model [10, 512]" in proc.stderr
     scores = json.loads(proc.stdout.strip().splitlines()[-1])
-    student = json.loads((tmp_path / "runs" / "my_student" / "summary.json").read_text())
+    student = json.loads((folder / "runs" / "my_student" / "summary.json").read_text())
     assert scores["top1"] == pytest.approx(student["top1"], abs=1e-3) and scores["teacher_top1"] > 50
+    config = json.loads((folder / "runs" / "my_student" / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert "tag" not in config["pretrained_cfg"]  # trained from scratch: no augreg_in21k_ft_in1k weights claimed
+
+
+@pytest.mark.slow
+def test_the_walkthrough_run_again_exits_0_and_changes_no_file(walkthrough):
+    folder, first = walkthrough
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = walkthrough_files(folder)
+    assert any(name.startswith("runs/my_student/") for name in before) and "in1k.safetensors" in before
+    again = run_walkthrough(folder)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    after = walkthrough_files(folder)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, changed
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == json.loads(first.stdout.strip().splitlines()[-1])

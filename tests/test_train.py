@@ -1,6 +1,8 @@
 """distill-train: recipe validation, outputs, store checks, 2-process runs, kill and resume."""
 
+import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -139,9 +141,33 @@ def test_run_writes_weights_summary_logs_and_plot(data, teacher_run):
     # the weights load as a teacher with --checkpoint and give the reported accuracy
     teacher = create_teacher(f"timm:{TEACHER}", 10, str(out / "model.safetensors"))
     assert teacher.weights_sha256
-    # a finished run is never overwritten
+    # train.log counts epochs from 1 in its step lines as in its validation lines (as summary.json, the curves)
+    log = (out / "train.log").read_text()
+    step_epochs = {int(m) for m in re.findall(r"^epoch (\d+) step \d+:", log, re.MULTILINE)}
+    val_epochs = [int(m) for m in re.findall(r"^epoch (\d+): val ", log, re.MULTILINE)]
+    assert step_epochs == set(val_epochs) == set(range(1, 7)) and summary["best_epoch"] in val_epochs, log
+    assert "  cpu threads: 1 per process (OMP_NUM_THREADS=1)" in log  # run_cli sets it
+    # a finished run is done: the same command again says so, prints its summary line and changes no file
+    before = files_hashed(out)
     again = run_cli("distill-train", [str(recipe_path)], data["root"])
-    assert again.returncode == 2 and "holds a finished run" in again.stderr
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"already finished: {out} (summary.json)" in again.stdout
+    assert json.loads(again.stdout.splitlines()[-1])["top1"] == round(summary["top1"], 4)
+    assert files_hashed(out) == before
+    # another recipe in its folder is refused, naming the key that differs
+    other = write_recipe(data["root"] / "other.yaml", base_recipe(data, out, epochs=6, student={"model": TEACHER},
+                                                                  seed=1))  # fmt: skip
+    refused = run_cli("distill-train", [str(other)], data["root"])
+    assert refused.returncode == 2 and "holds a finished run (summary.json) of another recipe (seed differs)" in (
+        refused.stderr
+    ), refused.stderr[-2000:]
+    assert files_hashed(out) == before
+
+
+def files_hashed(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with the sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
 
 
 # ---- stores ----------------------------------------------------------------------------------------------
