@@ -11,15 +11,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--slow", action="store_true", help="also run tests marked slow (always on when CI=true)")
+    parser.addoption("--experiments", action="store_true", help="also run the experiments' end-to-end tests")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--slow") or os.environ.get("CI") == "true":
-        return
-    skip = pytest.mark.skip(reason="slow: run with --slow (CI runs them)")
+    slow = config.getoption("--slow") or os.environ.get("CI") == "true"
+    experiments = config.getoption("--experiments")
+    skip_slow = pytest.mark.skip(reason="slow: run with --slow (CI runs them)")
+    # An experiment's script end to end (tens of minutes): it protects a study in docs/experiments, not a feature
+    skip_experiment = pytest.mark.skip(reason="experiment: run with --experiments (CI does not)")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "experiment" in item.keywords and not experiments:
+            item.add_marker(skip_experiment)
+        elif "slow" in item.keywords and not slow:
+            item.add_marker(skip_slow)
 
 
 @pytest.fixture(scope="module")
