@@ -36,3 +36,20 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def intact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One complete store per back-end, in `intact/zarr` and `intact/lmdb` (store_helpers' manifest: 2 epochs x
+    3000 records, shards of 512), for a module's tests to copy and damage."""
+    from store_helpers import manifest, write_in_order
+
+    from logit_store import create_store
+
+    root = tmp_path_factory.mktemp("intact")
+    for backend in ("zarr", "lmdb"):
+        store = create_store(root / backend, manifest(backend))
+        for epoch in range(store.manifest.epochs):
+            write_in_order(store, epoch)
+        store.close()  # this process keeps no lmdb environment open: the tests' readers open their own
+    return root

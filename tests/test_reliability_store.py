@@ -27,18 +27,6 @@ from logit_store.cli import main as store_cli
 BACKENDS = ["zarr", "lmdb"]
 
 
-@pytest.fixture(scope="module")
-def intact(tmp_path_factory):
-    """One complete store per backend (2 epochs x 3000 records, 6 shards each); tests copy them."""
-    root = tmp_path_factory.mktemp("intact")
-    for backend in BACKENDS:
-        store = create_store(root / backend, manifest(backend))
-        for epoch in range(store.manifest.epochs):
-            write_in_order(store, epoch)
-        store.close()
-    return root
-
-
 def copy_of(intact: Path, backend: str, tmp_path: Path) -> Path:
     shutil.copytree(intact / backend, tmp_path / "s")
     return tmp_path / "s"

@@ -23,18 +23,6 @@ from teachers.store_teacher import StoreTeacher
 BACKENDS = ["zarr", "lmdb"]
 
 
-@pytest.fixture(scope="module")
-def intact(tmp_path_factory):
-    """One complete store per backend (2 epochs x 3000 records, shards of 512); tests copy them."""
-    root = tmp_path_factory.mktemp("intact")
-    for backend in BACKENDS:
-        store = create_store(root / backend, manifest(backend))
-        for epoch in range(store.manifest.epochs):
-            write_in_order(store, epoch)
-        store.close()  # this process keeps no lmdb environment open: the tests' readers open their own
-    return root
-
-
 def copy_of(intact: Path, backend: str, tmp_path: Path) -> Path:
     shutil.copytree(intact / backend, tmp_path / "s")
     return tmp_path / "s"
