@@ -150,10 +150,15 @@ class OutputDirLock(RangeLock):
 
     def abandon(self) -> None:
         """Let go of a folder whose run was refused before it wrote anything: one this lock made is removed
-        again (the lock file first, while still held, so that no other run can take a lock on a removed file)."""
-        if self.created:
-            remove_quietly(self.out / LOCK_FILE)
-        self.release()
+        again (the lock file first, while still held, so that no other run can take a lock on a removed file).
+        Never raises: the refusal that led here is what the user must see."""
+        try:
+            if self.created:
+                (self.out / LOCK_FILE).unlink(missing_ok=True)
+        except OSError:
+            pass
+        finally:
+            self.release()
         if self.created:
             with contextlib.suppress(OSError):  # another run has made it its own meanwhile
                 self.out.rmdir()
@@ -230,19 +235,28 @@ def read_checkpoint(path: Path, acc: Accelerator) -> tuple[dict[str, torch.Tenso
     return weights, state, rng
 
 
-# What reading a damaged file raises: torch's zip reader (RuntimeError), its pickle reader (EOFError,
-# UnpicklingError), safetensors (SafetensorError), the OS.
-_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError)
+# What reading a damaged (empty, cut short, garbled) file raises: torch's zip reader (RuntimeError naming the
+# zip archive), its pickle reader (EOFError, UnpicklingError), safetensors (SafetensorError). Anything else
+# (out of memory on the device, a type weights_only refuses) is no damage and keeps its own error.
+_DAMAGED = (EOFError, pickle.UnpicklingError, SafetensorError)
+_DAMAGED_ZIP = ("zip archive", "central directory", "PytorchStreamReader")
 
 
 def _read(file: Path, load: Callable[[Path], Any]) -> Any:
     """`load(file)`; a file that cannot be read is damage to its checkpoint, named with the way out."""
+    where = file.parent
+    if not file.is_file():  # e.g. rng_1.pt of a run saved with fewer processes: not damage, another launch
+        raise CheckpointError(
+            f"checkpoint {where} has no {file.name}: it was saved by a run of another process count; resume "
+            "with the processes it ran on"
+        )
     try:
         return load(file)
-    except _UNREADABLE as err:
-        empty = file.is_file() and file.stat().st_size == 0
+    except (*_DAMAGED, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not any(s in str(err) for s in _DAMAGED_ZIP):
+            raise
+        empty = file.stat().st_size == 0
         why = "is empty (0 bytes)" if empty else f"cannot be read ({_first_sentence(err)})"
-        where = file.parent
         raise CheckpointError(f"checkpoint {where} is damaged: {file.name} {why}; {_way_out(where)}") from err
 
 

@@ -250,6 +250,9 @@ def _guarded(prog: str, source: str | None, run: Callable[[], Any], resumes: str
     (where from, in words) answers Ctrl-C with one line saying so and exit code 130 (128 + SIGINT), as shells do."""
     from logit_store.cli import log_to_stderr  # imported with the run: it loads zarr
 
+    from .threads import choose_threads
+
+    choose_threads()  # a CPU run's threads: cores per process unless OMP_NUM_THREADS says (distill.threads)
     log_to_stderr()  # the store's log lines ("replacing ...") print as plain lines, whatever logging is set up
     try:
         return True, run()

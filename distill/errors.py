@@ -34,6 +34,9 @@ class PathError(DistillError):
 _PATH_ERRNOS = {
     errno.ENAMETOOLONG: "path {}: a folder or file name in it is longer than the file system allows (often 255 bytes)",
     errno.EROFS: "cannot write {}: its file system is read-only",
+    errno.EACCES: "cannot write {}: permission denied",
+    errno.EPERM: "cannot write {}: operation not permitted",
+    errno.ENOTDIR: "path {}: a part of it is a file, not a folder",
 }
 
 

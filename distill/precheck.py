@@ -33,7 +33,7 @@ def check_teacher(spec: str, where: str) -> None:
         hint = f" (did you mean '{close[0]}:{body}'?)" if close else _hint(spec, sep)
         raise RecipeError(f"{where}: teacher spec '{spec}' has no known prefix; expected one of {known}{hint}")
     if prefix == "store" and body and ("://" not in body or body.startswith("file://")):
-        path = os.path.expanduser(body.removeprefix("file://"))
+        path = body.removeprefix("file://")  # as the store's location reads it (no ~ expansion)
         if not os.path.exists(path):
             raise RecipeError(
                 f"{where}: the store {body} does not exist; write it first with distill-save-logits "
@@ -43,12 +43,19 @@ def check_teacher(spec: str, where: str) -> None:
 
 def check_recipe_inputs(recipe: Recipe) -> None:
     """The teacher of the run and of each follow-up under `then` (see the module docstring)."""
-    if recipe.teacher.source:
+    if recipe.teacher.source and not _finished(recipe):
         check_teacher(recipe.teacher.source, "teacher.source")
     for run in follow_ups(recipe):
-        source = parse_recipe(run.recipe).teacher.source
-        if source and source != recipe.teacher.source:
+        parsed = parse_recipe(run.recipe)
+        source = parsed.teacher.source
+        if source and source != recipe.teacher.source and not _finished(parsed):
             check_teacher(source, f"then[{run.index}].teacher.source")
+
+
+def _finished(recipe: Recipe) -> bool:
+    """A run whose folder holds a finished run: the engine says whether it is this recipe's (done, whatever
+    became of its store since) or another's, so nothing is refused here."""
+    return os.path.exists(os.path.join(recipe.output_dir, "summary.json"))
 
 
 def check_save_inputs(cfg: SaveConfig) -> None:

@@ -57,7 +57,7 @@ def score_run(
     if not val_set.has_labels:
         raise RecipeError(f"--data: {spec} has no labels to score against")
     outputs = metadata_value(metadata, "num_classes", weights) or val_set.num_classes  # (older weights: none)
-    if not isinstance(outputs, int) or outputs < 1:
+    if not isinstance(outputs, int) or isinstance(outputs, bool) or outputs < 1:
         raise RecipeError(f"{weights}: metadata num_classes: expected a class count >= 1, got {outputs!r}")
     method = create_method(recipe, outputs)
     if method.spec.outputs == "logits" and val_set.num_classes != outputs:  # (zero-shot takes any classes)

@@ -4,7 +4,8 @@ torch's default on CPUs is a thread per physical core in every process: several 
 machine other work shares, then fight over the cores (one thread per process measured 4x faster than the
 default on a loaded 2-core machine). A CPU run whose OMP_NUM_THREADS is unset takes the cores it may run
 on divided by the processes of the run (what `accelerate launch` sets OMP_NUM_THREADS to on CPUs); a set
-OMP_NUM_THREADS (torch reads it at start) is respected. Either way the run's first lines say what it uses.
+OMP_NUM_THREADS (torch reads it at start) is respected. Only the command-line tools choose (`choose_threads`):
+a program that calls the library keeps the threads it set. Either way the run's first lines say what it uses.
 
 `accelerate launch --cpu --num_processes N` starts one process (its simple launcher: --cpu runs no
 multi-process launcher); the process can tell only from the environment that launcher leaves, MASTER_ADDR
@@ -15,7 +16,15 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["cpu_threads", "launch_warning"]
+__all__ = ["choose_threads", "cpu_threads", "launch_warning"]
+
+_choosing = False  # set by the command-line tools only (see the module docstring)
+
+
+def choose_threads() -> None:
+    """Let `cpu_threads` set torch's threads for this process's runs: what a command-line tool does."""
+    global _choosing
+    _choosing = True
 
 
 def usable_cores() -> int:
@@ -35,6 +44,8 @@ def cpu_threads(num_processes: int, device_type: str) -> str | None:
     given = os.environ.get("OMP_NUM_THREADS", "").strip()
     if given:
         return f"cpu threads: {torch.get_num_threads()} per process (OMP_NUM_THREADS={given})"
+    if not _choosing:
+        return f"cpu threads: {torch.get_num_threads()} per process (as this program set them)"
     threads = max(1, usable_cores() // max(num_processes, 1))
     torch.set_num_threads(threads)
     return f"cpu threads: {threads} per process (set OMP_NUM_THREADS to change)"
@@ -46,7 +57,8 @@ def launch_warning(num_processes: int) -> str | None:
     world = env.get("WORLD_SIZE", "").strip()
     if world.isdigit() and int(world) != num_processes:
         return f"warning: WORLD_SIZE is {world}, but this run has {num_processes} process(es)"
-    if num_processes == 1 and "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and not world:
+    use_cpu = env.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes")
+    if num_processes == 1 and use_cpu and "MASTER_ADDR" in env and not world:
         return (
             "warning: accelerate launch was asked for several processes but started only this one (with --cpu it "
             "runs one process); for several CPU processes use torchrun --standalone --nproc_per_node N"

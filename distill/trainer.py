@@ -140,18 +140,16 @@ class Trainer:
         )  # fmt: skip
         self.scheduler = create_schedule(optimizer, recipe, self.plan.steps_per_epoch)
         acc.wait_for_everyone()
-        if acc.is_main_process:
+        self.unwritten_extension = self.plan.extends  # see take_over_finished_run
+        if acc.is_main_process and not self.plan.extends:
             write_recipe(self.plan.out, to_dict(recipe), fresh=self.plan.resume_from is None)
-            if self.plan.store_pin is not None and (not self.plan.resume_from or self.plan.extends):
-                pin = json.dumps(self.plan.store_pin, indent=1).encode()  # an extension's: its new epochs too
-                write_file(self.plan.out / STORE_PIN, lambda fh: fh.write(pin))
+        if acc.is_main_process and self.plan.store_pin is not None and (not self.plan.resume_from or self.plan.extends):
+            pin = json.dumps(self.plan.store_pin, indent=1).encode()  # an extension's: its new epochs too
+            write_file(self.plan.out / STORE_PIN, lambda fh: fh.write(pin))
         self.model, self.optimizer = acc.prepare(self.plan.student, optimizer)
         self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=recipe.ema.decay) if recipe.ema else None
         self.method.setup(self.method_context())
         self.banner()
-        if self.plan.extends and acc.is_main_process:  # the finished run's summary stays, under its epochs
-            previous = json.loads((self.plan.out / SUMMARY_FILE).read_text())
-            (self.plan.out / SUMMARY_FILE).rename(self.plan.out / f"summary.epochs_{previous['epochs']}.json")
         if self.plan.resume_from:
             self.load(self.plan.resume_from)
             self.scheduler.step_update(self.state.global_step)  # (an extension's new schedule, where it stands)
@@ -301,7 +299,21 @@ class Trainer:
     def checkpoint(self) -> None:
         self.check_finite(self.accelerator.unwrap_model(self.model))  # a checkpoint never holds a diverged run
         self.state.wall_seconds = self.wall_before + time.perf_counter() - self.started
+        self.take_over_finished_run()
         self.save(self.state.global_step)
+
+    def take_over_finished_run(self) -> None:
+        """An extension leaves the finished run's folder as it was until it has a checkpoint of its own (or
+        finishes): its recipe written then, the finished summary kept under its epochs. Stopped before that, the
+        folder still holds the finished run, which the same command extends again."""
+        if not self.unwritten_extension:
+            return
+        self.unwritten_extension = False
+        if self.accelerator.is_main_process:
+            out = self.plan.out
+            previous = json.loads((out / SUMMARY_FILE).read_text())
+            (out / SUMMARY_FILE).rename(out / f"summary.epochs_{previous['epochs']}.json")
+            write_recipe(out, to_dict(self.recipe), fresh=False)
 
     def save(self, step: int | None = None) -> None:
         """The run into checkpoints/step_N, or checkpoints/best with no step (`distill.checkpoint`)."""
@@ -390,6 +402,7 @@ class Trainer:
         self.log(f"epoch {state.epoch}: " + ", ".join(f"val {k} {v:.4g}" for k, v in metrics.items()))
         if metrics["top1"] > state.best_top1:
             state.best_top1, state.best_epoch = metrics["top1"], state.epoch
+            self.take_over_finished_run()
             self.save()  # checkpoints/best: weights and state, to fine-tune or compare
         return metrics
 
@@ -419,6 +432,7 @@ class Trainer:
             "best_top1": state.best_top1,
             "best_epoch": state.best_epoch,
         }
+        self.take_over_finished_run()
         if acc.is_main_process:
             summary |= self.method.finish(final, out)
             summary["result_student"] = self.method.result_student(out, summary)

@@ -145,7 +145,7 @@ class StoreLocation:
             detail = " ".join(str(err).split()) or type(err).__name__
             if isinstance(err, PermissionError):  # s3fs: 403, a refused key (botocore says only "Forbidden")
                 detail = f"access denied, check the credentials ({detail})"
-            elif "Timeout" in type(err).__name__ and self.fs.protocol == ("s3", "s3a"):  # botocore's: name the limit
+            elif "Timeout" in type(err).__name__ and "s3" in tuple(self.fs.protocol):  # botocore's: name the limit
                 limit = self.fs.storage_options.get("config_kwargs", {}).get("read_timeout")
                 detail += f" (no answer within {limit} s; {S3_TIMEOUT_ENV} sets the limit)"
             raise StoreAccessError(f"{self}: {redact_text(detail)}") from None

@@ -1,4 +1,4 @@
-"""The docs name tests that exist: every `tests/FILE.py::NAME` in docs/ is a test function or class there (or,
+"""The docs name tests that exist: every `tests/FILE.py::NAME` in README.md and docs/ is a test function or class there (or,
 for a back-end's contract test, in the suite it inherits, `logit_store/testing.py`)."""
 
 import ast
@@ -17,10 +17,11 @@ def defined_names(path: Path) -> set[str]:
 
 def test_every_test_named_in_the_docs_exists():
     contract = defined_names(ROOT / "logit_store" / "testing.py")
-    missing = []
-    for doc in sorted((ROOT / "docs").rglob("*.md")):
+    missing, found = [], 0
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
         last = None
         for match in REFERENCE.finditer(doc.read_text()):
+            found += 1
             file, first, second = match.groups()
             last = file or last
             assert last is not None, f"{doc}: '::{first}' with no test file before it"
@@ -29,4 +30,5 @@ def test_every_test_named_in_the_docs_exists():
             name = second or first
             if name not in names and not (second and name in contract):
                 missing.append(f"{doc.relative_to(ROOT)}: {last}::{name}")
+    assert found > 100, f"only {found} test references found: has the docs' form of them changed?"
     assert not missing, "docs name tests that do not exist:\n" + "\n".join(missing)

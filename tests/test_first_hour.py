@@ -100,8 +100,9 @@ def test_an_unknown_recipe_key_suggests_the_close_one():
 THREADS_PROBE = """
 import json, sys
 import torch
-from distill.threads import cpu_threads
-lines = {}
+from distill.threads import choose_threads, cpu_threads
+lines = {"library": [cpu_threads(1, "cpu"), torch.get_num_threads()]}  # before a tool chooses: left as they are
+choose_threads()
 for processes, device in ((2, "cuda"), (2, "cpu"), (1, "cpu")):
     lines[f"{processes} {device}"] = [cpu_threads(processes, device), torch.get_num_threads()]
 print(json.dumps(lines))
@@ -119,8 +120,9 @@ def threads_of(**env: str) -> dict:
 def test_a_cpu_run_takes_its_share_of_the_cores_unless_omp_num_threads_says_otherwise():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     unset = threads_of()
-    torch_default = unset["2 cuda"][1]  # a GPU run's threads are torch's: nothing set, nothing said
-    assert unset["2 cuda"] == [None, torch_default]
+    torch_default = unset["library"][1]
+    assert unset["library"] == [f"cpu threads: {torch_default} per process (as this program set them)", torch_default]
+    assert unset["2 cuda"] == [None, torch_default]  # a GPU run's threads are torch's: nothing set, nothing said
     for processes in (2, 1):
         share = max(1, cores // processes)
         assert unset[f"{processes} cpu"] == [f"cpu threads: {share} per process (set OMP_NUM_THREADS to change)", share]
@@ -143,3 +145,18 @@ def test_a_launch_that_started_fewer_processes_than_asked_says_so(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert launch_warning(2) is None
     assert launch_warning(1) == "warning: WORLD_SIZE is 2, but this run has 1 process(es)"
+
+
+def test_a_finished_run_whose_store_was_deleted_is_not_refused_early(tmp_path):
+    """Stores are large and often deleted once students are trained: the early check leaves a finished run's
+    folder to the engine (which says it is done), and refuses the same missing store for a run not yet made."""
+    from distill.precheck import check_recipe_inputs
+
+    recipe = {"method": "tinyvit", "student": {"model": "resnet18"}, "epochs": 1, "batch_size": 8,
+              "data": {"train": "digits", "val": "digits"}, "output_dir": str(tmp_path / "run"),
+              "teacher": {"source": f"store:{tmp_path / 'gone.zarr'}"}}  # fmt: skip
+    with pytest.raises(RecipeError, match=r"^teacher\.source: the store .*gone\.zarr does not exist"):
+        check_recipe_inputs(parse_recipe(recipe))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    check_recipe_inputs(parse_recipe(recipe))

@@ -411,6 +411,29 @@ def test_a_finished_run_keeps_its_last_and_best_state_and_is_extended_by_more_ep
     assert extended["best_top1"] == max(tops) and len(tops) == 3
 
 
+def test_an_extension_stopped_before_its_first_checkpoint_leaves_the_finished_run_whole(data, tmp_path, monkeypatch):
+    """Until an extension has a checkpoint of its own, the folder is the finished run's, byte for byte (its
+    recipe, summary, weights, last and best): stopped there, the same extension starts again from `last`."""
+    from distill.trainer import Trainer
+
+    out = tmp_path / "run"
+    first = run_recipe(base_recipe(data, out, epochs=1))[0]
+    kept = {k: v for k, v in files_hashed(out).items() if not k.startswith(("tensorboard", "metrics", "train.log"))}
+
+    def interrupted(self, batch):
+        raise KeyboardInterrupt  # Ctrl-C in the extension's first step
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(base_recipe(data, out, epochs=2))
+    now = files_hashed(out)
+    assert {k: now.get(k) for k in kept} == kept and "summary.epochs_1.json" not in now
+    extended = run_recipe(base_recipe(data, out, epochs=2))[0]
+    assert extended["epochs"] == 2 and extended["steps"] == 2 * first["steps"]
+    assert json.loads((out / "summary.epochs_1.json").read_text()) == json.loads(json.dumps(first))
+
+
 def test_a_store_of_unlabelled_images_teaches_a_student(data, teacher_run, tmp_path):
     """A teacher needs no labels: a store over unlabelled images (a partly labelled CSV here) has agreement
     statistics over its labelled images only, and a student learns from it, evaluated on labelled data.val."""
