@@ -33,7 +33,6 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
@@ -45,7 +44,7 @@ from logit_store.locks import RangeLock
 from teachers.checkpoint import CheckpointError
 
 from .errors import RecipeError
-from .files import BadYaml, load_yaml_file
+from .files import BadYaml, dump_yaml, load_yaml_file
 
 __all__ = [
     "check_output_dir",
@@ -178,7 +177,7 @@ def write_recipe(out: Path, resolved: dict[str, Any], fresh: bool) -> None:
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         (out / "metrics.csv").unlink(missing_ok=True)
-    (out / RECIPE_FILE).write_text(yaml.safe_dump(public(resolved), sort_keys=False))
+    (out / RECIPE_FILE).write_text(dump_yaml(public(resolved)))
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:

@@ -172,11 +172,21 @@ class _BoundedLoader(yaml.SafeLoader):
             self._open.discard(anchor)
 
 
-_BoundedLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.[\d_]+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
+_FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.[\d_]+)[eE][-+]?\d+$")
+_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789."))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes what `load_yaml_text` reads back as it was: a string such as '1e3' is quoted (plain, the loader
+    would read a number)."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789."))
+
+
+def dump_yaml(data: Any) -> str:
+    """`data` as YAML that `load_yaml_text` reads back equal (keys in their order)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def _values(node: yaml.Node, seen: dict[int, int]) -> int:

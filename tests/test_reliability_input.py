@@ -265,3 +265,13 @@ def test_a_full_disk_writing_the_digits_cache_is_one_line_naming_the_file(tmp_pa
     assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert f"disk full: cannot write {calls[2]}" in err
     assert sorted(p.name for p in cache.iterdir()) == []  # no half-built digits folder left
+
+
+def test_a_runs_recipe_reads_back_as_it_was_written(tmp_path):
+    """A string that looks like a number without a dot ('1e3': a run's name, a tag) is written quoted, so the
+    run's saved recipe reads back equal and a resume never takes it for another recipe."""
+    from distill.checkpoint import saved_recipe, write_recipe
+
+    recipe = {"output_dir": "1e3", "tag": "2E-5", "optimizer": {"lr": 3e-4, "weight_decay": 1e5}, "then": ["1e3"]}
+    write_recipe(tmp_path, recipe, fresh=False)
+    assert saved_recipe(tmp_path) == recipe
