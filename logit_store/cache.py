@@ -145,10 +145,7 @@ class SharedPlane:
         _private_dir(directory)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_SH)  # in use: nobody deletes it under us
-            if os.fstat(self._fd).st_size > size:
-                os.ftruncate(self._fd, size)
-            _allocate(self._fd, size, self.path)
+            _hold_sized(self._fd, size, self.path)  # in use: nobody deletes it under us
             self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             _release_file(self._fd, self.path, os.getpid())  # no file of ours left behind (unless in use)
@@ -217,10 +214,28 @@ def _release_file(fd: int, path: str, pid: int) -> None:
         os.close(fd)
 
 
+def _hold_sized(fd: int, size: int, path: str) -> None:
+    """Hold the cache file shared, at its `size`. It is sized and allocated only by a process alone with it (an
+    exclusive flock): where the file system cannot allocate ahead, glibc's posix_fallocate writes zeros over
+    the file, which must never race with another reader's rows. A file in use was sized by its maker."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if os.fstat(fd).st_size < size:  # never so when its maker sized it; extending writes no byte
+            os.ftruncate(fd, size)
+        return
+    current = os.fstat(fd).st_size
+    if current > size:
+        os.ftruncate(fd, size)
+    if current < size:
+        _allocate(fd, size, path)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # (a process that takes it exclusively meanwhile finds it sized)
+
+
 def _allocate(fd: int, size: int, path: str) -> None:
     """Give the file its `size` bytes on the disk now. A sparse file would get its blocks when the map is
-    written, and a full disk then kills the process with SIGBUS and no message; here it is ENOSPC, one line.
-    (Cheap when the blocks are there already: another reader allocated them.)"""
+    written, and a full disk then kills the process with SIGBUS and no message; here it is ENOSPC, one line."""
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as err:

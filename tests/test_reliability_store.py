@@ -173,6 +173,28 @@ def test_a_full_disk_under_the_reader_cache_is_disk_full_not_sigbus(intact, tmp_
     store.close()
 
 
+def test_a_cache_file_in_use_is_never_allocated_again(intact, tmp_path, monkeypatch):
+    """Where a file system cannot allocate ahead, glibc's posix_fallocate writes zeros over the whole file: only
+    a reader alone with the cache file sizes it, never one that opens it while another holds (and fills) it."""
+    cache = tmp_path / "cache"
+    first = open_store(intact / "zarr", cache_bytes=4096, cache_dir=str(cache))  # shared planes, as above
+    expected = first.read(0, [5, 2999])
+    calls = []
+    allocate = os.posix_fallocate
+    monkeypatch.setattr(
+        os, "posix_fallocate", lambda fd, offset, size: (calls.append(size), allocate(fd, offset, size))
+    )
+    second = open_store(intact / "zarr", cache_bytes=4096, cache_dir=str(cache))
+    got = second.read(0, [5, 2999])
+    assert calls == [], "a cache file in use was allocated again"
+    assert (got.indices == expected.indices).all() and (got.values == expected.values).all()
+    first.close()
+    second.close()
+    third = open_store(intact / "zarr", cache_bytes=4096, cache_dir=str(cache))  # alone with it again: sized
+    third.read(0, [5])
+    third.close()
+
+
 # ---- 4. lmdb on a full disk: EIO at the commit ------------------------------------------------------------------
 
 
