@@ -41,7 +41,8 @@ __all__ = [
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 # What a timm pretrained_cfg says of the weights it names (where they come from, what they were trained on, their
 # licence and paper): kept in config.json only for a student that started from those weights (student.kwargs
-# pretrained: true). What describes the model's input (mean, std, input_size, crop_pct, interpolation) always stays.
+# pretrained: true), and stripped from any weights distill-eval is given (it fetches nothing). What describes the
+# model's input (mean, std, input_size, crop_pct, interpolation) always stays.
 WEIGHTS_SOURCE_KEYS = frozenset(
     {"tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source", "state_dict", "origin_url", "license",
      "paper_ids", "paper_name", "notes"}

@@ -9,10 +9,9 @@ engine (a csv's or tar shards' classes, a remote store) it leaves to the engine.
 
 from __future__ import annotations
 
-import difflib
 import os
 
-from teachers.registry import TEACHERS, _hint
+from teachers.registry import TeacherError, split_spec
 
 from .errors import RecipeError
 from .recipe import Recipe, follow_ups, parse_recipe
@@ -25,13 +24,10 @@ DIGITS_CLASSES = 10  # scikit-learn's digits (distill.data_digits)
 
 def check_teacher(spec: str, where: str) -> None:
     """A teacher spec's prefix is a registered one, and a local `store:PATH` exists."""
-    spec = spec.strip()
-    prefix, sep, body = spec.partition(":")
-    if not sep or prefix not in TEACHERS:
-        known = ", ".join(f"'{p}:'" for p in TEACHERS.names())
-        close = difflib.get_close_matches(prefix, TEACHERS.names(), n=1) if sep else []
-        hint = f" (did you mean '{close[0]}:{body}'?)" if close else _hint(spec, sep)
-        raise RecipeError(f"{where}: teacher spec '{spec}' has no known prefix; expected one of {known}{hint}")
+    try:
+        prefix, body = split_spec(spec)
+    except TeacherError as err:
+        raise RecipeError(f"{where}: {err}") from None
     if prefix == "store" and body and ("://" not in body or body.startswith("file://")):
         path = body.removeprefix("file://")  # as the store's location reads it (no ~ expansion)
         if not os.path.exists(path):

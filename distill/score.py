@@ -23,7 +23,7 @@ from .augment import load_augmentation
 from .data import create_dataset
 from .errors import RecipeError
 from .evaluate import teacher_accuracy
-from .export import CONFIG_FILE, find_run, metadata_value, untrusted_json
+from .export import CONFIG_FILE, WEIGHTS_SOURCE_KEYS, find_run, metadata_value, untrusted_json
 from .files import read_regular_file
 from .loader import ReplayDataset
 from .method import create_method
@@ -35,8 +35,6 @@ __all__ = ["offline_student", "score_run"]
 
 # timm.create_model arguments by which a model fetches or reads weights of its own: the run's are loaded after.
 FETCHING_KWARGS = ("pretrained", "checkpoint_path", "cache_dir")
-# The keys of a timm pretrained_cfg naming where weights come from (timm's _PRETRAINED_SOURCE_KEYS, and "source").
-SOURCE_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "file", "source", "state_dict")
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")  # timm fetches such a model's config.json from the hub, even unpretrained
 MAX_CONFIG_BYTES = 1 << 20  # timm's config.json is a few KiB
 
@@ -91,18 +89,18 @@ def offline_student(cfg: StudentConfig, weights: Path) -> StudentConfig:
 
 
 def _offline_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments less FETCHING_KWARGS, their pretrained_cfg (and its overlay) less SOURCE_KEYS."""
+    """Keyword arguments less FETCHING_KWARGS, their pretrained_cfg (and its overlay) less WEIGHTS_SOURCE_KEYS."""
     out = {key: value for key, value in kwargs.items() if key not in FETCHING_KWARGS}
     for key in ("pretrained_cfg", "pretrained_cfg_overlay"):
         if isinstance(out.get(key), dict):
-            out[key] = {k: v for k, v in out[key].items() if k not in SOURCE_KEYS}
+            out[key] = {k: v for k, v in out[key].items() if k not in WEIGHTS_SOURCE_KEYS}
     return out
 
 
 def _architecture_beside(weights: Path, name: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(the timm architecture, its kwargs) of a hub-named student, from the config.json beside its weights
     (`export.export_model` writes it in timm's form): its model_args under the recipe's kwargs, its
-    pretrained_cfg less SOURCE_KEYS."""
+    pretrained_cfg less WEIGHTS_SOURCE_KEYS."""
     path = weights.parent / CONFIG_FILE
     if not path.is_file():
         raise RecipeError(
@@ -120,5 +118,5 @@ def _architecture_beside(weights: Path, name: str, kwargs: dict[str, Any]) -> tu
             f"{path}: expected timm's model config: an 'architecture' (a timm model name, no source prefix), "
             "'model_args' and 'pretrained_cfg' mappings"
         )
-    cfg = {k: v for k, v in pretrained.items() if k not in SOURCE_KEYS}
+    cfg = {k: v for k, v in pretrained.items() if k not in WEIGHTS_SOURCE_KEYS}
     return arch, _offline_kwargs(args) | ({"pretrained_cfg": cfg} if cfg else {}) | kwargs

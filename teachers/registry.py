@@ -7,6 +7,7 @@ prefixes through the `distill.teachers` entry points. Every builder has the sign
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -56,13 +57,23 @@ def create_teacher(
     ):
         raise TeacherError(f"teacher {spec}: num_classes must be a positive integer, got {num_classes!r}")
     spec = spec.strip()
-    prefix, sep, body = spec.partition(":")
-    if not sep or prefix not in TEACHERS:
-        known = ", ".join(f"'{p}:'" for p in TEACHERS.names())
-        raise TeacherError(f"teacher spec '{spec}' has no known prefix; expected one of {known}{_hint(spec, sep)}")
+    prefix, body = split_spec(spec)
     if not body:
         raise TeacherError(f"teacher spec '{spec}' is empty after '{prefix}:'")
     return TEACHERS.get(prefix)(spec, body, num_classes, checkpoint, device)
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """(prefix, body) of a teacher spec whose prefix is registered; else a TeacherError listing the known ones,
+    with the closest prefix or, for a bare name, the spec it was likely meant as."""
+    spec = spec.strip()
+    prefix, sep, body = spec.partition(":")
+    if sep and prefix in TEACHERS:
+        return prefix, body
+    known = ", ".join(f"'{p}:'" for p in TEACHERS.names())
+    close = difflib.get_close_matches(prefix, TEACHERS.names(), n=1) if sep else []
+    hint = f" (did you mean '{close[0]}:{body}'?)" if close else _hint(spec, sep)
+    raise TeacherError(f"teacher spec '{spec}' has no known prefix; expected one of {known}{hint}")
 
 
 def _hint(spec: str, sep: str) -> str:
