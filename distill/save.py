@@ -225,9 +225,7 @@ def check_committed(store: LogitStore) -> None:
 def run(cfg: SaveConfig) -> LogitStore:
     # accelerate sets up gloo for several CPU processes only when told the run is on the CPU.
     state = PartialState(cpu=not torch.cuda.is_available())
-    for line in (cpu_threads(state.num_processes, state.device.type), launch_warning(state.num_processes)):
-        if line and state.is_main_process:
-            print(line, file=sys.stderr)
+    said = (cpu_threads(state.num_processes, state.device.type), launch_warning(state.num_processes))
     torch.manual_seed(cfg.seed)  # a teacher without a checkpoint gets the same weights on every process
     dataset = create_dataset(cfg.data, split="train", skip_unreadable=cfg.skip_unreadable)
     teacher = create_teacher(
@@ -243,6 +241,9 @@ def run(cfg: SaveConfig) -> LogitStore:
     state.wait_for_everyone()
     store = create_store(cfg.out, manifest)
     check_committed(store)
+    for line in said:  # once the inputs are checked: an input error stays the one line printed
+        if line and state.is_main_process:
+            print(line, file=sys.stderr)
     data = ReplayDataset(dataset, ReplayAugment(augmentation, cfg.img_size, cfg.seed))
 
     pending = {epoch: store.pending_shards(epoch) for epoch in range(manifest.planes)}

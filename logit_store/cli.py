@@ -158,6 +158,7 @@ def log_to_stderr() -> None:
     """Print the library's log messages as plain lines on stderr (once, however often called): what a
     command-line tool does, the library itself only logs (`logging.getLogger("logit_store")`)."""
     library = logging.getLogger("logit_store")
+    library.setLevel(logging.INFO)  # whatever level the root logger was given by anyone else
     if _STDERR not in library.handlers:
         library.addHandler(_STDERR)
 

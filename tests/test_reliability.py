@@ -46,8 +46,11 @@ def test_credentials_in_a_location_are_never_written_or_printed(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert SECRET not in all_files_text(tmp_path / "run") and SECRET not in proc.stdout + proc.stderr
     assert "s3://***@bucket/train" in (tmp_path / "run" / "recipe.yaml").read_text()
-    again = run_cli("distill-train", [str(tmp_path / "r.yaml")], data["root"])  # error path: finished run
-    assert again.returncode == 2 and SECRET not in again.stderr
+    again = run_cli("distill-train", [str(tmp_path / "r.yaml")], data["root"])  # done: "already finished"
+    assert again.returncode == 0 and "already finished" in again.stdout and SECRET not in again.stdout + again.stderr
+    other = write_recipe(tmp_path / "other.yaml", recipe | {"seed": 1})  # error path: another recipe's folder
+    refused = run_cli("distill-train", [str(other)], data["root"])
+    assert refused.returncode == 2 and "seed differs" in refused.stderr and SECRET not in refused.stderr
     bad = base_recipe(data, tmp_path / "bad", method="tinyvit", teacher={"source": f"store:s3://u:{SECRET}@b/x.zarr"})
     proc = run_cli("distill-train", [str(write_recipe(tmp_path / "bad.yaml", bad))], data["root"])
     assert proc.returncode == 2 and "s3://***@b/x.zarr" in proc.stderr and SECRET not in proc.stderr

@@ -169,7 +169,7 @@ def test_bad_inputs(env, tmp_path, capsys, monkeypatch):
     (tmp_path / "imgs" / "a").mkdir(parents=True)
     (tmp_path / "imgs" / "empty_class").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a" / "x.png")
-    fails(save_args(env, out, data=tmp_path / "imgs"), "empty_class")
+    fails(save_args(env, out, data=tmp_path / "imgs", k=2), "empty_class")  # k fits the 2 folders: the dataset speaks
     fails(save_args(env, out, teacher="timm:no_such_net"), "no_such_net")
     bad = tmp_path / "bad.safetensors"
     torch.manual_seed(0)

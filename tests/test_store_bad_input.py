@@ -1,6 +1,7 @@
 """Every kind of bad input is refused with a message naming what is wrong; nothing committed is lost."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -191,6 +192,7 @@ def test_reopen_with_a_different_manifest(store, tmp_path):
 def test_a_store_without_committed_records_is_replaced_by_another_manifest(tmp_path, caplog, backend):
     """What a failed save leaves (created, nothing committed) blocks no corrected command (issue 17); the
     replacement is said on the library's logger (the command-line tools print it: test_store_api)."""
+    caplog.set_level(logging.WARNING, logger="logit_store")  # whatever another test left the root logger at
     create_store(tmp_path / "s", manifest(backend, k=4)).writer(0, [1]).release()  # claimed, never committed
     store = create_store(tmp_path / "s", manifest(backend))
     assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
