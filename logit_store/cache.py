@@ -34,7 +34,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .errors import DISK_FULL_ERRNOS, DiskFullError, StoreError
-from .location import StoreLocation
+from .location import StoreLocation, positive_env
 from .manifest import Manifest
 
 STAMP_BYTES = 16
@@ -60,19 +60,8 @@ class ShardSource(Protocol):
 def default_cache_bytes() -> int:
     """LOGIT_STORE_CACHE_BYTES, a whole number of bytes >= 1, else DEFAULT_CACHE_BYTES; another value is
     one line naming the variable."""
-    raw = os.environ.get(CACHE_BYTES_ENV)
-    if raw is None:
-        return DEFAULT_CACHE_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise StoreError(
-            f"{CACHE_BYTES_ENV}={raw!r}: expected a whole number of bytes >= 1 (the decoded rows a reader keeps "
-            f"in its own memory; unset, {DEFAULT_CACHE_BYTES})"
-        )
-    return value
+    expected = "a whole number of bytes >= 1 (the decoded rows a reader keeps in its own memory)"
+    return positive_env(CACHE_BYTES_ENV, int, DEFAULT_CACHE_BYTES, expected)
 
 
 def default_cache_dir() -> str:

@@ -177,18 +177,24 @@ S3_ATTEMPTS = 3
 S3_TRIES = 1  # s3fs's own tries around botocore's attempts (its default, 5, multiplies them)
 
 
+def positive_env(name: str, parse: type[int] | type[float], default: int | float, expected: str) -> int | float:
+    """The environment variable `name` read by `parse`, finite and > 0; `default` when unset; another value is
+    one StoreError naming the variable and `expected`."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = 0
+    if not 0 < value < float("inf"):
+        raise StoreError(f"{name}={raw!r}: expected {expected} (unset, {default:g})")
+    return value
+
+
 def s3_timeout() -> float:
     """Seconds an S3 request may wait to connect, or for the next bytes: LOGIT_STORE_S3_TIMEOUT, else 20."""
-    raw = os.environ.get(S3_TIMEOUT_ENV)
-    if raw is None:
-        return DEFAULT_S3_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise StoreError(f"{S3_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0 (unset, {DEFAULT_S3_TIMEOUT:g})")
-    return value
+    return positive_env(S3_TIMEOUT_ENV, float, DEFAULT_S3_TIMEOUT, "a number of seconds > 0")
 
 
 def _with_timeouts(options: dict[str, Any]) -> dict[str, Any]:
