@@ -26,7 +26,7 @@ from .precheck import check_recipe_inputs, check_save_inputs
 from .recipe import load_recipe_file, parse_recipe
 from .save_config import OPTION_TYPES, TEACHER_SPECS, SaveConfig
 
-__all__ = ["evaluate", "parse_save_config", "save_logits", "train"]
+__all__ = ["eval_parser", "evaluate", "parse_save_config", "save_logits", "save_parser", "train", "train_parser"]
 
 TRAIN_DOC = """Train a student by a method recipe: `distill-train RECIPE.yaml [--set key.path=value ...]`.
 
@@ -39,8 +39,8 @@ under the recipe's `then` follow in `output_dir/NAME`. Writes `model.safetensors
 """
 
 
-def train(argv: list[str] | None = None) -> int:
-    """`distill-train`: prints one JSON line of figures per run."""
+def train_parser() -> argparse.ArgumentParser:
+    """`distill-train`'s arguments (also what docs/cli.md is generated from)."""
     parser = argparse.ArgumentParser(
         prog="distill-train",
         description=TRAIN_DOC,
@@ -49,7 +49,12 @@ def train(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("recipe", help="recipe YAML file (see recipes/configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def train(argv: list[str] | None = None) -> int:
+    """`distill-train`: prints one JSON line of figures per run."""
+    args = train_parser().parse_args(argv)
 
     def run() -> list[dict[str, Any]]:
         recipe = parse_recipe(load_recipe_file(args.recipe, args.set))
@@ -95,8 +100,8 @@ after the last committed shard.
 _REQUIRED = [f.name for f in fields(SaveConfig) if f.default is MISSING]
 
 
-def parse_save_config(argv: list[str] | None = None) -> SaveConfig:
-    """Options from the command line over those of `--config FILE.yaml`."""
+def save_parser() -> argparse.ArgumentParser:
+    """`distill-save-logits`'s options: one per `SaveConfig` field (also what docs/cli.md is generated from)."""
     parser = argparse.ArgumentParser(
         prog="distill-save-logits",
         description=SAVE_DOC,
@@ -118,6 +123,12 @@ def parse_save_config(argv: list[str] | None = None) -> SaveConfig:
             parser.add_argument(
                 flag, type=OPTION_TYPES[str(f.type).replace(" | dict", "")], default=None, help=_option_help(f)
             )
+    return parser
+
+
+def parse_save_config(argv: list[str] | None = None) -> SaveConfig:
+    """Options from the command line over those of `--config FILE.yaml`."""
+    parser = save_parser()
     args = vars(parser.parse_args(argv))
     config_path, recipe_path = args.pop("config"), args.pop("from_recipe")
     values = _read_options(config_path, parser) if config_path else {}
@@ -210,8 +221,8 @@ zero-shot top-1. --teacher scores a live classifier on the same views (teacher_t
 """
 
 
-def evaluate(argv: list[str] | None = None) -> int:
-    """`distill-eval`."""
+def eval_parser() -> argparse.ArgumentParser:
+    """`distill-eval`'s arguments (also what docs/cli.md is generated from)."""
     parser = argparse.ArgumentParser(
         prog="distill-eval",
         description=EVAL_DOC,
@@ -225,6 +236,12 @@ def evaluate(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--teacher-checkpoint", help="the teacher's weights (.safetensors, or .pth)")
     parser.add_argument("--batch-size", type=int, help="evaluation batch (default: the recipe's eval.batch_size)")
+    return parser
+
+
+def evaluate(argv: list[str] | None = None) -> int:
+    """`distill-eval`."""
+    parser = eval_parser()
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")

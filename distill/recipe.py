@@ -94,11 +94,11 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    train: str
-    val: str
-    img_size: int = 224
-    workers: int = 0
-    skip_unreadable: bool = False
+    train: str  # dataset spec of the training images: a class-folder PATH, csv:PATH, wds:PATTERN, pairs:PATH, digits
+    val: str  # dataset spec of the validation images (same forms)
+    img_size: int = 224  # the student's input size, and the size views are made at
+    workers: int = 0  # DataLoader worker processes (kept alive between epochs)
+    skip_unreadable: bool = False  # drop images that cannot be decoded instead of failing
 
     def __post_init__(self) -> None:
         if self.workers < 0:  # torch's DataLoader would refuse it only once the run has started
@@ -108,9 +108,9 @@ class DataConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "adamw"  # any timm optimizer name
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9
+    lr: float = 1e-3  # peak learning rate (after warm-up)
+    weight_decay: float = 0.05  # the optimizer's weight decay
+    momentum: float = 0.9  # for optimizers that take one (sgd, rmsprop)
     clip_grad: float | None = None  # max gradient norm
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.optim.create_optimizer_v2
 
@@ -125,15 +125,15 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"  # any timm scheduler name
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-6
-    min_lr: float = 0.0
+    warmup_epochs: int = 0  # epochs of linear warm-up from warmup_lr
+    warmup_lr: float = 1e-6  # learning rate at the first step of warm-up
+    min_lr: float = 0.0  # learning rate the schedule decays to
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.scheduler.create_scheduler_v2
 
 
 @dataclass
 class EmaConfig:
-    decay: float = 0.9998
+    decay: float = 0.9998  # timm ModelEmaV3's decay per optimizer step
 
 
 @dataclass
@@ -144,9 +144,9 @@ class EvalConfig:
     image: for tiny images such as digits, where a crop would cut the object."""
 
     every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
-    batch_size: int = 256
+    batch_size: int = 256  # images per evaluation batch
     crop_pct: float | None = None  # in (0, 1]
-    interpolation: Literal["bilinear", "bicubic"] | None = None
+    interpolation: Literal["bilinear", "bicubic"] | None = None  # of the resize
 
     def __post_init__(self) -> None:
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
@@ -156,20 +156,20 @@ class EvalConfig:
 @dataclass
 class Recipe:
     method: str  # a name in METHODS (the distill.methods entry points)
-    student: StudentConfig
-    data: DataConfig
-    epochs: int
+    student: StudentConfig  # the model trained
+    data: DataConfig  # the images
+    epochs: int  # training epochs (a store must hold as many, or teacher.epochs: cycle)
     batch_size: int  # images per optimizer step, summed over processes and accumulation steps
-    output_dir: str
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    output_dir: str  # the run's folder: checkpoints, model.safetensors, summary.json, logs
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # where the targets come from
     augmentation: str | dict[str, Any] = "basic"  # preset, YAML file, or Augmentation fields
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # timm's create_optimizer_v2
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # timm's create_scheduler_v2, stepped per step
     ema: EmaConfig | None = None  # with EMA, the EMA weights are the run's result
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation views and cadence
     loss: dict[str, Any] = field(default_factory=dict)  # the method's section: its MethodSpec.loss fields
     seed: int = 0  # init, sampling order, and the replay seed (must equal a store's global seed)
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is still the step's images)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # null: the launcher's (accelerate config, env)
     sync_bn: bool | None = None  # BatchNorm over all processes; null: on when there are several and BatchNorm
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate's log_with names; CSV always

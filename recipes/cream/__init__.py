@@ -40,7 +40,7 @@ REFERENCE_PRIOR = (0.05, 0.2, 0.05, 0.5, 0.05, 0.15)
 @dataclass
 class CreamLoss:
     flops_budget: float  # MFLOPs (2 per multiply-add, at data.img_size): the pick is the best board path under it
-    board_size: int = 10
+    board_size: int = 10  # paths the board keeps
     board_flops_limit: float | None = None  # MFLOPs; paths above it never enter the board (null: any)
     board_start_epoch: int = 21  # epochs of plain CE before the board takes paths (the reference: 21 of 120)
     admission_margin: float = 5.0  # top-1 points a path must gain over the worst entry of a full board
@@ -49,7 +49,7 @@ class CreamLoss:
     meta_hidden: int = 0  # hidden width of the meta network (0: linear, as the reference)
     meta_input: Literal["slice", "per_sample"] = "slice"  # the reference's concatenated slice, or per sample
     meta_slice: int = 4  # images of the board's batch the meta network reads (the reference's SLICE)
-    sampling: Literal["prior", "uniform"] = "prior"
+    sampling: Literal["prior", "uniform"] = "prior"  # per-layer draw of a path: the reference's prior, or uniform
     choice_weights: list[float] | None = None  # with sampling: prior, one per choice (null: REFERENCE_PRIOR)
     skip_weight: float = 0.0  # weight of skipping a layer (never a stage's first), beside choice_weights
     label_smoothing: float = 0.1  # of the CE terms, as the reference's search
@@ -57,7 +57,7 @@ class CreamLoss:
     heldout_every: int = 10  # with heldout: train, ids 0, N, 2N, ... of data.train are held out
     heldout_batch_size: int = 128  # the fixed board batch, and the meta update's held-out batches
     kd_weight: float = 1.0  # loss = prioritized loss + kd_weight * KD(student, teacher), with a teacher
-    kd_temperature: float = 1.0
+    kd_temperature: float = 1.0  # T of the outer KD term
     recalibration_batches: int = 20  # training batches that set the exported path's BN statistics (0: keep)
     retrain_init: Literal["scratch", "supernet"] = "scratch"  # the follow-up's start: none, or the path's weights
     retrain_drop_rate: float = 0.2  # dropout before the classifier of the retrained path (the retrain configs')

@@ -32,7 +32,7 @@ class MiniVitLoss:
     # soft_ce: Mini-Swin's mean over the batch of CE(softmax(teacher / T), log_softmax(student / T)), no T^2;
     # deit_kl: DeiT's soft distillation (Mini-DeiT), KL(teacher / T || student / T) summed, x T^2 / (batch x classes)
     prediction_form: Literal["soft_ce", "deit_kl"] = "soft_ce"
-    prediction_weight: float = 1.0
+    prediction_weight: float = 1.0  # weight of the prediction term
     attention_weight: float = 1.0  # attention-relation loss (needs a live teacher)
     hidden_weight: float = 0.1  # hidden-relation loss (needs a live teacher); the relation carries the x 49
     label_weight: float = 0.0  # optional cross-entropy on the (mixed) labels; MiniViT uses none

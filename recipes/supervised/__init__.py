@@ -7,7 +7,7 @@ from distill.recipe import MethodSpec
 
 @dataclass
 class SupervisedLoss:
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # of the cross-entropy
 
 
 SPEC = MethodSpec(method="recipes.supervised.method:Supervised", loss=SupervisedLoss, teacher="none")

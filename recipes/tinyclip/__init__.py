@@ -44,13 +44,13 @@ class ZeroShotConfig:
 
 @dataclass
 class ClipLoss:
-    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)  # the validation metric's prompts
 
 
 @dataclass
 class InheritConfig:
     model: str  # the open_clip config of the weights' source (usually the teacher)
-    checkpoint: str
+    checkpoint: str  # its weights (.safetensors, or .pth read with weights_only)
 
 
 @dataclass
@@ -65,7 +65,7 @@ class PruneConfig:
     lagrangian_lr: float = 0.02  # AdamW rate of the multipliers, by ascent (the reference's --l0lr -0.02)
     init_log_alpha: float = 10.0  # every gate open; clamped to [ln 0.01, ln 100] after each step
     init_lambda: float = 10.0  # both multipliers
-    towers: list[str] = field(default_factory=lambda: list(TOWERS))
+    towers: list[str] = field(default_factory=lambda: list(TOWERS))  # the towers whose blocks are masked
 
     def __post_init__(self) -> None:
         if not 0 <= self.target_sparsity < 1:
@@ -88,9 +88,9 @@ class TinyClipLoss:
     alpha: float = 1.0  # affinity weight; the contrastive term gets 1 - alpha
     affinity_scale: float = 50.0  # the fixed logit scale of the affinities and of the contrastive term
     gather_with_grad: bool = True  # full cross-process gradients (the reference's scripts); 1 process: no-op
-    inherit: InheritConfig | None = None
-    prune: PruneConfig | None = None
-    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    inherit: InheritConfig | None = None  # manual inheritance: start from a bigger CLIP's weights
+    prune: PruneConfig | None = None  # automatic inheritance: this run learns masks and prunes at its end
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)  # the validation metric's prompts
 
 
 CLIP_SPEC = MethodSpec(method="recipes.tinyclip.method:Clip", loss=ClipLoss, teacher="none")

@@ -32,8 +32,8 @@ class NkdConfig:
 
 @dataclass
 class DkdConfig:
-    alpha: float = 0.5  # the paper's ImageNet setting (T = 1); CIFAR-100 uses 1.0 / 8.0 at T = 4
-    beta: float = 0.5
+    alpha: float = 0.5  # weight of TCKD; the paper's ImageNet setting (T = 1); CIFAR-100 uses 1.0 / 8.0 at T = 4
+    beta: float = 0.5  # weight of NCKD, among the non-target classes
 
 
 @dataclass
@@ -44,13 +44,13 @@ class DistConfig:
 
 @dataclass
 class TinyVitLoss:
-    kd: Literal["hinton", "nkd", "dkd", "dist"] = "hinton"
-    temperature: float = 1.0
-    distill_weight: float = 1.0
-    label_weight: float = 0.0
-    nkd: NkdConfig = field(default_factory=NkdConfig)
-    dkd: DkdConfig = field(default_factory=DkdConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
+    kd: Literal["hinton", "nkd", "dkd", "dist"] = "hinton"  # the loss on the teacher's distribution
+    temperature: float = 1.0  # T: both distributions softened by it, the loss times T^2
+    distill_weight: float = 1.0  # weight of the KD term
+    label_weight: float = 0.0  # weight of cross-entropy on the labelled images (TinyViT: 0)
+    nkd: NkdConfig = field(default_factory=NkdConfig)  # settings of kd: nkd
+    dkd: DkdConfig = field(default_factory=DkdConfig)  # settings of kd: dkd
+    dist: DistConfig = field(default_factory=DistConfig)  # settings of kd: dist
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
