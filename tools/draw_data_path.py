@@ -1,6 +1,6 @@
 """Draw docs/data_path.png: a sample's path from the dataset to any number of students, through one store.
 
-    python3 -m uv run --frozen python tools/draw_data_path.py [--out docs/data_path.png]
+python3 -m uv run --frozen python tools/draw_data_path.py [--out docs/data_path.png]
 """
 
 from __future__ import annotations
