@@ -1,4 +1,4 @@
-"""Every stored view's parameters written out, so that anyone rebuilds the view with PIL, torchvision and torch
+"""Every stored view's parameters written out, so that anyone rebuilds the view with PIL, numpy and torch
 alone (`distill-store views`; docs/STORE_FORMAT.md, "Views, explicitly").
 
 `view_parameters(store, dataset, epoch, ids)` replays the draws of `distill.augment` for the store's
@@ -53,7 +53,8 @@ def view_parameters(
     m = store.manifest if isinstance(store, LogitStore) else store
     check_request(m, epoch, ids)
     aug = augmentation_of(m)
-    data = dataset if isinstance(dataset, ImageDataset) else open_dataset(m, dataset)
+    data = dataset if isinstance(dataset, ImageDataset) else create_dataset(dataset, skip_unreadable=_skipped(m))
+    check_fingerprint(m, data)
     size = int(m.teacher.get("img_size") or 0)
     if size < 1:
         raise RecipeError("manifest.json: teacher.img_size is missing; the views' output size is not known")
@@ -109,17 +110,20 @@ def augmentation_of(m: Manifest) -> Augmentation:
     return aug
 
 
-def open_dataset(m: Manifest, spec: str) -> ImageDataset:
-    """The dataset `spec`, refused (DatasetError) unless its fingerprint is the manifest's."""
-    data = create_dataset(spec, skip_unreadable=bool(m.dataset.get("skipped")))
+def _skipped(m: Manifest) -> bool:
+    """Whether the store was saved with unreadable files skipped (the ids then skip them too)."""
+    return bool(m.dataset.get("skipped"))
+
+
+def check_fingerprint(m: Manifest, data: ImageDataset) -> None:
+    """DatasetError unless `data`'s fingerprint (in the manifest's mode) is the manifest's."""
     stored = m.dataset.get("fingerprint")
-    ours = data.fingerprint(m.dataset.get("fingerprint_mode", "fast"))
+    ours = data.fingerprint(m.dataset.get("fingerprint_mode") or "fast")
     if stored != ours:
         raise DatasetError(
-            f"--data {spec}: fingerprint {ours} is not the store's dataset.fingerprint {stored} "
+            f"dataset {data.spec}: fingerprint {ours} is not the store's dataset.fingerprint {stored} "
             f"(saved from {m.dataset.get('spec')!r}, {m.dataset.get('num_samples')} samples)"
         )
-    return data
 
 
 def check_request(m: Manifest, epoch: int, ids: Sequence[int]) -> None:

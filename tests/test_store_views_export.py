@@ -189,7 +189,7 @@ def test_bad_requests_are_one_line_before_torch(tmp_path, images):
     other.mkdir(parents=True)
     Image.new("RGB", (9, 9)).save(other / "0.png")
     cases = [
-        (["--data", str(tmp_path / "other"), "--epoch", "0", "--ids", "0:2"], f"--data {tmp_path / 'other'}: fingerprint"),
+        (["--data", str(tmp_path / "other"), "--epoch", "0", "--ids", "0:2"], f"dataset {tmp_path / 'other'}: fingerprint"),
         (["--data", spec, "--epoch", "2", "--ids", "0:2"], "--epoch 2: the store has epochs 0 to 1"),
         (["--data", spec, "--epoch", "0", "--ids", "10:13"], "--ids: id 12 is out of range; the store has ids 0 to 11"),
         (["--data", spec, "--epoch", "0", "--ids", "a:b"], "--ids: expected START:STOP or one ID"),
