@@ -192,6 +192,15 @@ class ImageDataset(ABC):
                 "--skip-unreadable (data.skip_unreadable in a recipe) drops such files"
             ) from err
 
+    def image_size(self, sample_id: int) -> tuple[int, int]:
+        """(width, height) of sample ``sample_id`` from its image header (nothing decoded), as ``load`` gives it."""
+        i = self._index(sample_id)
+        try:
+            with Image.open(io.BytesIO(self._read_bytes(i))) as image:
+                return image.size
+        except Exception as err:
+            raise DatasetError(f"{self._where(i)}: not a readable image ({type(err).__name__}: {err})") from err
+
     def fingerprint(self, mode: FingerprintMode = "fast") -> str:
         """sha256 hex of the dataset (computed once per mode).
 

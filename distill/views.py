@@ -35,7 +35,7 @@ _RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamplin
 
 
 @contextlib.contextmanager
-def _seeded_global_rngs(seed: int) -> Iterator[None]:
+def seeded_global_rngs(seed: int) -> Iterator[None]:
     """timm's RandAugment draws from `random` and `np.random`; seed them for one call, then
     restore them, so its ops stay timm's own and still replay exactly."""
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -78,7 +78,7 @@ class ReplayAugment:
             b, c, s = params.jitter
             img = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b), c), s)
         if self.rand_augment is not None:
-            with _seeded_global_rngs(params.augment_seed):
+            with seeded_global_rngs(params.augment_seed):
                 img = self.rand_augment(img)
         x = TF.normalize(TF.pil_to_tensor(img).float().div_(255), self.augmentation.mean, self.augmentation.std)
         if params.erase is not None:

@@ -1,4 +1,5 @@
-"""`distill-store info|verify|repair|convert`: inspect, check, repair and move logit (and embeddings) stores."""
+"""`distill-store info|verify|repair|convert|card|views`: inspect, check, repair, move and describe logit (and
+embeddings) stores."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ from typing import Any
 
 from .api import convert_store, open_store
 from .backends import BACKENDS
-from .errors import DistillError
+from .errors import DistillError, StoreInputError
 from .location import StoreLocation
 from .manifest import plane_name
+from .registry import Registry
 from .store import LogitStore
+
+# Subcommands of other installed packages: each entry point adds its parser to the subparsers (`views` is the
+# engine's, `distill.view_params:add_command`: it replays views, which this package does not import).
+COMMANDS = Registry("distill-store command", StoreInputError, group="logit_store.commands")
 
 
 def _fmt(value: Any) -> str:
@@ -112,6 +118,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from .card import dataset_card
+
+    with open_store(args.store, read_only=True) as store:
+        card = dataset_card(store)
+    if args.output is None:
+        print(card, end="")
+        return 0
+    with open(args.output, "w", encoding="utf-8") as fh:
+        fh.write(card)
+    print(f"wrote the dataset card of {store.location} to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill-store", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the current format version (re-encodes a version-1/2 logits store so it can be resumed)",
     )
     convert.set_defaults(func=cmd_convert)
+    card = sub.add_parser("card", help="a dataset card: Markdown with YAML front matter (Hugging Face style)")
+    card.add_argument("store")
+    card.add_argument("-o", "--output", help="write the card to this file (default: print it)")
+    card.set_defaults(func=cmd_card)
+    for name in COMMANDS.names():
+        COMMANDS.get(name)(sub)
     return parser
 
 
