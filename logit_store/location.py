@@ -76,6 +76,8 @@ class StoreLocation:
             self.root = os.path.abspath(url.removeprefix("file://"))
             self.fs = fsspec.filesystem("file")
         else:
+            if self.web:
+                _check_web_url(url)
             target, options = _split_credentials(url, self.storage_options)
             s3 = target.split("://", 1)[0].lower() in _KEY_SECRET_PROTOCOLS
             if s3:
@@ -224,6 +226,20 @@ async def _gather(calls: list[Any]) -> list[Any]:
                 return err
 
     return await asyncio.gather(*(one(call) for call in calls))
+
+
+def _check_web_url(url: str) -> None:
+    """An http(s) URL whose host and port parse (a password holding '/' would put them in its path)."""
+    try:
+        parts = urlsplit(url)
+        valid = parts.hostname is not None and (parts.port or 0) >= 0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise StoreError(
+            f"{redact(url)}: not a valid URL (its host and port do not parse); in a user name or password, "
+            "percent-encode '/' as %2F, '@' as %40 and ':' as %3A"
+        )
 
 
 def _split_credentials(url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -19,7 +19,7 @@ from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from ..errors import StoreAccessError, StoreDamagedError
-from ..location import redact
+from ..location import StoreLocation, redact
 from ..records import CODED_VERSION
 from .base import Backend
 
@@ -45,6 +45,8 @@ class ZarrBackend(Backend):
         loc = self.location
         if loc.is_local:
             return zarr.storage.LocalStore(loc.root)
+        if loc.web:
+            _check_byte_ranges(loc)
         return zarr.storage.FsspecStore(_async_fs(loc.fs), path=loc.root, read_only=loc.web)
 
     @cached_property
@@ -141,6 +143,23 @@ class ZarrBackend(Backend):
         deltas[:, 0] = field[:, 0]
         np.subtract(field[:, 1:], field[:, :-1], out=deltas[:, 1:])  # uint16: wraps if ever unsorted
         return deltas
+
+
+def _check_byte_ranges(location: StoreLocation) -> None:
+    """zarr reads parts of shard files (their index, then chunks) by HTTP Range requests; a server that ignores
+    them sends whole files, which would decode as damaged shards. Asked once: 2 bytes of the group's zarr.json
+    (an absent one is left to `check_shared`)."""
+    try:
+        with location.reaching():
+            got = location.fs.cat_file(location.path("zarr.json"), start=0, end=2)
+    except FileNotFoundError:
+        return
+    if len(got) != 2:
+        raise StoreAccessError(
+            f"{location}: the server ignores HTTP Range requests (asked for 2 bytes of zarr.json, it sent {len(got)}), "
+            "and zarr reads parts of shard files: serve the store from a server that answers them (nginx, caddy, "
+            "an object store's or a hub's file URLs; not python -m http.server)"
+        )
 
 
 def _async_fs(fs: AbstractFileSystem) -> AsyncFileSystem:
