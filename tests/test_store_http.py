@@ -17,11 +17,14 @@ import os
 import re
 import shutil
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
+import numcodecs
 import numpy as np
 import pytest
 import torch
@@ -251,6 +254,76 @@ def test_a_server_that_ignores_byte_ranges_is_one_line(folder, capsys):
     with serving(folder, WholeFiles) as site:
         err = one_line(*run(capsys, "verify", site.url("s.zarr")))
     assert f"{site.url('s.zarr')}: the server ignores HTTP Range requests" in err
+
+
+# ---- docs/STORE_FORMAT.md's minimal reading algorithm, written out with numpy and numcodecs ---------------
+
+ROW_FIELDS = ("values", "indices", "tail_lse", "seed", "partner", "lam", "embedding")  # the format's tables' order
+
+
+def fetch(url: str, suffix: int | None = None, first: int | None = None, length: int = 0) -> bytes | None:
+    """A file (None on a 404), its last `suffix` bytes, or `length` bytes from `first`: plain HTTP requests."""
+    headers = {"Range": f"bytes=-{suffix}"} if suffix else {}
+    headers = {"Range": f"bytes={first}-{first + length - 1}"} if first is not None else headers
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers)) as response:
+            return response.read()
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return None
+        raise
+
+
+def read_record(store: str, plane: int, sample: int) -> tuple[dict[str, np.ndarray], bool]:
+    """The record of `sample` in `plane` of the zarr store at URL `store`, following docs/STORE_FORMAT.md
+    ("Reading a store: the minimal algorithm") step by step, and whether its block matches its digest."""
+    m = json.loads(fetch(f"{store}/manifest.json"))  # 1. manifest
+    assert m["format_version"] == 3 and m["backend"] == "zarr" and m["kind"] == "logits"
+    shard_records, chunk_records, n = m["shard_records"], m["chunk_records"], m["num_samples"]
+    shard = sample // shard_records  # 2. shard and block
+    start, stop = shard * shard_records, min((shard + 1) * shard_records, n)
+    block, row = divmod(sample - start, chunk_records)
+    marker = json.loads(fetch(f"{store}/commits/e{plane:05d}-s{shard:06d}.json"))  # 3. marker
+    assert (marker["epoch"], marker["shard"], marker["start"], marker["stop"]) == (plane, shard, start, stop)
+    rows_in_block = min(chunk_records, stop - start - block * chunk_records)
+    fields, chunks = [f for f in ROW_FIELDS if f in m["dtypes"]], shard_records // chunk_records
+    block_rows = {}
+    for field in fields:  # 4. rows: the shard file's index, then the block's chunk
+        meta = json.loads(fetch(f"{store}/{field}/zarr.json"))
+        wide = len(meta["shape"]) == 3
+        key = f"{store}/{field}/c/{plane}/{shard}" + ("/0" if wide else "")
+        index = np.frombuffer(fetch(key, suffix=16 * chunks + 4)[:-4], dtype="<u8").reshape(chunks, 2)
+        offset, length = (int(v) for v in index[block])
+        assert offset != 2**64 - 1, "an absent chunk: fill values"
+        raw = numcodecs.Blosc().decode(fetch(key, first=offset, length=length))
+        dtype = np.dtype(m["dtypes"][field]).newbyteorder("<")
+        width = (m["k"],) if wide else ()
+        block_rows[field] = np.frombuffer(raw, dtype=dtype).reshape(chunk_records, *width)[:rows_in_block]
+    codes = np.cumsum(block_rows["values"], axis=1, dtype=np.uint16)  # 5. codes: cumulative sum mod 2^16
+    packed = np.empty(rows_in_block, dtype=[(f, block_rows[f].dtype, block_rows[f].shape[1:]) for f in fields])
+    for field in fields:
+        packed[field] = codes if field == "values" else block_rows[field]
+    intact = hashlib.blake2b(packed.tobytes(), digest_size=16).hexdigest() == marker["digests"][block]  # 6.
+    record = packed[row]
+    step = 2.0**-11  # 7. decode: logits relative to the top one, and the tail
+    return {
+        "values": (record["values"] * -step).astype(np.float32),
+        "indices": record["indices"],
+        "tail_lse": np.float32(record["tail_lse"] * step),
+        "seed": record["seed"],
+    }, intact
+
+
+def test_the_minimal_algorithm_reads_a_record_over_http(site):
+    """The format's minimal reading algorithm, over plain HTTP requests of named files, gives the records the
+    store's reader gives (ids in the first, middle and last shard; blocks 0 to 3 of a shard)."""
+    store = open_store(site.url("s.zarr"))
+    for plane, sample in ((0, 0), (1, 700), (0, 1555), (1, 2999)):
+        record, intact = read_record(site.url("s.zarr"), plane, sample)
+        expected = store.read(plane, [sample])
+        assert intact
+        for field in ("values", "indices", "tail_lse", "seed"):
+            np.testing.assert_array_equal(record[field], getattr(expected, field)[0])
 
 
 # ---- a server that goes away -----------------------------------------------------------------------------
