@@ -431,3 +431,18 @@ def test_training_from_a_store_still_being_written_names_the_missing_epoch(digit
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert f"teacher.source store:{url}: epoch 0 is incomplete (1 of" in err
+
+
+@pytest.mark.slow
+def test_training_from_a_server_gone_mid_run_is_one_line_naming_the_url(digits_store, tmp_path, capsys):
+    """The run starts (manifest, markers and pin read), then the server goes away at the first shard it reads."""
+    data = {k: str(v) for k, v in digits_store.items()}
+    with serving(digits_store["served"]) as site:
+        site.gone_from = "/c/"
+        url = site.url("t.zarr", f"{USER}:{quote(PASSWORD, safe='')}@")
+        recipe = base_recipe(data, tmp_path / "run", method="tinyvit", teacher={"source": f"store:{url}"}, epochs=1)
+        code = train_main([str(write_recipe(tmp_path / "r.yaml", recipe))])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and len(err) == 1 and site.gone, err
+    assert site.url("t.zarr", "***@") in err[0] and "Server disconnected" in err[0] and "pa55" not in err[0]
+    assert not re.search("missing|damaged|not committed", err[0]), err
