@@ -217,6 +217,16 @@ def test_records_read_over_http_are_the_local_ones(folder, site, tmp_path):
     assert len([path for path in site.ranged if "/c/" in path]) > 2 * 4 * remote.manifest.num_shards
 
 
+def test_a_served_store_converts_to_a_local_one(folder, site, tmp_path, capsys):
+    """`distill-store convert URL FOLDER` (a served store copied home, as lmdb here): the copy's content hashes are
+    the served store's."""
+    code, out, err = run(capsys, "convert", site.url("s.zarr"), str(tmp_path / "copy.lmdb"))
+    assert code == 0 and "(lmdb)" in out, err
+    copied = json.loads(run(capsys, "info", str(tmp_path / "copy.lmdb"), "--json")[1])
+    served = json.loads(run(capsys, "info", str(folder / "s.zarr"), "--json")[1])
+    assert copied["content_hashes"] == served["content_hashes"] and len(served["content_hashes"]) == 2
+
+
 def test_an_lmdb_store_over_http_is_one_line_naming_it(site, capsys):
     err = one_line(*run(capsys, "info", site.url("s.lmdb")))
     assert f"lmdb stores need a local path, got {site.url('s.lmdb')}" in err

@@ -180,8 +180,8 @@ class LmdbBackend(Backend):
     def __init__(self, location: StoreLocation, manifest: Manifest) -> None:
         if not location.is_local:  # lmdb maps a local file: no URL, whether to write or to read
             raise StoreInputError(
-                f"lmdb stores need a local path, got {location}; copy it to a local folder, or read a zarr copy "
-                "there (distill-store convert)"
+                f"lmdb stores need a local path, got {location}; use a local folder, or a zarr store at a URL "
+                "(distill-store convert copies one into the other)"
             )
         super().__init__(location, manifest)
 
