@@ -418,7 +418,6 @@ def train(digits_store: dict[str, Path], source: str, name: str) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.slow
 def test_a_student_trained_from_the_url_is_the_one_trained_from_the_folder(digits_store):
     before = snapshot(digits_store["served"])
     with serving(digits_store["served"]) as site:
@@ -428,7 +427,6 @@ def test_a_student_trained_from_the_url_is_the_one_trained_from_the_folder(digit
     assert snapshot(digits_store["served"]) == before
 
 
-@pytest.mark.slow
 def test_training_from_a_store_still_being_written_names_the_missing_epoch(digits_store, tmp_path, capsys):
     partial = tmp_path / "served" / "t.zarr"
     shutil.copytree(digits_store["served"] / "t.zarr", partial)
@@ -443,7 +441,6 @@ def test_training_from_a_store_still_being_written_names_the_missing_epoch(digit
     assert f"teacher.source store:{url}: epoch 0 is incomplete (1 of" in err
 
 
-@pytest.mark.slow
 def test_training_from_a_server_gone_mid_run_is_one_line_naming_the_url(digits_store, tmp_path, capsys):
     """The run starts (manifest, markers and pin read), then the server goes away at the first shard it reads."""
     data = {k: str(v) for k, v in digits_store.items()}
