@@ -158,7 +158,7 @@ def _check_byte_ranges(location: StoreLocation) -> None:
         raise StoreAccessError(
             f"{location}: the server ignores HTTP Range requests (asked for 2 bytes of zarr.json, it sent {len(got)}), "
             "and zarr reads parts of shard files: serve the store from a server that answers them (nginx, caddy, "
-            "an object store's or a hub's file URLs; not python -m http.server)"
+            "an object store's or a hub's file URLs do)"
         )
 
 
