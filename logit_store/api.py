@@ -22,7 +22,7 @@ from .manifest import FORMAT_VERSION, MANIFEST_KEY, Manifest, old_version_messag
 from .records import CODED_VERSION
 from .statistics import aggregate_statistics
 from .store import LogitStore
-from .writer import ShardWriter
+from .writer import ShardWriter, read_only_error
 
 __all__ = ["convert_store", "create_store", "open_store"]
 
@@ -59,6 +59,8 @@ def create_store(
     beside its target and moved in with one rename, so concurrent creators agree on one store.
     """
     location = StoreLocation(url, storage_options)
+    if location.web:
+        raise read_only_error(location, "create or write a store there")
     backend = create_backend(location, manifest)  # the one check of its name, before anything is written
     if location.exists(MANIFEST_KEY):
         return _reopen(location, manifest)

@@ -8,18 +8,16 @@ index fits the manifest (`class_index_error`).
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import numpy as np
 
-from .errors import NotCommittedError, StoreAccessError, StoreDamagedError
+from .errors import NotCommittedError, StoreDamagedError
 from .location import StoreLocation
 from .manifest import Manifest, plane_name
 from .records import block_digest
 
 Marker = dict[str, Any]
-MARKER_NAME = re.compile(r"e(\d{5,})-s(\d{6,})\.json")
 
 
 def commit_key(epoch: int, shard: int) -> tuple[str, str]:
@@ -56,23 +54,20 @@ def checked_marker(manifest: Manifest, marker: Any, epoch: int, shard: int) -> M
 def list_markers(
     location: StoreLocation, manifest: Manifest, epoch: int | None = None
 ) -> dict[tuple[int, int], Marker]:
-    """Commit markers (of one plane, or all), keyed by (plane, shard). A marker that does not parse or does not
-    fit the layout maps to {} (damaged); an object store out of reach raises StoreAccessError (no marker is
-    damaged, nor dropped, for that)."""
-    prefix = "" if epoch is None else f"e{epoch:05d}-"
+    """Commit markers (of one plane, or all), keyed by (plane, shard). Every marker the layout can hold (planes x
+    shards, from the manifest) is asked for by name, all together, and no folder is listed: a location that
+    cannot be listed (a web server) reads as any other. An absent marker is left out (not committed); one that
+    does not parse or does not fit the layout maps to {} (damaged); an object store out of reach raises
+    StoreAccessError (no marker is damaged, nor dropped, for that)."""
+    planes = range(manifest.planes) if epoch is None else [epoch] if 0 <= epoch < manifest.planes else []
+    keys = [(plane, shard) for plane in planes for shard in range(manifest.num_shards)]
     out = {}
-    for path in location.list_files("commits"):
-        match = MARKER_NAME.fullmatch(path.rsplit("/", 1)[-1])
-        if match is None or not match.group(0).startswith(prefix):
+    for key, raw in zip(keys, location.read_files([commit_key(*key) for key in keys]), strict=True):
+        if raw is None:
             continue
-        key = (int(match.group(1)), int(match.group(2)))
         try:
-            with location.reaching():
-                raw = location.fs.cat_file(path)
-            out[key] = checked_marker(manifest, json.loads(raw), *key)
-        except StoreAccessError:  # (a ValueError and an OSError too)
-            raise
-        except (ValueError, OSError):
+            out[key] = checked_marker(manifest, json.loads(raw), *key) if isinstance(raw, bytes) else {}
+        except ValueError:
             out[key] = {}
     return out
 

@@ -175,6 +175,14 @@ class StoreChecks:
             digest.update(self.read_shard(epoch, shard).tobytes())
         return digest.hexdigest()
 
+    def _named_bytes(self, commits: dict[tuple[int, int], dict[str, Any]]) -> int:
+        """Bytes of the files a reader names (manifest, markers, the back-end's files of the committed shards and
+        those every range depends on): a store's size where its folders cannot be listed. For a finished store it
+        equals what a listing counts (the rest of a local store, its lock files, is empty)."""
+        committed = sorted(key for key, marker in commits.items() if marker)
+        keys = [(MANIFEST_KEY,), *(commit_key(*key) for key in commits), *self.backend.named_files(committed)]
+        return sum(self.location.sizes(keys))
+
     def info(self) -> dict[str, Any]:
         """Manifest, progress, size, statistics and content hashes. An embeddings store adds
         `text_complete` and `text_records`; its text plane's hash is under "text"."""
@@ -186,7 +194,7 @@ class StoreChecks:
                 records[epoch] += stop - start
         complete = [e for e, n in records.items() if n == m.num_samples]
         total = sum(records.values())
-        used = self.location.bytes_used()
+        used = self._named_bytes(commits) if self.location.web else self.location.bytes_used()
         info = {
             "location": str(self.location),
             "manifest": m.to_dict(),

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import fsspec
+from fsspec.asyn import sync
 
 from .errors import DistillError, StoreAccessError, StoreError, disk_full_named
 
@@ -35,6 +37,12 @@ _EXTRAS = {"s3": "s3", "s3a": "s3"}  # protocol -> this toolkit's extra that ins
 _CLIENT_PACKAGES = {"botocore", "aiobotocore", "aiohttp", "google", "gcsfs", "azure", "adlfs"}
 
 
+# Protocols served by plain web servers: read by name only (they cannot be listed) and never written.
+WEB_PROTOCOLS = ("http", "https")
+# Requests in flight at once when many files are fetched by name (`StoreLocation.read_files`).
+CONCURRENT_REQUESTS = 64
+
+
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
 
 
@@ -52,17 +60,24 @@ def write_file(path: str, data: bytes) -> None:
 
 
 class StoreLocation:
-    """A root directory reached through fsspec (local paths use the local filesystem)."""
+    """A root directory reached through fsspec (local paths use the local filesystem).
+
+    `web`: an http(s):// location (a static file server, a bucket's public URL, a hub's file URLs). It is read
+    by name only: nothing a reader needs comes from listing a folder (no web server has to answer one), and
+    nothing is ever written there."""
 
     def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
         url = os.fspath(url)
         self.url = url
         self.storage_options = storage_options or {}
         self.is_local = "://" not in url or url.startswith("file://")
+        self.web = url.split("://", 1)[0].lower() in WEB_PROTOCOLS
         if self.is_local:
             self.root = os.path.abspath(url.removeprefix("file://"))
             self.fs = fsspec.filesystem("file")
         else:
+            if self.web:
+                _check_web_url(url)
             target, options = _split_credentials(url, self.storage_options)
             s3 = target.split("://", 1)[0].lower() in _KEY_SECRET_PROTOCOLS
             if s3:
@@ -91,6 +106,41 @@ class StoreLocation:
     def read_bytes(self, *parts: str) -> bytes:
         with self.reaching():
             return self.fs.cat_file(self.path(*parts))
+
+    def read_files(self, keys: Sequence[tuple[str, ...]]) -> list[bytes | OSError | None]:
+        """The files at `keys` (each the parts of a path under the root), asked for together: concurrently on
+        an asynchronous file system (HTTP, S3), one by one on another. None for a file that does not exist (a
+        404); a local file that cannot be read is its OSError; a remote location out of reach raises
+        StoreAccessError (so an unreachable server never reads as absent files)."""
+        out: list[bytes | OSError | None] = []
+        for result in self._each("cat_file", [self.path(*key) for key in keys]):
+            if isinstance(result, FileNotFoundError):
+                out.append(None)
+            elif isinstance(result, OSError) and self.is_local:
+                out.append(result)
+            elif isinstance(result, Exception):
+                with self.reaching():
+                    raise result
+            else:
+                out.append(result)
+        return out
+
+    def sizes(self, keys: Sequence[tuple[str, ...]]) -> list[int]:
+        """Sizes in bytes of the files at `keys`, asked for together as `read_files` asks; 0 for an absent one."""
+        out = []
+        for result in self._each("size", [self.path(*key) for key in keys]):
+            if isinstance(result, Exception) and not isinstance(result, FileNotFoundError):
+                with self.reaching():
+                    raise result
+            out.append(result if isinstance(result, int) else 0)
+        return out
+
+    def _each(self, method: str, paths: list[str]) -> list[Any]:
+        """`fs.<method>(path)` for every path: its result, or the exception it raised."""
+        if not self.fs.async_impl:
+            return [_result_of(getattr(self.fs, method), path) for path in paths]
+        call = getattr(self.fs, f"_{method}")
+        return sync(self.fs.loop, _gather, [lambda path=path: call(path) for path in paths])
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write a whole file; locally through a rename, so a reader never sees half of it."""
@@ -155,6 +205,41 @@ class StoreLocation:
         processes write beside this one, and a commit must be seen as soon as its marker is down."""
         if not self.is_local:
             self.fs.invalidate_cache()
+
+
+def _result_of(call: Any, path: str) -> Any:
+    try:
+        return call(path)
+    except Exception as err:
+        return err
+
+
+async def _gather(calls: list[Any]) -> list[Any]:
+    """Await every call, at most CONCURRENT_REQUESTS at a time: its result, or the exception it raised."""
+    limit = asyncio.Semaphore(CONCURRENT_REQUESTS)
+
+    async def one(call: Any) -> Any:
+        async with limit:
+            try:
+                return await call()
+            except Exception as err:
+                return err
+
+    return await asyncio.gather(*(one(call) for call in calls))
+
+
+def _check_web_url(url: str) -> None:
+    """An http(s) URL whose host and port parse (a password holding '/' would put them in its path)."""
+    try:
+        parts = urlsplit(url)
+        valid = parts.hostname is not None and (parts.port or 0) >= 0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise StoreError(
+            f"{redact(url)}: not a valid URL (its host and port do not parse); in a user name or password, "
+            "percent-encode '/' as %2F, '@' as %40 and ':' as %3A"
+        )
 
 
 def _split_credentials(url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:

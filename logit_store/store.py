@@ -60,7 +60,7 @@ class LogitStore(StoreChecks):
     ) -> None:
         self.location = location
         self.manifest = manifest
-        self.read_only = read_only
+        self.read_only = read_only or location.web  # a web location is never written
         self.backend: Backend = create_backend(location, manifest)
         self.cache_epochs = cache_epochs
         self.cache_bytes = default_cache_bytes() if cache_bytes is None else cache_bytes

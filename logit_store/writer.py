@@ -41,7 +41,12 @@ class WritableStore(Protocol):
 
 
 def read_only_error(location: StoreLocation, what: str) -> StoreError:
-    """The refusal of a write (`what`) to a store opened read-only."""
+    """The refusal of a write (`what`) to a store opened read-only, or at a web location (never written)."""
+    if location.web:
+        return StoreError(
+            f"{location} is an http(s) location, read-only: cannot {what}; write the store to a local folder or an "
+            "object store, then serve a copy"
+        )
     return StoreError(f"{location} was opened read-only: cannot {what}; open it with read_only=False to write")
 
 

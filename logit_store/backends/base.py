@@ -34,6 +34,12 @@ class Backend(ABC):
         """Records [start, stop) of a plane as packed rows (into `out` when given);
         raises if they cannot be decoded."""
 
+    def named_files(self, shards: list[tuple[int, int]]) -> list[tuple[str, ...]]:
+        """The files (each the parts of a path under the store's root) that hold these (plane, shard)s' records,
+        and those every range depends on: what a reader fetches by name where nothing can be listed (a web
+        location). The default names none."""
+        return []
+
     def check_shared(self) -> None:  # noqa: B027 (optional hook)
         """Raise StoreDamagedError naming a damaged file that every record range depends on (an array's
         metadata, a data file's header): such damage is not a shard's, so `repair` must not drop commits

@@ -23,6 +23,8 @@ import lmdb
 import numpy as np
 
 from ..errors import DiskFullError, StoreDamagedError, StoreInputError
+from ..location import StoreLocation
+from ..manifest import Manifest
 from .base import Backend
 
 MAP_SIZE = 1 << 40  # address space only; the file grows with what is written
@@ -175,12 +177,18 @@ class LmdbBackend(Backend):
     _shared: _Shared | None = None
     _pid: int = -1
 
+    def __init__(self, location: StoreLocation, manifest: Manifest) -> None:
+        if not location.is_local:  # lmdb maps a local file: no URL, whether to write or to read
+            raise StoreInputError(
+                f"lmdb stores need a local path, got {location}; use a local folder, or a zarr store at a URL "
+                "(distill-store convert copies one into the other)"
+            )
+        super().__init__(location, manifest)
+
     def _env(self, write: bool) -> lmdb.Environment:
         with _OPEN_LOCK:  # a writer's commit threads may be the first to ask
             path = self.location.path("lmdb")
             if self._shared is None or self._pid != os.getpid():
-                if not self.location.is_local:
-                    raise StoreInputError(f"lmdb stores need a local path, got {self.location}")
                 self._shared, self._pid = _acquire(path, write), os.getpid()
             elif write and self._shared.readonly:
                 _release(path)

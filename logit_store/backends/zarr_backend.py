@@ -19,6 +19,7 @@ from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from ..errors import StoreAccessError, StoreDamagedError
+from ..location import StoreLocation, redact
 from ..records import CODED_VERSION
 from .base import Backend
 
@@ -44,7 +45,9 @@ class ZarrBackend(Backend):
         loc = self.location
         if loc.is_local:
             return zarr.storage.LocalStore(loc.root)
-        return zarr.storage.FsspecStore(_async_fs(loc.fs), path=loc.root)
+        if loc.web:
+            _check_byte_ranges(loc)
+        return zarr.storage.FsspecStore(_async_fs(loc.fs), path=loc.root, read_only=loc.web)
 
     @cached_property
     def arrays(self) -> dict[str, zarr.Array]:
@@ -56,11 +59,12 @@ class ZarrBackend(Backend):
         """One field's array; metadata that cannot be read is damage naming its file."""
         try:
             with self.location.reaching():
-                return zarr.open_array(self._store, path=name, mode="r+", zarr_format=3, config=config)
+                mode = "r" if self.location.web else "r+"
+                return zarr.open_array(self._store, path=name, mode=mode, zarr_format=3, config=config)
         except StoreAccessError:  # the location's fault, not damage
             raise
         except Exception as err:  # zarr raises JSON, KeyError, ValueError and its own errors alike
-            raise StoreDamagedError(f"{self.location.path(name, 'zarr.json')} cannot be read: {err}") from err
+            raise StoreDamagedError(f"{redact(self.location.path(name, 'zarr.json'))} cannot be read: {err}") from err
 
     def check_shared(self) -> None:
         """Every field's array metadata (its zarr.json) must read: each serves every range of its field."""
@@ -111,8 +115,16 @@ class ZarrBackend(Backend):
                 _fsync(path)
 
     def _shard_path(self, name: str, array: zarr.Array, epoch: int, start: int) -> str:
-        index = (epoch, start // self.manifest.shard_records) + (0,) * (array.ndim - 2)
-        return self.location.path(name, array.metadata.encode_chunk_key(index))
+        return self.location.path(*self._shard_key(name, array, epoch, start // self.manifest.shard_records))
+
+    def _shard_key(self, name: str, array: zarr.Array, plane: int, shard: int) -> tuple[str, str]:
+        index = (plane, shard) + (0,) * (array.ndim - 2)
+        return name, array.metadata.encode_chunk_key(index)
+
+    def named_files(self, shards: list[tuple[int, int]]) -> list[tuple[str, ...]]:
+        """The group's and each array's zarr.json, and each array's file of every shard."""
+        metadata = [("zarr.json",), *((name, "zarr.json") for name in self.arrays)]
+        return metadata + [self._shard_key(n, a, *key) for key in shards for n, a in self.arrays.items()]
 
     def read_rows(self, epoch: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty(stop - start, dtype=self.row_dtype) if out is None else out
@@ -133,6 +145,23 @@ class ZarrBackend(Backend):
         return deltas
 
 
+def _check_byte_ranges(location: StoreLocation) -> None:
+    """zarr reads parts of shard files (their index, then chunks) by HTTP Range requests; a server that ignores
+    them sends whole files, which would decode as damaged shards. Asked once: 2 bytes of the group's zarr.json
+    (an absent one is left to `check_shared`)."""
+    try:
+        with location.reaching():
+            got = location.fs.cat_file(location.path("zarr.json"), start=0, end=2)
+    except FileNotFoundError:
+        return
+    if len(got) != 2:
+        raise StoreAccessError(
+            f"{location}: the server ignores HTTP Range requests (asked for 2 bytes of zarr.json, it sent {len(got)}), "
+            "and zarr reads parts of shard files: serve the store from a server that answers them (nginx, caddy, "
+            "an object store's or a hub's file URLs do)"
+        )
+
+
 def _async_fs(fs: AbstractFileSystem) -> AsyncFileSystem:
     """The file system as zarr's FsspecStore takes it, asynchronous: an async-capable one (s3fs,
     gcsfs) as a second instance of the same options, made asynchronous; a synchronous one
@@ -141,7 +170,8 @@ def _async_fs(fs: AbstractFileSystem) -> AsyncFileSystem:
         if fs.asynchronous:
             return fs
         copy = type(fs)(**{**fs.storage_options, "asynchronous": True})
-        copy.retries = getattr(fs, "retries", copy.retries)  # s3fs's tries are an attribute (`StoreLocation` sets it)
+        if hasattr(fs, "retries"):  # s3fs's tries are an attribute (`StoreLocation` sets it)
+            copy.retries = fs.retries
         return copy
     return AsyncFileSystemWrapper(fs, asynchronous=True)
 
