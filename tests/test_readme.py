@@ -16,7 +16,9 @@ from train_helpers import ROOT
 from distill.recipe import parse_recipe
 
 README = (ROOT / "README.md").read_text()
-PYTHON = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+# The own-loop snippet reads the walkthrough's folder and store: tests/test_own_loop.py makes them and runs it.
+OWN_LOOP = re.findall(r"## Train from a store in your own loop\n[^#]*?```python\n(.*?)```", README, flags=re.S)
+PYTHON = [s for s in re.findall(r"```python\n(.*?)```", README, flags=re.S) if s not in OWN_LOOP]
 YAML = re.findall(r"```yaml\n(.*?)```", README, flags=re.S)
 
 
