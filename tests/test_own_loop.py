@@ -21,7 +21,7 @@ from train_helpers import ROOT, small_digits
 
 from distill.augment import Augmentation
 from distill.data import create_dataset
-from distill.errors import DatasetError
+from distill.errors import DatasetError, RecipeError
 from distill.loader import ReplayDataset, TrainBatchSampler, replay_loader
 from distill.offline import StoreDataset
 from distill.save import run as save_run
@@ -29,6 +29,7 @@ from distill.save_config import SaveConfig
 from distill.views import ReplayAugment, mix_batch
 from logit_store import NotCommittedError, open_store
 from logit_store.errors import DistillError, StoreInputError
+from logit_store.manifest import recipe_hash
 from teachers import create_teacher
 
 MIX = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "interpolation": "bilinear", "scale": [0.5, 1.0]}
@@ -192,6 +193,13 @@ def test_bad_input_is_one_line(walk, tmp_path):
     with pytest.raises(StoreInputError) as err:
         StoreDataset(str(walk / "small" / "train"), store, rank=3, world_size=3)
     one_line(err, "rank 3 of world_size 3")
+    # a store whose views this toolkit would not make: its mixing paired samples by another rule
+    entry = open_store(store).manifest.augmentation
+    before = {"recipe": {k: v for k, v in entry["recipe"].items() if k != "pairing"}}
+    with pytest.raises(RecipeError) as err:
+        Augmentation.from_manifest(before | {"hash": recipe_hash(before["recipe"])}, "store S")
+    one_line(err, "store S", "not one this toolkit replays")
+    assert Augmentation.from_manifest(entry, "store S") == Augmentation.from_dict(MIX)
     # a store still being written: its epoch 1 has no commit yet
     shutil.copytree(walk / "mixed.zarr", tmp_path / "partial.zarr")
     (tmp_path / "partial.zarr" / "commits" / "e00001-s000000.json").unlink()
