@@ -226,3 +226,9 @@ def test_the_timm_example_learns_from_the_store(walk, tmp_path, capsys):
     assert (tmp_path / "student.safetensors").exists()
     assert tool.main(["--data", str(walk / "my_images" / "val"), *args[2:4]]) == 2  # not the store's images
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_the_api_imports_no_method_and_no_trainer():
+    code = "import sys, distill.offline; print(sorted(m for m in sys.modules if m.split('.')[0] == 'recipes' or m in ('distill.trainer', 'distill.plan')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
