@@ -117,6 +117,26 @@ class Augmentation:
         """Validated fields from plain data; errors name the field (RecipeError)."""
         return parse_section(cls, data, "")
 
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any], where: str) -> Augmentation:
+        """The augmentation of a store manifest's `augmentation` entry (`manifest_entry`'s inverse). An entry this
+        toolkit would not write for it (unknown fields, another pairing rule, a hash that differs) is a RecipeError
+        naming `where`: its views cannot be replayed."""
+        recipe = entry.get("recipe")
+        derived = ("pairing", "rand_augment_interpolation")  # `canonical` adds them: not fields
+        try:
+            if not isinstance(recipe, dict):
+                raise RecipeError(f"expected a mapping of augmentation fields, got {recipe!r}")
+            augmentation = cls.from_dict({k: v for k, v in recipe.items() if k not in derived})
+        except RecipeError as err:
+            raise RecipeError(f"{where}: augmentation.recipe: {err}") from None
+        if augmentation.manifest_entry() != {"recipe": recipe, "hash": entry.get("hash")}:
+            raise RecipeError(
+                f"{where}: augmentation entry {entry!r} is not one this toolkit replays (its canonical form or hash "
+                "differs); save the store again with distill-save-logits"
+            )
+        return augmentation
+
 
 # tinyvit: the TinyViT reference's training views (its DATA.INTERPOLATION is bicubic, for the crop and for
 # RandAugment; colour jitter is off under RandAugment); tinyvit-mix adds its ImageNet-1k Mixup/CutMix.

@@ -204,22 +204,10 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
     def set_epoch(self, epoch: int, view_epoch: int, start_step: int = 0) -> None:
         """Serve training epoch `epoch` (views of `view_epoch`) from optimizer step `start_step`."""
         self.epoch, self.view_epoch, self.start_step = epoch, view_epoch, start_step
-        rng = np.random.default_rng([self.seed, epoch])
         table = self.partners(view_epoch) if self.partners is not None else None
-        if table is None:
-            self.order = self.ids[rng.permutation(len(self.ids))]
-            return
-        if self.batch_size % 2:
+        if table is not None and self.batch_size % 2:
             raise ValueError(f"batch_size {self.batch_size} is odd: mixed views come in pairs, a batch holds both")
-        trained = np.zeros(len(table), bool)
-        trained[self.ids] = True
-        partner = table[self.ids]
-        paired = (partner != self.ids) & trained[partner]
-        first = self.ids[paired & (partner > self.ids)]
-        alone = np.sort(self.ids[~paired])
-        even = len(alone) // 2 * 2
-        units = np.concatenate([np.stack([first, table[first]], 1), alone[:even].reshape(-1, 2)])
-        self.order = np.concatenate([units[rng.permutation(len(units))].reshape(-1), alone[even:]])
+        self.order = epoch_order(self.ids, self.seed, epoch, table)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for m in range(self.start_step * self.accum, self.steps * self.accum):
@@ -228,3 +216,21 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * self.accum
+
+
+def epoch_order(ids: np.ndarray, seed: int, epoch: int, partners: np.ndarray | None) -> np.ndarray:
+    """`ids` in training epoch `epoch`'s order, a permutation drawn from (seed, epoch). With mixing (`partners`:
+    every id's partner in the epoch's views) a permutation of pairs, both members adjacent; ids whose partner is
+    not among `ids` are paired with each other in id order, an odd one out last (`TrainBatchSampler`)."""
+    rng = np.random.default_rng([seed, epoch])
+    if partners is None:
+        return ids[rng.permutation(len(ids))]
+    trained = np.zeros(len(partners), bool)
+    trained[ids] = True
+    partner = partners[ids]
+    paired = (partner != ids) & trained[partner]
+    first = ids[paired & (partner > ids)]
+    alone = np.sort(ids[~paired])
+    even = len(alone) // 2 * 2
+    units = np.concatenate([np.stack([first, partners[first]], 1), alone[:even].reshape(-1, 2)])
+    return np.concatenate([units[rng.permutation(len(units))].reshape(-1), alone[even:]])

@@ -34,7 +34,7 @@ from .method import Method, create_method
 from .recipe import Recipe, to_dict
 from .views import EvalView, ReplayAugment
 
-__all__ = ["Plan", "check_store", "eval_view", "make_plan"]
+__all__ = ["Plan", "check_store", "eval_view", "make_plan", "store_difference"]
 
 
 @dataclass
@@ -187,7 +187,7 @@ def check_store(
         if stored != ours:
             raise RecipeError(
                 f"{where}: store field {name} is {stored!r} but {what} gives {ours!r}"
-                f"{_difference(name, m, dataset, aug_entry)}"
+                f"{store_difference(name, m, dataset, aug_entry)}"
             )
     if recipe.epochs > m.epochs and recipe.teacher.epochs == "strict":
         raise RecipeError(
@@ -244,7 +244,7 @@ def _pin_difference(before: dict[str, Any], now: dict[str, Any]) -> str:
     return f"the records of epoch(s) {', '.join(planes)} were written again"
 
 
-def _difference(name: str, m: Any, dataset: ImageDataset, aug_entry: dict[str, Any]) -> str:
+def store_difference(name: str, m: Any, dataset: ImageDataset, aug_entry: dict[str, Any]) -> str:
     """What lies behind a differing hash: the augmentation fields, or the dataset's count, classes and spec."""
     if name == "augmentation.hash":
         stored, ours = m.augmentation.get("recipe", {}), aug_entry["recipe"]

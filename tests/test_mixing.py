@@ -14,7 +14,7 @@ from distill.data import create_dataset
 from distill.errors import RecipeError
 from distill.loader import ReplayDataset, TrainBatchSampler, collate, replay_loader, with_partners
 from distill.losses import mixed_targets
-from distill.plan import _difference, make_plan
+from distill.plan import make_plan, store_difference
 from distill.recipe import parse_recipe
 from distill.save import run as save_run
 from distill.save_config import SaveConfig
@@ -140,7 +140,7 @@ def test_a_mixing_augmentation_names_its_pairing_and_old_stores_are_refused_by_i
     assert entry["recipe"]["pairing"] == PAIRING
     assert "pairing" not in PRESETS["tinyvit"].canonical()  # augmentations without mixing keep their hash
     before = {k: v for k, v in entry["recipe"].items() if k != "pairing"}  # a store saved before the pairs
-    message = _difference("augmentation.hash", SimpleNamespace(augmentation={"recipe": before}), None, entry)
+    message = store_difference("augmentation.hash", SimpleNamespace(augmentation={"recipe": before}), None, entry)
     assert f"pairing: store None, recipe {PAIRING!r}" in message and "save it again" in message
 
 

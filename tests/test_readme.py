@@ -15,6 +15,8 @@ from train_helpers import ROOT
 from distill.recipe import load_recipe_file, parse_recipe
 
 README = (ROOT / "README.md").read_text()
+# The own-loop snippet reads the walkthrough's folder and store: tests/test_own_loop.py makes them and runs it.
+OWN_LOOP = re.findall(r"## Train from a store in your own loop\n.*?```python\n(.*?)```", README, flags=re.S)
 
 
 def test_the_readme_is_a_front_door_of_at_most_200_lines():
