@@ -83,6 +83,8 @@ class StoreLocation:
             if s3:
                 _check_s3_endpoint(url, options)
                 options = _with_timeouts(options)
+            elif self.web:
+                options = _with_web_timeouts(options)
             try:
                 self.fs, self.root = fsspec.core.url_to_fs(target, **options)
             except ImportError as err:  # fsspec names the package its protocol needs: "Install s3fs to access S3"
@@ -195,9 +197,8 @@ class StoreLocation:
             detail = " ".join(str(err).split()) or type(err).__name__
             if isinstance(err, PermissionError):  # s3fs: 403, a refused key (botocore says only "Forbidden")
                 detail = f"access denied, check the credentials ({detail})"
-            elif "Timeout" in type(err).__name__ and "s3" in tuple(self.fs.protocol):  # botocore's: name the limit
-                limit = self.fs.storage_options.get("config_kwargs", {}).get("read_timeout")
-                detail += f" (no answer within {limit} s; {S3_TIMEOUT_ENV} sets the limit)"
+            elif "Timeout" in type(err).__name__ and (self.web or "s3" in tuple(self.fs.protocol)):  # name the limit
+                detail = f"{detail} (no answer within {remote_timeout():g} s; {TIMEOUT_ENV} sets the limit)"
             raise StoreAccessError(f"{self}: {redact_text(detail)}") from None
 
     def _forget_listings(self) -> None:
@@ -253,11 +254,12 @@ def _split_credentials(url: str, options: dict[str, Any]) -> tuple[str, dict[str
 
 
 # An endpoint that accepts a connection and never answers would hang a run for s3fs's 5 tries x botocore's
-# 5 attempts x 15 s: here a request fails after S3_TIMEOUT seconds without a byte, tried S3_ATTEMPTS times
-# by botocore (its standard mode: backoff, throttling retried) and once by s3fs, so a frozen endpoint is a
-# StoreAccessError within about S3_ATTEMPTS x S3_TIMEOUT (+ backoff). Storage options given override them.
-S3_TIMEOUT_ENV = "LOGIT_STORE_S3_TIMEOUT"
-DEFAULT_S3_TIMEOUT = 20.0
+# 5 attempts x 15 s (aiohttp, for http(s): 300 s a request): here a request fails after TIMEOUT seconds
+# without a byte, tried S3_ATTEMPTS times by botocore (its standard mode: backoff, throttling retried) and once
+# by s3fs, so a frozen endpoint is a StoreAccessError within about S3_ATTEMPTS x TIMEOUT (+ backoff); a web
+# server's, within TIMEOUT. Storage options given override them.
+TIMEOUT_ENV = "LOGIT_STORE_TIMEOUT"
+DEFAULT_TIMEOUT = 20.0
 S3_ATTEMPTS = 3
 S3_TRIES = 1  # s3fs's own tries around botocore's attempts (its default, 5, multiplies them)
 
@@ -277,20 +279,32 @@ def positive_env(name: str, parse: type[int] | type[float], default: int | float
     return value
 
 
-def s3_timeout() -> float:
-    """Seconds an S3 request may wait to connect, or for the next bytes: LOGIT_STORE_S3_TIMEOUT, else 20."""
-    return positive_env(S3_TIMEOUT_ENV, float, DEFAULT_S3_TIMEOUT, "a number of seconds > 0")
+def remote_timeout() -> float:
+    """Seconds a request to an S3 or web store may wait to connect, or for the next bytes: LOGIT_STORE_TIMEOUT,
+    else 20."""
+    return positive_env(TIMEOUT_ENV, float, DEFAULT_TIMEOUT, "a number of seconds > 0")
 
 
 def _with_timeouts(options: dict[str, Any]) -> dict[str, Any]:
     """s3fs options with this toolkit's timeouts and attempts under the ones given (in the options, or in
     fsspec's configuration, which s3fs would otherwise apply and these would hide)."""
-    timeout, conf = s3_timeout(), fsspec.config.conf.get("s3", {})
+    timeout, conf = remote_timeout(), fsspec.config.conf.get("s3", {})
     attempts = {"max_attempts": S3_ATTEMPTS, "mode": "standard"}
     config = {"connect_timeout": timeout, "read_timeout": timeout, "retries": attempts}
     for given in (conf, options):
         config |= given.get("config_kwargs") or {}
     return {**options, "config_kwargs": config}
+
+
+def _with_web_timeouts(options: dict[str, Any]) -> dict[str, Any]:
+    """HTTP options whose aiohttp session gives up after `remote_timeout()` s to connect or between bytes, unless
+    the options give a client timeout of their own."""
+    import aiohttp  # fsspec's http needs it: imported with it, on first use
+
+    client = dict(options.get("client_kwargs") or {})
+    timeout = remote_timeout()
+    client.setdefault("timeout", aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout))
+    return {**options, "client_kwargs": client}
 
 
 _ENDPOINT_SOURCES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # botocore's, after the options and fsspec's

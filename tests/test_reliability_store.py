@@ -267,11 +267,24 @@ def test_a_frozen_s3_endpoint_is_one_line_within_the_timeout(tmp_path):
         frozen.listen(64)
         endpoint = f"http://127.0.0.1:{frozen.getsockname()[1]}"
         url = "s3://AKIDFROZEN:s3cret%2Fkey@bucket/x.zarr"
-        proc = cli("info", url, env=clean_env(AWS_ENDPOINT_URL=endpoint, LOGIT_STORE_S3_TIMEOUT="0.5"))
+        proc = cli("info", url, env=clean_env(AWS_ENDPOINT_URL=endpoint, LOGIT_STORE_TIMEOUT="0.5"))
     assert proc.returncode == 2 and one_line(proc.stderr), proc.stderr
     assert proc.stderr.startswith("distill-store info: error: s3://***@bucket/x.zarr: Read timeout on endpoint URL")
-    assert "no answer within 0.5 s; LOGIT_STORE_S3_TIMEOUT sets the limit" in proc.stderr
+    assert "no answer within 0.5 s; LOGIT_STORE_TIMEOUT sets the limit" in proc.stderr
     assert "AKIDFROZEN" not in proc.stderr and "s3cret" not in proc.stderr
+
+
+def test_a_frozen_web_server_is_one_line_within_the_timeout(tmp_path):
+    """A web server that accepts connections and never answers: aiohttp alone would wait 300 s a request."""
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(64)
+        url = f"https://reader:pa55word@127.0.0.1:{frozen.getsockname()[1]}/x.zarr"
+        proc = cli("info", url.replace("https", "http"), env=clean_env(LOGIT_STORE_TIMEOUT="0.5"))
+    assert proc.returncode == 2 and one_line(proc.stderr), proc.stderr
+    assert proc.stderr.startswith(f"distill-store info: error: http://***@127.0.0.1:{url.rsplit(':', 1)[1]}")
+    assert "no answer within 0.5 s; LOGIT_STORE_TIMEOUT sets the limit" in proc.stderr
+    assert "pa55word" not in proc.stderr
 
 
 # ---- 6. environment variables that cannot be used ------------------------------------------------------------
@@ -281,14 +294,14 @@ def test_a_frozen_s3_endpoint_is_one_line_within_the_timeout(tmp_path):
     ("name", "value", "expected"),
     [
         ("LOGIT_STORE_CACHE_BYTES", "abc", "LOGIT_STORE_CACHE_BYTES='abc': expected a whole number of bytes >= 1"),
-        ("LOGIT_STORE_S3_TIMEOUT", "soon", "LOGIT_STORE_S3_TIMEOUT='soon': expected a number of seconds > 0"),
+        ("LOGIT_STORE_TIMEOUT", "soon", "LOGIT_STORE_TIMEOUT='soon': expected a number of seconds > 0"),
         (
             "AWS_ENDPOINT_URL",
             "notaurl",
             "AWS_ENDPOINT_URL='notaurl': expected the S3 endpoint as an http:// or https:// URL",
         ),
     ],
-    ids=["LOGIT_STORE_CACHE_BYTES", "LOGIT_STORE_S3_TIMEOUT", "AWS_ENDPOINT_URL"],
+    ids=["LOGIT_STORE_CACHE_BYTES", "LOGIT_STORE_TIMEOUT", "AWS_ENDPOINT_URL"],
 )
 def test_a_bad_environment_variable_is_one_line_naming_it(intact, monkeypatch, capsys, name, value, expected):
     for key in [k for k in os.environ if k.startswith(("AWS_", "FSSPEC_", "LOGIT_STORE_"))]:
