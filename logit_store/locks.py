@@ -60,20 +60,25 @@ def manifest_lock(location: StoreLocation) -> Iterator[None]:
             os.close(fd)  # closing drops the lock
         return
     deadline = time.monotonic() + REMOTE_LOCK_WAIT
-    while True:
-        try:
-            with location.reaching():
-                location.fs.pipe_file(path, b"", mode="create")
-            break
-        except FileExistsError:
-            if time.monotonic() >= deadline:
-                raise StoreLockedError(
-                    f"{location}: its manifest is being updated by another process (lock object {location}/.locks/{MANIFEST_LOCK}); "
-                    "if none is (one was killed), delete that object"
-                ) from None
-            time.sleep(0.2)
+    while not _create(location, path):
+        if time.monotonic() >= deadline:
+            raise StoreLockedError(
+                f"{location}: its manifest is being updated by another process (lock object "
+                f"{location}/.locks/{MANIFEST_LOCK}); if none is (one was killed), delete that object"
+            )
+        time.sleep(0.2)
     try:
         yield
     finally:
         with location.reaching():
             location.fs.rm(path)
+
+
+def _create(location: StoreLocation, path: str) -> bool:
+    """Create the object `path` unless it exists (a conditional write); whether it was created."""
+    with location.reaching():
+        try:
+            location.fs.pipe_file(path, b"", mode="create")
+        except FileExistsError:
+            return False
+    return True
