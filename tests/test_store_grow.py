@@ -131,6 +131,26 @@ def test_the_manifest_lock_is_held_while_the_manifest_changes(tmp_path, monkeypa
     assert seen == ["held", "held", "held"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_store_opened_before_another_grew_it_loses_nothing_when_it_updates_the_manifest(tmp_path, backend):
+    """Every update starts from the manifest on the store, not the one this process opened: a save finishing
+    (its statistics) or recording provenance after a training run grew the store keeps the grown epochs, and
+    takes them in (the back-end too: it then writes the new planes)."""
+    saver = create_store(tmp_path / "s", small(backend))
+    write_epoch(saver, 0)
+    trainer = open_store(tmp_path / "s")
+    trainer.grow(4)
+    trainer.add_provenance([3], {"by": "distill-train (recorded)", "run": "runs/a"})
+    saver.refresh_statistics()
+    saver.add_provenance([0], SAVE)
+    on_store = open_store(tmp_path / "s").manifest
+    assert on_store.epochs == 4 and [e["planes"] for e in on_store.provenance] == [[3], [0]]
+    assert on_store.statistics["records"] == N
+    assert saver.manifest.epochs == 4
+    write_epoch(saver, 3, shards=[7])
+    assert_records(open_store(tmp_path / "s"), 3, np.arange(7 * SHARD, N))
+
+
 def test_growing_an_object_store_takes_its_lock_object(monkeypatch):
     """memory:// (an fsspec object store): the grow works, leaves no lock object, and waits for none longer
     than REMOTE_LOCK_WAIT: one left by a killed process is a one-line StoreLockedError naming it."""
