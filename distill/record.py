@@ -135,16 +135,17 @@ class Recorder:
             parts[key] = batch[key].to(logits.device)
         self.kept.append(parts)
 
-    def end_epoch(self, acc: Accelerator) -> int:
+    def end_epoch(self, acc: Accelerator) -> int | None:
         """Commit this process's pending shards of the epoch (kept rows, the rest computed); returns the records
-        this process computed anew. Every process calls it (the rows are gathered)."""
+        computed anew here, over all processes, or None when the epoch was committed already (a rerun's). Every
+        process calls it (the rows are gathered)."""
         store, m, epoch = self.store, self.store.manifest, self.epoch
         if epoch >= m.epochs:
-            return 0
+            return None
         pending = store.pending_shards(epoch)
         if not pending:
             self.kept = []
-            return 0
+            return None
         rows = _gather(acc, self.kept, m.k)
         self.kept = []
         mine = my_shards(pending, acc.state)
@@ -170,7 +171,7 @@ class Recorder:
         if acc.is_main_process:
             store.add_provenance([epoch], {"by": RECORDED_BY, "run": self.run, "teacher": self.live.spec})
             store.refresh_statistics()
-        return computed
+        return int(acc.reduce(torch.tensor(computed, device=acc.device), "sum"))
 
     def _write(self, writer: Any, rows: dict[str, np.ndarray]) -> None:
         m = self.store.manifest

@@ -242,7 +242,10 @@ class Trainer:
                 if self.train_step(batch):
                     self.after_step(steps)
             if self.recorder is not None:  # committed whole before the epoch's checkpoint
-                self.recorder.end_epoch(self.accelerator)
+                computed = self.recorder.end_epoch(self.accelerator)
+                if computed is not None:
+                    self.log(f"epoch {state.epoch + 1}: teacher outputs recorded in {self.recorder.store.location} "
+                             f"({computed} of them computed at the epoch's end)")  # fmt: skip
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             if state.epoch % recipe.eval.every == 0 or state.epoch == recipe.epochs:
                 self.evaluate()

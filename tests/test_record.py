@@ -6,6 +6,7 @@ trained from it with one trained from the saved store (the same weights, bit for
 from __future__ import annotations
 
 import hashlib
+import sys
 
 import pytest
 import timm
@@ -76,6 +77,9 @@ def student(data, out, store, epochs=2, **changes):
 def test_a_recorded_store_is_the_saved_one_and_teaches_the_same_student(data, checkpoint, tmp_path, aug):
     recorded, saved = tmp_path / "recorded.zarr", tmp_path / "saved.zarr"
     run_recipe(recording(data, checkpoint, tmp_path / "live", recorded, augmentation=aug))
+    log = (tmp_path / "live" / "train.log").read_text()
+    for epoch in (1, 2):  # the teacher ran once per view: only the dropped last batch was computed at the end
+        assert f"epoch {epoch}: teacher outputs recorded in {recorded} (4 of them computed at the epoch's end)" in log
     save(data, checkpoint, saved, 2, aug)
     assert hashes(recorded) == hashes(saved) and set(hashes(saved)) == {"0", "1"}
     with open_store(recorded, read_only=True) as store:
@@ -99,6 +103,22 @@ def test_a_run_killed_while_recording_resumes_and_leaves_the_whole_store(data, c
         assert store.coverage() == {0: 100, 1: 0}
     resumed = run_cli("distill-train", [str(recipe)], data["root"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # steps 5 and 6 (48 views) trained before the kill, and the 4 dropped: computed at the epoch's end
+    assert "epoch 2: teacher outputs recorded in" in resumed.stdout
+    assert "(52 of them computed at the epoch's end)" in resumed.stdout, resumed.stdout
+    save(data, checkpoint, saved, 2)
+    assert hashes(recorded) == hashes(saved) and set(hashes(saved)) == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_two_processes_record_the_store_one_save_writes(data, checkpoint, tmp_path):
+    """Each process keeps its own batches' outputs; they are gathered at the epoch's end and each commits its own
+    shards: the store equals a one-process save."""
+    recorded, saved = tmp_path / "recorded.zarr", tmp_path / "saved.zarr"
+    recipe = write_recipe(tmp_path / "r.yaml", recording(data, checkpoint, tmp_path / "live", recorded))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = run_cli("distill-train", [str(recipe)], data["root"], launcher=launcher, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     save(data, checkpoint, saved, 2)
     assert hashes(recorded) == hashes(saved) and set(hashes(saved)) == {"0", "1"}
 
@@ -122,12 +142,15 @@ def test_a_store_topped_up_by_its_teacher_is_the_longer_saved_one(data, checkpoi
 
 def test_a_top_up_killed_after_a_commit_resumes_and_completes_the_store(data, checkpoint, tmp_path):
     """An interrupted save (killed after its first commit) topped up by a run that is itself killed after its
-    first commit: the rerun completes the store, equal to an uninterrupted save."""
+    first commit (the other shard of epoch 0): the rerun completes the store, equal to an uninterrupted save."""
     partial, saved = tmp_path / "partial.zarr", tmp_path / "saved.zarr"
     args = ["--teacher", f"timm:{TEACHER}", "--checkpoint", str(checkpoint), "--data", data["train"],
             "--out", str(partial), "--epochs", "3", "--k", "3", "--img-size", "32", "--batch-size", "16"]  # fmt: skip
     proc = run_cli("distill-save-logits", args, data["root"], env_extra={FAULT_COMMIT: "after:1"})
     assert proc.returncode == -9
+    with open_store(partial, read_only=True) as store:
+        shard = store.manifest.shard_records  # 100 records in shards of 64
+        assert shard < 100 and store.coverage() == {0: shard, 1: 0, 2: 0}
     teacher = {"source": f"store:{partial}", "fallback": f"timm:{TEACHER}", "checkpoint": str(checkpoint)}
     recipe = write_recipe(
         tmp_path / "r.yaml", student(data, tmp_path / "run", partial, epochs=3) | {"teacher": teacher}
@@ -135,7 +158,7 @@ def test_a_top_up_killed_after_a_commit_resumes_and_completes_the_store(data, ch
     killed = run_cli("distill-train", [str(recipe)], data["root"], env_extra={FAULT_COMMIT: "after:1"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     with open_store(partial, read_only=True) as store:
-        assert store.coverage() == {0: 100, 1: 100, 2: 0}
+        assert store.coverage() == {0: 100, 1: 0, 2: 0}, killed.stderr[-3000:]  # its first commit: the rest of epoch 0
     resumed = run_cli("distill-train", [str(recipe)], data["root"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     save(data, checkpoint, saved, 3)
