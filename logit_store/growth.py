@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import operator
 import os
 import signal
 from collections.abc import Callable, Iterable
@@ -89,17 +90,19 @@ class StoreUpdates:
         """Record in the manifest that `planes` were written by `source` (its "by", "run", "teacher", ...; "at"
         defaults to now, UTC): one entry per source, an entry of the same source taking in the new planes.
         Strings are stored with any credentials in URLs removed. Not part of the store's identity."""
-        planes = sorted(set(planes))
         try:
+            planes = sorted({operator.index(p) for p in planes})  # numpy's integers too, never a float
             entry = json.loads(redact_text(json.dumps(source, sort_keys=True)))
         except (TypeError, ValueError) as err:
-            raise StoreInputError(f"{self.location}: provenance source must be plain JSON data: {err}") from None
+            raise StoreInputError(
+                f"{self.location}: provenance needs plane indices and a source of plain JSON data: {err}"
+            ) from None
         if not isinstance(entry, dict) or "planes" in entry:
             raise StoreInputError(f"{self.location}: provenance source must be an object without 'planes'")
         entry.setdefault("at", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
 
         def recorded(fresh: Manifest) -> Manifest:
-            outside = [p for p in planes if not (isinstance(p, int) and 0 <= p < fresh.planes)]
+            outside = [p for p in planes if not 0 <= p < fresh.planes]
             if outside:
                 raise StoreInputError(f"{self.location}: planes {outside} are outside the store's [0, {fresh.planes})")
             entries, merged, same = [], set(planes), {k: v for k, v in entry.items() if k != "at"}

@@ -223,6 +223,9 @@ def test_provenance_round_trip_merges_a_sources_planes_and_keeps_no_credentials(
     assert create_store(tmp_path / "s", small(epochs=4)).manifest.provenance == expected  # not identity
     with pytest.raises(StoreError, match=r"planes \[4\] are outside the store's \[0, 4\)"):
         store.add_provenance([4], SAVE)
+    with pytest.raises(StoreError, match=r"provenance needs plane indices and a source of plain JSON data"):
+        store.add_provenance([0.5], SAVE)
+    store.add_provenance(np.arange(2), SAVE | {"at": "2026-01-01T00:00:00+00:00"})  # numpy's integers: the same
     data = json.loads(text)
     del data["provenance"]  # a manifest written before provenance existed
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(data))
