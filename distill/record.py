@@ -102,7 +102,7 @@ class RecordingTeacher(Teacher):
     def logits(self, images: torch.Tensor, epoch: int | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
         out = self.live.logits(images, epoch, ids)
         batch = self.recorder.batch
-        if batch is not None and images is batch["image"]:
+        if batch is not None and images is batch["image"] and self.recorder.active:
             self.recorder.keep(out, batch)
         return out
 
@@ -117,14 +117,17 @@ class Recorder:
         self.store, self.data, self.workers, self.run = store, data, workers, run
         self.batch: dict[str, torch.Tensor] | None = None  # the training batch being computed (set by the Trainer)
         self.kept: list[dict[str, torch.Tensor]] = []
-        self.epoch = 0
+        self.epoch, self.active = 0, False
 
     def wrap(self, live: Teacher) -> RecordingTeacher:
         self.live = live
         return RecordingTeacher(live, self)
 
     def begin_epoch(self, epoch: int) -> None:
+        """Keep outputs of `epoch` from now on, unless the store holds it whole already (a rerun's epoch)."""
+        m = self.store.manifest
         self.epoch, self.kept = epoch, []
+        self.active = epoch < m.epochs and bool(self.store.pending_shards(epoch))
 
     def keep(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         """Sparsify a training batch's teacher outputs (as the save does, outside the run's autocast)."""
