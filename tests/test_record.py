@@ -110,6 +110,22 @@ def test_a_run_killed_while_recording_resumes_and_leaves_the_whole_store(data, c
     assert hashes(recorded) == hashes(saved) and set(hashes(saved)) == {"0", "1"}
 
 
+def test_a_run_killed_between_an_epochs_commits_completes_the_epoch_on_rerun(data, checkpoint, tmp_path):
+    """Killed at the end of epoch 1 right after its first shard's commit (100 records in shards of 64), before
+    any checkpoint: the rerun starts afresh, keeps only the other shard's outputs and commits it."""
+    recorded, saved = tmp_path / "recorded.zarr", tmp_path / "saved.zarr"
+    recipe = write_recipe(tmp_path / "r.yaml", recording(data, checkpoint, tmp_path / "live", recorded))
+    killed = run_cli("distill-train", [str(recipe)], data["root"], env_extra={FAULT_COMMIT: "after:1"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    with open_store(recorded, read_only=True) as store:
+        covered = store.coverage()
+        assert 0 < covered[0] < 100 and covered[1] == 0  # one of epoch 1's two shards
+    resumed = run_cli("distill-train", [str(recipe)], data["root"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    save(data, checkpoint, saved, 2)
+    assert hashes(recorded) == hashes(saved) and set(hashes(saved)) == {"0", "1"}
+
+
 @pytest.mark.slow
 def test_two_processes_record_the_store_one_save_writes(data, checkpoint, tmp_path):
     """Each process keeps its own batches' outputs; they are gathered at the epoch's end and each commits its own

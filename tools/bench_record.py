@@ -4,7 +4,8 @@ In one process, the same live-teacher `distill-train` run (TinyViT-5M student, a
 with and without `teacher.record`, alternating A, B, B, A, ... so machine noise hits both alike; each run's wall
 time counts everything the recording adds (sparsifying every batch, the epoch-end gather, the computed dropped
 batch, the writes and commits, the store's creation). Reports the per-pair ratios (recording / not): median
-and spread.
+and spread; and, less sensitive to a shared machine's load, the share of each recording run's time spent in the
+recording's own code (`Recorder.keep`, `Recorder.end_epoch`, `open_record_store`).
 
     python tools/bench_record.py [--teacher resnet18] [--epochs 1] [--pairs 3]
 
@@ -30,11 +31,29 @@ from distill.run import run_recipe
 ROOT = Path(__file__).resolve().parent.parent
 
 
+SPENT = {"seconds": 0.0}  # time inside the recording's own code in the current run (see `timed`)
+
+
+def timed(owner: object, name: str) -> None:
+    """Count the time spent in `owner.name` (a recording step) into SPENT."""
+    inner = getattr(owner, name)
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        started = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            SPENT["seconds"] += time.perf_counter() - started
+
+    setattr(owner, name, wrapper)
+
+
 def one_run(base: dict, work: Path, name: str, record: bool, k: int) -> float:
     """Wall seconds of one whole run (plan, training, evaluation, its recording)."""
     recipe = {**base, "output_dir": str(work / name), "teacher": dict(base["teacher"])}
     if record:
         recipe["teacher"]["record"] = {"path": str(work / f"{name}.zarr"), "k": k}
+    SPENT["seconds"] = 0.0
     started = time.perf_counter()
     run_recipe(recipe)
     seconds = time.perf_counter() - started
@@ -59,21 +78,34 @@ def main() -> None:
         base |= {"epochs": args.epochs, "trackers": [], "log_every": 1000, "eval": {**base["eval"], "every": 1000}}
         base["teacher"] = {"source": f"timm:{args.teacher}", "checkpoint": str(checkpoint)}
         one_run(base, work, "warmup", False, args.k)  # the digits cached, the first imports paid
-        ratios, plain, recorded = [], [], []
+        import distill.plan
+        from distill.record import Recorder
+
+        for owner, name in ((Recorder, "keep"), (Recorder, "end_epoch"), (distill.plan, "open_record_store")):
+            timed(owner, name)
+        ratios, plain, recorded, shares = [], [], [], []
         for pair in range(args.pairs):
             order = (False, True) if pair % 2 == 0 else (True, False)
-            seconds = {flag: one_run(base, work, f"p{pair}_{int(flag)}", flag, args.k) for flag in order}
+            seconds = {}
+            for flag in order:
+                seconds[flag] = one_run(base, work, f"p{pair}_{int(flag)}", flag, args.k)
+                if flag:
+                    shares.append(SPENT["seconds"] / seconds[flag])
             plain.append(seconds[False])
             recorded.append(seconds[True])
             ratios.append(seconds[True] / seconds[False])
             print(f"pair {pair}: without {seconds[False]:.1f} s, recording {seconds[True]:.1f} s, "
-                  f"ratio {ratios[-1]:.3f}", flush=True)  # fmt: skip
+                  f"ratio {ratios[-1]:.3f}; the recording's own code {100 * shares[-1]:.2f}% of its run",
+                  flush=True)  # fmt: skip
         print(
             f"\nrecording / not: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max "
             f"{max(ratios):.3f}) over {len(ratios)} pairs; median run {statistics.median(plain):.1f} s without, "
             f"{statistics.median(recorded):.1f} s recording ({args.teacher} teacher, {args.epochs} epoch(s), "
             f"k={args.k}, torch threads {torch.get_num_threads()})"
         )
+        print(f"time in the recording's own code (keep, end_epoch, opening the store): median "
+              f"{100 * statistics.median(shares):.2f}% of a recording run (min {100 * min(shares):.2f}%, "
+              f"max {100 * max(shares):.2f}%)")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
