@@ -91,6 +91,7 @@ def test_a_recorded_store_is_the_saved_one_and_teaches_the_same_student(data, ch
     assert weights_sha256(tmp_path / "from_recorded") == weights_sha256(tmp_path / "from_saved")
 
 
+@pytest.mark.slow  # three CLI runs (over 30 s on 2 cores)
 def test_a_run_killed_while_recording_resumes_and_leaves_the_whole_store(data, checkpoint, tmp_path):
     """Killed mid epoch 2 (4 steps per epoch, step checkpoints): epoch 1 is committed, epoch 2 is not; the rerun
     trains epoch 2 from step 6 and computes its first steps' records at the epoch's end."""
@@ -110,6 +111,7 @@ def test_a_run_killed_while_recording_resumes_and_leaves_the_whole_store(data, c
     assert hashes(recorded) == hashes(saved) and set(hashes(saved)) == {"0", "1"}
 
 
+@pytest.mark.slow  # three CLI runs (over 30 s on 2 cores)
 def test_a_run_killed_between_an_epochs_commits_completes_the_epoch_on_rerun(data, checkpoint, tmp_path):
     """Killed at the end of epoch 1 right after its first shard's commit (100 records in shards of 64), before
     any checkpoint: the rerun starts afresh, keeps only the other shard's outputs and commits it."""
@@ -156,6 +158,7 @@ def test_a_store_topped_up_by_its_teacher_is_the_longer_saved_one(data, checkpoi
     assert weights_sha256(tmp_path / "topped") == weights_sha256(tmp_path / "from_saved")
 
 
+@pytest.mark.slow  # three CLI runs (over 30 s on 2 cores)
 def test_a_top_up_killed_after_a_commit_resumes_and_completes_the_store(data, checkpoint, tmp_path):
     """An interrupted save (killed after its first commit) topped up by a run that is itself killed after its
     first commit (the other shard of epoch 0): the rerun completes the store, equal to an uninterrupted save."""
