@@ -22,8 +22,10 @@ from accelerate.utils import set_seed
 from timm.data import DEFAULT_CROP_PCT
 from torch import nn
 
+from logit_store import LogitStore
 from logit_store.pin import make_pin, pin_reads
 from teachers import Teacher, create_teacher
+from teachers.registry import split_spec
 
 from .augment import Augmentation, load_augmentation
 from .checkpoint import LAST, OutputDirLock, check_output_dir, lock_output_dir
@@ -32,6 +34,7 @@ from .errors import RecipeError
 from .loader import ReplayDataset
 from .method import Method, create_method
 from .recipe import Recipe, to_dict
+from .record import check_fallback, open_record_store, top_up
 from .views import EvalView, ReplayAugment
 
 __all__ = ["Plan", "check_store", "eval_view", "make_plan", "store_difference"]
@@ -56,6 +59,7 @@ class Plan:
     store_pin: dict[str, Any] | None  # what the run pins of a store teacher (see `pin_store`)
     extends: bool  # the run continues a finished run of fewer epochs (from its checkpoints/last)
     lock: OutputDirLock | None = None  # output_dir held since before it was checked (main process; see make_plan)
+    record: LogitStore | None = None  # where the live teacher's outputs are recorded (`teacher.record`)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -110,6 +114,7 @@ def _make_plan(
     method.check_run(num_processes, augmentation)
     with torch.random.fork_rng(devices=[]):  # a live teacher's init must not shift the student's
         teacher = build_teacher(recipe, method, train_set, augmentation.manifest_entry(), device)
+        fallback = build_fallback(recipe, teacher, device)
     train_ids = method.training_ids(train_set, val_set)
     if len(train_ids) < recipe.batch_size:
         raise RecipeError(f"batch_size: {recipe.batch_size} is larger than the {len(train_ids)} training samples")
@@ -120,10 +125,16 @@ def _make_plan(
         train_set, ReplayAugment(augmentation, recipe.data.img_size, recipe.seed), method.tokenizer
     )
     val_data = ReplayDataset(val_set, eval_view(recipe, augmentation))
+    record = None
+    if build_student and recipe.teacher.record is not None:
+        record = open_record_store(recipe, train_set, teacher, augmentation)
+    if build_student and fallback is not None:
+        teacher = top_up(teacher, fallback, recipe, train_set, augmentation, str(out))
+        check_store(teacher, recipe, train_set, augmentation.manifest_entry(), method.num_classes)
     pin = pin_store(teacher, recipe, out, resume_from) if teacher is not None and teacher.store is not None else None
     return Plan(
         recipe, out, resume_from, augmentation, train_set, val_set, train_ids, method, teacher, student,
-        train_data, val_data, pin, resume_from is not None and resume_from.name == LAST, lock,
+        train_data, val_data, pin, resume_from is not None and resume_from.name == LAST, lock, record,
     )  # fmt: skip
 
 
@@ -152,7 +163,9 @@ def build_teacher(
     if not source:
         method.check_teacher(None)
         return None
-    teacher = create_teacher(source, method.num_classes or None, recipe.teacher.checkpoint, device)
+    fallback = recipe.teacher.fallback is not None and split_spec(source)[0] == "store"
+    checkpoint = None if fallback else recipe.teacher.checkpoint  # then the fallback's
+    teacher = create_teacher(source, method.num_classes or None, checkpoint, device)
     if teacher.outputs != method.spec.outputs:
         raise RecipeError(
             f"teacher.source: method {recipe.method!r} learns from a teacher's {method.spec.outputs}; "
@@ -160,16 +173,35 @@ def build_teacher(
         )
     method.check_teacher(teacher)
     if teacher.store is not None:
-        check_store(teacher, recipe, train_set, aug_entry, method.num_classes)
+        check_store(teacher, recipe, train_set, aug_entry, method.num_classes, whole=not fallback)
     elif recipe.teacher.epochs != "strict":
         raise RecipeError("teacher.epochs: cycle maps epochs onto a store's; a live teacher takes none")
     return teacher
 
 
+def build_fallback(recipe: Recipe, teacher: Teacher | None, device: torch.device) -> Teacher | None:
+    """The live teacher `teacher.fallback` names, seeded as distill-save-logits seeds its teacher, and checked to
+    be the store's own teacher (`distill.record.check_fallback`)."""
+    if recipe.teacher.fallback is None or teacher is None or teacher.store is None:
+        return None
+    if teacher.store.manifest.kind != "logits":
+        raise RecipeError(f"teacher.fallback: {teacher.source} is an embeddings store; only logits are topped up")
+    torch.manual_seed(recipe.seed)
+    fallback = create_teacher(recipe.teacher.fallback, teacher.num_classes, recipe.teacher.checkpoint, device)
+    check_fallback(teacher, fallback)
+    return fallback
+
+
 def check_store(
-    teacher: Teacher, recipe: Recipe, dataset: ImageDataset, aug_entry: dict[str, Any], classes: int
+    teacher: Teacher,
+    recipe: Recipe,
+    dataset: ImageDataset,
+    aug_entry: dict[str, Any],
+    classes: int,
+    whole: bool = True,
 ) -> None:
-    """Refuse a store that was not saved for this data, augmentation, seed and epoch count; name the field."""
+    """Refuse a store that was not saved for this data, augmentation, seed and epoch count; name the field.
+    Not `whole` (a fallback teacher tops it up first): its missing epochs and shards are not refused."""
     store = teacher.store
     m, where = store.manifest, f"teacher.source {teacher.source}"
     checks = [
@@ -189,6 +221,8 @@ def check_store(
                 f"{where}: store field {name} is {stored!r} but {what} gives {ours!r}"
                 f"{store_difference(name, m, dataset, aug_entry)}"
             )
+    if not whole:
+        return
     if recipe.epochs > m.epochs and recipe.teacher.epochs == "strict":
         raise RecipeError(
             f"epochs: {recipe.epochs} training epochs but the store {store.location} holds {m.epochs}; "

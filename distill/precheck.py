@@ -41,6 +41,8 @@ def check_recipe_inputs(recipe: Recipe) -> None:
     """The teacher of the run and of each follow-up under `then` (see the module docstring)."""
     if recipe.teacher.source and not _finished(recipe):
         check_teacher(recipe.teacher.source, "teacher.source")
+        if recipe.teacher.fallback:
+            check_teacher(recipe.teacher.fallback, "teacher.fallback")
     for run in follow_ups(recipe):
         parsed = parse_recipe(run.recipe)
         source = parsed.teacher.source

@@ -37,6 +37,7 @@ __all__ = [
     "OptimizerConfig",
     "Recipe",
     "RecipeError",
+    "RecordConfig",
     "ScheduleConfig",
     "StudentConfig",
     "TeacherConfig",
@@ -86,10 +87,26 @@ class StudentConfig:
 
 
 @dataclass
+class RecordConfig:
+    """Where a live teacher's outputs go while the student trains (`distill.record`): a logits store as
+    distill-save-logits writes it, with the run's views, epochs and seed."""
+
+    path: str  # the store: a path or an fsspec URL (resumed, or grown for more epochs, when it exists)
+    k: int  # classes kept per record
+    backend: str = "zarr"
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise RecipeError(f"k: expected an integer >= 1, got {self.k}")
+
+
+@dataclass
 class TeacherConfig:
     source: str | None = None  # store:PATH, or a live teacher spec as in distill-save-logits
-    checkpoint: str | None = None  # a live teacher's weights
+    checkpoint: str | None = None  # a live teacher's weights (with a store source: the fallback's)
     epochs: Literal["strict", "cycle"] = "strict"  # train epoch e reads store epoch e (strict) or e % E (cycle)
+    record: RecordConfig | None = None  # a live teacher's outputs kept in a store as the run computes them
+    fallback: str | None = None  # a store source's own teacher (live spec): computes what the store lacks
 
 
 @dataclass
@@ -233,7 +250,25 @@ def method_config(recipe: Recipe) -> tuple[MethodSpec, Any]:
         raise RecipeError(f"teacher.source: method {recipe.method!r} trains on labels only and takes no teacher")
     if spec.teacher == "required" and not source:
         raise RecipeError(f"teacher.source: method {recipe.method!r} needs a teacher: store:PATH or a live spec")
+    _check_record_keys(recipe.teacher, spec, recipe.method)
     return spec, loss
+
+
+def _check_record_keys(teacher: TeacherConfig, spec: MethodSpec, method: str) -> None:
+    """teacher.record takes a live logits teacher; teacher.fallback a store source."""
+    is_store = (teacher.source or "").strip().startswith("store:")
+    if teacher.record is not None:
+        if not teacher.source or is_store:
+            raise RecipeError("teacher.record: records a live teacher's outputs; teacher.source must be a live spec")
+        if spec.outputs != "logits":
+            raise RecipeError(f"teacher.record: method {method!r} learns from embeddings; only logits are recorded")
+    if teacher.fallback is not None:
+        if not is_store:
+            raise RecipeError("teacher.fallback: computes what a store lacks; teacher.source must be store:PATH")
+        if teacher.fallback.strip().startswith("store:"):
+            raise RecipeError(f"teacher.fallback: expected a live teacher spec, got {teacher.fallback!r}")
+        if spec.outputs != "logits":
+            raise RecipeError(f"teacher.fallback: method {method!r} learns from embeddings; only logits are topped up")
 
 
 # ---- follow-up runs --------------------------------------------------------------------------------------

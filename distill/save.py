@@ -264,6 +264,7 @@ def run(cfg: SaveConfig) -> LogitStore:
     state.wait_for_everyone()
     if state.is_main_process:
         stats = store.refresh_statistics()
+        store.add_provenance(range(manifest.planes), {"by": "distill-save-logits", "teacher": cfg.teacher})
         elapsed = time.perf_counter() - started
         print(
             f"saved {total:,} records in {elapsed:.1f} s ({total / max(elapsed, 1e-9):,.0f} records/s) to {store.location}"

@@ -51,6 +51,7 @@ from .method import MethodContext
 from .plan import STORE_PIN, Plan
 from .plots import plot_training_curves
 from .recipe import Recipe, to_dict
+from .record import Recorder
 from .syncbn import convert_sync_batchnorm, has_batchnorm
 from .threads import cpu_threads, launch_warning
 from .tracking import CsvTracker, RunLog, writer_thread_errors
@@ -110,6 +111,10 @@ class Trainer:
         )
         self.log = RunLog(plan.out, self.accelerator.is_main_process)
         self.recipe, self.method, self.teacher = plan.recipe, plan.method, plan.teacher
+        self.recorder: Recorder | None = None  # `teacher.record`: the teacher's outputs kept as the run goes
+        if plan.record is not None:
+            self.recorder = Recorder(plan.record, plan.train_data, recipe.data.workers, str(plan.out))
+            self.teacher = self.recorder.wrap(plan.teacher)
         self.state = TrainState()
         self.lock: RangeLock | None = None
         self.thread_errors: list[BaseException] = []  # of TensorBoard's writer threads (see fit, end_trackers)
@@ -231,9 +236,16 @@ class Trainer:
         while state.epoch < recipe.epochs:
             self.progress.set_description(f"epoch {state.epoch + 1}/{recipe.epochs}")  # from 1, as train.log
             self.tick = time.perf_counter()
+            if self.recorder is not None:
+                self.recorder.begin_epoch(state.epoch)
             for batch in self.batches(state.epoch):
                 if self.train_step(batch):
                     self.after_step(steps)
+            if self.recorder is not None:  # committed whole before the epoch's checkpoint
+                computed = self.recorder.end_epoch(self.accelerator)
+                if computed is not None:
+                    self.log(f"epoch {state.epoch + 1}: teacher outputs recorded in {self.recorder.store.location} "
+                             f"({computed} of them computed at the epoch's end)")  # fmt: skip
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             if state.epoch % recipe.eval.every == 0 or state.epoch == recipe.epochs:
                 self.evaluate()
@@ -263,6 +275,8 @@ class Trainer:
         # the views are mixed on the device; how they mix (MIX_KEYS) is read on the host
         batch = mix_batch({k: v if k in MIX_KEYS else v.to(acc.device, non_blocking=True) for k, v in batch.items()})
         self.batch = batch
+        if self.recorder is not None:
+            self.recorder.batch = batch
         with acc.accumulate(self.model), acc.autocast():
             losses = self.method.loss(self.model, batch, self.teacher)
             self.watch_loss(losses["loss"])

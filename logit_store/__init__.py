@@ -4,7 +4,7 @@ Format: docs/STORE_FORMAT.md. numpy, zarr and lmdb only; the torch helpers for
 sparsifying and rebuilding live in `logit_store.sparse`.
 
 Modules, each importing only those below it: `errors`; `registry`, `location`, `locks`, `records`, `codec`;
-`manifest`; `backends` (by entry point); `commits`, `statistics`; `cache`, `writer`, `integrity`; `store`
+`manifest`; `backends` (by entry point); `commits`, `statistics`; `cache`, `writer`, `integrity`, `growth`; `store`
 (LogitStore); `api` (open, create, convert); `pin`; `cli`. `logit_store.testing` is the back-end contract
 suite (it needs pytest; nothing else imports it).
 """

@@ -55,6 +55,8 @@ def create_store(
 
     A different manifest is an error naming the fields, unless the store holds no committed
     record and no writer (what a failed save leaves): it is then replaced, saying so on this module's logger.
+    A logits store that differs in `epochs` only is the same store: asked for more, it grows to them
+    (`LogitStore.grow`); asked for fewer, it is reopened with all it has (the caller writes the epochs it wants).
     A non-empty directory that is not a store is an error; nothing there is touched. Locally the store is built
     beside its target and moved in with one rename, so concurrent creators agree on one store.
     """
@@ -130,8 +132,12 @@ def _reopen(location: StoreLocation, manifest: Manifest) -> LogitStore:
         )
         location.fs.rm(location.root, recursive=True)
         return create_store(location.url, manifest, location.storage_options)
+    store = LogitStore(location, existing)
+    if fields == ["epochs"] and existing.kind == "logits":  # one store, grown: it serves fewer epochs and grows
+        store.grow(manifest.epochs)
+        return store
     existing.check_same(manifest, where=str(location))
-    return LogitStore(location, existing)
+    return store
 
 
 def _writers_alive(location: StoreLocation) -> bool:

@@ -27,6 +27,35 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _coverage_lines(records: dict[int, int], num_samples: int) -> list[str]:
+    """One line per epoch (runs of complete or missing epochs on one line): "epoch 3: 1,200 of 1,797 records"."""
+    lines: list[str] = []
+    runs: list[tuple[int, int, int]] = []  # (first, last, records) of consecutive epochs alike
+    for epoch, n in sorted(records.items()):
+        whole = n in (0, num_samples)
+        if runs and whole and runs[-1][2] == n and runs[-1][1] == epoch - 1:
+            runs[-1] = (runs[-1][0], epoch, n)
+        else:
+            runs.append((epoch, epoch, n))
+    for first, last, n in runs:
+        where = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+        state = "complete" if n == num_samples else "missing" if n == 0 else f"{n:,} of {num_samples:,} records"
+        lines.append(f"{where}: {state}")
+    return lines
+
+
+def _plane_ranges(planes: list[int]) -> str:
+    """ "epochs 0-2, 5": a sorted list of planes as ranges."""
+    runs: list[list[int]] = []
+    for p in sorted(planes):
+        if runs and runs[-1][1] == p - 1:
+            runs[-1][1] = p
+        else:
+            runs.append([p, p])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return f"epoch {text}" if len(planes) == 1 else f"epochs {text}"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     with open_store(args.store, read_only=True) as store:
         info = store.info()
@@ -46,12 +75,17 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"records      {info['records']} ({m['num_samples']} samples x {m['epochs']} planned epochs), k={m['k']} of {m['num_classes']} classes"
         )
     print(f"epochs done  {info['completed_epochs']}")
+    for line in _coverage_lines({int(e): n for e, n in info["records_per_epoch"].items()}, m["num_samples"]):
+        print(f"  {line}")
     if "text_complete" in info:
         print(f"text plane   {'complete' if info['text_complete'] else 'incomplete'}, {info['text_records']} records")
     print(f"on disk      {info['bytes_on_disk']} bytes, {_fmt(info['bytes_per_record'])} bytes/record")
     print(f"teacher      {m['teacher']}")
     print(f"dataset      {m['dataset']}")
     print(f"augmentation hash {m['augmentation'].get('hash')}, global seed {m['global_seed']}, mixing {m['mixing']}")
+    for entry in m.get("provenance", []):
+        source = ", ".join(f"{key} {entry[key]}" for key in sorted(entry) if key not in ("by", "planes"))
+        print(f"written by   {entry.get('by', '?')}: {_plane_ranges(entry['planes'])} ({source})")
     for key, value in info["statistics"].items():
         if value is None and m["kind"] == "embeddings":  # no top-k statistics
             continue

@@ -1,7 +1,7 @@
 """Checking and mending a store: verify, repair, info (`distill-store verify|repair|info`).
 
 `StoreChecks` is mixed into `LogitStore` (this module imports no store): its methods use the store's
-`manifest`, `location`, `backend`, `commits()`, `read_shard()`, `refresh_statistics()` and
+`manifest`, `location`, `backend`, `commits()`, `coverage()`, `read_shard()`, `refresh_statistics()` and
 `_check_writable()`. Invariants: `verify` writes nothing; `repair` drops commit markers only (never data),
 one repair of a local store at a time, and nothing for damage to a file every range depends on.
 """
@@ -57,6 +57,7 @@ class StoreChecks:
     if TYPE_CHECKING:  # the host's (LogitStore's) methods these call
 
         def commits(self, epoch: int | None = None) -> dict[tuple[int, int], dict[str, Any]]: ...
+        def coverage(self) -> dict[int, int]: ...
         def read_shard(self, epoch: int, shard: int) -> np.ndarray: ...
         def refresh_statistics(self) -> dict[str, Any]: ...
         def _check_writable(self) -> None: ...
@@ -184,14 +185,10 @@ class StoreChecks:
         return sum(self.location.sizes(keys))
 
     def info(self) -> dict[str, Any]:
-        """Manifest, progress, size, statistics and content hashes. An embeddings store adds
+        """Manifest (with its provenance), progress (committed records per epoch: `records_per_epoch`), size,
+        statistics and content hashes. An embeddings store adds
         `text_complete` and `text_records`; its text plane's hash is under "text"."""
-        m, commits = self.manifest, self.commits()
-        records = {e: 0 for e in range(m.planes)}
-        for (epoch, shard), marker in commits.items():
-            if marker:
-                start, stop = m.shard_range(shard)
-                records[epoch] += stop - start
+        m, commits, records = self.manifest, self.commits(), self.coverage()
         complete = [e for e, n in records.items() if n == m.num_samples]
         total = sum(records.values())
         used = self._named_bytes(commits) if self.location.web else self.location.bytes_used()

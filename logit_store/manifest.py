@@ -26,7 +26,10 @@ FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 KINDS = ("logits", "embeddings")
 # Fields that describe the run rather than the content: never compared when reopening.
-VOLATILE_FIELDS = ("created_at", "toolkit_version", "statistics")
+VOLATILE_FIELDS = ("created_at", "toolkit_version", "statistics", "provenance")
+# Fields a manifest may lack (older manifests do): read as their default, and written only when not empty, so a
+# store that never used them keeps the exact keys older readers accept.
+OPTIONAL_FIELDS = ("provenance",)
 
 
 def canonical_json(obj: Any) -> str:
@@ -87,6 +90,8 @@ class Manifest:
     created_at: str = ""
     toolkit_version: str = ""
     statistics: dict[str, Any] = field(default_factory=dict)
+    # Who wrote which planes: [{"planes": [int, ...], "by": str, "at": ISO 8601 UTC, ...}] (docs/STORE_FORMAT.md)
+    provenance: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._check()
@@ -139,6 +144,20 @@ class Manifest:
             raise StoreInputError(f"manifest: k={self.k} is larger than num_classes={self.num_classes}")
         if self.num_classes > 2**31 - 1 or self.num_samples > 2**31 - 1:
             raise StoreInputError("manifest: num_classes and num_samples must fit in int32")
+        self._check_provenance()
+
+    def _check_provenance(self) -> None:
+        """A list of objects, each naming its planes (a list of plane indices) and what wrote them."""
+        entries = self.provenance
+        if not isinstance(entries, list):
+            raise StoreInputError(f"manifest: 'provenance' must be a list, got {type(entries).__name__}")
+        for i, entry in enumerate(entries):
+            planes = entry.get("planes") if isinstance(entry, dict) else None
+            if not (isinstance(planes, list) and all(_is_int(p) and 0 <= p < self.planes for p in planes)):
+                raise StoreInputError(
+                    f"manifest: provenance[{i}] must be an object whose 'planes' lists plane indices in [0, "
+                    f"{self.planes}), got {entry!r}"
+                )
 
     def _check_embeddings(self) -> None:
         why = {"k": "it has no top-k", "num_classes": "it has no classes"}
@@ -172,6 +191,9 @@ class Manifest:
         data = self.to_dict()
         if self.format_version == 1:  # a v1 store keeps a manifest that v1 readers accept
             del data["kind"], data["embed_dim"]
+        for name in OPTIONAL_FIELDS:
+            if not data[name]:
+                del data[name]
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
@@ -179,7 +201,7 @@ class Manifest:
         if data.get("format_version") == 1:  # v1 predates embeddings stores: it is a logits manifest
             data = {"kind": "logits", "embed_dim": 0} | data
         known = set(cls.__dataclass_fields__)
-        unknown, missing = sorted(set(data) - known), sorted(known - set(data))
+        unknown, missing = sorted(set(data) - known), sorted(known - set(data) - set(OPTIONAL_FIELDS))
         if unknown or missing:
             raise StoreInputError(f"{source}: unknown field(s) {unknown}, missing field(s) {missing}")
         try:

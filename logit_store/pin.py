@@ -6,7 +6,8 @@ replaced while a run reads it (its folder removed, another teacher's store copie
 given to a reader (`pin_reads`) is checked as the reader goes on:
 
 - each time a plane is loaded into the reader's cache, the manifest and that plane's commits are read again
-  and compared with the pin (`LogitStore.read`);
+  and compared with the pin (`LogitStore.read`; a store grown since, more epochs, is no change:
+  `manifest_changes`);
 - each shard then decoded into the plane must have the marker that comparison found (`LogitStore.marker`),
   so a store replaced in the middle of a plane is caught at its next shard.
 
@@ -26,7 +27,7 @@ from .errors import StoreChangedError
 from .manifest import plane_name, read_manifest
 from .store import LogitStore
 
-__all__ = ["PinnedReads", "commits_digest", "make_pin", "pin_reads"]
+__all__ = ["PinnedReads", "commits_digest", "make_pin", "manifest_changes", "pin_reads"]
 
 Markers = dict[tuple[int, int], dict[str, Any]]
 
@@ -62,7 +63,7 @@ class PinnedReads:
         if pinned is None:  # a plane the pin does not cover
             return
         identity = json.loads(json.dumps(read_manifest(store.location).identity()))
-        fields = _differing(self.pin["manifest"], identity)
+        fields = manifest_changes(self.pin["manifest"], identity)
         if fields:
             raise _changed(store, plane, "its manifest differs in " + ", ".join(fields))
         markers = store.commits(plane)
@@ -83,6 +84,16 @@ def _changed(store: LogitStore, plane: int, what: str) -> StoreChangedError:
         f"{store.location} changed under this run at {plane_name(store.manifest, plane)}: {what}; it is not the "
         "store this run pinned at its start (restore that store and resume, or start a new run)"
     )
+
+
+def manifest_changes(pinned: dict[str, Any], identity: dict[str, Any]) -> list[str]:
+    """The dotted paths where a manifest identity differs from a pinned one, with both values; a logits store
+    grown since (more `epochs`, `LogitStore.grow`) is no change: its planes stay where they were."""
+    kind = identity.get("kind", "logits")
+    old, new = pinned.get("epochs"), identity.get("epochs")
+    if kind == "logits" and isinstance(old, int) and isinstance(new, int) and new > old:
+        identity = identity | {"epochs": old}
+    return _differing(pinned, identity)
 
 
 def _differing(old: Any, new: Any, path: str = "") -> list[str]:

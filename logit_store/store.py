@@ -3,7 +3,8 @@
 Records live in planes: one per epoch, plus the text plane (index = epochs) in an
 embeddings store (docs/STORE_FORMAT.md). The parts around it are modules of their own:
 `commits` (markers), `writer` (ShardWriter), `integrity` (verify, repair, info, mixed in
-here), `cache` (decoded planes) and `api` (open, create, convert).
+here), `growth` (grow, provenance, statistics, coverage: the manifest updated in place, mixed in here),
+`cache` (decoded planes) and `api` (open, create, convert).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from .backends import Backend, create_backend
 from .cache import PlaneCache, default_cache_bytes
 from .commits import Marker, class_index_error, damaged_blocks, list_markers, read_marker
 from .errors import StoreAccessError, StoreDamagedError, StoreError, StoreInputError
+from .growth import StoreUpdates
 from .integrity import StoreChecks
 from .location import StoreLocation
 from .manifest import MANIFEST_KEY, Manifest, a_kind, old_version_message, plane_name, read_manifest
 from .records import CODED_VERSION, Embeddings, Records
-from .statistics import aggregate_statistics
 from .writer import ShardWriter, read_only_error
 
 __all__ = ["LogitStore", "ReadPin"]
@@ -34,7 +35,7 @@ class ReadPin(Protocol):
     def check_marker(self, store: LogitStore, plane: int, shard: int, marker: Marker) -> None: ...
 
 
-class LogitStore(StoreChecks):
+class LogitStore(StoreChecks, StoreUpdates):
     """A store of teacher outputs, one record per (plane, sample id): sparse logits per
     (epoch, id), or embeddings per (epoch, id) plus one text embedding per id.
 
@@ -131,18 +132,6 @@ class LogitStore(StoreChecks):
         self._check_epoch(epoch)
         self._check_writable()
         return ShardWriter(self, epoch, self.pending_shards(epoch) if shards is None else shards)
-
-    def refresh_statistics(self) -> dict[str, Any]:
-        """Fold the statistics of every commit into the manifest file."""
-        return self.write_statistics(self.commits().values())
-
-    def write_statistics(self, markers: Any) -> dict[str, Any]:
-        """Fold the statistics of these commit markers (this store's own) into the manifest file."""
-        if self.read_only:
-            raise read_only_error(self.location, f"write {MANIFEST_KEY}")
-        self.manifest.statistics = aggregate_statistics(markers)
-        self.location.write_bytes(self.manifest.to_json().encode(), MANIFEST_KEY)
-        return self.manifest.statistics
 
     def _check_writable(self) -> None:
         """Refuse writing a store opened read-only, or of a format version this toolkit only reads."""

@@ -19,7 +19,8 @@ pytest: only tests import it, and nothing in the library does.
 The contract (logit_store.backends.base.Backend): `create` lays out an empty store; `write_rows` takes one whole
 shard of packed rows; `read_rows(epoch, start, stop)` gives them back bit for bit for any [start, stop), within or
 across shards; reading writes nothing (a read-only mount works); `close`
-and a reopen, in this process or another, see the same rows. Over it, the store's commit markers, checks and
+and a reopen, in this process or another, see the same rows; `grow` makes room for the planes of a manifest
+with more epochs, keeping every row. Over it, the store's commit markers, checks and
 refusals hold for every backend alike.
 """
 
@@ -185,3 +186,22 @@ class StoreContract:
         reader = open_store(path)
         assert reader.read(1, [5]).seed.tolist() == more["seed"][[5]].tolist()
         assert reader.read(0, [5]).seed.tolist() == rows["seed"][[5]].tolist()
+
+    def test_growing_keeps_every_row_and_makes_room_for_new_planes(self, committed, m):
+        """`Backend.grow`: after `LogitStore.grow`, the new planes take whole shards like any other and every
+        row already there reads back, for a reader opened before the grow too."""
+        path, rows = committed
+        before = open_store(path, read_only=True)
+        assert before.read(0, [5]).seed.tolist() == rows["seed"][[5]].tolist()
+        store = create_store(path, m)
+        store.grow(m.epochs + 2)
+        new = random_rows(m, store.backend.row_dtype, m.epochs + 1, 0, m.num_samples)
+        with store.writer(m.epochs + 1) as writer:
+            for shard in range(m.num_shards):
+                writer.commit_rows(shard, new[slice(*m.shard_range(shard))], {"records": 0})
+        after = open_store(path)
+        assert after.manifest.epochs == m.epochs + 2
+        assert {(p.kind, p.epoch) for p in after.verify()} == {("missing", 1), ("missing", m.epochs)}
+        ids = np.random.default_rng(1).permutation(m.num_samples)[:300]
+        assert after.read(m.epochs + 1, ids).seed.tolist() == new["seed"][ids].tolist()
+        assert after.read(0, ids).seed.tolist() == before.read(0, ids).seed.tolist() == rows["seed"][ids].tolist()

@@ -87,6 +87,7 @@ def test_save_builds_a_complete_store(env, reference):
     stats = store.info()["statistics"]
     assert stats["records"] == 2 * 1437 and 0 < stats["mean_topk_mass"] <= 1 and stats["mean_kl_full_to_rebuilt"] >= 0
     assert "records/s" in proc.stdout
+    assert [(e["by"], e["planes"], e["teacher"]) for e in m.provenance] == [("distill-save-logits", [0, 1], TEACHER)]
 
 
 def test_check_replay_is_exact_on_cpu(reference):

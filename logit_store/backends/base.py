@@ -40,6 +40,12 @@ class Backend(ABC):
         location). The default names none."""
         return []
 
+    def grow(self) -> None:  # noqa: B027 (optional hook)
+        """Make room for the planes of `self.manifest` (it says more than the store had), reading the
+        store's layout as it is now, never as this process cached it; planes already there keep their rows,
+        and none is ever removed. Called before the manifest on the store says so, under its manifest lock;
+        calling it again is harmless. The default: planes need no room (lmdb: keys are per plane)."""
+
     def check_shared(self) -> None:  # noqa: B027 (optional hook)
         """Raise StoreDamagedError naming a damaged file that every record range depends on (an array's
         metadata, a data file's header): such damage is not a shard's, so `repair` must not drop commits

@@ -92,6 +92,16 @@ class ZarrBackend(Backend):
                     fill_value=0,
                 )
 
+    def grow(self) -> None:
+        """Resize every field's array along the plane axis (zarr rewrites each zarr.json whole); an array
+        already as long (a grow killed before its manifest) or longer is left as it is."""
+        self.__dict__.pop("arrays", None)  # the arrays' metadata as it is now (another process may have grown them)
+        planes = self.manifest.planes
+        with self.location.reaching():
+            for array in self.arrays.values():
+                if array.shape[0] < planes:
+                    array.resize((planes, *array.shape[1:]))
+
     def write_rows(self, epoch: int, start: int, rows: np.ndarray) -> None:
         # An object store lost mid-save is one line naming it (`reaching`); the range stays uncommitted, the
         # committed ones stay, and the same command resumes.
