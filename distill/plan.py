@@ -23,7 +23,7 @@ from timm.data import DEFAULT_CROP_PCT
 from torch import nn
 
 from logit_store import LogitStore
-from logit_store.pin import make_pin, pin_reads
+from logit_store.pin import make_pin, manifest_changes, pin_reads
 from teachers import Teacher, create_teacher
 from teachers.registry import split_spec
 
@@ -256,10 +256,11 @@ def pin_store(teacher: Teacher, recipe: Recipe, out: Path, resume_from: Path | N
         before = json.loads(saved.read_text())
         common = set(before["planes"]) & set(pin["planes"])  # those pinned before must be as they were
         before, now = _restricted(before, common), _restricted(pin, common)
-        if before != now:
+        difference = _pin_difference(before, now, cycle=recipe.teacher.epochs == "cycle")
+        if difference:
             raise RecipeError(f"teacher.source {teacher.source} changed since this run started in {out}: "
-                              f"{_pin_difference(before, now)}; resume with the store it started with, or "
-                              "train in another output_dir")  # fmt: skip
+                              f"{difference}; resume with the store it started with, or train in another "
+                              "output_dir")  # fmt: skip
     pin_reads(teacher.store, pin)
     return pin
 
@@ -268,14 +269,19 @@ def _restricted(pin: dict[str, Any], planes: set[str]) -> dict[str, Any]:
     return {"manifest": pin["manifest"], "planes": {p: d for p, d in pin["planes"].items() if p in planes}}
 
 
-def _pin_difference(before: dict[str, Any], now: dict[str, Any]) -> str:
+def _pin_difference(before: dict[str, Any], now: dict[str, Any], cycle: bool) -> str:
+    """What changed in the store between two pins of the same planes ("" if nothing). A store grown since (more
+    epochs: `LogitStore.grow`) is no change, except to a `cycle` run, whose epoch e % (store epochs) it moves."""
     old, new = before["manifest"], now["manifest"]
-    fields = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    fields = manifest_changes(old, new)
+    if cycle and old.get("epochs") != new.get("epochs"):
+        fields = [f"epochs (was {old.get('epochs')!r}, now {new.get('epochs')!r}; teacher.epochs: cycle replays "
+                  "epoch e % the store's epochs)", *fields]  # fmt: skip
     if fields:
-        return "its manifest differs in " + ", ".join(f"{k} (was {old.get(k)!r}, now {new.get(k)!r})" for k in fields)
+        return "its manifest differs in " + ", ".join(dict.fromkeys(fields))
     planes = [p for p in sorted(set(before["planes"]) | set(now["planes"]), key=int)
               if before["planes"].get(p) != now["planes"].get(p)]  # fmt: skip
-    return f"the records of epoch(s) {', '.join(planes)} were written again"
+    return f"the records of epoch(s) {', '.join(planes)} were written again" if planes else ""
 
 
 def store_difference(name: str, m: Any, dataset: ImageDataset, aug_entry: dict[str, Any]) -> str:

@@ -93,7 +93,7 @@ class RecordConfig:
 
     path: str  # the store: a path or an fsspec URL (resumed, or grown for more epochs, when it exists)
     k: int  # classes kept per record
-    backend: str = "zarr"
+    backend: str = "zarr"  # zarr or lmdb (a local path)
 
     def __post_init__(self) -> None:
         if self.k < 1:

@@ -178,8 +178,39 @@ def test_a_pin_takes_in_new_epochs_but_refuses_a_pinned_epoch_written_again(stor
     out.mkdir()
     pin = make_pin(teacher.store, [0, 1])
     (out / STORE_PIN).write_text(json.dumps({"manifest": pin["manifest"], "planes": {"0": pin["planes"]["0"]}}))
-    assert pin_store(teacher, SimpleNamespace(epochs=2), out, out / "checkpoints" / "last") == pin
+    assert (
+        pin_store(
+            teacher,
+            SimpleNamespace(epochs=2, teacher=SimpleNamespace(epochs="strict")),
+            out,
+            out / "checkpoints" / "last",
+        )
+        == pin
+    )
     (out / STORE_PIN).write_text(json.dumps({"manifest": pin["manifest"], "planes": {"0": "0" * 64}}))
     with pytest.raises(RecipeError, match=r"changed since this run started in .*: the records of epoch\(s\) 0 were "
                        "written again"):  # fmt: skip
-        pin_store(teacher, SimpleNamespace(epochs=2), out, out / "checkpoints" / "last")
+        pin_store(
+            teacher,
+            SimpleNamespace(epochs=2, teacher=SimpleNamespace(epochs="strict")),
+            out,
+            out / "checkpoints" / "last",
+        )
+
+
+@pytest.mark.slow
+def test_a_run_resumes_over_its_store_grown_since_unless_it_cycles(stores, tmp_path):
+    """A store grown since the run started (more epochs, `LogitStore.grow`) keeps the planes the run pinned: a
+    strict run resumes; a cycle run, whose epoch e now reads e % 4 instead of e % 2, is refused naming epochs."""
+    store = tmp_path / "grown.zarr"
+    shutil.copytree(stores["zarr", 0], store)
+    out = tmp_path / "run"
+    out.mkdir()
+    pin = make_pin(StoreTeacher(store).store, [0, 1])
+    (out / STORE_PIN).write_text(json.dumps(pin))
+    with open_store(store) as grown:
+        grown.grow(4)
+    strict, cycle = (SimpleNamespace(epochs=2, teacher=SimpleNamespace(epochs=mode)) for mode in ("strict", "cycle"))
+    assert pin_store(StoreTeacher(store), strict, out, out / "checkpoints" / "last")["planes"] == pin["planes"]
+    with pytest.raises(RecipeError, match=r"its manifest differs in epochs \(was 2, now 4; teacher.epochs: cycle"):
+        pin_store(StoreTeacher(store), cycle, out, out / "checkpoints" / "last")
