@@ -88,8 +88,9 @@ class StoreUpdates:
 
     def add_provenance(self, planes: Iterable[int], source: dict[str, Any]) -> None:
         """Record in the manifest that `planes` were written by `source` (its "by", "run", "teacher", ...; "at"
-        defaults to now, UTC): one entry per source, an entry of the same source taking in the new planes.
-        Strings are stored with any credentials in URLs removed. Not part of the store's identity."""
+        defaults to now, UTC): one entry per source, an entry of the same source taking in the new planes (planes
+        it holds already change nothing, its time included). Strings are stored with any credentials in URLs
+        removed. Not part of the store's identity."""
         try:
             planes = sorted({operator.index(p) for p in planes})  # numpy's integers too, never a float
             entry = json.loads(redact_text(json.dumps(source, sort_keys=True)))
@@ -106,8 +107,10 @@ class StoreUpdates:
             if outside:
                 raise StoreInputError(f"{self.location}: planes {outside} are outside the store's [0, {fresh.planes})")
             entries, merged, same = [], set(planes), {k: v for k, v in entry.items() if k != "at"}
+            if any(_source(old) == same and merged <= set(old["planes"]) for old in fresh.provenance):
+                return fresh  # said already (a finished save run again): the manifest stays byte for byte
             for old in fresh.provenance:
-                if {k: v for k, v in old.items() if k not in ("at", "planes")} == same:
+                if _source(old) == same:
                     merged |= set(old["planes"])
                 else:
                     entries.append(old)
@@ -146,3 +149,8 @@ class StoreUpdates:
             self.backend.manifest = manifest
             self.backend.grow()
         self.manifest = self.backend.manifest = manifest
+
+
+def _source(entry: dict[str, Any]) -> dict[str, Any]:
+    """A provenance entry's source: what names the writer, without its planes and time."""
+    return {k: v for k, v in entry.items() if k not in ("at", "planes")}

@@ -308,3 +308,17 @@ def test_a_kill_during_grow_leaves_the_old_epochs_and_the_store_grows_again(tmp_
     write_epoch(after, 3)
     assert open_store(path).manifest.epochs == 4
     assert_records(open_store(path), 3, np.arange(N))
+
+
+def test_provenance_said_again_changes_no_byte_of_the_manifest(tmp_path):
+    """A finished save run again says its provenance again: the manifest (its time included) stays as it was."""
+    store = create_store(tmp_path / "s.zarr", manifest(epochs=2))
+    store.add_provenance([0, 1], {"by": "distill-save-logits", "teacher": "timm:x"})
+    before = (tmp_path / "s.zarr" / "manifest.json").read_bytes()
+    store.add_provenance([1], {"by": "distill-save-logits", "teacher": "timm:x", "at": "2099-01-01T00:00:00+00:00"})
+    assert (tmp_path / "s.zarr" / "manifest.json").read_bytes() == before
+    store.add_provenance([0], {"by": "distill-train (recorded)", "teacher": "timm:x"})
+    assert [e["by"] for e in json.loads((tmp_path / "s.zarr" / "manifest.json").read_bytes())["provenance"]] == [
+        "distill-save-logits",
+        "distill-train (recorded)",
+    ]
