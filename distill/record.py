@@ -18,7 +18,6 @@ image size and batch size), so the next student finds them there.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
-from logit_store import LogitStore, StoreError, create_store, open_store, record_seeds
+from logit_store import LogitStore, create_store, open_store, record_seeds
 from logit_store.sparse import SparseLogits, sparsify
 from teachers import Teacher, create_teacher
 
@@ -67,24 +66,10 @@ def open_record_store(
     cfg = record_config(recipe, teacher)
     manifest = build_manifest(cfg, dataset, teacher, augmentation)
     state = PartialState()
-    if state.is_main_process:
-        _create_or_grow(cfg.out, manifest)
+    if state.is_main_process:  # create_store resumes a store of this manifest, growing one of fewer epochs
+        create_store(cfg.out, manifest).close()
     state.wait_for_everyone()
     return open_store(cfg.out)
-
-
-def _create_or_grow(url: str, manifest: Any) -> None:
-    try:
-        existing = open_store(url)
-    except StoreError:  # no store there (or not one): create_store says what is wrong
-        existing = None
-    if existing is None:
-        create_store(url, manifest)
-        return
-    with existing:
-        existing.manifest.check_same(dataclasses.replace(manifest, epochs=existing.manifest.epochs), where=url)
-        if existing.manifest.epochs < manifest.epochs:
-            existing.grow(manifest.epochs)
 
 
 class RecordingTeacher(Teacher):

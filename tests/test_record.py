@@ -211,3 +211,23 @@ def test_a_fallback_that_is_not_the_stores_teacher_is_refused_before_training(da
 def test_record_and_fallback_keys_are_checked_with_the_recipe(data, teacher, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe(base_recipe(data, "u", method="tinyvit", teacher=teacher))
+
+
+def test_recording_into_a_store_of_another_teacher_is_refused_and_one_of_fewer_epochs_grows(data, checkpoint, tmp_path):
+    """`teacher.record` names an existing store: another teacher's is one line naming the field, left as it was;
+    the same teacher's store of 1 epoch is resumed and grown to the run's 2, equal to a 2-epoch save."""
+    theirs, ours, saved = tmp_path / "theirs.zarr", tmp_path / "ours.zarr", tmp_path / "saved.zarr"
+    torch.manual_seed(1)
+    other = tmp_path / "other.safetensors"
+    save_file(timm.create_model(TEACHER, num_classes=10).state_dict(), str(other))
+    save(data, other, theirs, 1)
+    before = hashes(theirs)
+    recipe = write_recipe(tmp_path / "r.yaml", recording(data, checkpoint, tmp_path / "refused", theirs))
+    proc = run_cli("distill-train", [str(recipe)], data["root"])
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "teacher.weights_sha256" in proc.stderr, proc.stderr
+    assert hashes(theirs) == before
+    save(data, checkpoint, ours, 1, "basic", "--batch-size", "24")  # the recording's manifest says the run's batch
+    run_recipe(recording(data, checkpoint, tmp_path / "grown", ours))
+    save(data, checkpoint, saved, 2)
+    assert hashes(ours) == hashes(saved) and set(hashes(ours)) == {"0", "1"}
